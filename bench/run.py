@@ -1,0 +1,831 @@
+"""``make bench``: flintproxy side by side with direct and nginx, in one run on loopback.
+
+    .venv/bin/python bench/run.py            # full run, about 4 minutes on 2 cores
+    BENCH_QUICK=1 .venv/bin/python bench/run.py   # about 1 minute, shorter runs, no 5,000
+
+Rows: ``direct`` (load generator -> upstream), ``nginx`` (a plain reverse proxy,
+proxy_buffering off, upstream keep-alive; when nginx is installed), ``flintproxy``
+as shipped (auth, limits, billing, usage writer, metrics; a funded account and key
+created for the run) and, with BENCH_LITELLM=1 and LiteLLM installed, ``litellm``
+(LiteLLM proxy, no DB, one worker).
+
+Upstreams: canned OpenAI responses (JSON, and SSE with 20 chunks plus a usage
+chunk) from nginx when installed, else from bench/canned.py; slow streams from
+``flintproxy mock-upstream`` with delays. CPU placement: the gateway under test
+(flintproxy, nginx proxy, LiteLLM) on CPU 0 alone; the load generator (wrk, or the
+asyncio client bench/loadgen.py for TTFB and slow streams), the upstreams and this
+script on CPU 1.
+
+Scenarios: (a) non-streaming: requests/s at saturation (wrk), latency at a
+moderate fixed rate (wrk with a per-connection think time); (b) streaming 20-chunk
+responses: requests/s (wrk) and TTFB at a fixed rate (asyncio client); (c) 1,000
+and 5,000 concurrent slow streams (64 chunks 20 ms apart): TTFB, errors, and the
+gateway's RSS per concurrent stream; (d) gateway CPU-seconds per 1,000 requests.
+
+Output: a table on stdout (every figure beside the direct baseline as a ratio),
+bench/results/bench-<time>.json and report-<time>.html (and latest.json /
+latest.html). Environment knobs: BENCH_QUICK, BENCH_LITELLM, BENCH_SECONDS,
+BENCH_CONNS, BENCH_SLOW (e.g. "1000,5000"), BENCH_SLOW_CHUNKS, BENCH_SLOW_DELAY_MS,
+BENCH_TTFB_RATE, BENCH_KEEP (keep the work dir's database).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import nginxconf
+import procs
+import report
+import wrk
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+PY = sys.executable
+GW_CPU, LOAD_CPU, UP_CPU = "0", "1", "1"
+EMAIL = "bench@example.com"
+PROMPT = [{"role": "user", "content": "Count from zero to nineteen, one token each."}]
+# The issue's targets, all judged on the same run.
+GOALS = {
+    "nonstream_vs_nginx": 0.12,
+    "stream_vs_nginx": 0.15,
+    "cpu_ms_per_req": 0.12,
+    "rss_kib_per_stream": 30.0,
+    "added_p50_ms": 0.3,
+    "ttfb_p99_ratio_1000": 1.3,
+    "direct_vs_gateway": 5.0,
+}
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def env_num(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
+
+
+@dataclass
+class Plan:
+    quick: bool
+    warm_s: float
+    sat_s: float
+    conns: int
+    moderate_s: float
+    moderate_conns: int
+    moderate_delay_ms: float
+    ttfb_rate: float
+    ttfb_s: float
+    slow_counts: list[int]
+    slow_chunks: int
+    slow_delay_ms: float
+    litellm: bool
+
+    @classmethod
+    def from_env(cls) -> Plan:
+        quick = env_flag("BENCH_QUICK")
+        slow = os.environ.get("BENCH_SLOW", "1000" if quick else "1000,5000")
+        return cls(
+            quick=quick,
+            warm_s=1.0 if quick else 2.0,
+            sat_s=env_num("BENCH_SECONDS", 3.0 if quick else 8.0),
+            conns=int(env_num("BENCH_CONNS", 50)),
+            moderate_s=3.0 if quick else 6.0,
+            moderate_conns=10,
+            moderate_delay_ms=20.0,  # 10 connections x (20 ms + latency) ~ 490 req/s
+            ttfb_rate=env_num("BENCH_TTFB_RATE", 200.0),
+            ttfb_s=2.0 if quick else 5.0,
+            slow_counts=[int(x) for x in slow.split(",") if x.strip()],
+            slow_chunks=int(env_num("BENCH_SLOW_CHUNKS", 64)),
+            slow_delay_ms=env_num("BENCH_SLOW_DELAY_MS", 20.0),
+            litellm=env_flag("BENCH_LITELLM"),
+        )
+
+    def ramp_s(self, n: int) -> float:
+        """Streams start evenly over this; shorter than a stream so they all overlap."""
+        return min(1.0, n / 2000)
+
+
+@dataclass
+class Target:
+    name: str
+    label: str
+    base: str  # http://127.0.0.1:PORT
+    json_path: str
+    sse_path: str
+    slow_path: str
+    json_model: str = "bench-json"
+    sse_model: str = "bench-sse"
+    slow_model: str = "gpt-4o-mini"
+    key: str | None = None
+    child: procs.Child | None = None  # the process measured as "the gateway"
+    measured_pids: list[int] = field(default_factory=list)
+
+    def pids(self) -> list[int]:
+        return self.child.pids() if self.child is not None else list(self.measured_pids)
+
+    def url(self, kind: str) -> str:
+        return self.base + {"json": self.json_path, "sse": self.sse_path,
+                            "slow": self.slow_path}[kind]
+
+    def body(self, kind: str) -> bytes:
+        model = {"json": self.json_model, "sse": self.sse_model, "slow": self.slow_model}[kind]
+        obj: dict[str, Any] = {"model": model, "messages": PROMPT}
+        if kind != "json":
+            obj["stream"] = True
+        return orjson.dumps(obj)
+
+
+def core_times() -> dict[str, tuple[int, int]]:
+    """Per-CPU (busy, total) jiffies from /proc/stat."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *vals = line.split()
+            v = [int(x) for x in vals]
+            total = sum(v[:8])
+            out[name] = (total - v[3] - v[4], total)
+    return out
+
+
+def core_busy(before: dict[str, tuple[int, int]],
+              after: dict[str, tuple[int, int]]) -> dict[str, float]:
+    busy = {}
+    for name, (b1, t1) in after.items():
+        b0, t0 = before.get(name, (0, 0))
+        busy[name] = round(100.0 * (b1 - b0) / max(1, t1 - t0), 1)
+    return busy
+
+
+class Bench:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.work = RESULTS / "work"
+        self.notes: list[str] = []
+        self.targets: dict[str, Target] = {}
+        self.upstream: procs.Child | None = None
+        self.mock: procs.Child | None = None
+        self.gw_config = self.work / "flintproxy.toml"
+        self.gw_port = 0
+        self.gw_db = self.work / "flintproxy.db"
+        self.auth_mode = "?"
+        self.nginx_bin = procs.have("nginx")
+        self.wrk_bin = procs.have("wrk")
+        self.data: dict[str, Any] = {"scenarios": {}}
+        self.t_start = time.monotonic()
+
+    # -- output ---------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        elapsed = time.monotonic() - self.t_start
+        print(f"[{elapsed:6.1f}s] {msg}", flush=True)
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.say(f"NOTE: {msg}")
+
+    # -- set-up -----------------------------------------------------------------------
+    def setup(self) -> None:
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        nofile = procs.raise_nofile()
+        if nofile < 12_000 and max(self.plan.slow_counts, default=0) > 1000:
+            self.note(f"open-file limit is {nofile}; 5,000 streams need ~12,000 "
+                      "(raise it with ulimit -n)")
+        if (os.cpu_count() or 1) >= 2:
+            os.sched_setaffinity(0, {int(LOAD_CPU)})
+        else:
+            self.note("only one CPU: nothing can be pinned; figures are not comparable")
+        if not self.wrk_bin:
+            self.note(f"wrk not found ({wrk.INSTALL_HINT}): throughput is measured with the "
+                      "bench's asyncio client instead, which is itself the bottleneck sooner")
+        if not self.nginx_bin:
+            self.note(f"nginx not found ({nginxconf.INSTALL_HINT}): no nginx row, and the "
+                      "canned upstream is bench/canned.py (Python) instead of nginx")
+        canned_port, mock_port = procs.free_port(), procs.free_port()
+        # The zero-delay canned upstream.
+        if self.nginx_bin:
+            conf = nginxconf.canned_conf(self.work / "nginx-upstream", canned_port)
+            self.upstream = procs.start("upstream-nginx", nginxconf.command(self.nginx_bin, conf),
+                                        self.work, UP_CPU)
+        else:
+            self.upstream = procs.start("upstream-canned", [PY, str(BENCH / "canned.py"),
+                                                            "--port", str(canned_port)],
+                                        self.work, UP_CPU)
+        procs.wait_port(canned_port, child=self.upstream)
+        # The slow-stream upstream.
+        self.mock = procs.start("mock-upstream", [*self.flint_cmd(), "mock-upstream", "--port",
+                                                  str(mock_port), "--chunks",
+                                                  str(self.plan.slow_chunks), "--delay-ms",
+                                                  f"{self.plan.slow_delay_ms:g}"],
+                                self.work, UP_CPU)
+        procs.wait_port(mock_port, child=self.mock)
+        up = f"http://127.0.0.1:{canned_port}"
+        self.targets["direct"] = Target(
+            "direct", "direct", up, "/json/v1/chat/completions", "/sse/v1/chat/completions",
+            "", measured_pids=self.upstream.pids())
+        self.targets["direct"].child = self.upstream
+        self.direct_slow_base = f"http://127.0.0.1:{mock_port}"
+        if self.nginx_bin:
+            port = procs.free_port()
+            conf = nginxconf.proxy_conf(self.work / "nginx-proxy", port, canned_port, mock_port)
+            child = procs.start("nginx-proxy", nginxconf.command(self.nginx_bin, conf),
+                                self.work, GW_CPU)
+            procs.wait_port(port, child=child)
+            self.targets["nginx"] = Target(
+                "nginx", f"nginx {nginxconf.version(self.nginx_bin)}",
+                f"http://127.0.0.1:{port}", "/json/v1/chat/completions",
+                "/sse/v1/chat/completions", "/v1/chat/completions", child=child)
+        self.gw_port = procs.free_port()
+        key = self.provision(canned_port, mock_port)
+        child = self.start_flintproxy()
+        self.targets["flintproxy"] = Target(
+            "flintproxy", "flintproxy", f"http://127.0.0.1:{self.gw_port}",
+            "/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions",
+            key=key, child=child)
+        self.check_gateway()
+        if self.plan.litellm:
+            self.start_litellm(canned_port, mock_port)
+        self.data["ports"] = {"canned": canned_port, "mock": mock_port, "gateway": self.gw_port}
+
+    @staticmethod
+    def flint_cmd() -> list[str]:
+        exe = Path(PY).parent / "flintproxy"
+        return [str(exe)] if exe.exists() else [PY, "-m", "flintproxy"]
+
+    def write_gateway_config(self, canned_port: int, mock_port: int,
+                             dev_key: str | None = None) -> None:
+        server = f'dev_key = "{dev_key}"\n' if dev_key else ""
+        prices = ('input_usd_per_mtok = "0.15"\noutput_usd_per_mtok = "0.60"\n'
+                  'cached_input_usd_per_mtok = "0.075"\n')
+        self.gw_config.write_text(f"""\
+# Written by bench/run.py: every feature on, limits far above the bench's load.
+[server]
+host = "127.0.0.1"
+port = {self.gw_port}
+{server}
+[storage]
+path = "{self.gw_db}"
+
+[[upstreams]]
+name = "canned-json"
+base_url = "http://127.0.0.1:{canned_port}/json/v1"
+models = ["bench-json"]
+
+[[upstreams]]
+name = "canned-sse"
+base_url = "http://127.0.0.1:{canned_port}/sse/v1"
+models = ["bench-sse"]
+
+[[upstreams]]
+name = "mock"
+base_url = "http://127.0.0.1:{mock_port}/v1"
+models = ["gpt-4o-mini"]
+
+[models."bench-json"]
+{prices}
+[models."bench-sse"]
+{prices}
+[models."gpt-4o-mini"]
+{prices}
+[limits]
+default_rpm = 1000000000
+default_tpm = 1000000000000
+default_max_concurrent = 1000000
+ip_rpm = 1000000000
+
+[accounts]
+bcrypt_cost = 4
+""")
+
+    def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return procs.run([*self.flint_cmd(), "admin", "--config", str(self.gw_config), *args],
+                         timeout=60)
+
+    def provision(self, canned_port: int, mock_port: int) -> str:
+        """A funded account and key via ``flintproxy admin``; the dev key if that fails."""
+        self.write_gateway_config(canned_port, mock_port)
+        steps = [("create-account", EMAIL), ("credit", EMAIL, "1000000.00"),
+                 ("create-key", EMAIL, "--name", "bench")]
+        out = None
+        for step in steps:
+            out = self.admin(*step)
+            if out.returncode != 0:
+                break
+        lines = out.stdout.strip().splitlines() if out is not None else []
+        if out is not None and out.returncode == 0 and lines and lines[-1].startswith("sk-"):
+            self.auth_mode = "account key (flintproxy admin create-key), credit 1,000,000 USD"
+            return lines[-1].strip()
+        err = (out.stderr or out.stdout).strip() if out is not None else "?"
+        dev = "sk-bench-" + secrets.token_urlsafe(24)
+        self.note(f"flintproxy admin failed ({err[-200:]}); falling back to [server] dev_key")
+        self.write_gateway_config(canned_port, mock_port, dev_key=dev)
+        self.auth_mode = "static dev_key (admin create-key failed)"
+        return dev
+
+    def start_flintproxy(self) -> procs.Child:
+        child = procs.start("flintproxy", [*self.flint_cmd(), "serve", "--config",
+                                           str(self.gw_config)], self.work, GW_CPU)
+        procs.wait_http(f"http://127.0.0.1:{self.gw_port}/healthz", child=child)
+        return child
+
+    def restart_flintproxy(self) -> None:
+        t = self.targets["flintproxy"]
+        if t.child is not None:
+            t.child.stop()
+            procs.forget(t.child)
+        t.child = self.start_flintproxy()
+
+    def check_gateway(self) -> None:
+        t = self.targets["flintproxy"]
+        for kind in ("json", "sse", "slow"):
+            status, body = procs.http("POST", t.url(kind), t.body(kind), {
+                "Authorization": f"Bearer {t.key}", "Content-Type": "application/json",
+                "x-mock-delay-ms": "0"})
+            if status != 200:
+                raise RuntimeError(f"flintproxy answered {status} to a {kind} request: "
+                                   f"{body[:300]!r}\n{t.child.tail() if t.child else ''}")
+        status, _ = procs.http("GET", f"{t.base}/metrics")
+        self.data["metrics_status_before"] = status
+        if status != 200:
+            self.note(f"GET /metrics answered {status}: the metrics endpoint is not on")
+
+    def start_litellm(self, canned_port: int, mock_port: int) -> None:
+        exe = os.environ.get("BENCH_LITELLM_BIN") or procs.have("litellm") or (
+            str(Path(PY).parent / "litellm") if (Path(PY).parent / "litellm").exists() else None)
+        if exe is None:
+            self.note("BENCH_LITELLM=1 but LiteLLM is not installed "
+                      "(pip install 'litellm[proxy]'); no litellm row")
+            return
+        port = procs.free_port()
+        conf = self.work / "litellm.yaml"
+        entries = [("bench-json", f"http://127.0.0.1:{canned_port}/json/v1"),
+                   ("bench-sse", f"http://127.0.0.1:{canned_port}/sse/v1"),
+                   ("gpt-4o-mini", f"http://127.0.0.1:{mock_port}/v1")]
+        conf.write_text("model_list:\n" + "".join(
+            f"  - model_name: {m}\n    litellm_params:\n      model: openai/{m}\n"
+            f"      api_base: {b}\n      api_key: sk-none\n" for m, b in entries)
+            + "litellm_settings:\n  telemetry: false\n  drop_params: true\n")
+        child = procs.start("litellm", [exe, "--config", str(conf), "--host", "127.0.0.1",
+                                        "--port", str(port), "--num_workers", "1"],
+                            self.work, GW_CPU,
+                            env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+                                 "DISABLE_SCHEMA_UPDATE": "True"})
+        try:
+            procs.wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=120,
+                            child=child)
+        except RuntimeError as exc:
+            self.note(f"LiteLLM did not start; no litellm row ({str(exc)[:300]})")
+            child.stop()
+            return
+        self.targets["litellm"] = Target(
+            "litellm", "LiteLLM proxy", f"http://127.0.0.1:{port}", "/v1/chat/completions",
+            "/v1/chat/completions", "/v1/chat/completions", key=None, child=child)
+
+    # -- measurement primitives ---------------------------------------------------------
+    def slow_url(self, t: Target) -> str:
+        return self.direct_slow_base + "/v1/chat/completions" if t.name == "direct" \
+            else t.url("slow")
+
+    def loadgen(self, mode: str, url: str, body: bytes, key: str | None, *args: str,
+                timeout: float = 300.0) -> dict[str, Any]:
+        cmd = procs.pinned([PY, str(BENCH / "loadgen.py"), mode, url, "--body", body.decode(),
+                            *(["--key", key] if key else []), *args], LOAD_CPU)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if out.returncode != 0 or not out.stdout.strip():
+            raise RuntimeError(f"loadgen {mode} failed: {out.stderr[-2000:]}")
+        res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return res
+
+    def drive(self, t: Target, kind: str, seconds: float, conns: int,
+              delay_ms: float = 0.0) -> dict[str, Any]:
+        """One load run against ``t`` (wrk, or the asyncio client without wrk)."""
+        url, body = t.url(kind), t.body(kind)
+        if self.wrk_bin:
+            lua = wrk.script(self.work / f"{t.name}-{kind}-{delay_ms:g}.lua", body, t.key,
+                             delay_ms)
+            return wrk.run(self.wrk_bin, url, lua, conns=conns, seconds=seconds, cpus=LOAD_CPU)
+        if delay_ms:
+            rate = conns / (delay_ms / 1000)
+            res = self.loadgen("rate", url, body, t.key, "--rate", f"{rate:g}", "--duration",
+                               f"{seconds:g}", *(["--stream"] if kind != "json" else []))
+            lat = res["latency_ms"]
+            return {"tool": "asyncio client", "requests": res["ok"], "rps": res["rate"],
+                    "error_count": res["error_count"], "errors": res["errors"],
+                    "p50_ms": lat.get("p50", 0.0), "p99_ms": lat.get("p99", 0.0),
+                    "p90_ms": lat.get("p90", 0.0), "p999_ms": lat.get("p999", 0.0)}
+        return self.loadgen("closed", url, body, t.key, "--conns", str(conns), "--duration",
+                            f"{seconds:g}", *(["--stream"] if kind != "json" else []))
+
+    def measured(self, t: Target, kind: str, seconds: float, conns: int,
+                 delay_ms: float = 0.0) -> dict[str, Any]:
+        """``drive`` with the gateway's and the upstream's CPU and the cores' load around it."""
+        assert self.upstream is not None
+        pids = t.pids()
+        up_pids = self.upstream.pids() if kind != "slow" else []
+        c0, u0, k0, w0 = (procs.cpu_seconds(pids), procs.cpu_seconds(up_pids), core_times(),
+                          time.monotonic())
+        res = self.drive(t, kind, seconds, conns, delay_ms)
+        wall = time.monotonic() - w0
+        cpu = procs.cpu_seconds(pids) - c0
+        res["wall_s"] = wall
+        res["gateway_cpu_s"] = cpu
+        res["gateway_core_util"] = cpu / wall if wall else 0.0
+        res["upstream_core_util"] = (procs.cpu_seconds(up_pids) - u0) / wall if wall else 0.0
+        res["cpu_ms_per_req"] = cpu * 1000 / res["requests"] if res["requests"] else None
+        res["core_busy_pct"] = core_busy(k0, core_times())
+        res["rss_kib"] = procs.rss_kib(pids)
+        return res
+
+    # -- scenarios -----------------------------------------------------------------------
+    def scenario_throughput(self, kind: str) -> None:
+        p = self.plan
+        key = "nonstream_sat" if kind == "json" else "stream_sat"
+        out = self.data["scenarios"].setdefault(key, {})
+        for t in self.targets.values():
+            self.drive(t, kind, p.warm_s, p.conns)  # warm-up, not recorded
+            r = out[t.name] = self.measured(t, kind, p.sat_s, p.conns)
+            self.say(f"  {key:<15} {t.name:<11} {r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:.2f} "
+                     f"ms  p99 {r['p99_ms']:.2f} ms  errors {r['error_count']}  gateway core "
+                     f"{100 * r['gateway_core_util']:.0f}%  cores {r['core_busy_pct']}")
+
+    def scenario_moderate(self) -> None:
+        p = self.plan
+        out = self.data["scenarios"].setdefault("nonstream_moderate", {})
+        for t in self.targets.values():
+            r = out[t.name] = self.measured(t, "json", p.moderate_s, p.moderate_conns,
+                                            p.moderate_delay_ms)
+            self.say(f"  moderate        {t.name:<11} {r['rps']:>9,.0f} req/s  p50 "
+                     f"{r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  errors {r['error_count']}")
+
+    def scenario_ttfb(self) -> None:
+        p = self.plan
+        out = self.data["scenarios"].setdefault("stream_ttfb", {})
+        for t in self.targets.values():
+            r = out[t.name] = self.loadgen(
+                "rate", t.url("sse"), t.body("sse"), t.key, "--stream", "--rate",
+                f"{p.ttfb_rate:g}", "--duration", f"{p.ttfb_s:g}")
+            q = r["ttfb_ms"]
+            self.say(f"  stream TTFB     {t.name:<11} {r['rate']:>9,.0f} req/s  p50 "
+                     f"{q.get('p50', 0):.3f} ms  p99 {q.get('p99', 0):.3f} ms  "
+                     f"errors {r['error_count']}")
+
+    def scenario_slow(self, n: int) -> None:
+        p = self.plan
+        out = self.data["scenarios"].setdefault(f"slow_{n}", {})
+        for t in self.targets.values():
+            if t.name == "flintproxy":
+                self.restart_flintproxy()  # a fresh process: RSS growth is the streams' alone
+            t_ = self.targets[t.name]
+            # Warm the gateway's pools and the key cache, then take the baseline.
+            self.loadgen("rate", self.slow_url(t_), t_.body("slow"), t_.key, "--stream",
+                         "--rate", "50", "--duration", "0.5", "--pool", "4",
+                         "--header", "x-mock-delay-ms: 0")
+            time.sleep(0.3)
+            pids = t_.pids() if t.name != "direct" else []
+            base_rss = procs.rss_kib(pids)
+            c0 = procs.cpu_seconds(pids)
+            cmd = procs.pinned([PY, str(BENCH / "loadgen.py"), "slow", self.slow_url(t_),
+                                "--body", t_.body("slow").decode(),
+                                *(["--key", t_.key] if t_.key else []),
+                                "--streams", str(n), "--ramp", f"{p.ramp_s(n):g}",
+                                "--timeout", "120"], LOAD_CPU)
+            with procs.Sampler(pids, 0.05) as sampler:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                                      check=False)
+            if proc.returncode != 0 or not proc.stdout.strip():
+                raise RuntimeError(f"loadgen slow failed: {proc.stderr[-2000:]}")
+            r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+            cpu = procs.cpu_seconds(pids) - c0
+            peak_rss = max((s[1] for s in sampler.samples), default=base_rss)
+            r["base_rss_kib"] = base_rss
+            r["peak_rss_kib"] = peak_rss
+            r["rss_kib_per_stream"] = ((peak_rss - base_rss) / r["peak_open"]
+                                       if pids and r["peak_open"] else None)
+            r["gateway_cpu_s"] = cpu if pids else None
+            r["rss_timeline"] = [[round(s[0], 3), s[1]] for s in sampler.samples]
+            r["ramp_s"] = p.ramp_s(n)
+            out[t.name] = r
+            q = r["ttfb_ms"]
+            per = r["rss_kib_per_stream"]
+            self.say(f"  slow {n:<5}      {t.name:<11} ok {r['ok']}/{n}  peak open "
+                     f"{r['peak_open']}  TTFB p50 {q.get('p50', 0):.1f} ms p99 "
+                     f"{q.get('p99', 0):.1f} ms  errors {r['error_count']}  "
+                     + (f"RSS +{(peak_rss - base_rss) / 1024:.1f} MiB = {per:.1f} KiB/stream"
+                        if per is not None else ""))
+
+    # -- the whole run ---------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        p = self.plan
+        self.say("setting up: " + ("quick run" if p.quick else "full run"))
+        self.setup()
+        self.say("targets: " + ", ".join(t.label for t in self.targets.values())
+                 + f"; gateway auth: {self.auth_mode}")
+        self.say("(a) non-streaming, saturation")
+        self.scenario_throughput("json")
+        self.say("(a) non-streaming, moderate fixed rate")
+        self.scenario_moderate()
+        self.say("(b) streaming (20 chunks + usage), saturation")
+        self.scenario_throughput("sse")
+        self.say("(b) streaming TTFB at a fixed rate")
+        self.scenario_ttfb()
+        for n in p.slow_counts:
+            self.say(f"(c) {n} concurrent slow streams ({p.slow_chunks} chunks, "
+                     f"{p.slow_delay_ms:g} ms apart)")
+            self.scenario_slow(n)
+        self.finish_features()
+        return self.data
+
+    def finish_features(self) -> None:
+        """Stop the gateway gracefully (the usage queue drains) and read what it recorded."""
+        t = self.targets["flintproxy"]
+        status, body = procs.http("GET", f"{t.base}/metrics")
+        metrics = body.decode(errors="replace") if status == 200 else ""
+        names = sorted({ln.split("{")[0].split(" ")[0] for ln in metrics.splitlines()
+                        if ln.startswith("flintproxy_")})
+        rc = t.child.stop(30) if t.child is not None else None
+        feats: dict[str, Any] = {"auth": self.auth_mode, "metrics_status": status,
+                                 "metric_names": names, "gateway_exit": rc}
+        with contextlib.suppress(Exception):
+            import sqlite3
+
+            db = sqlite3.connect(f"file:{self.gw_db}?mode=ro", uri=True)
+            try:
+                feats["usage_rows"] = db.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
+                row = db.execute("SELECT credited_nano, balance_nano FROM accounts WHERE "
+                                 "email = ?", (EMAIL,)).fetchone()
+                if row:
+                    feats["charged_usd"] = (row[0] - row[1]) / 1e9
+            finally:
+                db.close()
+        self.data["features"] = feats
+
+    def meta(self) -> dict[str, Any]:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in
+                    Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), platform.processor())
+        from flintproxy import __version__
+
+        return {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "stamp": self.stamp,
+            "quick": self.plan.quick, "cpu": cpu, "cpus": os.cpu_count(),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "flintproxy": __version__,
+            "nginx": nginxconf.version(self.nginx_bin) if self.nginx_bin else None,
+            "wrk": bool(self.wrk_bin), "upstream": "nginx" if self.nginx_bin else "canned.py",
+            "pinning": {"gateway": GW_CPU, "load generator": LOAD_CPU, "upstreams": UP_CPU},
+            "plan": self.plan.__dict__, "notes": self.notes,
+            "targets": {n: t.label for n, t in self.targets.items()},
+            "runtime_s": round(time.monotonic() - self.t_start, 1),
+        }
+
+
+# --- the table ----------------------------------------------------------------------
+
+
+def _get(d: dict[str, Any], *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table: one row per figure, a value per target (None: not measured)."""
+    sc = data["scenarios"]
+    targets = list(data["meta"]["targets"])
+    out: list[dict[str, Any]] = []
+
+    def add(section: str, label: str, fmt: str, getter: Any, better: str,
+            skip_direct: bool = False) -> None:
+        vals = {}
+        for t in targets:
+            v = None if (skip_direct and t == "direct") else getter(t)
+            vals[t] = v
+        out.append({"section": section, "label": label, "fmt": fmt, "values": vals,
+                    "better": better})
+
+    a, m, b, tt = (sc.get("nonstream_sat", {}), sc.get("nonstream_moderate", {}),
+                   sc.get("stream_sat", {}), sc.get("stream_ttfb", {}))
+    add("(a) non-streaming", "requests/s at saturation", "{:,.0f}",
+        lambda t: _get(a, t, "rps"), "higher")
+    add("(a) non-streaming", "  latency p50 at saturation, ms", "{:.2f}",
+        lambda t: _get(a, t, "p50_ms"), "lower")
+    rate = _get(m, "direct", "rps") or 0
+    add("(a) non-streaming", f"latency p50 at ~{rate:,.0f} req/s, ms", "{:.3f}",
+        lambda t: _get(m, t, "p50_ms"), "lower")
+    add("(a) non-streaming", f"latency p99 at ~{rate:,.0f} req/s, ms", "{:.3f}",
+        lambda t: _get(m, t, "p99_ms"), "lower")
+    add("(a) non-streaming", "  added latency p50 vs direct, ms", "{:+.3f}",
+        lambda t: None if _get(m, t, "p50_ms") is None or _get(m, "direct", "p50_ms") is None
+        else _get(m, t, "p50_ms") - _get(m, "direct", "p50_ms"), "lower", skip_direct=True)
+    add("(a) non-streaming", "  added latency p99 vs direct, ms", "{:+.3f}",
+        lambda t: None if _get(m, t, "p99_ms") is None or _get(m, "direct", "p99_ms") is None
+        else _get(m, t, "p99_ms") - _get(m, "direct", "p99_ms"), "lower", skip_direct=True)
+    add("(b) streaming", "requests/s at saturation", "{:,.0f}",
+        lambda t: _get(b, t, "rps"), "higher")
+    trate = _get(tt, "direct", "rate") or 0
+    add("(b) streaming", f"TTFB p50 at {trate:,.0f} req/s, ms", "{:.3f}",
+        lambda t: _get(tt, t, "ttfb_ms", "p50"), "lower")
+    add("(b) streaming", f"TTFB p99 at {trate:,.0f} req/s, ms", "{:.3f}",
+        lambda t: _get(tt, t, "ttfb_ms", "p99"), "lower")
+    add("(b) streaming", "  added TTFB p50 vs direct, ms", "{:+.3f}",
+        lambda t: None if _get(tt, t, "ttfb_ms", "p50") is None
+        else _get(tt, t, "ttfb_ms", "p50") - _get(tt, "direct", "ttfb_ms", "p50"),
+        "lower", skip_direct=True)
+    for key in sorted((k for k in sc if k.startswith("slow_")), key=lambda k: int(k[5:])):
+        s = sc[key]
+        n = int(key[5:])
+        sec = f"(c) {n:,} concurrent slow streams"
+        add(sec, "TTFB p50, ms", "{:.1f}", lambda t, s=s: _get(s, t, "ttfb_ms", "p50"), "lower")
+        add(sec, "TTFB p99, ms", "{:.1f}", lambda t, s=s: _get(s, t, "ttfb_ms", "p99"), "lower")
+        add(sec, "errors", "{:,.0f}", lambda t, s=s: _get(s, t, "error_count"), "lower")
+        add(sec, "peak concurrent streams", "{:,.0f}", lambda t, s=s: _get(s, t, "peak_open"),
+            "higher")
+        add(sec, "gateway RSS per stream, KiB", "{:.1f}",
+            lambda t, s=s: _get(s, t, "rss_kib_per_stream"), "lower", skip_direct=True)
+    add("(d) CPU", "CPU-s per 1,000 non-streaming requests", "{:.3f}",
+        lambda t: _get(a, t, "cpu_ms_per_req"), "lower")
+    add("(d) CPU", "CPU-s per 1,000 streaming requests", "{:.3f}",
+        lambda t: _get(b, t, "cpu_ms_per_req"), "lower")
+    add("(d) CPU", "CPU-s per 1,000 requests at ~moderate rate", "{:.3f}",
+        lambda t: _get(m, t, "cpu_ms_per_req"), "lower")
+    add("(d) CPU", "  gateway core busy at saturation (non-stream), %", "{:.0f}",
+        lambda t: None if _get(a, t, "gateway_core_util") is None
+        else 100 * _get(a, t, "gateway_core_util"), "higher")
+    return out
+
+
+def _fmt(fmt: str, v: Any) -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def ratio(v: Any, base: Any) -> float | None:
+    if v is None or base in (None, 0) or isinstance(base, str):
+        return None
+    return float(v) / float(base)
+
+
+def table(data: dict[str, Any]) -> str:
+    targets = list(data["meta"]["targets"])
+    cols = [*targets, "flint/nginx"] if {"flintproxy", "nginx"} <= set(targets) else targets
+    lines = []
+    header = f"{'':<52}" + "".join(f"{c:>22}" for c in cols)
+    lines.append(header)
+    section = None
+    for r in rows(data):
+        if r["section"] != section:
+            section = r["section"]
+            lines.append(section)
+        cells = []
+        base = r["values"].get("direct")
+        additive = r["fmt"].startswith("{:+")
+        for t in targets:
+            v = r["values"].get(t)
+            cell = _fmt(r["fmt"], v)
+            rt = ratio(v, base)
+            if t != "direct" and rt is not None and not additive:
+                cell += f" ({rt:.2f}x)"
+            cells.append(cell)
+        if "flint/nginx" in cols:
+            rt = ratio(r["values"].get("flintproxy"), r["values"].get("nginx"))
+            cells.append("—" if rt is None or additive else f"{rt:.2f}x")
+        lines.append(f"  {r['label']:<50}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def checks(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets against this run's figures."""
+    sc = data["scenarios"]
+    out = []
+
+    def check(name: str, measured: float | None, goal: str, ok: bool | None,
+              shown: str) -> None:
+        out.append({"name": name, "measured": measured, "shown": shown, "goal": goal,
+                    "ok": ok})
+
+    fl_a = _get(sc, "nonstream_sat", "flintproxy", "rps")
+    ng_a = _get(sc, "nonstream_sat", "nginx", "rps")
+    r = ratio(fl_a, ng_a)
+    check("non-streaming req/s vs nginx", r, f"≥ {GOALS['nonstream_vs_nginx']:.0%}",
+          None if r is None else r >= GOALS["nonstream_vs_nginx"],
+          "no nginx row" if r is None else f"{r:.1%}")
+    r = ratio(_get(sc, "stream_sat", "flintproxy", "rps"), _get(sc, "stream_sat", "nginx", "rps"))
+    check("streaming req/s vs nginx", r, f"≥ {GOALS['stream_vs_nginx']:.0%}",
+          None if r is None else r >= GOALS["stream_vs_nginx"],
+          "no nginx row" if r is None else f"{r:.1%}")
+    for kind, key in (("non-streaming", "nonstream_sat"), ("streaming", "stream_sat")):
+        v = _get(sc, key, "flintproxy", "cpu_ms_per_req")
+        check(f"CPU per {kind} request, ms", v, f"≤ {GOALS['cpu_ms_per_req']}",
+              None if v is None else v <= GOALS["cpu_ms_per_req"],
+              "—" if v is None else f"{v:.3f}")
+    for key in sorted((k for k in sc if k.startswith("slow_")), key=lambda k: int(k[5:])):
+        v = _get(sc, key, "flintproxy", "rss_kib_per_stream")
+        check(f"RSS per stream, {int(key[5:]):,} streams, KiB", v,
+              f"≤ {GOALS['rss_kib_per_stream']:g}",
+              None if v is None else v <= GOALS["rss_kib_per_stream"],
+              "—" if v is None else f"{v:.1f}")
+    m = sc.get("nonstream_moderate", {})
+    v = None
+    if _get(m, "flintproxy", "p50_ms") is not None and _get(m, "direct", "p50_ms") is not None:
+        v = m["flintproxy"]["p50_ms"] - m["direct"]["p50_ms"]
+    check("added p50 latency at a moderate rate, ms", v, f"≤ {GOALS['added_p50_ms']}",
+          None if v is None else v <= GOALS["added_p50_ms"], "—" if v is None else f"{v:.3f}")
+    r = ratio(_get(sc, "slow_1000", "flintproxy", "ttfb_ms", "p99"),
+              _get(sc, "slow_1000", "direct", "ttfb_ms", "p99"))
+    check("TTFB p99 with 1,000 streams vs direct", r, f"≤ {GOALS['ttfb_p99_ratio_1000']}x",
+          None if r is None else r <= GOALS["ttfb_p99_ratio_1000"],
+          "not run" if r is None else f"{r:.2f}x")
+    errors = 0
+    for s in sc.values():
+        errors += int(_get(s, "flintproxy", "error_count") or 0)
+    check("errors (every flintproxy run)", errors, "0", errors == 0, f"{errors}")
+    d = ratio(_get(sc, "nonstream_sat", "direct", "rps"), fl_a)
+    check("harness: direct req/s vs flintproxy (upstream not the bottleneck)", d,
+          f"≥ {GOALS['direct_vs_gateway']:g}x",
+          None if d is None else d >= GOALS["direct_vs_gateway"],
+          "—" if d is None else f"{d:.1f}x")
+    return out
+
+
+def checks_text(cs: list[dict[str, Any]]) -> str:
+    lines = [f"{'target':<64}{'measured':>12}{'goal':>10}  result"]
+    for c in cs:
+        res = "n/a" if c["ok"] is None else ("PASS" if c["ok"] else "FAIL")
+        lines.append(f"{c['name']:<64}{c['shown']:>12}{c['goal']:>10}  {res}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    plan = Plan.from_env()
+    bench = Bench(plan)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    try:
+        data = bench.run()
+    except BaseException:
+        procs.stop_all()
+        raise
+    finally:
+        procs.stop_all()
+    data["meta"] = bench.meta()
+    data["rows"] = rows(data)
+    data["checks"] = checks(data)
+    if not env_flag("BENCH_KEEP"):
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                Path(f"{bench.gw_db}{suffix}").unlink()
+    jpath = RESULTS / f"bench-{bench.stamp}.json"
+    jpath.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    shutil.copyfile(jpath, RESULTS / "latest.json")
+    hpath = RESULTS / f"report-{bench.stamp}.html"
+    hpath.write_text(report.render(data, table(data), checks_text(data["checks"])))
+    shutil.copyfile(hpath, RESULTS / "latest.html")
+    meta = data["meta"]
+    print()
+    print(f"flintproxy bench — {meta['time']} — {meta['cpus']} x {meta['cpu']}, Python "
+          f"{meta['python']}; gateway on CPU {GW_CPU}, load generator and upstreams on CPU "
+          f"{LOAD_CPU}; throughput by {'wrk' if meta['wrk'] else 'the asyncio client'}, "
+          f"upstream {meta['upstream']}")
+    print("(value (ratio to direct); flint/nginx = flintproxy ÷ nginx)")
+    print(table(data))
+    print()
+    print(checks_text(data["checks"]))
+    f = data.get("features", {})
+    print()
+    print(f"flintproxy features during the run: auth = {f.get('auth')}; /metrics "
+          f"HTTP {f.get('metrics_status')} ({len(f.get('metric_names', []))} flintproxy_* "
+          f"series); usage rows written {f.get('usage_rows', '?')}; charged "
+          f"{f.get('charged_usd', 0):.6f} USD")
+    for n in bench.notes:
+        print(f"NOTE: {n}")
+    print(f"\nresults: {jpath.relative_to(ROOT)}, {hpath.relative_to(ROOT)} "
+          f"(also latest.json, latest.html); {meta['runtime_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

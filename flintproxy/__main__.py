@@ -1,0 +1,3 @@
+from flintproxy.cli import main
+
+raise SystemExit(main())

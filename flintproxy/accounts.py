@@ -1,0 +1,609 @@
+"""Accounts, API keys and login sessions in the embedded SQLite store (no ORM).
+
+Privacy rules this module enforces (CONTRACT.md promises 1, 2, 6, 7):
+
+* an account holds an email and a bcrypt hash, nothing else personal; deleting it
+  erases both at once and revokes every key and session in the same transaction;
+* API keys and session cookies are stored only as SHA-256 digests, so neither the
+  database nor its WAL ever holds a usable secret;
+* bcrypt runs in the default thread pool, never on the event loop.
+
+Every change another process must see (key revoked, account disabled, credit...)
+writes an ``events`` row in the same transaction as the change itself; servers poll
+that table (``auth.ChangeWatcher``) and drop what they cached. That is how
+``flintproxy admin`` reaches a running server, within ``accounts.change_poll_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import secrets
+import sqlite3
+import unicodedata
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import aiosqlite
+import bcrypt
+import orjson
+
+from flintproxy.config import NANO_PER_USD, Config, usd_to_nano
+from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
+from flintproxy.gate import hash_key
+from flintproxy.store import now_ms
+
+# events.kind values; subscribers of auth.ChangeWatcher receive these.
+EV_ACCOUNT_CREATED = "account_created"
+EV_ACCOUNT_DISABLED = "account_disabled"
+EV_ACCOUNT_ENABLED = "account_enabled"
+EV_ACCOUNT_DELETED = "account_deleted"
+EV_EMAIL_CHANGED = "email_changed"
+EV_PASSWORD_CHANGED = "password_changed"  # noqa: S105 (an event name)
+EV_CREDIT = "credit"
+EV_KEY_CREATED = "key_created"
+EV_KEY_REVOKED = "key_revoked"
+
+KEY_PREFIX = "sk-flint-"
+KEY_RANDOM_CHARS = 40  # 40 base62 characters: ~238 bits
+KEY_DISPLAY_CHARS = 4  # random characters kept (with the prefix) for display
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+KEY_RE = re.compile(r"sk-flint-[0-9A-Za-z]{32,128}")
+
+MAX_EMAIL_CHARS = 254
+MIN_PASSWORD_CHARS = 10
+MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything past 72 bytes: refuse, never truncate
+MAX_KEY_NAME_CHARS = 64
+MAX_ALLOWED_MODELS = 100
+SESSION_TOKEN_BYTES = 32  # 256 random bits
+MAX_LIVE_KEYS = 100  # per account
+MAX_SESSIONS = 20  # per account; logging in again ends the oldest
+
+# A pragmatic address check (ASCII; dotted domain with a TLD) rather than RFC 5322.
+_LOCAL = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+EMAIL_RE = re.compile(rf"{_LOCAL}@{_LABEL}(?:\.{_LABEL})*\.[a-z]{{2,63}}")
+
+Notify = Callable[[int, str, int | None, int | None], None]
+
+
+# --- validation -------------------------------------------------------------------
+
+
+def normalize_email(raw: object, field: str = "email") -> str:
+    """Strip, lowercase and validate an email address; BadRequest when unusable."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise BadRequest(f"'{field}' is required and must be a string.", param=field)
+    email = raw.strip().lower()
+    if len(email) > MAX_EMAIL_CHARS:
+        raise BadRequest(f"'{field}' is longer than {MAX_EMAIL_CHARS} characters.", param=field)
+    local, _, _ = email.partition("@")
+    if len(local) > 64 or not EMAIL_RE.fullmatch(email):
+        raise BadRequest(f"'{field}' is not a valid email address.", param=field)
+    return email
+
+
+def _password_bytes(raw: object, field: str) -> bytes:
+    if not isinstance(raw, str) or not raw:
+        raise BadRequest(f"'{field}' is required and must be a string.", param=field)
+    if "\x00" in raw:
+        raise BadRequest(f"'{field}' must not contain NUL characters.", param=field)
+    # NFKC (NIST SP 800-63B) so the same password typed on another keyboard matches.
+    data = unicodedata.normalize("NFKC", raw).encode("utf-8", "surrogateescape")
+    if len(data) > MAX_PASSWORD_BYTES:
+        raise BadRequest(
+            f"'{field}' is {len(data)} bytes long in UTF-8; the maximum is "
+            f"{MAX_PASSWORD_BYTES} bytes (a bcrypt limit; longer passwords are not truncated).",
+            param=field, code="password_too_long")
+    return data
+
+
+def new_password(raw: object, field: str = "password") -> bytes:
+    """Validate a password being set: 10 characters .. 72 UTF-8 bytes, no NUL."""
+    data = _password_bytes(raw, field)
+    if len(data.decode("utf-8", "surrogateescape")) < MIN_PASSWORD_CHARS:
+        raise BadRequest(f"'{field}' must be at least {MIN_PASSWORD_CHARS} characters long.",
+                         param=field, code="password_too_short")
+    return data
+
+
+def given_password(raw: object, field: str = "password") -> bytes:
+    """A password offered for verification (no minimum: only the hash decides)."""
+    return _password_bytes(raw, field)
+
+
+def key_name(raw: object) -> str:
+    if raw is None:
+        return ""
+    if not isinstance(raw, str):
+        raise BadRequest("'name' must be a string.", param="name")
+    name = unicodedata.normalize("NFC", raw.strip())
+    if len(name) > MAX_KEY_NAME_CHARS:
+        raise BadRequest(f"'name' is longer than {MAX_KEY_NAME_CHARS} characters.", param="name")
+    if any(unicodedata.category(c)[0] == "C" for c in name):
+        raise BadRequest("'name' must not contain control or format characters.", param="name")
+    return name
+
+
+def model_list(raw: object, known: Iterable[str]) -> tuple[str, ...] | None:
+    """Validate an allow-list against the configured models; None means all models."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+        raise BadRequest("'allowed_models' must be a list of model names.", param="allowed_models")
+    if not raw or len(raw) > MAX_ALLOWED_MODELS:
+        raise BadRequest(f"'allowed_models' must hold 1 to {MAX_ALLOWED_MODELS} models.",
+                         param="allowed_models")
+    known_set = set(known)
+    for m in raw:
+        if m not in known_set:
+            raise BadRequest(f"'allowed_models' names an unknown model: {m[:100]!r}.",
+                             param="allowed_models")
+    return tuple(sorted(set(raw)))
+
+
+def nano_to_usd(nano: int) -> str:
+    """Exact decimal USD string with at least two decimals (e.g. "5.00", "0.000150")."""
+    text = format(Decimal(nano).scaleb(-9).normalize(), "f")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+def parse_usd(text: str) -> int:
+    """A positive USD amount as nano-dollars (exact; raises BadRequest)."""
+    try:
+        nano = usd_to_nano(text.strip(), "amount")
+    except ValueError as exc:
+        raise BadRequest(f"invalid amount {text!r}: {str(exc).split(': ', 2)[-1]}") from None
+    if nano <= 0 or nano > 10**9 * NANO_PER_USD:
+        raise BadRequest(f"invalid amount {text!r}: must be > 0 and at most 1e9 USD")
+    return nano
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + "".join(secrets.choice(BASE62) for _ in range(KEY_RANDOM_CHARS))
+
+
+def session_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+# --- passwords (thread pool) ------------------------------------------------------
+
+
+async def hash_password(password: bytes, cost: int) -> str:
+    loop = asyncio.get_running_loop()
+    digest = await loop.run_in_executor(None, _hashpw, password, cost)
+    return digest.decode("ascii")
+
+
+def _hashpw(password: bytes, cost: int) -> bytes:
+    return bcrypt.hashpw(password, bcrypt.gensalt(cost))
+
+
+async def check_password(password: bytes, stored: str) -> bool:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, _checkpw, password, stored.encode("ascii"))
+
+
+def _checkpw(password: bytes, stored: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, stored)
+    except ValueError:  # a malformed stored hash never matches
+        return False
+
+
+# --- records ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    id: int
+    email: str | None
+    status: str
+    created_at: int
+    balance_nano: int
+    credited_nano: int
+    charged_nano: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "email": self.email, "status": self.status,
+                "created_at": self.created_at // 1000,
+                "balance_usd": nano_to_usd(self.balance_nano), "balance_nano": self.balance_nano}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    id: int
+    account_id: int
+    prefix: str
+    last4: str
+    name: str
+    created_at: int
+    last_used_at: int | None
+    expires_at: int | None
+    revoked_at: int | None
+    allowed_models: tuple[str, ...] | None
+
+    def as_json(self) -> dict[str, Any]:
+        def secs(ms: int | None) -> int | None:
+            return None if ms is None else ms // 1000
+
+        return {"id": self.id, "name": self.name, "display": f"{self.prefix}...{self.last4}",
+                "prefix": self.prefix, "last4": self.last4,
+                "created_at": secs(self.created_at), "last_used_at": secs(self.last_used_at),
+                "expires_at": secs(self.expires_at), "revoked_at": secs(self.revoked_at),
+                "allowed_models": None if self.allowed_models is None
+                else list(self.allowed_models)}
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    token_hash: bytes
+    account_id: int
+    csrf_token: str
+    expires_at: int
+
+
+_ACCOUNT_COLS = "id, email, status, created_at, balance_nano, credited_nano, charged_nano"
+_KEY_COLS = ("id, account_id, prefix, last4, name, created_at, last_used_at, expires_at, "
+             "revoked_at, allowed_models")
+
+
+def _account(row: Any) -> AccountInfo:
+    return AccountInfo(*row)
+
+
+def _key(row: Any) -> KeyInfo:
+    models = None if row[9] is None else tuple(orjson.loads(row[9]))
+    return KeyInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
+                   models)
+
+
+# --- the repository ---------------------------------------------------------------
+
+
+class Accounts:
+    """SQL for accounts, keys and sessions on one connection.
+
+    Write transactions are serialised by a lock because aiosqlite connections are
+    shared by coroutines: without it one coroutine's statements would land inside
+    another's open transaction. ``notify(event_id, kind, account_id, key_id)`` is
+    called after each committed change so this process reacts at once.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, bcrypt_cost: int, session_ttl_s: int,
+                 *, notify: Notify | None = None, clock: Callable[[], int] = now_ms,
+                 lock: asyncio.Lock | None = None) -> None:
+        self.db = db
+        self.bcrypt_cost = bcrypt_cost
+        self.session_ttl_s = session_ttl_s
+        self.notify = notify
+        self.clock = clock
+        # Held for each write transaction; share it with anyone else using ``db``.
+        self.lock = lock or asyncio.Lock()
+        # At most this many bcrypt jobs in the thread pool at once: a login flood then
+        # waits here, as cheap coroutines, instead of occupying every pool thread
+        # (the pool also serves DNS lookups for upstream connections).
+        self._bcrypt_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
+        self._dummy_hash: str | None = None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception or cancellation."""
+        async with self.lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                await self.db.execute("COMMIT")
+            except BaseException:
+                # Statements already queued still run on aiosqlite's thread even when
+                # we are cancelled, so the ROLLBACK below always follows them.
+                with suppress(sqlite3.OperationalError):
+                    await self.db.execute("ROLLBACK")
+                raise
+
+    async def _event(self, db: aiosqlite.Connection, kind: str, account_id: int | None,
+                     key_id: int | None = None) -> tuple[int, str, int | None, int | None]:
+        cur = await db.execute(
+            "INSERT INTO events (kind, account_id, key_id, created_at) VALUES (?, ?, ?, ?)",
+            (kind, account_id, key_id, self.clock()))
+        return (cur.lastrowid or 0, kind, account_id, key_id)
+
+    async def _hash(self, password: bytes) -> str:
+        async with self._bcrypt_slots:
+            return await hash_password(password, self.bcrypt_cost)
+
+    async def _check(self, password: bytes, stored: str) -> bool:
+        async with self._bcrypt_slots:
+            return await check_password(password, stored)
+
+    def _publish(self, *events: tuple[int, str, int | None, int | None]) -> None:
+        if self.notify is not None:
+            for ev in events:
+                self.notify(*ev)
+
+    async def warm(self) -> None:
+        """Compute the dummy hash now so the first unknown-email login is not slower."""
+        if self._dummy_hash is None:
+            self._dummy_hash = await self._hash(secrets.token_bytes(16).hex().encode())
+
+    # accounts ------------------------------------------------------------------------
+
+    async def create_account(self, email: str, password: bytes | None) -> int:
+        pw_hash = None if password is None else await self._hash(password)
+        try:
+            async with self.transaction() as db:
+                cur = await db.execute(
+                    "INSERT INTO accounts (email, password_hash, created_at) VALUES (?, ?, ?)",
+                    (email, pw_hash, self.clock()))
+                account_id = cur.lastrowid or 0
+                ev = await self._event(db, EV_ACCOUNT_CREATED, account_id)
+        except sqlite3.IntegrityError:
+            raise Conflict("An account with this email already exists.", param="email",
+                           code="email_taken") from None
+        self._publish(ev)
+        return account_id
+
+    async def get(self, account_id: int) -> AccountInfo:
+        async with self.db.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ?",  # noqa: S608
+                                   (account_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound("No such account.")
+        return _account(row)
+
+    async def by_email(self, email: str) -> AccountInfo:
+        async with self.db.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE email = ?",  # noqa: S608
+                                   (email,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"No account with email {email!r}.")
+        return _account(row)
+
+    async def list_accounts(self) -> list[tuple[AccountInfo, int]]:
+        """Every account with its count of live (unrevoked) keys."""
+        sql = (f"SELECT {_ACCOUNT_COLS}, (SELECT COUNT(*) FROM api_keys k WHERE "  # noqa: S608
+               "k.account_id = accounts.id AND k.revoked_at IS NULL) FROM accounts ORDER BY id")
+        async with self.db.execute(sql) as cur:
+            rows = await cur.fetchall()
+        return [(_account(r[:7]), int(r[7])) for r in rows]
+
+    async def verify_login(self, email: str, password: bytes) -> int:
+        """The account id for a correct email + password, else the same 401 either way.
+
+        An unknown email is checked against a dummy hash of the same cost, so both
+        answers take one bcrypt verification.
+        """
+        async with self.db.execute(
+                "SELECT id, password_hash FROM accounts WHERE email = ?", (email,)) as cur:
+            row = await cur.fetchone()
+        if row is not None and row[1] is not None:
+            if await self._check(password, row[1]):
+                return int(row[0])
+        else:
+            await self.warm()
+            assert self._dummy_hash is not None
+            await self._check(password, self._dummy_hash)
+        raise AuthenticationError("Incorrect email or password.", code="invalid_credentials")
+
+    async def check_password_of(self, account_id: int, password: bytes) -> None:
+        """Confirm a logged-in user's password before a sensitive change (else 401)."""
+        async with self.db.execute("SELECT password_hash FROM accounts WHERE id = ? AND "
+                                   "status != 'deleted'", (account_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise AuthenticationError("This account no longer exists.", code="invalid_session")
+        if row[0] is None or not await self._check(password, row[0]):
+            raise AuthenticationError("Incorrect password.", param="password",
+                                      code="invalid_credentials")
+
+    async def change_email(self, account_id: int, new_email: str) -> None:
+        try:
+            async with self.transaction() as db:
+                await db.execute("UPDATE accounts SET email = ? WHERE id = ?",
+                                 (new_email, account_id))
+                ev = await self._event(db, EV_EMAIL_CHANGED, account_id)
+        except sqlite3.IntegrityError:
+            raise Conflict("An account with this email already exists.", param="new_email",
+                           code="email_taken") from None
+        self._publish(ev)
+
+    async def set_password(self, account_id: int, new: bytes, keep_session: bytes | None) -> None:
+        """Set a new password and end every session but ``keep_session`` (a token hash)."""
+        pw_hash = await self._hash(new)
+        async with self.transaction() as db:
+            await db.execute("UPDATE accounts SET password_hash = ? WHERE id = ?",
+                             (pw_hash, account_id))
+            await db.execute("DELETE FROM sessions WHERE account_id = ? AND token_hash IS NOT ?",
+                             (account_id, keep_session))
+            ev = await self._event(db, EV_PASSWORD_CHANGED, account_id)
+        self._publish(ev)
+
+    async def delete_account(self, account_id: int) -> None:
+        """Close the account: erase email and hash, revoke all keys, end all sessions.
+
+        Usage rows stay (they carry no personal data) until the retention job.
+        """
+        now = self.clock()
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE accounts SET status = 'deleted', email = NULL, password_hash = NULL, "
+                "deleted_at = ? WHERE id = ? AND status != 'deleted'", (now, account_id))
+            if cur.rowcount == 0:
+                raise NotFound("No such account.")
+            # Key names are free text a user chose: erase them with the account.
+            await db.execute("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?), "
+                             "name = '' WHERE account_id = ?", (now, account_id))
+            await db.execute("DELETE FROM sessions WHERE account_id = ?", (account_id,))
+            ev = await self._event(db, EV_ACCOUNT_DELETED, account_id)
+        self._publish(ev)
+
+    async def set_status(self, account_id: int, status: str) -> bool:
+        """'active' or 'disabled'; False when it already was (or is deleted)."""
+        kind = EV_ACCOUNT_DISABLED if status == "disabled" else EV_ACCOUNT_ENABLED
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE accounts SET status = ? WHERE id = ? AND status NOT IN (?, 'deleted')",
+                (status, account_id, status))
+            if cur.rowcount == 0:
+                return False
+            ev = await self._event(db, kind, account_id)
+        self._publish(ev)
+        return True
+
+    async def credit(self, account_id: int, amount_nano: int) -> int:
+        """Add funds; returns the new balance. Credits row + event in one transaction."""
+        if amount_nano <= 0:
+            raise BadRequest("A credit must be positive.")
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE accounts SET credited_nano = credited_nano + ?, "
+                "balance_nano = balance_nano + ? WHERE id = ? AND status != 'deleted'",
+                (amount_nano, amount_nano, account_id))
+            if cur.rowcount == 0:
+                raise NotFound("No such account.")
+            await db.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
+                             "VALUES (?, ?, ?)", (account_id, amount_nano, self.clock()))
+            ev = await self._event(db, EV_CREDIT, account_id)
+            async with db.execute("SELECT balance_nano FROM accounts WHERE id = ?",
+                                  (account_id,)) as c:
+                row = await c.fetchone()
+        self._publish(ev)
+        return 0 if row is None else int(row[0])
+
+    # keys ----------------------------------------------------------------------------
+
+    async def create_key(self, account_id: int, name: str = "", *,
+                         expires_at: int | None = None,
+                         allowed_models: tuple[str, ...] | None = None) -> tuple[KeyInfo, str]:
+        """A new key: (its record, the plaintext). The plaintext is never stored."""
+        key = new_api_key()
+        prefix = key[:len(KEY_PREFIX) + KEY_DISPLAY_CHARS]
+        models = None if allowed_models is None else orjson.dumps(list(allowed_models)).decode()
+        now = self.clock()
+        async with self.transaction() as db:
+            async with db.execute("SELECT status FROM accounts WHERE id = ?", (account_id,)) as c:
+                row = await c.fetchone()
+            if row is None or row[0] == "deleted":
+                raise NotFound("No such account.")
+            if row[0] == "disabled":
+                raise PermissionDenied("This account is disabled.", code="account_disabled")
+            async with db.execute("SELECT COUNT(*) FROM api_keys WHERE account_id = ? AND "
+                                  "revoked_at IS NULL", (account_id,)) as c:
+                live = await c.fetchone()
+            if live is not None and live[0] >= MAX_LIVE_KEYS:
+                raise Conflict(f"An account may have at most {MAX_LIVE_KEYS} active keys; "
+                               "revoke one first.", code="too_many_keys")
+            cur = await db.execute(
+                "INSERT INTO api_keys (account_id, key_hash, prefix, last4, name, created_at, "
+                "expires_at, allowed_models) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (account_id, hash_key(key), prefix, key[-4:], name, now, expires_at, models))
+            key_id = cur.lastrowid or 0
+            ev = await self._event(db, EV_KEY_CREATED, account_id, key_id)
+        self._publish(ev)
+        info = KeyInfo(key_id, account_id, prefix, key[-4:], name, now, None, expires_at, None,
+                       allowed_models)
+        return info, key
+
+    async def list_keys(self, account_id: int) -> list[KeyInfo]:
+        sql = f"SELECT {_KEY_COLS} FROM api_keys WHERE account_id = ? ORDER BY id"  # noqa: S608
+        async with self.db.execute(sql, (account_id,)) as cur:
+            return [_key(r) for r in await cur.fetchall()]
+
+    async def revoke_key(self, key_id: int, account_id: int | None = None) -> bool:
+        """Revoke a key (only the account's own when ``account_id`` is given).
+
+        Returns False when it was already revoked; NotFound when there is no such key.
+        """
+        async with self.transaction() as db:
+            async with db.execute("SELECT account_id, revoked_at FROM api_keys WHERE id = ?",
+                                  (key_id,)) as c:
+                row = await c.fetchone()
+            if row is None or (account_id is not None and row[0] != account_id):
+                raise NotFound(f"No API key with id {key_id}.")
+            if row[1] is not None:
+                return False
+            await db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?",
+                             (self.clock(), key_id))
+            ev = await self._event(db, EV_KEY_REVOKED, int(row[0]), key_id)
+        self._publish(ev)
+        return True
+
+    # sessions ------------------------------------------------------------------------
+
+    async def create_session(self, account_id: int) -> tuple[str, Session]:
+        """A new login session: (cookie value, record). Only its SHA-256 is stored."""
+        token = secrets.token_urlsafe(SESSION_TOKEN_BYTES)
+        now = self.clock()
+        session = Session(session_hash(token), account_id, secrets.token_urlsafe(32),
+                          now + self.session_ttl_s * 1000)
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM sessions WHERE account_id = ? AND token_hash NOT IN (SELECT "
+                "token_hash FROM sessions WHERE account_id = ? ORDER BY created_at DESC "
+                "LIMIT ?)", (account_id, account_id, MAX_SESSIONS - 1))
+            await db.execute(
+                "INSERT INTO sessions (token_hash, account_id, csrf_token, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?)",
+                (session.token_hash, account_id, session.csrf_token, now, session.expires_at))
+        return token, session
+
+    async def get_session(self, token: str) -> Session | None:
+        """The live session for a cookie value (expired ones are deleted on sight)."""
+        if not 20 <= len(token) <= 128:
+            return None
+        h = session_hash(token)
+        async with self.db.execute(
+                "SELECT s.account_id, s.csrf_token, s.expires_at FROM sessions s JOIN accounts a "
+                "ON a.id = s.account_id WHERE s.token_hash = ? AND a.status != 'deleted'",
+                (h,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        if row[2] <= self.clock():
+            await self.delete_session(h)
+            return None
+        return Session(h, int(row[0]), row[1], int(row[2]))
+
+    async def delete_session(self, token_hash: bytes) -> None:
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    async def purge_expired_sessions(self) -> int:
+        async with self.transaction() as db:
+            cur = await db.execute("DELETE FROM sessions WHERE expires_at <= ?", (self.clock(),))
+            return cur.rowcount
+
+
+async def bootstrap_demo(db: aiosqlite.Connection, cfg: Config) -> str | None:
+    """Create the funded demo account and a key on first start; return the plaintext key.
+
+    Returns None when ``accounts.bootstrap_demo`` is off or the demo account already
+    exists (its key was shown at creation and cannot be recovered). ``db`` must not
+    be in use by other coroutines meanwhile; a running app does this in
+    ``auth.accounts_ctx`` and keeps the result in ``app[auth.DEMO_KEY]``.
+    """
+    return await bootstrap_demo_account(
+        Accounts(db, cfg.accounts.bcrypt_cost, cfg.accounts.session_ttl_s), cfg)
+
+
+async def bootstrap_demo_account(repo: Accounts, cfg: Config) -> str | None:
+    acfg = cfg.accounts
+    if not acfg.bootstrap_demo:
+        return None
+    email = normalize_email(acfg.demo_email, "accounts.demo_email")
+    try:
+        account_id = await repo.create_account(email, None)
+    except Conflict:
+        return None
+    credit = usd_to_nano(acfg.demo_credit_usd, "accounts.demo_credit_usd")
+    if credit > 0:
+        await repo.credit(account_id, credit)
+    _, key = await repo.create_key(account_id, "demo")
+    return key

@@ -1,0 +1,218 @@
+"""``flintproxy admin``: operator tasks against the store, safe while the server runs.
+
+Each verb is one short transaction that also writes an ``events`` row; a running
+server polls that table (``accounts.change_poll_s``, default 0.25 s) and applies
+the change within one second. Exit status: 0 done, 1 refused (unknown account,
+duplicate email...), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from flintproxy import store
+from flintproxy.accounts import (
+    Accounts,
+    key_name,
+    model_list,
+    nano_to_usd,
+    new_password,
+    normalize_email,
+    parse_usd,
+)
+from flintproxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from flintproxy.errors import FlintError
+
+Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
+
+
+def _err(msg: str) -> None:
+    print(f"flintproxy admin: {msg}", file=sys.stderr)
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+async def _create_account(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    email = normalize_email(args.email)
+    password = None
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = new_password(line.removesuffix("\n").removesuffix("\r"))
+    account_id = await repo.create_account(email, password)
+    print(f"created account {account_id} {email}"
+          + ("" if password else " (no password: API keys only until one is set)"))
+    return 0
+
+
+async def _credit(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    amount = parse_usd(args.usd)
+    account = await repo.by_email(normalize_email(args.email))
+    balance = await repo.credit(account.id, amount)
+    print(f"credited {nano_to_usd(amount)} USD to {account.email}; "
+          f"balance {nano_to_usd(balance)} USD")
+    return 0
+
+
+async def _create_key(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    account = await repo.by_email(normalize_email(args.email))
+    expires_at = None
+    if args.expires_in_days is not None:
+        if args.expires_in_days < 1:
+            _err("--expires-in-days must be at least 1")
+            return 2
+        expires_at = repo.clock() + args.expires_in_days * 86_400_000
+    models = None
+    if args.models:
+        served = {m for u in cfg.upstreams for m in u.models}
+        models = model_list([m.strip() for m in args.models.split(",") if m.strip()], served)
+    info, key = await repo.create_key(account.id, key_name(args.name), expires_at=expires_at,
+                                      allowed_models=models)
+    print(f"created key {info.id} ({info.prefix}...{info.last4}) for {account.email}; "
+          "it is shown only now", file=sys.stderr)
+    print(key)  # alone on the last line of stdout, for scripts
+    return 0
+
+
+async def _revoke_key(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    changed = await repo.revoke_key(args.key_id)
+    print(f"revoked key {args.key_id}" if changed else f"key {args.key_id} was already revoked")
+    return 0
+
+
+def _set_status(status: str) -> Verb:
+    async def verb(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+        account = await repo.by_email(normalize_email(args.email))
+        changed = await repo.set_status(account.id, status)
+        word = "disabled" if status == "disabled" else "enabled"
+        print(f"{word} account {account.email}" if changed
+              else f"account {account.email} was already {word}")
+        return 0
+
+    return verb
+
+
+async def _delete_account(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    account = await repo.by_email(normalize_email(args.email))
+    await repo.delete_account(account.id)
+    print(f"deleted account {account.id}: email and password erased, keys revoked")
+    return 0
+
+
+async def _list_accounts(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    rows = [("ID", "EMAIL", "STATUS", "BALANCE_USD", "KEYS", "CREATED")]
+    for a, live_keys in await repo.list_accounts():
+        rows.append((str(a.id), a.email or "-", a.status, nano_to_usd(a.balance_nano),
+                     str(live_keys), _when(a.created_at)))
+    _table(rows)
+    return 0
+
+
+async def _purge(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    from flintproxy.usage import purge
+
+    days = cfg.billing.retention_days
+    n = await purge(repo.db, days, store.now_ms())
+    print(f"purged {n} usage rows of accounts deleted more than {days} days ago")
+    return 0
+
+
+async def _list_keys(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    account = await repo.by_email(normalize_email(args.email))
+    rows = [("ID", "KEY", "NAME", "CREATED", "LAST_USED", "EXPIRES", "REVOKED", "MODELS")]
+    for k in await repo.list_keys(account.id):
+        rows.append((str(k.id), f"{k.prefix}...{k.last4}", k.name or "-", _when(k.created_at),
+                     _when(k.last_used_at), _when(k.expires_at), _when(k.revoked_at),
+                     ",".join(k.allowed_models) if k.allowed_models else "*"))
+    _table(rows)
+    return 0
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flintproxy admin",
+        description="Operator tasks on the flintproxy store. Safe while the server runs: "
+                    "it applies each change within one second.")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                   help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    v = sub.add_parser("create-account", help="create an account")
+    v.add_argument("email")
+    v.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    v.set_defaults(run=_create_account)
+
+    v = sub.add_parser("credit", help="add funds, e.g. credit a@b.c 5.00")
+    v.add_argument("email")
+    v.add_argument("usd", help="amount in USD as a decimal, e.g. 5.00")
+    v.set_defaults(run=_credit)
+
+    v = sub.add_parser("create-key", help="create an API key (printed once, last line)")
+    v.add_argument("email")
+    v.add_argument("--name", default="")
+    v.add_argument("--expires-in-days", type=int)
+    v.add_argument("--models", help="comma-separated allow-list (default: all models)")
+    v.set_defaults(run=_create_key)
+
+    v = sub.add_parser("revoke-key", help="revoke an API key by id")
+    v.add_argument("key_id", type=int)
+    v.set_defaults(run=_revoke_key)
+
+    for name, status in (("disable-account", "disabled"), ("enable-account", "active")):
+        v = sub.add_parser(name, help=f"{name.split('-')[0]} an account and its keys")
+        v.add_argument("email")
+        v.set_defaults(run=_set_status(status))
+
+    v = sub.add_parser("delete-account",
+                       help="close an account: erase email and password, revoke keys")
+    v.add_argument("email")
+    v.set_defaults(run=_delete_account)
+
+    sub.add_parser("list-accounts", help="list accounts").set_defaults(run=_list_accounts)
+
+    v = sub.add_parser("list-keys", help="list an account's keys")
+    v.add_argument("email")
+    v.set_defaults(run=_list_keys)
+
+    sub.add_parser("purge", help="run the usage retention job now (billing.retention_days)"
+                   ).set_defaults(run=_purge)
+    return p
+
+
+async def _run(verb: Verb, args: argparse.Namespace, cfg: Config) -> int:
+    db = await store.open_store(cfg.storage.path)
+    try:
+        repo = Accounts(db, cfg.accounts.bcrypt_cost, cfg.accounts.session_ttl_s)
+        return await verb(repo, args, cfg)
+    finally:
+        await db.close()
+
+
+def main(argv: list[str]) -> int:
+    """Run one admin verb; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    try:
+        return asyncio.run(_run(args.run, args, cfg))
+    except FlintError as exc:
+        _err(exc.message)
+        return 2 if exc.status == 400 else 1

@@ -1,0 +1,292 @@
+"""Prices and balances: exact integer costs and the in-memory balance book.
+
+Money is integer nano-dollars everywhere (CONTRACT "Money"); prices are integer
+nano-dollars per million tokens, converted once from the config's decimal strings.
+
+Costs. ``cost_nano`` follows OpenAI's usage accounting: ``cached`` tokens are a
+part of ``prompt`` tokens and are billed at the cached-input price, the rest of
+the prompt at the input price, completion tokens at the output price. The exact
+sum (in nano-dollars x 1e6) is rounded **up** once per request to whole
+nano-dollars, so a request is never billed less than its exact price, by at most
+one nano-dollar more.
+
+Balances. ``Billing`` is this process's single source of truth for what an
+account may still spend::
+
+    available = balance (the DB's balance_nano as last read)
+                - pending  (costs of usage rows queued but not yet committed)
+                - reserved (maximum costs of requests in flight)
+
+``reserve`` checks and books a request's maximum cost with no ``await`` in
+between, so concurrent requests can never together reserve more than is
+available. ``settle`` releases the reservation and returns the actual cost; the
+caller then queues the usage row (``UsageWriter.record``), which moves the cost
+into ``pending`` until the writer's transaction debits it in the DB.
+
+Bounded overshoot (CONTRACT promise 5): the reservation is the maximum for the
+prompt *estimate* plus ``max_tokens`` (or ``billing.default_max_tokens``); if the
+upstream reports more tokens than that (a prompt larger than estimated, or a
+model that ignores max_tokens) the actual cost is still charged in full, so a
+balance can end below zero by at most that one request's excess. While any
+balance is at or below zero, every further request is refused with 402.
+
+Consistency with the DB. All reads of ``balance_nano`` run on the usage
+writer's own connection, and the writer sets the balances of the accounts a
+batch touched from the values its transaction returned. aiosqlite executes one
+connection's statements in order and delivers their results in order, so a read
+can never be applied "between" a commit and the matching ``pending`` decrease;
+at worst a read made inside an open batch transaction counts that batch twice
+for a moment (available too low, never too high).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import aiosqlite
+
+from flintproxy.config import NANO_PER_USD, BillingConfig, ModelPrice
+from flintproxy.errors import InsufficientQuota, ModelNotFound
+from flintproxy.gate import Outcome
+
+log = logging.getLogger("flintproxy.billing")
+
+TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per million tokens
+_RELOAD_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's variable limit
+
+
+def cost_nano(price: ModelPrice, prompt: int, completion: int, cached: int) -> int:
+    """Exact cost of one request in nano-dollars, rounded up to a whole nano-dollar."""
+    prompt = max(prompt, 0)
+    completion = max(completion, 0)
+    cached = min(max(cached, 0), prompt)
+    exact = ((prompt - cached) * price.input_nano_per_mtok
+             + cached * price.cached_input_nano_per_mtok
+             + completion * price.output_nano_per_mtok)
+    return -(-exact // TOKENS_PER_PRICE_UNIT)
+
+
+def max_cost_nano(price: ModelPrice, prompt: int, completion: int) -> int:
+    """The most ``cost_nano`` can return for at most these token counts."""
+    per_prompt = max(price.input_nano_per_mtok, price.cached_input_nano_per_mtok)
+    exact = max(prompt, 0) * per_prompt + max(completion, 0) * price.output_nano_per_mtok
+    return -(-exact // TOKENS_PER_PRICE_UNIT)
+
+
+def format_usd(nano: int) -> str:
+    """Exact decimal USD for display, e.g. 150 -> "0.00000015", 5e9 -> "5.00"."""
+    sign = "-" if nano < 0 else ""
+    whole, frac = divmod(abs(nano), NANO_PER_USD)
+    digits = f"{frac:09d}".rstrip("0").ljust(2, "0")
+    return f"{sign}{whole}.{digits}"
+
+
+@dataclass(slots=True)
+class Reservation:
+    """A request's booked maximum cost; settle or release it exactly once."""
+
+    account_id: int
+    model: str
+    price: ModelPrice
+    amount: int
+    done: bool = False
+    cost: int = 0
+
+
+class _Book:
+    __slots__ = ("balance", "pending", "reserved")
+
+    def __init__(self) -> None:
+        self.balance: int | None = None  # None: not read from the DB yet
+        self.pending = 0
+        self.reserved = 0
+
+
+class Billing:
+    """The in-memory balance book of this process; see the module docstring."""
+
+    def __init__(self, prices: Mapping[str, ModelPrice], cfg: BillingConfig,
+                 db: aiosqlite.Connection) -> None:
+        self._prices = prices
+        self._default_max_tokens = cfg.default_max_tokens
+        self._db = db
+        self._books: dict[int, _Book] = {}
+        self._loads: dict[int, asyncio.Task[None]] = {}
+        # Accounts whose load was running when a change event arrived: re-read.
+        self._dirty_loads: set[int] = set()
+        self._stale: set[int] = set()
+        self._reload_all = False
+        # Set by the usage writer: wakes it to run ``reload_stale`` soon.
+        self.on_stale: Callable[[], None] | None = None
+
+    # --- reading balances ---------------------------------------------------------
+
+    def is_loaded(self, account_id: int) -> bool:
+        book = self._books.get(account_id)
+        return book is not None and book.balance is not None
+
+    async def load(self, account_id: int) -> None:
+        """Read the account's balance on first use; concurrent callers share one read."""
+        if self.is_loaded(account_id):
+            return
+        task = self._loads.get(account_id)
+        if task is None:
+            # A task of its own, so one caller's cancellation (client gone) does not
+            # fail the others waiting on the same read.
+            task = asyncio.get_running_loop().create_task(self._read_first(account_id))
+            self._loads[account_id] = task
+            task.add_done_callback(lambda t: self._load_done(account_id, t))
+        await asyncio.shield(task)
+
+    def _load_done(self, account_id: int, task: asyncio.Task[None]) -> None:
+        self._loads.pop(account_id, None)
+        if not task.cancelled():
+            task.exception()  # mark retrieved: every waiter may have gone away
+
+    async def _read_first(self, account_id: int) -> None:
+        while True:
+            self._dirty_loads.discard(account_id)
+            balances = await self._read_balances([account_id])
+            book = self._books.get(account_id)
+            if book is None:
+                book = self._books[account_id] = _Book()
+            book.balance = balances.get(account_id, 0)
+            if account_id not in self._dirty_loads:
+                return
+
+    async def _read_balances(self, ids: list[int]) -> dict[int, int]:
+        marks = ",".join("?" * len(ids))
+        rows = await self._db.execute_fetchall(
+            f"SELECT id, balance_nano FROM accounts WHERE id IN ({marks})", ids)  # noqa: S608
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    def on_change(self, kind: str, account_id: int | None, key_id: int | None) -> None:
+        """ChangeWatcher subscriber: re-read the balance after any account change.
+
+        Re-reading is always correct (balances are set, never adjusted), so this does
+        not need to know which event kinds move money (``credit`` today).
+        """
+        if account_id is None:
+            self._reload_all = True
+        elif account_id in self._loads:
+            self._dirty_loads.add(account_id)
+            return
+        elif self.is_loaded(account_id):
+            self._stale.add(account_id)
+        else:
+            return
+        if self.on_stale is not None:
+            self.on_stale()
+
+    def has_stale(self) -> bool:
+        return self._reload_all or bool(self._stale)
+
+    async def reload_stale(self) -> None:
+        """Re-read balances flagged by ``on_change`` (run by the usage writer's task)."""
+        if self._reload_all:
+            self._reload_all = False
+            self._stale.update(a for a, b in self._books.items() if b.balance is not None)
+        while self._stale:
+            ids = [self._stale.pop() for _ in range(min(len(self._stale), _RELOAD_CHUNK))]
+            try:
+                balances = await self._read_balances(ids)
+            except BaseException:
+                self._stale.update(ids)
+                raise
+            for account_id in ids:
+                book = self._books.get(account_id)
+                if book is not None and book.balance is not None:
+                    book.balance = balances.get(account_id, 0)
+
+    # --- the hot path (synchronous) -------------------------------------------------
+
+    def price(self, model: str) -> ModelPrice:
+        price = self._prices.get(model)
+        if price is None:
+            # Never free by accident: a model without a price is not served.
+            raise ModelNotFound(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model")
+        return price
+
+    def available(self, account_id: int) -> int | None:
+        """What the account may still reserve; None when its balance is not loaded."""
+        book = self._books.get(account_id)
+        if book is None or book.balance is None:
+            return None
+        return book.balance - book.pending - book.reserved
+
+    def reserve(self, account_id: int, model: str, prompt_estimate: int,
+                max_tokens: int | None) -> Reservation:
+        """Book the request's maximum cost, or raise 402 insufficient_quota.
+
+        ``max_tokens`` None reserves ``billing.default_max_tokens`` completion tokens;
+        pass 0 for endpoints without completion tokens (embeddings). The account must
+        be loaded (``await load``) first.
+        """
+        price = self.price(model)
+        book = self._books.get(account_id)
+        if book is None or book.balance is None:
+            raise RuntimeError(f"Billing.reserve before Billing.load for account {account_id}")
+        completion = self._default_max_tokens if max_tokens is None else max_tokens
+        amount = max_cost_nano(price, prompt_estimate, completion)
+        available = book.balance - book.pending - book.reserved
+        if amount > available:
+            raise InsufficientQuota(
+                "You exceeded your current quota: this request may cost up to "
+                f"${format_usd(amount)} but the account has ${format_usd(max(available, 0))} "
+                "available. Add credit, or lower max_tokens.")
+        book.reserved += amount
+        return Reservation(account_id, model, price, amount)
+
+    def settle(self, res: Reservation, outcome: Outcome) -> int:
+        """Release the reservation; return the actual cost (charged in full, even above it).
+
+        Idempotent. The cost becomes a debit when the caller records the usage row
+        with ``cost_nano`` set to the returned value.
+        """
+        if res.done:
+            return res.cost
+        self.release(res)
+        res.cost = cost_nano(res.price, outcome.prompt_tokens, outcome.completion_tokens,
+                             outcome.cached_tokens)
+        return res.cost
+
+    def release(self, res: Reservation) -> None:
+        """Drop a reservation that will not be charged (refused before the upstream call)."""
+        if res.done:
+            return
+        res.done = True
+        book = self._books.get(res.account_id)
+        if book is not None:
+            book.reserved -= res.amount
+
+    # --- the usage writer's side ----------------------------------------------------
+
+    def add_pending(self, account_id: int, cost: int) -> None:
+        """A usage row with this cost was queued (called by ``UsageWriter.record``)."""
+        book = self._books.get(account_id)
+        if book is None:
+            book = self._books[account_id] = _Book()
+        book.pending += cost
+
+    def committed(self, debits: Mapping[int, int], balances: Iterable[tuple[int, int]]) -> None:
+        """A batch committed: its debits left ``pending``; set the balances it returned."""
+        for account_id, debit in debits.items():
+            book = self._books.get(account_id)
+            if book is not None:
+                book.pending -= debit
+        for account_id, balance in balances:
+            book = self._books.get(account_id)
+            if book is not None and book.balance is not None:
+                book.balance = balance
+
+    def snapshot(self, account_id: int) -> tuple[int | None, int, int]:
+        """(balance, pending, reserved) for tests and diagnostics."""
+        book = self._books.get(account_id)
+        if book is None:
+            return (None, 0, 0)
+        return (book.balance, book.pending, book.reserved)

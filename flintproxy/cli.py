@@ -1,0 +1,75 @@
+"""Command line: ``flintproxy serve | mock-upstream | admin``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from flintproxy import __version__
+from flintproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency off Windows
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flintproxy",
+                                     description="A lean, fast OpenAI-compatible LLM gateway.")
+    parser.add_argument("--version", action="version", version=f"flintproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    mock = sub.add_parser("mock-upstream", help="run the OpenAI-compatible mock upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9001)
+    mock.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
+    mock.add_argument("--delay-ms", type=float, default=0.0, help="delay between chunks")
+    mock.add_argument("--first-delay-ms", type=float, default=0.0,
+                      help="delay before the first chunk")
+
+    sub.add_parser("admin", help="operator tasks (run 'flintproxy admin -h')", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flintproxy`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:
+        from flintproxy import admin
+
+        return admin.main(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command == "serve":
+        from flintproxy import app
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        _run(app.serve(config, host=args.host, port=args.port))
+        return 0
+    if args.command == "mock-upstream":
+        from flintproxy import mock
+
+        settings = mock.MockSettings(chunks=args.chunks, delay_ms=args.delay_ms,
+                                     first_chunk_delay_ms=args.first_delay_ms)
+        _run(mock.run_mock(args.host, args.port, settings))
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands

@@ -1,0 +1,397 @@
+"""Configuration: one frozen, validated object built once from TOML plus env.
+
+Every validation error names the offending key and value, e.g.
+``config error: upstreams[0].weight = -1: must be an integer >= 1``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_CONFIG_PATH = Path("config/flintproxy.toml")
+NANO_PER_USD = 1_000_000_000
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 4 * 1024 * 1024
+    heartbeat_interval_s: float = 5.0
+    shutdown_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    path: Path = Path("var/flintproxy.db")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    models: tuple[str, ...]
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    # Client-facing model name -> the upstream's own name for it.
+    model_map: Mapping[str, str] = field(default_factory=dict)
+    weight: int = 1
+    priority: int = 0
+    connect_timeout_s: float = 5.0
+    # Time allowed for response headers (and, for streams, between chunks).
+    read_timeout_s: float = 300.0
+    # Consecutive failures before the circuit opens, and how long it stays open.
+    failure_threshold: int = 3
+    cooldown_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """Prices in nano-dollars per million tokens (exact integers)."""
+
+    input_nano_per_mtok: int
+    output_nano_per_mtok: int
+    cached_input_nano_per_mtok: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    default_rpm: int = 600
+    default_tpm: int = 200_000
+    default_max_concurrent: int = 64
+    # Unauthenticated / failed-auth traffic per source IP.
+    ip_rpm: int = 120
+    ip_failures_before_block: int = 20
+    ip_block_s: float = 300.0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_tracked: int = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class BillingConfig:
+    # Completion-token ceiling reserved when a request sets no max_tokens.
+    default_max_tokens: int = 4096
+    flush_interval_s: float = 0.2
+    flush_batch_rows: int = 5000
+    # Rows that may wait in memory before /v1 refuses with 503.
+    max_backlog_rows: int = 200_000
+    retention_days: int = 90
+
+
+@dataclass(frozen=True, slots=True)
+class AccountsConfig:
+    bcrypt_cost: int = 12
+    session_ttl_s: int = 14 * 24 * 3600
+    secure_cookies: bool = False
+    # Create a funded demo account and key on first start (make run's quick start).
+    bootstrap_demo: bool = False
+    demo_email: str = "demo@flintproxy.local"
+    demo_credit_usd: str = "5.00"
+    # How often the server polls the DB for changes made by other processes.
+    change_poll_s: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Serve /metrics on a separate port (None: on the main port).
+    port: int | None = None
+    # When set, /metrics on the main port requires "Authorization: Bearer <token>".
+    bearer_token: str | None = field(default=None, repr=False)
+    access_log: bool = True
+    log_client_ip: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    storage: StorageConfig
+    upstreams: tuple[UpstreamConfig, ...]
+    models: Mapping[str, ModelPrice]
+    limits: LimitsConfig
+    billing: BillingConfig
+    accounts: AccountsConfig
+    metrics: MetricsConfig
+    source: Path | None = None
+
+    def upstreams_for(self, model: str) -> tuple[UpstreamConfig, ...]:
+        return tuple(u for u in self.upstreams if model in u.models)
+
+
+# --- validation helpers -------------------------------------------------------
+
+
+def _fail(key: str, value: object, why: str) -> ConfigError:
+    return ConfigError(f"config error: {key} = {value!r}: {why}")
+
+
+def _table(raw: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise _fail(f"{path}{key}", value, "must be a table")
+    return value
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    for k, v in raw.items():
+        if k not in allowed:
+            allowed_list = ", ".join(sorted(allowed))
+            raise _fail(f"{path}{k}", v, f"unknown key (allowed: {allowed_list})")
+
+
+def _int(raw: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi: int) -> int:
+    v = raw.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _fail(f"{path}{key}", v, f"must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _float(raw: Mapping[str, Any], key: str, path: str, default: float, lo: float) -> float:
+    v = raw.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < lo:
+        raise _fail(f"{path}{key}", v, f"must be a number >= {lo}")
+    return float(v)
+
+
+def _str(raw: Mapping[str, Any], key: str, path: str, default: str | None) -> str | None:
+    v = raw.get(key, default)
+    if v is not None and (not isinstance(v, str) or not v):
+        raise _fail(f"{path}{key}", v, "must be a non-empty string")
+    return v
+
+
+def _bool(raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    v = raw.get(key, default)
+    if not isinstance(v, bool):
+        raise _fail(f"{path}{key}", v, "must be true or false")
+    return v
+
+
+def usd_to_nano(value: object, key: str) -> int:
+    """Exact conversion of a decimal USD string (e.g. "0.15") into nano-dollars."""
+    if not isinstance(value, str):
+        raise _fail(key, value, 'must be a decimal string such as "0.15" (floats are inexact)')
+    try:
+        d = Decimal(value)
+    except InvalidOperation:
+        raise _fail(key, value, "is not a decimal number") from None
+    if not d.is_finite() or d < 0:
+        raise _fail(key, value, "must be a finite amount >= 0")
+    nano = d * NANO_PER_USD
+    if nano != nano.to_integral_value():
+        raise _fail(key, value, "has more precision than one nano-dollar")
+    return int(nano)
+
+
+# --- sections -------------------------------------------------------------------
+
+
+def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
+    p = "server."
+    _check_keys(raw, {"host", "port", "max_body_bytes", "heartbeat_interval_s",
+                      "shutdown_timeout_s"}, p)
+    return ServerConfig(
+        host=env.get("FLINTPROXY_HOST") or _str(raw, "host", p, "127.0.0.1") or "127.0.0.1",
+        port=int(env["FLINTPROXY_PORT"]) if env.get("FLINTPROXY_PORT")
+        else _int(raw, "port", p, 8080, 0, 65535),
+        max_body_bytes=_int(raw, "max_body_bytes", p, 4 * 1024 * 1024, 1024, 1 << 30),
+        heartbeat_interval_s=_float(raw, "heartbeat_interval_s", p, 5.0, 0.01),
+        shutdown_timeout_s=_float(raw, "shutdown_timeout_s", p, 10.0, 0.0),
+    )
+
+
+def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
+    p = f"upstreams[{i}]."
+    if not isinstance(raw, Mapping):
+        raise _fail(f"upstreams[{i}]", raw, "must be a table")
+    _check_keys(raw, {"name", "base_url", "api_key_env", "models", "model_map", "weight",
+                      "priority", "connect_timeout_s", "read_timeout_s", "failure_threshold",
+                      "cooldown_s"}, p)
+    name = _str(raw, "name", p, None)
+    if name is None:
+        raise _fail(f"{p}name", None, "is required")
+    base_url = _str(raw, "base_url", p, None)
+    parts = urlsplit(base_url or "")
+    if base_url is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _fail(f"{p}base_url", base_url, "must be an http(s) URL such as http://host:port/v1")
+    models = raw.get("models")
+    if (not isinstance(models, list) or not models
+            or not all(isinstance(m, str) and m for m in models)):
+        raise _fail(f"{p}models", models, "must be a non-empty list of model names")
+    model_map = raw.get("model_map", {})
+    if not isinstance(model_map, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in model_map.items()
+    ):
+        raise _fail(f"{p}model_map", model_map, "must be a table of model = \"upstream name\"")
+    key_env = _str(raw, "api_key_env", p, None)
+    return UpstreamConfig(
+        name=name,
+        base_url=base_url.rstrip("/"),
+        models=tuple(models),
+        api_key_env=key_env,
+        api_key=env.get(key_env) if key_env else None,
+        model_map=dict(model_map),
+        weight=_int(raw, "weight", p, 1, 1, 1_000_000),
+        priority=_int(raw, "priority", p, 0, -1000, 1000),
+        connect_timeout_s=_float(raw, "connect_timeout_s", p, 5.0, 0.001),
+        read_timeout_s=_float(raw, "read_timeout_s", p, 300.0, 0.001),
+        failure_threshold=_int(raw, "failure_threshold", p, 3, 1, 1000),
+        cooldown_s=_float(raw, "cooldown_s", p, 10.0, 0.0),
+    )
+
+
+def _models(raw: Mapping[str, Any]) -> dict[str, ModelPrice]:
+    out = {}
+    for name, spec in raw.items():
+        p = f'models."{name}".'
+        if not isinstance(spec, Mapping):
+            raise _fail(f'models."{name}"', spec, "must be a table")
+        _check_keys(spec, {"input_usd_per_mtok", "output_usd_per_mtok",
+                           "cached_input_usd_per_mtok"}, p)
+        for req in ("input_usd_per_mtok", "output_usd_per_mtok"):
+            if req not in spec:
+                raise _fail(f"{p}{req}", None,
+                            "is required (a model without a price is not served)")
+        inp = usd_to_nano(spec["input_usd_per_mtok"], f"{p}input_usd_per_mtok")
+        out[name] = ModelPrice(
+            input_nano_per_mtok=inp,
+            output_nano_per_mtok=usd_to_nano(spec["output_usd_per_mtok"],
+                                             f"{p}output_usd_per_mtok"),
+            cached_input_nano_per_mtok=usd_to_nano(spec["cached_input_usd_per_mtok"],
+                                                   f"{p}cached_input_usd_per_mtok")
+            if "cached_input_usd_per_mtok" in spec else inp,
+        )
+    return out
+
+
+def _limits(raw: Mapping[str, Any]) -> LimitsConfig:
+    p = "limits."
+    _check_keys(raw, {"default_rpm", "default_tpm", "default_max_concurrent", "ip_rpm",
+                      "ip_failures_before_block", "ip_block_s", "trusted_proxies",
+                      "max_tracked"}, p)
+    proxies = raw.get("trusted_proxies", [])
+    if not isinstance(proxies, list):
+        raise _fail(f"{p}trusted_proxies", proxies, "must be a list of IPs or CIDR networks")
+    nets = []
+    for j, item in enumerate(proxies):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise _fail(f"{p}trusted_proxies[{j}]", item, "is not an IP or CIDR network") from None
+    return LimitsConfig(
+        default_rpm=_int(raw, "default_rpm", p, 600, 1, 10**9),
+        default_tpm=_int(raw, "default_tpm", p, 200_000, 1, 10**12),
+        default_max_concurrent=_int(raw, "default_max_concurrent", p, 64, 1, 10**6),
+        ip_rpm=_int(raw, "ip_rpm", p, 120, 1, 10**9),
+        ip_failures_before_block=_int(raw, "ip_failures_before_block", p, 20, 1, 10**6),
+        ip_block_s=_float(raw, "ip_block_s", p, 300.0, 0.0),
+        trusted_proxies=tuple(nets),
+        max_tracked=_int(raw, "max_tracked", p, 200_000, 100, 10**8),
+    )
+
+
+def _billing(raw: Mapping[str, Any]) -> BillingConfig:
+    p = "billing."
+    _check_keys(raw, {"default_max_tokens", "flush_interval_s", "flush_batch_rows",
+                      "max_backlog_rows", "retention_days"}, p)
+    return BillingConfig(
+        default_max_tokens=_int(raw, "default_max_tokens", p, 4096, 1, 10**7),
+        flush_interval_s=_float(raw, "flush_interval_s", p, 0.2, 0.001),
+        flush_batch_rows=_int(raw, "flush_batch_rows", p, 5000, 1, 10**7),
+        max_backlog_rows=_int(raw, "max_backlog_rows", p, 200_000, 1, 10**9),
+        retention_days=_int(raw, "retention_days", p, 90, 0, 100_000),
+    )
+
+
+def _accounts(raw: Mapping[str, Any]) -> AccountsConfig:
+    p = "accounts."
+    _check_keys(raw, {"bcrypt_cost", "session_ttl_s", "secure_cookies", "bootstrap_demo",
+                      "demo_email", "demo_credit_usd", "change_poll_s"}, p)
+    credit = raw.get("demo_credit_usd", "5.00")
+    usd_to_nano(credit, f"{p}demo_credit_usd")
+    return AccountsConfig(
+        bcrypt_cost=_int(raw, "bcrypt_cost", p, 12, 4, 31),
+        session_ttl_s=_int(raw, "session_ttl_s", p, 14 * 24 * 3600, 60, 10**9),
+        secure_cookies=_bool(raw, "secure_cookies", p, False),
+        bootstrap_demo=_bool(raw, "bootstrap_demo", p, False),
+        demo_email=_str(raw, "demo_email", p, "demo@flintproxy.local") or "",
+        demo_credit_usd=credit,
+        change_poll_s=_float(raw, "change_poll_s", p, 0.25, 0.01),
+    )
+
+
+def _metrics(raw: Mapping[str, Any], env: Mapping[str, str]) -> MetricsConfig:
+    p = "metrics."
+    _check_keys(raw, {"port", "bearer_token_env", "access_log", "log_client_ip"}, p)
+    port = raw.get("port")
+    if port is not None:
+        port = _int(raw, "port", p, 0, 0, 65535)
+    token_env = _str(raw, "bearer_token_env", p, None)
+    return MetricsConfig(
+        port=port,
+        bearer_token=env.get(token_env) if token_env else None,
+        access_log=_bool(raw, "access_log", p, True),
+        log_client_ip=_bool(raw, "log_client_ip", p, False),
+    )
+
+
+def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
+                 source: Path | None = None) -> Config:
+    """Validate a parsed TOML document (plus env overrides) into a Config."""
+    env = os.environ if env is None else env
+    _check_keys(raw, {"server", "storage", "upstreams", "models", "limits", "billing",
+                      "accounts", "metrics"}, "")
+    storage_raw = _table(raw, "storage", "")
+    _check_keys(storage_raw, {"path"}, "storage.")
+    storage_path = env.get("FLINTPROXY_DB") or _str(storage_raw, "path", "storage.",
+                                                    "var/flintproxy.db")
+    ups_raw = raw.get("upstreams", [])
+    if not isinstance(ups_raw, list) or not ups_raw:
+        raise _fail("upstreams", ups_raw, "at least one [[upstreams]] table is required")
+    upstreams = tuple(_upstream(u, i, env) for i, u in enumerate(ups_raw))
+    names = [u.name for u in upstreams]
+    for n in names:
+        if names.count(n) > 1:
+            raise _fail("upstreams[].name", n, "upstream names must be unique")
+    models = _models(_table(raw, "models", ""))
+    for i, u in enumerate(upstreams):
+        for m in u.models:
+            if m not in models:
+                raise _fail(f"upstreams[{i}].models", m,
+                            f'has no price: add [models."{m}"] (a model without a price '
+                            "is not served)")
+    return Config(
+        server=_server(_table(raw, "server", ""), env),
+        storage=StorageConfig(path=Path(storage_path or "var/flintproxy.db")),
+        upstreams=upstreams,
+        models=models,
+        limits=_limits(_table(raw, "limits", "")),
+        billing=_billing(_table(raw, "billing", "")),
+        accounts=_accounts(_table(raw, "accounts", "")),
+        metrics=_metrics(_table(raw, "metrics", ""), env),
+        source=source,
+    )
+
+
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the TOML file at ``path`` (default config/flintproxy.toml)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config error: file {str(path)!r} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error: {path}: invalid TOML: {exc}") from None
+    return build_config(raw, env, source=path)

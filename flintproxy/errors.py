@@ -1,0 +1,161 @@
+"""The exception tree; every error a client can see is one of these.
+
+    FlintError                      (status, type, code; rendered OpenAI-shaped)
+    ├── BadRequest                  400 invalid_request_error
+    │   ├── InvalidJSON             400 code=invalid_json
+    │   ├── PayloadTooLarge         413 code=payload_too_large
+    │   └── UnsupportedMediaType    415 code=unsupported_media_type
+    ├── AuthenticationError         401 invalid_api_key / invalid_credentials
+    ├── InsufficientQuota           402 insufficient_quota
+    ├── PermissionDenied            403 (disabled account, model not allowed, CSRF)
+    ├── NotFound                    404 (unknown model, path)
+    │   └── ModelNotFound           404 code=model_not_found
+    ├── MethodNotAllowed            405
+    ├── Conflict                    409
+    ├── RateLimited                 429 rate_limit_exceeded (+ Retry-After)
+    ├── ServiceUnavailable          503 (not ready, usage backlog full)
+    └── UpstreamError               502 upstream_error
+        └── UpstreamTimeout         504 upstream_timeout
+
+Third-party exceptions (aiohttp client errors, timeouts) are converted into
+UpstreamError/UpstreamTimeout in one place, ``relay.upstream_failure``; the
+``errors_middleware`` in ``app`` renders every FlintError and aiohttp HTTPException.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class FlintError(Exception):
+    """Base of every client-visible error; carries the OpenAI error fields."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+    def sse_event(self) -> bytes:
+        """The error as a final SSE event, for a stream that already started."""
+        return b"data: " + self.body() + b"\n\n"
+
+
+class BadRequest(FlintError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class AuthenticationError(FlintError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class InsufficientQuota(FlintError):
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class PermissionDenied(FlintError):
+    status = 403
+    type = "permission_denied"
+    code = "permission_denied"
+
+
+class NotFound(FlintError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(FlintError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class Conflict(FlintError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class RateLimited(FlintError):
+    """Our own limit was hit; ``code`` names which (requests, tokens, concurrency)."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        hdrs = dict(headers or {})
+        # Retry-After is whole seconds, never 0 for a real wait (RFC 9110 §10.2.3).
+        hdrs["Retry-After"] = str(max(1, int(retry_after_s + 0.999)))
+        super().__init__(message, code=code, headers=hdrs)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailable(FlintError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class UpstreamError(FlintError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"

@@ -1,0 +1,481 @@
+"""In-memory rate limits and abuse protection: no I/O, no awaits, O(1) per call.
+
+Every bucket is GCRA, the one-float form of a token bucket: ``tat`` (theoretical
+arrival time) minus ``now`` is how much of the burst is in use, in seconds, and
+each unit costs ``iv`` seconds (60 / limit-per-minute). Refill is implicit, so
+there are no timers or tasks; a bucket whose ``tat`` is past is full.
+
+Tables are LRU-bounded OrderedDicts of at most ``cfg.max_tracked`` entries each,
+so a flood of distinct keys, emails or IPs cannot grow memory without limit.
+Source IPs live only here: never logged, never persisted (contract promise 4).
+Not thread-safe: call from the event loop thread only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+from flintproxy.config import LimitsConfig
+from flintproxy.errors import RateLimited
+from flintproxy.gate import Principal
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+_TOL = 1e-6  # in units: float noise must never turn an exact fit into a 429
+_UNLIMITED = sys.maxsize
+# IpGuard: failures allowed before any backoff, then 1 s, 2 s, 4 s... per failure.
+_IP_FREE_FAILURES = 3
+# Per-account login backoff has no hard block and a low cap: a stranger could
+# otherwise lock a user out of their own account.
+_LOGIN_FREE_FAILURES = 5
+_LOGIN_BACKOFF_CAP_S = 60.0
+
+# Formatting costs ~0.7 µs and the same few thousand values recur on a busy server.
+_RESETS: dict[int, str] = {}
+
+
+def format_reset(seconds: float) -> str:
+    """A duration as OpenAI's headers write it: "12ms", "1s", "8.64s", "6m0s", "1h2m3s"."""
+    ms = int(seconds * 1000.0 + 0.999) if seconds > 0 else 0  # ceil, forgiving float noise
+    text = _RESETS.get(ms)
+    if text is not None:
+        return text
+    if len(_RESETS) >= 8192:  # bounded; refills with whatever is current
+        _RESETS.clear()
+    h, rest = divmod(ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    s, frac = divmod(rest, 1000)
+    sec = f"{s}.{frac:03d}".rstrip("0") if frac else str(s)
+    if ms < 1000:
+        text = f"{ms}ms" if ms else "0s"
+    else:
+        text = f"{h}h{m}m{sec}s" if h else f"{m}m{sec}s" if m else f"{sec}s"
+    _RESETS[ms] = text
+    return text
+
+
+def _touch(table: OrderedDict[_K, _V], k: _K, new: Callable[[], _V], cap: int,
+           keep: Callable[[_V], bool]) -> _V:
+    """Get-or-create ``k`` as most recently used, evicting the least recently used."""
+    v = table.get(k)
+    if v is not None:
+        table.move_to_end(k)
+        return v
+    v = table[k] = new()
+    if len(table) > cap:
+        # A few tries spare busy/blocked entries; bounded so eviction stays O(1)
+        # (the table may then exceed its cap by one).
+        for _ in range(4):
+            old_k, old = table.popitem(last=False)
+            if not keep(old):
+                break
+            table[old_k] = old
+    return v
+
+
+class AccountLimits(NamedTuple):
+    """Account-wide overrides (None: no account-wide limit on that dimension)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+class _State:
+    """The RPM and TPM buckets and in-flight count of one key or account."""
+
+    __slots__ = ("acct", "busy", "conc", "kconc", "krpm", "ktpm", "rburst", "riv", "rlim",
+                 "rtat", "tburst", "tiv", "tlim", "ttat")
+
+    def __init__(self) -> None:
+        self.rtat = self.ttat = self.riv = self.tiv = self.rburst = self.tburst = 0.0
+        self.rlim = self.tlim = self.busy = 0  # lim 0: unlimited (account without override)
+        self.conc = _UNLIMITED
+        # The inputs the limits were derived from, to notice changes cheaply.
+        self.krpm: int | None = -1
+        self.ktpm: int | None = -1
+        self.kconc: int | None = -1
+        self.acct: AccountLimits | None = None
+
+    def tune(self, rpm: int | None, tpm: int | None, conc: int | None, now: float) -> None:
+        self.rtat, self.riv, self.rburst, self.rlim = _retime(self.rtat, self.riv, rpm, now)
+        self.ttat, self.tiv, self.tburst, self.tlim = _retime(self.ttat, self.tiv, tpm, now)
+        self.conc = _UNLIMITED if conc is None else max(1, conc)
+
+
+def _retime(tat: float, iv: float, limit: int | None,
+            now: float) -> tuple[float, float, float, int]:
+    if limit is None:
+        return 0.0, 0.0, _TOL, 0
+    limit = max(1, limit)
+    new_iv = 60.0 / limit
+    # A limit change keeps the units in use, not the seconds.
+    used = (tat - now) / iv if iv and tat > now else 0.0
+    return now + used * new_iv if used else tat, new_iv, (limit + _TOL) * new_iv, limit
+
+
+def _first(*values: int | None) -> int | None:
+    return next((v for v in values if v is not None), None)
+
+
+def _busy(st: _State) -> bool:
+    return st.busy > 0
+
+
+class Ticket:
+    """What one admitted request holds until ``Limiter.release``."""
+
+    __slots__ = ("acct", "done", "key", "tokens")
+
+    def __init__(self, key: _State, acct: _State | None, tokens: int) -> None:
+        self.key = key
+        self.acct = acct
+        self.tokens = tokens  # the TPM reservation
+        self.done = False
+
+
+class Limiter:
+    """Per-key (and per-account) RPM, TPM and concurrency limits.
+
+    A key's limits: ``Principal.rpm/tpm/max_concurrent``, else its account's override
+    (``set_account_limits``), else ``cfg.default_*``. An account with overrides also
+    gets account-wide buckets, shared by all its keys, on the dimensions it sets.
+    """
+
+    def __init__(self, cfg: LimitsConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._cfg = cfg
+        self._clock = clock
+        self._max = cfg.max_tracked
+        self._keys: OrderedDict[int, _State] = OrderedDict()
+        self._accts: OrderedDict[int, _State] = OrderedDict()
+        self._acct_limits: dict[int, AccountLimits] = {}
+
+    def set_account_limits(self, account_id: int, rpm: int | None = None,
+                           tpm: int | None = None, max_concurrent: int | None = None) -> None:
+        """Set (all None: clear) an account's overrides; applies from its next request."""
+        new = AccountLimits(rpm, tpm, max_concurrent)
+        if new == AccountLimits():
+            self._acct_limits.pop(account_id, None)
+        elif self._acct_limits.get(account_id) != new:  # unchanged: keep it, skip retuning
+            self._acct_limits[account_id] = new
+
+    def tracked(self) -> int:
+        return len(self._keys) + len(self._accts)
+
+    def acquire(self, principal: Principal, tokens: int) -> Ticket:
+        """Admit one request reserving ``tokens`` (prompt estimate + max tokens), or raise.
+
+        Checks key RPM, TPM and concurrency, then the account's when it has
+        overrides; consumes nothing unless every check passes.
+        """
+        now = self._clock()
+        kid = principal.key_id
+        al = self._acct_limits.get(principal.account_id)
+        keys = self._keys
+        st = keys.get(kid)  # _touch inlined: this is the hot path
+        if st is None:
+            st = _touch(keys, kid, _State, self._max, _busy)
+        else:
+            keys.move_to_end(kid)
+        if (st.krpm != principal.rpm or st.ktpm != principal.tpm
+                or st.kconc != principal.max_concurrent or st.acct is not al):
+            self._tune_key(st, principal, al, now)
+        if tokens < 0:
+            tokens = 0
+        rt = (st.rtat if st.rtat > now else now) + st.riv
+        tt = (st.ttat if st.ttat > now else now) + tokens * st.tiv
+        if rt - now > st.rburst or tt - now > st.tburst or st.busy >= st.conc:
+            self._deny(st, None, tokens, now, "")
+        ast = None
+        if al is not None:
+            ast = _touch(self._accts, principal.account_id, _State, self._max, _busy)
+            if ast.acct is not al:
+                ast.tune(al.rpm, al.tpm, al.max_concurrent, now)
+                ast.acct = al
+            art = (ast.rtat if ast.rtat > now else now) + ast.riv
+            att = (ast.ttat if ast.ttat > now else now) + tokens * ast.tiv
+            if art - now > ast.rburst or att - now > ast.tburst or ast.busy >= ast.conc:
+                self._deny(ast, st, tokens, now, " on this account")
+            ast.rtat, ast.ttat = art, att
+            ast.busy += 1
+        st.rtat, st.ttat = rt, tt
+        st.busy += 1
+        return Ticket(st, ast, tokens)
+
+    def release(self, ticket: Ticket, actual_tokens: int) -> None:
+        """Free the concurrency slot and true up TPM to ``actual_tokens``; idempotent."""
+        if ticket.done:
+            return
+        ticket.done = True
+        diff = max(0, actual_tokens) - ticket.tokens
+        now = self._clock() if diff > 0 else 0.0
+        for st in (ticket.key, ticket.acct):
+            if st is None:
+                continue
+            st.busy -= 1
+            if diff > 0:  # charged from now if the bucket refilled meanwhile
+                st.ttat = (st.ttat if st.ttat > now else now) + diff * st.tiv
+            elif diff:  # a refund can at most refill the bucket (tat <= now is full)
+                st.ttat += diff * st.tiv
+
+    def headers(self, ticket: Ticket) -> dict[str, str]:
+        """The six x-ratelimit-* headers, each trio from the tighter of key and account."""
+        return _headers(ticket.key, ticket.acct, self._clock())
+
+    def _tune_key(self, st: _State, p: Principal, al: AccountLimits | None, now: float) -> None:
+        cfg, a = self._cfg, al or AccountLimits()
+        st.tune(_first(p.rpm, a.rpm, cfg.default_rpm), _first(p.tpm, a.tpm, cfg.default_tpm),
+                _first(p.max_concurrent, a.max_concurrent, cfg.default_max_concurrent), now)
+        st.krpm, st.ktpm, st.kconc, st.acct = p.rpm, p.tpm, p.max_concurrent, al
+
+    def _deny(self, st: _State, key: _State | None, tokens: int, now: float, scope: str) -> None:
+        hdrs = _headers(key or st, st if key else None, now)
+        # Same expressions as in acquire, so float rounding cannot pick another cause.
+        rt = (st.rtat if st.rtat > now else now) + st.riv
+        tt = (st.ttat if st.ttat > now else now) + tokens * st.tiv
+        if rt - now > st.rburst:
+            what, lim, used, asked = "requests", st.rlim, round((rt - now) / st.riv) - 1, 1
+            wait = rt - now - lim * st.riv
+        elif tt - now > st.tburst:
+            if tokens > st.tlim:  # can never fit: OpenAI's "Request too large"
+                raise RateLimited(
+                    f"Request too large for tokens per min (TPM){scope}: Limit {st.tlim}, "
+                    f"Requested {tokens}. The input or output tokens must be reduced in "
+                    "order to run successfully.", retry_after_s=60.0, code="rate_limit_tokens",
+                    headers=hdrs)
+            what, lim, used, asked = "tokens", st.tlim, round((tt - now) / st.tiv) - tokens, tokens
+            wait = tt - now - lim * st.tiv
+        else:
+            raise RateLimited(
+                f"Too many concurrent requests{scope}: Limit {st.conc}, In flight {st.busy}. "
+                "Please try again when one completes.",
+                retry_after_s=1.0, code="rate_limit_concurrency", headers=hdrs)
+        unit = "requests per min (RPM)" if what == "requests" else "tokens per min (TPM)"
+        raise RateLimited(
+            f"Rate limit reached for {unit}{scope}: Limit {lim}, Used {used}, Requested {asked}. "
+            f"Please try again in {format_reset(wait)}.",
+            retry_after_s=wait, code="rate_limit_" + what, headers=hdrs)
+
+
+def _headers(key: _State, acct: _State | None, now: float) -> dict[str, str]:
+    # Written out flat: this runs for every successful response.
+    rl, rs = key.rlim, key.rtat - now
+    rr = int(rl - rs / key.riv + _TOL) if rs > 0 else rl
+    tl, ts = key.tlim, key.ttat - now
+    tr = int(tl - ts / key.tiv + _TOL) if ts > 0 else tl
+    if acct is not None:
+        if acct.rlim:
+            ars = acct.rtat - now
+            arr = int(acct.rlim - ars / acct.riv + _TOL) if ars > 0 else acct.rlim
+            if arr < rr:
+                rl, rr, rs = acct.rlim, arr, ars
+        if acct.tlim:
+            ats = acct.ttat - now
+            atr = int(acct.tlim - ats / acct.tiv + _TOL) if ats > 0 else acct.tlim
+            if atr < tr:
+                tl, tr, ts = acct.tlim, atr, ats
+    return {
+        "x-ratelimit-limit-requests": str(rl),
+        "x-ratelimit-remaining-requests": str(rr) if rr > 0 else "0",
+        "x-ratelimit-reset-requests": format_reset(rs),
+        "x-ratelimit-limit-tokens": str(tl),
+        "x-ratelimit-remaining-tokens": str(tr) if tr > 0 else "0",
+        "x-ratelimit-reset-tokens": format_reset(ts),
+    }
+
+
+# --- source IPs and logins ------------------------------------------------------
+
+
+class _Guarded:
+    """One IP (or login account): its request bucket and its failure record."""
+
+    __slots__ = ("fails", "tat", "until")
+
+    def __init__(self) -> None:
+        self.tat = 0.0
+        self.fails = 0
+        self.until = 0.0  # refused until then (backoff or block); forgotten block_s later
+
+
+class IpGuard:
+    """Unauthenticated / failed-auth traffic per source IP, and login throttling per account.
+
+    IPv6 clients are tracked per /64 (one subscriber's usual allocation), so one
+    host cannot dodge its bucket or its block by rotating addresses.
+    """
+
+    def __init__(self, cfg: LimitsConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._max = cfg.max_tracked
+        self._iv = 60.0 / cfg.ip_rpm
+        self._burst = (cfg.ip_rpm + _TOL) * self._iv
+        self._threshold = cfg.ip_failures_before_block
+        self._block_s = cfg.ip_block_s
+        self._ips: OrderedDict[str, _Guarded] = OrderedDict()
+        self._logins: OrderedDict[str, _Guarded] = OrderedDict()
+
+    def tracked(self) -> int:
+        return len(self._ips) + len(self._logins)
+
+    def check(self, ip: str) -> None:
+        """Count one unauthenticated request from ``ip``; raise if blocked or over ip_rpm."""
+        now = self._clock()
+        g = self._get(self._ips, _ip_key(ip), now)
+        if g.until > now:
+            _refuse_ip(g.until - now)
+        t = (g.tat if g.tat > now else now) + self._iv
+        if t - now > self._burst:
+            wait = t - now - self._burst
+            raise RateLimited(
+                "Too many unauthenticated requests from your address. Please try again in "
+                f"{format_reset(wait)}.", retry_after_s=wait, code="rate_limit_ip")
+        g.tat = t
+
+    def check_blocked(self, ip: str) -> None:
+        """Raise if ``ip`` is in backoff or blocked; consumes nothing, creates nothing."""
+        g = self._ips.get(_ip_key(ip))
+        if g is not None and g.until:
+            now = self._clock()
+            if g.until > now:
+                _refuse_ip(g.until - now)
+
+    def failure(self, ip: str) -> None:
+        """A failed auth or login from ``ip``: escalating backoff, then a block."""
+        now = self._clock()
+        g = self._get(self._ips, _ip_key(ip), now)
+        n = _record_failure(g, now, self._block_s)
+        if n >= self._threshold:
+            g.until = now + self._block_s
+        elif n > _IP_FREE_FAILURES:
+            g.until = now + min(2.0 ** (n - _IP_FREE_FAILURES - 1), self._block_s)
+
+    def success(self, ip: str) -> None:
+        """Forget ``ip``'s failures (call after a successful login, not per request)."""
+        g = self._ips.get(_ip_key(ip))
+        if g is not None:
+            g.fails, g.until = 0, 0.0
+
+    def check_login(self, account: str) -> None:
+        """Raise if logins to ``account`` (its normalised email) are in backoff."""
+        g = self._logins.get(account)
+        if g is not None and g.until:
+            wait = g.until - self._clock()
+            if wait > 0:
+                raise RateLimited(
+                    "Too many failed login attempts for this account. Please try again in "
+                    f"{format_reset(wait)}.", retry_after_s=wait, code="too_many_login_attempts")
+
+    def login_failure(self, account: str) -> None:
+        now = self._clock()
+        g = self._get(self._logins, account, now)
+        n = _record_failure(g, now, self._block_s)
+        if n > _LOGIN_FREE_FAILURES:
+            g.until = now + min(2.0 ** (n - _LOGIN_FREE_FAILURES - 1), _LOGIN_BACKOFF_CAP_S)
+
+    def login_success(self, account: str) -> None:
+        self._logins.pop(account, None)
+
+    def _get(self, table: OrderedDict[str, _Guarded], k: str, now: float) -> _Guarded:
+        g = table.get(k)
+        if g is None:
+            return _touch(table, k, _Guarded, self._max, lambda g: g.until > now)
+        table.move_to_end(k)
+        return g
+
+
+def _record_failure(g: _Guarded, now: float, forget_s: float) -> int:
+    if g.fails and now >= g.until + forget_s:
+        g.fails = 0  # quiet long enough since the last failure or block: start over
+    g.fails += 1
+    g.until = now
+    return g.fails
+
+
+def _refuse_ip(wait: float) -> None:
+    raise RateLimited(
+        "Too many failed authentication attempts from your address. Please try again in "
+        f"{format_reset(wait)}.", retry_after_s=wait, code="too_many_failed_attempts")
+
+
+def _ip_key(ip: str) -> str:
+    if ":" not in ip:
+        return ip
+    try:
+        a = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if a.ipv4_mapped is not None:
+        return str(a.ipv4_mapped)
+    return f"{int(a) >> 64:x}::/64"
+
+
+# --- client address --------------------------------------------------------------
+
+
+def _addr(text: str) -> IPAddress | None:
+    text = text.strip()
+    if text.startswith("["):  # "[v6]:port"
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # "v4:port"
+        text = text.partition(":")[0]
+    try:
+        a = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+    return (a.ipv4_mapped or a) if isinstance(a, ipaddress.IPv6Address) else a
+
+
+# id(trusted) -> (trusted, {text: (canonical address or None if garbled, trusted?)}).
+# Peers and proxy hops are mostly the same few addresses and parsing costs ~2 µs;
+# keyed by identity because hashing network objects is slow too. Memory only.
+_SEEN: dict[int, tuple[tuple[Network, ...], dict[str, tuple[str | None, bool]]]] = {}
+
+
+def _classify(text: str, trusted: tuple[Network, ...]) -> tuple[str | None, bool]:
+    entry = _SEEN.get(id(trusted))
+    if entry is None or entry[0] is not trusted:
+        if len(_SEEN) >= 8:
+            _SEEN.clear()
+        entry = _SEEN[id(trusted)] = (trusted, {})
+    known = entry[1]
+    hit = known.get(text)
+    if hit is None:
+        if len(known) >= 4096:
+            known.clear()
+        a = _addr(text)
+        hit = known[text] = (None, False) if a is None else (
+            str(a), any(a.version == n.version and a in n for n in trusted))
+    return hit
+
+
+def client_ip(peer: str | None, forwarded_for: str | None,
+              trusted: tuple[Network, ...]) -> str:
+    """The client address: the socket peer or, when the peer is a trusted proxy, the
+    right-most X-Forwarded-For entry that is not itself a trusted proxy.
+
+    Join repeated X-Forwarded-For headers with "," first. Entries left of the first
+    untrusted one are client-supplied and ignored, so they cannot spoof anything.
+    """
+    if peer is None:  # e.g. a unix socket
+        return "unknown"
+    if not trusted or not forwarded_for or not _classify(peer, trusted)[1]:
+        return peer
+    hop = peer
+    for entry in reversed(forwarded_for.split(",")):
+        addr, is_proxy = _classify(entry, trusted)
+        if addr is None:  # garbled: stop at the last hop we can vouch for
+            return hop
+        hop = addr
+        if not is_proxy:
+            return hop
+    return hop  # every hop is a trusted proxy: the left-most is the origin

@@ -1,0 +1,168 @@
+"""Server-sent events on the hot path: frame, scan for usage, strip, estimate.
+
+The relay forwards the upstream's bytes untouched. To find usage without parsing
+every chunk's JSON we search each block for ``"usage":{`` (a C-speed regex scan):
+inside JSON string values a quote is always escaped, so an unescaped
+``"usage":{`` can only be the key of a usage object, which appears once, in the
+final usage chunk (``"usage":null`` on the other chunks does not match). Only the
+event that matches is parsed.
+
+Blocks are forwarded on SSE event boundaries: a trailing partial event is held
+until its terminating blank line arrives, because a client cannot act on half an
+event anyway, and because stripping the usage-only chunk needs whole events.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import orjson
+
+USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
+# A held partial event larger than this means the stream is not SSE as we know it;
+# stop framing and pass bytes through rather than buffer without bound.
+MAX_PENDING = 1 << 20
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def usage_from_dict(obj: object) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    prompt_details = obj.get("prompt_tokens_details")
+    completion_details = obj.get("completion_tokens_details")
+    return Usage(
+        prompt_tokens=_int(obj.get("prompt_tokens")),
+        completion_tokens=_int(obj.get("completion_tokens")),
+        cached_tokens=_int(prompt_details.get("cached_tokens"))
+        if isinstance(prompt_details, dict) else 0,
+        reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict) else 0,
+    )
+
+
+def _object_end(buf: bytes, start: int) -> int:
+    """Index just past the JSON object that opens at ``buf[start]``, or -1."""
+    depth = 0
+    in_string = False
+    escaped = False
+    for i in range(start, len(buf)):
+        c = buf[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B:  # {
+            depth += 1
+        elif c == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return -1
+
+
+def extract_usage(body: bytes) -> Usage | None:
+    """Usage from a complete JSON response body, parsing only the usage object."""
+    match = None
+    for match in USAGE_RE.finditer(body):  # noqa: B007 - we want the last match
+        pass
+    if match is None:
+        return None
+    start = match.end() - 1
+    end = _object_end(body, start)
+    if end < 0:
+        return None
+    try:
+        return usage_from_dict(orjson.loads(body[start:end]))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _event_data(event: bytes) -> bytes:
+    """The payload of an SSE event (its data lines joined), for the rare parse."""
+    lines = event.replace(b"\r\n", b"\n").split(b"\n")
+    data = [ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:")]
+    return b"\n".join(data)
+
+
+class StreamScanner:
+    """Per-stream state: framing, usage, and a count of events relayed."""
+
+    __slots__ = ("events", "passthrough", "pending", "strip_usage", "usage")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self.strip_usage = strip_usage
+        self.pending = b""
+        self.usage: Usage | None = None
+        self.events = 0  # data events forwarded, the basis of the token estimate
+        self.passthrough = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Take an upstream block; return the bytes to forward now (maybe empty)."""
+        if self.passthrough:
+            return data
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        if data.endswith(b"\n\n"):
+            complete = data
+        else:
+            cut = data.rfind(b"\n\n")
+            if cut < 0:
+                if len(data) > MAX_PENDING:
+                    self.passthrough = True
+                    return data
+                self.pending = data
+                return b""
+            complete, self.pending = data[: cut + 2], data[cut + 2 :]
+        self.events += complete.count(b"data:")
+        if USAGE_RE.search(complete) is None:
+            return complete
+        return self._take_usage(complete)
+
+    def _take_usage(self, complete: bytes) -> bytes:
+        # Slow path, normally once per stream: parse only the events holding usage.
+        kept = []
+        for event in complete.split(b"\n\n"):
+            if not event:
+                continue
+            if USAGE_RE.search(event) is not None:
+                try:
+                    obj = orjson.loads(_event_data(event))
+                except orjson.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict):
+                    usage = usage_from_dict(obj.get("usage"))
+                    if usage is not None:
+                        self.usage = usage
+                    if self.strip_usage and obj.get("choices") == []:
+                        self.events -= 1
+                        continue
+            kept.append(event)
+        return b"".join(e + b"\n\n" for e in kept)
+
+    def flush(self) -> bytes:
+        """Whatever partial event is still held when the upstream ends cleanly."""
+        rest, self.pending = self.pending, b""
+        return rest
+
+    def estimated_completion_tokens(self) -> int:
+        # One content delta is about one token in OpenAI-style streams; the role
+        # chunk and [DONE] make this a slight overestimate, never zero after output.
+        return self.events

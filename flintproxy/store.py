@@ -1,0 +1,162 @@
+"""The embedded SQLite store: connections (WAL, foreign keys) and schema migrations.
+
+Migrations are numbered SQL scripts applied in order at start, each in its own
+transaction, and recorded in ``schema_version``; add new ones at the end of
+``MIGRATIONS`` and never edit a released one. No ORM: repositories (accounts,
+billing, usage) write their SQL against the connection this module opens.
+
+Times are integer unix milliseconds; money is integer nano-dollars.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import aiosqlite
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: accounts, keys, sessions, credits, usage, change events
+    """
+    CREATE TABLE accounts (
+        id              INTEGER PRIMARY KEY,
+        email           TEXT UNIQUE,          -- NULL once the account is deleted
+        password_hash   TEXT,                 -- bcrypt; NULL once deleted / never set
+        status          TEXT NOT NULL DEFAULT 'active'
+                        CHECK (status IN ('active', 'disabled', 'deleted')),
+        created_at      INTEGER NOT NULL,
+        deleted_at      INTEGER,
+        credited_nano   INTEGER NOT NULL DEFAULT 0,   -- all credits ever
+        charged_nano    INTEGER NOT NULL DEFAULT 0,   -- all usage ever charged
+        balance_nano    INTEGER NOT NULL DEFAULT 0,   -- credited - charged, kept in step
+        rpm             INTEGER,
+        tpm             INTEGER,
+        max_concurrent  INTEGER,
+        CHECK (balance_nano = credited_nano - charged_nano)
+    );
+    CREATE TABLE credits (
+        id          INTEGER PRIMARY KEY,
+        account_id  INTEGER NOT NULL REFERENCES accounts(id),
+        amount_nano INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id              INTEGER PRIMARY KEY,
+        account_id      INTEGER NOT NULL REFERENCES accounts(id),
+        key_hash        BLOB NOT NULL UNIQUE,  -- SHA-256 of the plaintext key
+        prefix          TEXT NOT NULL,
+        last4           TEXT NOT NULL,
+        name            TEXT NOT NULL DEFAULT '',
+        created_at      INTEGER NOT NULL,
+        last_used_at    INTEGER,
+        expires_at      INTEGER,
+        revoked_at      INTEGER,
+        allowed_models  TEXT,                  -- JSON list, NULL = all models
+        rpm             INTEGER,
+        tpm             INTEGER,
+        max_concurrent  INTEGER
+    );
+    CREATE INDEX api_keys_account ON api_keys(account_id);
+    CREATE TABLE sessions (
+        token_hash  BLOB PRIMARY KEY,          -- SHA-256 of the cookie value
+        account_id  INTEGER NOT NULL REFERENCES accounts(id),
+        csrf_token  TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL
+    );
+    CREATE INDEX sessions_account ON sessions(account_id);
+    CREATE TABLE usage (
+        id                INTEGER PRIMARY KEY,
+        request_id        TEXT NOT NULL UNIQUE,
+        account_id        INTEGER NOT NULL,
+        key_id            INTEGER,
+        model             TEXT NOT NULL,
+        upstream          TEXT,
+        prompt_tokens     INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cached_tokens     INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens  INTEGER NOT NULL DEFAULT 0,
+        estimated         INTEGER NOT NULL DEFAULT 0,  -- 1: counts estimated (disconnect)
+        cost_nano         INTEGER NOT NULL,
+        status            INTEGER NOT NULL,
+        outcome           TEXT NOT NULL,               -- ok | client_disconnect | upstream_error
+        stream            INTEGER NOT NULL,
+        started_at        INTEGER NOT NULL,
+        duration_ms       INTEGER NOT NULL,
+        ttfb_ms           INTEGER
+    );
+    CREATE INDEX usage_account_time ON usage(account_id, started_at);
+    -- Changes another process must see at once (revocations, disables, credits).
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind        TEXT NOT NULL,
+        account_id  INTEGER,
+        key_id      INTEGER,
+        created_at  INTEGER NOT NULL
+    );
+    """,
+)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def connect(path: Path) -> aiosqlite.Connection:
+    """Open a connection with the pragmas every flintproxy connection uses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across process crashes in WAL mode; only an OS crash
+        # can lose the last transactions.
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+async def migrate(db: aiosqlite.Connection) -> int:
+    """Apply pending migrations; return the schema version reached."""
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version"
+        " (version INTEGER PRIMARY KEY, applied_at INTEGER)"
+    )
+    async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    for version, script in enumerate(MIGRATIONS, start=1):
+        if version <= current:
+            continue
+        # executescript() would COMMIT on its own; run the statements inside one
+        # explicit transaction so a failed migration leaves nothing behind.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(script):
+                await db.execute(statement)
+            await db.execute("INSERT INTO schema_version VALUES (?, ?)", (version, now_ms()))
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        current = version
+    return current
+
+
+def _split_sql(script: str) -> list[str]:
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+async def open_store(path: Path) -> aiosqlite.Connection:
+    """Connect and bring the schema up to date."""
+    db = await connect(path)
+    try:
+        await migrate(db)
+    except BaseException:
+        await db.close()
+        raise
+    return db

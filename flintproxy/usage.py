@@ -1,0 +1,521 @@
+"""The usage ledger: one row per finished request, written in batches off the hot path.
+
+``UsageWriter.record`` appends a row to an in-memory queue and returns; a
+background task commits the queue in batches (``billing.flush_batch_rows`` rows,
+or whatever is queued once the oldest row is ``billing.flush_interval_s`` old).
+Each batch is ONE transaction on the writer's own connection that inserts the
+rows and debits ``accounts.charged_nano`` / ``balance_nano`` by the cost of the
+rows it inserted, so the stored balance always equals credits minus charges and,
+while no user deleted rows, ``charged_nano`` equals the sum of the rows' costs.
+
+No double charge, no lost charge. A batch leaves the queue for ``_inflight``
+before its transaction and is dropped only after COMMIT succeeded; a failed
+transaction is rolled back and retried as it was. Nothing is replayed across a
+restart (the queue is memory only), so a crash can lose rows (see below) but
+never apply one twice. Request ids are not trusted to be unique (clients may
+choose them): a row whose id is already in the ledger is stored with a suffix
+(``<id>~<hex>``) instead of being dropped, and the batch's debits are applied
+only after every one of its rows is verified inserted.
+
+Loss window. On SIGKILL (or power loss) the rows still in memory are lost,
+together with their charges: normally those of the last flush interval
+(200 ms by default) plus the batch being committed; while the disk is failing,
+the whole backlog. A graceful shutdown (SIGTERM/SIGINT) drains the queue.
+
+Disk faults. A failing transaction (read-only file, disk full, locked, I/O
+error) is retried with exponential backoff (50 ms doubling to 5 s) and nothing is
+dropped; ``stalled``/``ready()`` report it (/readyz unready), ``backlog`` shows
+the queue. /v1 keeps serving while the backlog is below
+``billing.max_backlog_rows`` (balances stay exact in memory meanwhile), then
+``overloaded()`` is true and the gate refuses new requests with 503 until the
+rows land. If a drain at shutdown cannot finish, every unwritten row is logged
+at ERROR as JSON (counts and costs only), so no charge disappears silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import NamedTuple
+
+import aiosqlite
+import orjson
+from aiohttp import web
+
+from flintproxy import store
+from flintproxy.billing import Billing
+from flintproxy.config import BillingConfig
+from flintproxy.errors import ServiceUnavailable
+from flintproxy.gate import Admission, Outcome
+
+log = logging.getLogger("flintproxy.usage")
+
+MIN_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 5.0
+# A single flush running longer than this marks the writer stalled (slow disk).
+STALL_S = 5.0
+PURGE_CHUNK = 5000
+DAY_MS = 86_400_000
+WRITER_WAL_AUTOCHECKPOINT_PAGES = 10_000
+
+
+class UsageRow(NamedTuple):
+    """One finished request, in the column order of the ``usage`` table."""
+
+    request_id: str
+    account_id: int
+    key_id: int | None
+    model: str
+    upstream: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    estimated: int  # 0/1 (ints bind faster than bools)
+    cost_nano: int
+    status: int
+    outcome: str
+    stream: int  # 0/1
+    started_at: int  # unix ms
+    duration_ms: int
+    ttfb_ms: int | None
+
+
+_COLS = ", ".join(UsageRow._fields)
+_MARKS = ", ".join("?" * len(UsageRow._fields))
+INSERT_SQL = f"INSERT OR IGNORE INTO usage ({_COLS}) VALUES ({_MARKS})"  # noqa: S608
+# Debits as one UPDATE per chunk of (account_id, amount) pairs; the balances it
+# returns are read inside the batch's transaction, i.e. exactly as committed.
+DEBIT_PAIRS_PER_STATEMENT = 5000
+
+
+def _debit_sql(pairs: int) -> str:
+    # Only "?" placeholders are interpolated.
+    values = ", ".join(["(?, ?)"] * pairs)
+    return ("UPDATE accounts SET charged_nano = charged_nano + d.amount, "  # noqa: S608
+            "balance_nano = balance_nano - d.amount "
+            "FROM (SELECT column1 AS account_id, column2 AS amount "
+            f"FROM (VALUES {values})) AS d WHERE accounts.id = d.account_id "
+            "RETURNING accounts.id, accounts.balance_nano")
+
+
+def new_request_id() -> str:
+    """A server-made ledger id: ``req_`` + 12 hex digits of unix ms + 12 random hex digits.
+
+    Time-ordered ids are appended to the end of the ``request_id`` UNIQUE index
+    instead of landing on random pages: with random ids the writer's rate falls as
+    the table grows (about 40k rows/s at 500k rows here, against 75k+ ordered).
+    """
+    return f"req_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+def usage_row(admission: Admission, outcome: Outcome, cost_nano: int) -> UsageRow:
+    """The usage row of a finished request (no content, no IP)."""
+    call = admission.call
+    return UsageRow(
+        call.request_id, admission.principal.account_id, admission.principal.key_id,
+        call.model, outcome.upstream, outcome.prompt_tokens, outcome.completion_tokens,
+        outcome.cached_tokens, outcome.reasoning_tokens, int(outcome.estimated), cost_nano,
+        outcome.status, outcome.outcome, int(call.stream), admission.started_ms,
+        round(outcome.duration_s * 1000),
+        None if outcome.ttfb_s is None else round(outcome.ttfb_s * 1000))
+
+
+class UsageWriter:
+    """The in-memory usage queue and the task that commits it; see the module docstring."""
+
+    def __init__(self, db: aiosqlite.Connection, billing: Billing, cfg: BillingConfig) -> None:
+        self._db = db
+        self._billing = billing
+        self._batch_rows = cfg.flush_batch_rows
+        self._interval = cfg.flush_interval_s
+        self.max_backlog_rows = cfg.max_backlog_rows
+        self._q: list[UsageRow] = []
+        self._inflight: list[UsageRow] = []
+        self._first_at = 0.0  # monotonic time the queue last became non-empty
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stop = False
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._done_seq = 0  # rows committed, counted in recording order
+        self._flush_started: float | None = None
+        self._reload_retry_at = 0.0
+        billing.on_stale = self._wake.set
+        # Metrics, read by the metrics module (plain numbers, no labels).
+        self.recorded = 0
+        self.rows_written = 0
+        self.rows_renamed = 0  # rows stored under a suffixed request id
+        self.flushes = 0
+        self.flush_errors = 0
+        self.consecutive_errors = 0
+        self.last_error: str | None = None
+        self.last_flush_seconds = 0.0
+        self.last_batch_rows = 0
+        # Called with (seconds, rows) after every committed batch (histograms).
+        self.flush_observers: list[Callable[[float, int], None]] = []
+
+    # --- the hot path ---------------------------------------------------------------
+
+    def record(self, row: UsageRow) -> None:
+        """Queue one finished request's row: O(1), never awaits, never raises."""
+        q = self._q
+        q.append(row)
+        self.recorded += 1
+        self._billing.add_pending(row.account_id, row.cost_nano)
+        n = len(q)
+        if n == 1:
+            self._first_at = time.monotonic()
+            self._wake.set()
+        elif n == self._batch_rows:
+            self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Rows recorded but not yet committed."""
+        return len(self._q) + len(self._inflight)
+
+    @property
+    def stalled(self) -> bool:
+        """The last flush failed, or the current one has been running too long."""
+        started = self._flush_started
+        return self.consecutive_errors > 0 or (
+            started is not None and time.monotonic() - started > STALL_S)
+
+    def overloaded(self) -> bool:
+        """Backlog at its bound: /v1 must refuse new requests (503) until it drains."""
+        return self.backlog >= self.max_backlog_rows
+
+    def refuse_if_overloaded(self) -> None:
+        """Raise 503 when ``overloaded()``; for the gate's admission."""
+        if self.overloaded():
+            raise ServiceUnavailable(
+                "The usage ledger is behind (storage is slow or failing); "
+                "please retry shortly.", headers={"Retry-After": "1"})
+
+    def ready(self) -> bool:
+        """For /readyz: the writer runs, is not stalled and not overloaded."""
+        task = self._task
+        return (task is not None and not task.done() and not self.stalled
+                and not self.overloaded())
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def sync(self, timeout_s: float | None = None) -> bool:
+        """Flush now and wait until every row recorded before the call is committed."""
+        target = self.recorded
+        if self._done_seq >= target:
+            return True
+        fut = asyncio.get_running_loop().create_future()
+        entry = (target, fut)
+        self._waiters.append(entry)
+        self._wake.set()
+        try:
+            done, _ = await asyncio.wait([fut], timeout=timeout_s)
+            return bool(done)
+        finally:
+            with suppress(ValueError):
+                self._waiters.remove(entry)
+
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Commit everything queued (shutdown); returns how many rows could not be.
+
+        Rows still unwritten after ``timeout_s`` are logged at ERROR, one JSON line each.
+        """
+        self._closing = True
+        self._wake.set()
+        task = self._task
+        if task is None:
+            self.start()
+            task = self._task
+        assert task is not None
+        done, _ = await asyncio.wait([task], timeout=timeout_s)
+        if not done:
+            # Let the attempt in progress finish (never cut a COMMIT in half), then stop.
+            self._stop = True
+            self._wake.set()
+            done, _ = await asyncio.wait([task], timeout=MAX_BACKOFF_S + 10.0)
+            if not done:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("usage writer failed", exc_info=task.exception())
+        left = self._inflight + self._q
+        if left:
+            log.error("usage writer stopped with %d unwritten rows (their charges are not in "
+                      "the database); the rows follow as JSON lines", len(left))
+            for row in left:
+                log.error("unwritten usage row: %s", orjson.dumps(row._asdict()).decode())
+        return len(left)
+
+    # --- the writer task --------------------------------------------------------------
+
+    def _due(self) -> bool:
+        if self._inflight:
+            return True
+        n = len(self._q)
+        return n > 0 and (n >= self._batch_rows or self._closing or bool(self._waiters)
+                          or time.monotonic() - self._first_at >= self._interval)
+
+    async def _run(self) -> None:
+        backoff = 0.0
+        retry_at = 0.0
+        while not self._stop:
+            now = time.monotonic()
+            if self._billing.has_stale() and now >= self._reload_retry_at:
+                await self._reload()
+            if self._due() and now >= retry_at:
+                if await self._flush_once():
+                    backoff = retry_at = 0.0
+                    continue
+                backoff = min(max(backoff * 2, MIN_BACKOFF_S), MAX_BACKOFF_S)
+                retry_at = time.monotonic() + backoff
+                continue
+            if self._closing and not self._q and not self._inflight:
+                return
+            await self._sleep(retry_at)
+
+    async def _sleep(self, retry_at: float) -> None:
+        now = time.monotonic()
+        timeout: float | None = None
+        if self._inflight:
+            timeout = retry_at - now
+        elif self._q:
+            timeout = max(self._first_at + self._interval, retry_at) - now
+        if self._billing.has_stale():
+            wait = self._reload_retry_at - now
+            timeout = wait if timeout is None else min(timeout, wait)
+        # No await since the caller's checks: clearing cannot lose a wake-up.
+        self._wake.clear()
+        if timeout is not None and timeout <= 0:
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _reload(self) -> None:
+        try:
+            await self._billing.reload_stale()
+        except Exception as exc:
+            self._reload_retry_at = time.monotonic() + max(self._interval, MIN_BACKOFF_S)
+            log.warning("re-reading balances failed (will retry): %s", exc)
+
+    async def _flush_once(self) -> bool:
+        if not self._inflight:
+            q, n = self._q, self._batch_rows
+            if len(q) <= n:
+                self._inflight, self._q = q, []
+            else:
+                self._inflight = q[:n]
+                del q[:n]
+        batch = self._inflight
+        debits: dict[int, int] = {}
+        for row in batch:
+            debits[row.account_id] = debits.get(row.account_id, 0) + row.cost_nano
+        self._flush_started = started = time.monotonic()
+        try:
+            balances = await self._commit(batch, debits)
+        except Exception as exc:
+            # Rolled back; retried as is: a full or read-only disk, a lock, a bug.
+            self.flush_errors += 1
+            self.consecutive_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.consecutive_errors in (1, 10) or self.consecutive_errors % 100 == 0:
+                log.error("writing %d usage rows failed (attempt %d, backlog %d); retrying: %s",
+                          len(batch), self.consecutive_errors, self.backlog, self.last_error)
+            return False
+        finally:
+            self._flush_started = None
+        elapsed = time.monotonic() - started
+        self._inflight = []
+        self._billing.committed(debits, balances)
+        if self.consecutive_errors:
+            log.warning("usage writer recovered after %d failed attempts",
+                        self.consecutive_errors)
+            self.consecutive_errors = 0
+        self._done_seq += len(batch)
+        self.rows_written += len(batch)
+        self.flushes += 1
+        self.last_flush_seconds = elapsed
+        self.last_batch_rows = len(batch)
+        for target, fut in self._waiters:
+            if target <= self._done_seq and not fut.done():
+                fut.set_result(None)
+        for observe in self.flush_observers:
+            observe(elapsed, len(batch))
+        return True
+
+    async def _commit(self, batch: list[UsageRow],
+                      debits: dict[int, int]) -> list[tuple[int, int]]:
+        db = self._db
+        returned: list[tuple[int, int]] = []
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            async with db.execute("SELECT COALESCE(MAX(id), 0) FROM usage") as cur:
+                row = await cur.fetchone()
+            max_before = int(row[0]) if row else 0
+            # Exact tuples bind ~20% faster than NamedTuples (sqlite3's fast path).
+            cur = await db.executemany(INSERT_SQL, map(tuple, batch))
+            inserted = cur.rowcount
+            if inserted != len(batch):
+                inserted += await self._insert_renamed(batch, max_before)
+            if inserted != len(batch):  # never debit rows that are not in the ledger
+                raise RuntimeError(f"inserted {inserted} of {len(batch)} usage rows")
+            pairs = [(a, d) for a, d in debits.items() if d]
+            for i in range(0, len(pairs), DEBIT_PAIRS_PER_STATEMENT):
+                chunk = pairs[i:i + DEBIT_PAIRS_PER_STATEMENT]
+                rows = await db.execute_fetchall(_debit_sql(len(chunk)),
+                                                 [x for pair in chunk for x in pair])
+                returned.extend((int(a), int(b)) for a, b in rows)
+            await db.execute("COMMIT")
+        except BaseException:
+            # Statements already queued still run on aiosqlite's thread; ROLLBACK
+            # follows them. Without an open transaction it fails harmlessly.
+            with suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        return returned
+
+    async def _insert_renamed(self, batch: list[UsageRow], max_before: int) -> int:
+        # Some request ids were already in the ledger (or repeated in the batch).
+        # Dropping those rows would lose their charges: store them renamed.
+        fresh = await self._db.execute_fetchall(
+            "SELECT request_id FROM usage WHERE id > ?", (max_before,))
+        first = {str(r[0]) for r in fresh}
+        again = []
+        for row in batch:
+            if row.request_id in first:
+                first.discard(row.request_id)
+            else:
+                again.append(row._replace(request_id=f"{row.request_id}~{secrets.token_hex(8)}"))
+        cur = await self._db.executemany(INSERT_SQL.replace("OR IGNORE ", ""), map(tuple, again))
+        self.rows_renamed += len(again)
+        log.warning("%d usage rows reused a request id already in the ledger; stored with "
+                    "a suffix", len(again))
+        return cur.rowcount
+
+
+# --- retention ------------------------------------------------------------------------
+
+
+async def purge(db: aiosqlite.Connection, retention_days: int, now_ms: int) -> int:
+    """Delete usage rows of accounts deleted at least ``retention_days`` ago; returns rows.
+
+    Deletes in chunks (separate short transactions) so the writer is never blocked
+    for long. ``accounts.charged_nano`` is left as it is.
+    """
+    cutoff = now_ms - retention_days * DAY_MS
+    total = 0
+    while True:
+        cur = await db.execute(
+            "DELETE FROM usage WHERE id IN (SELECT u.id FROM accounts a "
+            "JOIN usage u ON u.account_id = a.id WHERE a.status = 'deleted' "
+            "AND a.deleted_at <= ? LIMIT ?)", (cutoff, PURGE_CHUNK))
+        total += cur.rowcount
+        if cur.rowcount < PURGE_CHUNK:
+            return total
+
+
+class RetentionJob:
+    """Runs ``purge`` now and then every ``interval_s``; clock and sleep are injectable."""
+
+    def __init__(self, db: aiosqlite.Connection, retention_days: int, *,
+                 interval_s: float = 3600.0, clock: Callable[[], int] = store.now_ms) -> None:
+        self.db = db
+        self.retention_days = retention_days
+        self.interval_s = interval_s
+        self.clock = clock
+        self.purged = 0
+
+    async def run_once(self) -> int:
+        n = await purge(self.db, self.retention_days, self.clock())
+        self.purged += n
+        if n:
+            log.info("retention: purged %d usage rows of accounts deleted more than %d days ago",
+                     n, self.retention_days)
+        return n
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:
+                log.error("retention purge failed (will retry): %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+
+# --- wiring -----------------------------------------------------------------------------
+
+BILLING = web.AppKey("flint.billing", Billing)
+USAGE = web.AppKey("flint.usage", UsageWriter)
+# A connection for /api/usage reads, deletes and the retention job (not the writer's).
+USAGE_DB = web.AppKey("flint.usage_db", aiosqlite.Connection)
+RETENTION = web.AppKey("flint.retention", RetentionJob)
+
+
+async def open_writer_db(path: Path) -> aiosqlite.Connection:
+    """The usage writer's own connection (store pragmas, migrated, larger WAL)."""
+    db = await store.open_store(path)
+    # Checkpoint every ~40 MB of WAL instead of 4 MB: a batch dirties index pages all
+    # over the file (random request ids, one insertion point per account), and
+    # copying them back less often, coalesced, doubles the rows/s. The checkpoint
+    # runs on the writer's thread inside COMMIT, never on the event loop.
+    await db.execute(f"PRAGMA wal_autocheckpoint = {WRITER_WAL_AUTOCHECKPOINT_PAGES}")
+    return db
+
+
+async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: Billing, the UsageWriter and retention; drains the queue at exit.
+
+    Append it after ``db_ctx`` and ``accounts_ctx`` (it subscribes to the change watcher).
+    """
+    from flintproxy.app import CONFIG  # app imports this module
+    from flintproxy.auth import WATCHER
+
+    cfg = app[CONFIG]
+    wdb = await open_writer_db(cfg.storage.path)
+    rdb: aiosqlite.Connection | None = None
+    writer: UsageWriter | None = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        rdb = await store.connect(cfg.storage.path)
+        billing = Billing(cfg.models, cfg.billing, wdb)
+        writer = UsageWriter(wdb, billing, cfg.billing)
+        retention = RetentionJob(rdb, cfg.billing.retention_days)
+        app[BILLING] = billing
+        app[USAGE] = writer
+        app[USAGE_DB] = rdb
+        app[RETENTION] = retention
+        watcher = app.get(WATCHER)
+        if watcher is not None:
+            watcher.subscribe(billing.on_change)
+        writer.start()
+        tasks.append(asyncio.get_running_loop().create_task(retention.run()))
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if writer is not None:
+                await writer.drain(cfg.server.shutdown_timeout_s)
+        finally:
+            if rdb is not None:
+                await rdb.close()
+            await wdb.close()
+
+
+def add_usage_routes(app: web.Application) -> None:
+    """GET /api/usage, GET /api/usage/export, DELETE /api/usage (see ``usage_api``)."""
+    from flintproxy import usage_api
+
+    usage_api.add_routes(app)

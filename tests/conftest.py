@@ -1,0 +1,136 @@
+"""Shared fixtures: real servers on ephemeral loopback ports, real SQLite files.
+
+``mock_upstream`` is the project's own mock (a real HTTP server); ``gateway`` is
+flintproxy itself, started exactly as ``flintproxy serve`` starts it, against a
+config built for the test.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from flintproxy import app as app_module
+from flintproxy.auth import ACCOUNTS
+from flintproxy.config import Config, build_config
+from flintproxy.mock import MOCK_STATS, MockSettings, MockStats, create_mock_app
+
+TEST_EMAIL = "owner-{}@example.com"  # one account per gateway started
+TEST_CREDIT_NANO = 1_000 * 1_000_000_000  # $1,000: tests are never short of funds
+MODELS = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+
+
+@dataclass
+class Server:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def port(self) -> int:
+        return int(self.runner.addresses[0][1])
+
+
+@dataclass
+class MockServer(Server):
+    @property
+    def stats(self) -> MockStats:
+        return self.app[MOCK_STATS]
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+@dataclass
+class Gateway(Server):
+    config: Config
+    key: str
+    account_id: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+async def start_mock(settings: MockSettings | None = None) -> MockServer:
+    app = create_mock_app(settings or MockSettings())
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return MockServer(url=f"http://127.0.0.1:{port}", app=app, runner=runner)
+
+
+def raw_config(tmp_path: Path, upstream_urls: Mapping[str, str]) -> dict[str, Any]:
+    """A TOML-shaped dict for a test gateway; tests tweak it before building."""
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 5.0},
+        "storage": {"path": str(tmp_path / "flintproxy.db")},
+        "upstreams": [
+            {"name": name, "base_url": url, "models": list(MODELS),
+             "failure_threshold": 3, "cooldown_s": 30.0}
+            for name, url in upstream_urls.items()
+        ],
+        "models": {
+            "gpt-4o-mini": {"input_usd_per_mtok": "0.15", "output_usd_per_mtok": "0.60"},
+            "gpt-4o": {"input_usd_per_mtok": "2.50", "output_usd_per_mtok": "10.00"},
+            "text-embedding-3-small": {"input_usd_per_mtok": "0.02",
+                                       "output_usd_per_mtok": "0"},
+        },
+        "accounts": {"bcrypt_cost": 4, "change_poll_s": 0.05},
+    }
+
+
+async def start_gateway(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
+                        credit_nano: int = TEST_CREDIT_NANO) -> Gateway:
+    """Start a gateway and give it a funded account with one API key (``Gateway.key``)."""
+    config = build_config(copy.deepcopy(dict(raw)), env or {})
+    app = app_module.create_app(config)
+    runner = await app_module.start(app, "127.0.0.1", 0)
+    port = runner.addresses[0][1]
+    repo = app[ACCOUNTS]
+    account_id = await repo.create_account(TEST_EMAIL.format(secrets.token_hex(4)), None)
+    if credit_nano:
+        await repo.credit(account_id, credit_nano)
+    _, key = await repo.create_key(account_id, "test")
+    return Gateway(url=f"http://127.0.0.1:{port}", app=app, runner=runner, config=config,
+                   key=key, account_id=account_id)
+
+
+@pytest.fixture
+async def mock_upstream() -> AsyncIterator[MockServer]:
+    server = await start_mock()
+    yield server
+    await server.runner.cleanup()
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[Callable[..., Any]]:
+    """Start gateways with custom configs; all are stopped after the test."""
+    started: list[Server] = []
+
+    async def factory(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
+                      **kwargs: Any) -> Gateway:
+        gw = await start_gateway(raw, env, **kwargs)
+        started.append(gw)
+        return gw
+
+    yield factory
+    for server in reversed(started):
+        await server.runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, mock_upstream: MockServer) -> AsyncIterator[Gateway]:
+    gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
+    yield gw
+    await gw.runner.cleanup()
