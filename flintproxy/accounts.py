@@ -48,6 +48,7 @@ EV_PASSWORD_CHANGED = "password_changed"  # noqa: S105 (an event name)
 EV_CREDIT = "credit"
 EV_KEY_CREATED = "key_created"
 EV_KEY_REVOKED = "key_revoked"
+EV_LIMITS = "limits_changed"
 
 KEY_PREFIX = "sk-flint-"
 KEY_RANDOM_CHARS = 40  # 40 base62 characters: ~238 bits
@@ -534,6 +535,31 @@ class Accounts:
             ev = await self._event(db, EV_KEY_REVOKED, int(row[0]), key_id)
         self._publish(ev)
         return True
+
+    async def set_limits(self, account_id: int, key_id: int | None,
+                         rpm: int | None, tpm: int | None, max_concurrent: int | None) -> None:
+        """Override rate limits of an account (all its keys together) or of one key.
+
+        None means "the configured default"; takes effect on running servers
+        through the events table like every other change.
+        """
+        for name, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrent", max_concurrent)):
+            if value is not None and value < 1:
+                raise BadRequest(f"'{name}' must be a positive integer.", param=name)
+        async with self.transaction() as db:
+            if key_id is None:
+                cur = await db.execute(
+                    "UPDATE accounts SET rpm = ?, tpm = ?, max_concurrent = ? WHERE id = ?",
+                    (rpm, tpm, max_concurrent, account_id))
+            else:
+                cur = await db.execute(
+                    "UPDATE api_keys SET rpm = ?, tpm = ?, max_concurrent = ? "
+                    "WHERE id = ? AND account_id = ?",
+                    (rpm, tpm, max_concurrent, key_id, account_id))
+            if cur.rowcount != 1:
+                raise NotFound("No such account or key.")
+            ev = await self._event(db, EV_LIMITS, account_id, key_id)
+        self._publish(ev)
 
     # sessions ------------------------------------------------------------------------
 

@@ -88,6 +88,17 @@ async def _revoke_key(repo: Accounts, args: argparse.Namespace, cfg: Config) -> 
     return 0
 
 
+async def _set_limits(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    account = await repo.by_email(normalize_email(args.email))
+    await repo.set_limits(account.id, args.key, args.rpm, args.tpm, args.max_concurrent)
+    target = f"key {args.key}" if args.key is not None else f"account {account.email}"
+    shown = ", ".join(f"{n}={'default' if v is None else v}" for n, v in
+                      (("rpm", args.rpm), ("tpm", args.tpm),
+                       ("max_concurrent", args.max_concurrent)))
+    print(f"limits of {target}: {shown}")
+    return 0
+
+
 def _set_status(status: str) -> Verb:
     async def verb(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
         account = await repo.by_email(normalize_email(args.email))
@@ -177,6 +188,15 @@ def _parser() -> argparse.ArgumentParser:
         v = sub.add_parser(name, help=f"{name.split('-')[0]} an account and its keys")
         v.add_argument("email")
         v.set_defaults(run=_set_status(status))
+
+    v = sub.add_parser("set-limits", help="override rate limits of an account or one key "
+                       "(options left out go back to the configured defaults)")
+    v.add_argument("email")
+    v.add_argument("--key", type=int, metavar="KEY_ID", help="one key of the account")
+    v.add_argument("--rpm", type=int, help="requests per minute")
+    v.add_argument("--tpm", type=int, help="tokens per minute")
+    v.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+    v.set_defaults(run=_set_limits)
 
     v = sub.add_parser("delete-account",
                        help="close an account: erase email and password, revoke keys")

@@ -127,9 +127,8 @@ class KeyAuthenticator:
         generation = self._generation
         self.db_lookups += 1
         async with self._accounts.db.execute(
-                # Key-level limits only: account-wide ones are the limiter's (per account).
                 "SELECT k.id, k.account_id, k.expires_at, k.revoked_at, k.allowed_models, "
-                "k.rpm, k.tpm, k.max_concurrent, a.status "
+                "k.rpm, k.tpm, k.max_concurrent, a.status, a.rpm, a.tpm, a.max_concurrent "
                 "FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
                 (h,)) as cur:
             row = await cur.fetchone()
@@ -141,7 +140,8 @@ class KeyAuthenticator:
             return None
         models = None if row[4] is None else frozenset(orjson.loads(row[4]))
         principal = Principal(key_id=int(row[0]), account_id=int(row[1]), allowed_models=models,
-                              rpm=row[5], tpm=row[6], max_concurrent=row[7])
+                              rpm=row[5], tpm=row[6], max_concurrent=row[7],
+                              account_limits=(row[9], row[10], row[11]))
         entry = _Entry(principal, row[2], self._clock() + self._cache_ttl, row[8] == "disabled")
         if generation == self._generation:
             if len(self._cache) >= self._max:

@@ -38,6 +38,10 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    # The account-wide overrides (rpm, tpm, max_concurrent), read with the key.
+    account_limits: tuple[int | None, int | None, int | None] = (None, None, None)
+    # Set once the limiter has been told of account_limits (per cached Principal).
+    limits_applied: bool = False
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ from aiohttp import web
 from flintproxy.auth import KEY_AUTH, LOGIN_GUARD, KeyAuthenticator
 from flintproxy.billing import Billing, Reservation
 from flintproxy.config import Config
-from flintproxy.errors import AuthenticationError
+from flintproxy.errors import AuthenticationError, FlintError
 from flintproxy.gate import Admission, Call, Outcome, Principal, bearer_token
 from flintproxy.limiter import IpGuard, Limiter, Ticket, client_ip
 from flintproxy.usage import BILLING, USAGE, UsageWriter, usage_row
@@ -51,7 +51,10 @@ class ServiceGate:
         try:
             return await keys.authenticate(bearer_token(request))
         except AuthenticationError:
+            # Failed auth spends the IP's unauthenticated budget and counts towards
+            # its backoff and block.
             guard.failure(ip)
+            guard.check(ip)
             raise
 
     async def admit(self, request: web.Request, call: Call, principal: Principal,
@@ -64,17 +67,25 @@ class ServiceGate:
             await billing.load(account_id)  # once per account per process
         # Embeddings produce no completion tokens: reserve only the prompt.
         max_tokens = 0 if call.endpoint == "embeddings" else call.max_tokens
+        if not principal.limits_applied:  # a freshly loaded key: sync account overrides
+            self.limiter.set_account_limits(account_id, *principal.account_limits)
+            principal.limits_applied = True
         completion = self._default_max_tokens if max_tokens is None else max_tokens
         ticket = self.limiter.acquire(principal, call.prompt_tokens_estimate + completion)
+        headers = self.limiter.headers(ticket)
         try:
             reservation = billing.reserve(account_id, call.model, call.prompt_tokens_estimate,
                                           max_tokens)
+        except FlintError as exc:
+            exc.headers = {**headers, **exc.headers}
+            self.limiter.release(ticket, 0)
+            raise
         except BaseException:
             self.limiter.release(ticket, 0)
             raise
         admission = Admission(call, principal, started, started_ms)
         admission.state = (ticket, reservation)
-        admission.headers = self.limiter.headers(ticket)
+        admission.headers = headers
         return admission
 
     def finish(self, admission: Admission, outcome: Outcome) -> None:
