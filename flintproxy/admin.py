@@ -128,7 +128,7 @@ async def _list_accounts(repo: Accounts, args: argparse.Namespace, cfg: Config) 
 
 
 async def _purge(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
-    from flintproxy.usage import purge
+    from flintproxy.usage_rights import purge
 
     days = cfg.billing.retention_days
     n = await purge(repo.db, days, store.now_ms())

@@ -8,6 +8,7 @@ order of start-up, reversed at shutdown.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,12 +18,15 @@ import aiosqlite
 import orjson
 from aiohttp import web
 
-from flintproxy import store
+from flintproxy import accesslog, store
+from flintproxy.accesslog import AccessLog
 from flintproxy.api import add_api_routes
 from flintproxy.auth import DEMO_KEY, accounts_ctx
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadTooLarge
-from flintproxy.gate import Gate
+from flintproxy.gate import CALL, Gate
+from flintproxy.health import health_ctx, readyz
+from flintproxy.metrics import Metrics, add_metrics
 from flintproxy.relay import Relay
 from flintproxy.routing import Router
 from flintproxy.service import ServiceGate, service_ctx
@@ -37,11 +41,23 @@ RELAY = web.AppKey("relay", Relay)
 GATE = web.AppKey("gate", Gate)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Told of every error response of a request the gate did not admit (metrics, access
+# log); admitted requests are accounted for once, by the gate's finish.
+REFUSAL_OBSERVERS = web.AppKey("flint.refusal_observers",
+                               list[Callable[[web.Request, FlintError], None]])
 
 
 def error_response(exc: FlintError) -> web.Response:
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json",
                         headers=exc.headers)
+
+
+def _refused(request: web.Request, err: FlintError) -> web.Response:
+    call = request.get(CALL)
+    if call is None or not call.admitted:
+        for observe in request.app.get(REFUSAL_OBSERVERS, ()):
+            observe(request, err)
+    return error_response(err)
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> FlintError:
@@ -63,17 +79,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except FlintError as exc:
-        return error_response(exc)
+        return _refused(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(exc, request))
+        return _refused(request, _from_http_exception(exc, request))
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
         # Never the request itself in the log: only where it failed.
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(FlintError("The server had an error processing your request."))
+        return _refused(request, FlintError("The server had an error processing your request."))
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -102,16 +118,6 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"}, dumps=lambda o: orjson.dumps(o).decode())
 
 
-async def readyz(request: web.Request) -> web.Response:
-    checks = {"upstream": request.app[ROUTER].any_healthy()}
-    ready = all(checks.values())
-    return web.Response(
-        status=200 if ready else 503,
-        body=orjson.dumps({"ready": ready, "checks": checks}),
-        content_type="application/json",
-    )
-
-
 def create_app(config: Config, gate: Gate | None = None) -> web.Application:
     """Build the gateway application; nothing runs until it is started."""
     app = web.Application(middlewares=[errors_middleware],
@@ -121,10 +127,21 @@ def create_app(config: Config, gate: Gate | None = None) -> web.Application:
     gate = gate or ServiceGate(config)
     app[GATE] = gate
     relay = app[RELAY] = Relay(config, router, gate)
+    metrics = Metrics(config, router, relay)
+    refusals: list[Callable[[web.Request, FlintError], None]] = [metrics.rejected]
+    app[REFUSAL_OBSERVERS] = refusals
+    if isinstance(gate, ServiceGate):
+        gate.finish_observers.append(metrics.finished)
+    if config.metrics.access_log:
+        access = AccessLog(config)
+        refusals.append(access.rejected)
+        if isinstance(gate, ServiceGate):
+            gate.finish_observers.append(access.finished)
     app.cleanup_ctx.append(db_ctx)  # migrations run here, before anyone else connects
     app.cleanup_ctx.append(accounts_ctx)  # accounts, key cache, change watcher
     app.cleanup_ctx.append(usage_ctx)  # balances, usage writer (drained at exit), retention
     app.cleanup_ctx.append(service_ctx)
+    app.cleanup_ctx.append(health_ctx)
     app.cleanup_ctx.append(client_session_ctx)
     add_api_routes(app)
     add_usage_routes(app)
@@ -134,6 +151,7 @@ def create_app(config: Config, gate: Gate | None = None) -> web.Application:
     app.router.add_get("/v1/models", relay.models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_metrics(app, config, metrics)  # /metrics here or on its own port; after usage_ctx
     return app
 
 
@@ -152,10 +170,14 @@ async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
 
 async def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     """Run the gateway until SIGINT/SIGTERM, then shut down gracefully."""
+    accesslog.configure(config.metrics)
     app = create_app(config)
     host = host or config.server.host
     port = config.server.port if port is None else port
     runner = await start(app, host, port)
+    # Start-up objects (config, routes, caches) never die: keep them out of the
+    # cyclic GC's generations so its pauses stay short under load.
+    gc.freeze()
     for addr in runner.addresses:
         log.info("flintproxy listening on http://%s:%s", *addr[:2])
     demo_key = app.get(DEMO_KEY)

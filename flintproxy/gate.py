@@ -53,7 +53,17 @@ class Call:
     stream: bool
     prompt_tokens_estimate: int
     max_tokens: int | None
-    request_id: str
+    request_id: str  # ours, unique and time-ordered: the usage ledger's key
+    # Echoed in x-request-id and sent upstream: the client's own id when it sent a
+    # sane one (never trusted as a ledger key), else request_id.
+    trace_id: str = ""
+    # Set by the gate once admitted: from then on ``finish`` accounts for the request,
+    # and the error middleware must not count it a second time.
+    admitted: bool = False
+
+
+# The request's Call, stored by relay as soon as the body is parsed.
+CALL = web.RequestKey("flint.call", Call)
 
 
 @dataclass(slots=True)
@@ -76,10 +86,12 @@ class Outcome:
 class Admission:
     """Everything held for one admitted request until ``finish``."""
 
-    __slots__ = ("call", "headers", "principal", "started", "started_ms", "state")
+    __slots__ = ("call", "headers", "principal", "request", "started", "started_ms", "state")
 
-    def __init__(self, call: Call, principal: Principal, started: float, started_ms: int) -> None:
+    def __init__(self, call: Call, principal: Principal, started: float, started_ms: int,
+                 request: web.Request | None = None) -> None:
         self.call = call
+        self.request = request  # for the access log's opt-in client IP
         self.principal = principal
         self.started = started  # perf_counter at arrival
         self.started_ms = started_ms  # wall clock, unix ms

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -33,9 +32,10 @@ from flintproxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from flintproxy.gate import Admission, Call, Gate, Outcome
+from flintproxy.gate import CALL, Admission, Call, Gate, Outcome
 from flintproxy.routing import Router, Upstream
 from flintproxy.sse import StreamScanner, extract_usage
+from flintproxy.usage import new_request_id
 
 # RFC 9110 §7.6.1: connection-specific fields are never forwarded.
 HOP_BY_HOP = frozenset(
@@ -68,6 +68,18 @@ def upstream_failure(exc: BaseException, up: Upstream) -> UpstreamError:
     return UpstreamError(f"Upstream '{up.name}' failed: {type(exc).__name__}.")
 
 
+def failure_reason(exc: BaseException) -> str:
+    """The ``routing.FAILURE_REASONS`` entry (a metrics label) for a failed attempt."""
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
+                  | aiohttp.ClientOSError):
+        return "reset"
+    return "other"
+
+
 def _filter(headers: Iterable[tuple[str, str]], drop: frozenset[str],
             connection: str | None) -> CIMultiDict[str]:
     # Names compared lower-cased (istr hashes case-sensitively, so sets of istr
@@ -81,11 +93,11 @@ def _filter(headers: Iterable[tuple[str, str]], drop: frozenset[str],
     return out
 
 
-def _request_id(request: web.Request) -> str:
+def _client_request_id(request: web.Request) -> str | None:
     given = request.headers.get(X_REQUEST_ID)
     if given and len(given) <= MAX_REQUEST_ID and given.isprintable() and given.isascii():
         return given
-    return "req_" + secrets.token_hex(12)
+    return None
 
 
 def _optional_int(data: dict[str, Any], name: str) -> int | None:
@@ -97,7 +109,8 @@ def _optional_int(data: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def parse_call(endpoint: str, body: bytes, request_id: str) -> tuple[Call, dict[str, Any]]:
+def parse_call(endpoint: str, body: bytes, request_id: str,
+               trace_id: str | None = None) -> tuple[Call, dict[str, Any]]:
     """Validate the parts of the body the gateway relies on; everything else is the upstream's."""
     try:
         data = orjson.loads(body)
@@ -121,7 +134,7 @@ def parse_call(endpoint: str, body: bytes, request_id: str) -> tuple[Call, dict[
     # for a reservation. The upstream's own count replaces it after the call.
     call = Call(endpoint=endpoint, model=model, stream=stream,
                 prompt_tokens_estimate=len(body) // 4 + 1, max_tokens=max_tokens,
-                request_id=request_id)
+                request_id=request_id, trace_id=trace_id or request_id)
     return call, data
 
 
@@ -170,8 +183,8 @@ class Relay:
         if request.content_type != "application/json":
             raise UnsupportedMediaType("Content-Type must be application/json.")
         body = await request.read()
-        request_id = _request_id(request)
-        call, data = parse_call(endpoint, body, request_id)
+        call, data = parse_call(endpoint, body, new_request_id(), _client_request_id(request))
+        request[CALL] = call  # metrics and access log of a request refused before admission
         allowed = self.gate.allowed_models(principal)
         if allowed is not None and call.model not in allowed:
             raise PermissionDenied(f"This API key may not use the model `{call.model}`.",
@@ -189,7 +202,7 @@ class Relay:
         outcome = Outcome(status=500, outcome="error")
         try:
             headers = _filter(request.headers.items(), REQUEST_DROP, None)
-            headers[X_REQUEST_ID] = request.headers.get(X_REQUEST_ID, request_id)
+            headers[X_REQUEST_ID] = call.trace_id
             return await self._forward(request, admission, candidates, data, body, headers,
                                        client_wants_usage, outcome)
         except asyncio.CancelledError:
@@ -217,9 +230,11 @@ class Relay:
                        ) -> tuple[aiohttp.ClientResponse, bytes]:
         """One upstream call up to its first byte (stream) or whole body (non-stream)."""
         assert self.session is not None
-        hdrs = headers.copy()
-        hdrs.update(up.headers)
-        resp = await self.session.post(up.urls[endpoint], data=body, headers=hdrs,
+        # In place: a retry overwrites what the previous attempt added, and drops a
+        # previous upstream's key when this one has none.
+        headers.popall("Authorization", None)
+        headers.update(up.headers)
+        resp = await self.session.post(up.urls[endpoint], data=body, headers=headers,
                                        timeout=up.timeout)
         try:
             if resp.status != 200:
@@ -256,14 +271,14 @@ class Relay:
                         up, call.endpoint, self._body_for(up, data, body, call.model),
                         headers, call.stream)
                 except (TimeoutError, aiohttp.ClientError) as exc:
-                    self.router.failure(up)
+                    self.router.failure(up, failure_reason(exc))
                     error = upstream_failure(exc, up)
                     continue
                 except BaseException:
                     self.router.abandon(up)
                     raise
                 if resp.status == 429 or resp.status >= 500:
-                    self.router.failure(up)
+                    self.router.failure(up, "http_429" if resp.status == 429 else "http_5xx")
                     if i < len(candidates) - 1:
                         resp.release()
                         resp = None
@@ -303,7 +318,7 @@ class Relay:
         headers = _filter(resp.headers.items(), RESPONSE_DROP,
                           resp.headers.get("Connection"))
         headers.update(admission.headers)
-        headers[X_REQUEST_ID] = admission.call.request_id
+        headers[X_REQUEST_ID] = admission.call.trace_id
         return headers
 
     async def _upstream_error(self, resp: aiohttp.ClientResponse, body: bytes,
@@ -369,7 +384,7 @@ class Relay:
             if request.transport is None or request.transport.is_closing():
                 outcome.outcome = "client_disconnect"  # our write failed: the client left
             else:
-                self.router.failure(up)
+                self.router.failure(up, failure_reason(exc))
                 outcome.outcome = "upstream_error"
                 with contextlib.suppress(ConnectionError):
                     await _end_with_error(out, upstream_failure(exc, up).sse_event())

@@ -22,13 +22,15 @@ from flintproxy.config import Config, UpstreamConfig
 from flintproxy.errors import ModelNotFound
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
+# Why an upstream attempt failed: a closed set, used as a metrics label.
+FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "other")
 
 
 class Upstream:
     """One configured upstream with its circuit-breaker state."""
 
-    __slots__ = ("cfg", "consecutive_failures", "headers", "name", "open_until", "probing",
-                 "timeout", "urls")
+    __slots__ = ("cfg", "consecutive_failures", "failures", "headers", "name", "open_until",
+                 "probing", "timeout", "urls")
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
@@ -44,6 +46,8 @@ class Upstream:
         self.consecutive_failures = 0
         self.open_until = 0.0
         self.probing = False
+        # Failed attempts ever, by reason (FAILURE_REASONS); read by the metrics module.
+        self.failures: dict[str, int] = {}
 
     def available(self, now: float) -> bool:
         """Closed circuit, or open with cooldown elapsed and no probe in flight."""
@@ -115,7 +119,10 @@ class Router:
         """The request went away before the upstream answered: no verdict."""
         up.probing = False
 
-    def failure(self, up: Upstream) -> None:
+    def failure(self, up: Upstream, reason: str = "other") -> None:
+        if reason not in FAILURE_REASONS:
+            reason = "other"
+        up.failures[reason] = up.failures.get(reason, 0) + 1
         up.consecutive_failures += 1
         up.probing = False
         if up.consecutive_failures >= up.cfg.failure_threshold:

@@ -13,7 +13,7 @@ Nothing is held when ``admit`` raises: whatever was acquired is released first.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -38,6 +38,9 @@ class ServiceGate:
         self.guard: IpGuard | None = None
         self.billing: Billing | None = None
         self.usage: UsageWriter | None = None
+        # Called with (admission, outcome, cost_nano) as each request finishes
+        # (metrics, access log); each must be cheap and must not raise.
+        self.finish_observers: list[Callable[[Admission, Outcome, int], None]] = []
 
     def bind(self, keys: KeyAuthenticator, guard: IpGuard, billing: Billing,
              usage: UsageWriter) -> None:
@@ -83,8 +86,9 @@ class ServiceGate:
         except BaseException:
             self.limiter.release(ticket, 0)
             raise
-        admission = Admission(call, principal, started, started_ms)
+        admission = Admission(call, principal, started, started_ms, request)
         admission.state = (ticket, reservation)
+        call.admitted = True
         admission.headers = headers
         return admission
 
@@ -96,6 +100,8 @@ class ServiceGate:
         self.limiter.release(ticket, outcome.prompt_tokens + outcome.completion_tokens)
         cost = self.billing.settle(reservation, outcome)
         self.usage.record(usage_row(admission, outcome, cost))
+        for observe in self.finish_observers:
+            observe(admission, outcome, cost)
 
     def allowed_models(self, principal: Principal) -> frozenset[str] | None:
         return principal.allowed_models

@@ -21,6 +21,11 @@ RATELIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-reques
                      "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
 
 
+def _read_all(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (the data dir: DB, -wal, -shm), by name."""
+    return {p.name: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def sdk(gw: Gateway, key: str | None = None, **headers: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gw.base_url, api_key=key or gw.key, max_retries=0,
                               default_headers=headers or None)
@@ -138,12 +143,11 @@ async def test_no_content_and_no_ip_reach_disk_or_logs(
                                       "Content-Type": "application/json"}) as resp:
             assert resp.status == 400
     assert await gw.app[USAGE].sync(5)
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.name.endswith("-wal") for p in files)
-    for path in files:
-        data = path.read_bytes()
+    files = _read_all(tmp_path)
+    assert any(name.endswith("-wal") for name in files)
+    for name, data in files.items():
         for needle in (marker, "127.0.0.1", "198.51.100.77"):
-            assert needle.encode() not in data, f"{needle} found in {path.name}"
+            assert needle.encode() not in data, f"{needle} found in {name}"
     # The server's own loggers (the test's HTTP client logs its peer, as it may).
     logged = "\n".join(r.getMessage() for r in caplog.records
                        if r.name.startswith(("flintproxy", "aiohttp")))

@@ -1,0 +1,144 @@
+"""Readiness: GET /readyz answers 200 when the gateway can serve and bill, else 503.
+
+Checks, each reported with detail in the JSON body:
+    database      the SQLite file is writable: ``BEGIN IMMEDIATE``, a write that touches
+                  no row, ``ROLLBACK``, on a connection of its own, at most once per
+                  ``PROBE_TTL_S`` (never a disk write per request); a database locked
+                  by another writer counts as writable
+    usage_writer  UsageWriter.ready(): its task runs, its flushes succeed, its backlog
+                  is under the bound
+    upstreams     at least one upstream can be tried (circuit closed, or its cooldown over)
+/healthz (liveness) stays in ``app``: it answers while the event loop runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+from aiohttp import web
+
+from flintproxy import store
+from flintproxy.routing import Router
+from flintproxy.usage import USAGE, UsageWriter
+
+PROBE_TTL_S = 1.0
+PROBE_TIMEOUT_S = 2.0
+PROBE_BUSY_MS = 200
+
+
+class DbProbe:
+    """Is the database writable? Cached; one probe in flight at a time."""
+
+    def __init__(self, db: aiosqlite.Connection, ttl_s: float = PROBE_TTL_S,
+                 timeout_s: float = PROBE_TIMEOUT_S) -> None:
+        self._db = db
+        self._ttl = ttl_s
+        self._timeout = timeout_s
+        self._at = -ttl_s
+        self._last: tuple[bool, str] = (False, "not probed yet")
+        self._task: asyncio.Task[tuple[bool, str]] | None = None
+
+    async def check(self) -> tuple[bool, str]:
+        if time.monotonic() - self._at < self._ttl:
+            return self._last
+        task = self._task
+        if task is None or task.done():
+            # A task of its own: a caller that times out or goes away never cuts the
+            # probe between BEGIN and ROLLBACK.
+            task = self._task = asyncio.get_running_loop().create_task(self._probe())
+        try:
+            self._last = await asyncio.wait_for(asyncio.shield(task), self._timeout)
+        except TimeoutError:
+            self._last = (False, f"no answer within {self._timeout:g} s (disk hung?)")
+        self._at = time.monotonic()
+        return self._last
+
+    async def _probe(self) -> tuple[bool, str]:
+        db = self._db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return True, "busy: another connection is writing"
+            return False, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        try:
+            await db.execute("DELETE FROM schema_version WHERE 0")
+            return True, "writable"
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        finally:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), self._timeout)
+
+
+class Readiness:
+    """The three checks behind /readyz."""
+
+    def __init__(self, probe: DbProbe, router: Router, usage: UsageWriter | None) -> None:
+        self.probe = probe
+        self.router = router
+        self.usage = usage
+
+    async def check(self) -> tuple[bool, dict[str, Any]]:
+        db_ok, db_detail = await self.probe.check()
+        usage = self.usage
+        writer: dict[str, Any] = {"ok": False, "detail": "not running"}
+        if usage is not None:
+            writer = {"ok": usage.ready(), "stalled": usage.stalled, "backlog": usage.backlog,
+                      "max_backlog": usage.max_backlog_rows, "last_error": usage.last_error}
+        now = self.router.clock()
+        ups = {u.name: u.available(now) for u in self.router.upstreams}
+        checks: dict[str, Any] = {
+            "database": {"ok": db_ok, "detail": db_detail},
+            "usage_writer": writer,
+            "upstreams": {"ok": any(ups.values()),
+                          "available": sorted(n for n, ok in ups.items() if ok),
+                          "unavailable": sorted(n for n, ok in ups.items() if not ok)},
+        }
+        return all(c["ok"] for c in checks.values()), checks
+
+
+READINESS = web.AppKey("flint.readiness", Readiness)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 with ``{"ready": true, "checks": {...}}``, or 503 with the failing check's detail."""
+    ready, checks = await request.app[READINESS].check()
+    return web.Response(status=200 if ready else 503, content_type="application/json",
+                        body=orjson.dumps({"ready": ready, "checks": checks}))
+
+
+async def open_probe_db(path: Path) -> aiosqlite.Connection:
+    db = await store.connect(path)
+    # Short: a lock held by the usage writer means "writable", not "wait for it".
+    await db.execute(f"PRAGMA busy_timeout={PROBE_BUSY_MS}")
+    return db
+
+
+async def health_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context for /readyz: the probe's connection. Append it after ``usage_ctx``."""
+    from flintproxy.app import CONFIG, ROUTER  # app imports this module
+
+    db = await open_probe_db(app[CONFIG].storage.path)
+    probe = DbProbe(db)
+    try:
+        app[READINESS] = Readiness(probe, app[ROUTER], app.get(USAGE))
+        yield
+    finally:
+        await probe.close()
+        await db.close()

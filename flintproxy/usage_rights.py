@@ -1,0 +1,287 @@
+"""Users' rights over their usage rows (CONTRACT promise 7): list, export, delete, retention.
+
+Routes (login session; the unsafe one also needs the CSRF token):
+    GET    /api/usage         ?limit=&cursor=&since=&until=&model=   newest first, paged
+    GET    /api/usage/export  ?format=csv|json&since=&until=&model=  oldest first, streamed
+    DELETE /api/usage         (also POST /api/usage/delete)          -> {"deleted": n}
+
+``since`` (inclusive) and ``until`` (exclusive) are ISO 8601 times (UTC unless they
+say otherwise) or integer unix milliseconds, compared with ``started_at``.
+
+The export walks the account's rows with a keyset cursor over the
+``(account_id, started_at, id)`` index, a chunk at a time, writing each chunk to
+the client before reading the next, so memory stays constant however many rows
+there are. It contains every row committed before it started. Deleting removes
+the rows only; the account's ``charged_nano`` total is kept, so
+balance = credited - charged still holds.
+
+Retention: rows of a deleted account are kept ``billing.retention_days`` (90) after
+its deletion, then ``purge`` removes them; ``RetentionJob`` runs it at start-up
+and hourly (``usage_ctx``), ``flintproxy admin purge`` on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import aiosqlite
+import orjson
+from aiohttp import web
+
+from flintproxy import store
+from flintproxy.api import require_csrf, session_account
+from flintproxy.errors import BadRequest, ServiceUnavailable
+from flintproxy.usage import USAGE, USAGE_DB
+
+log = logging.getLogger("flintproxy.usage")
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+EXPORT_CHUNK = 2000
+DELETE_CHUNK = 5000
+SYNC_TIMEOUT_S = 5.0
+PURGE_CHUNK = 5000
+DAY_MS = 86_400_000
+_CURSOR_RE = re.compile(r"(\d{1,19})_(\d{1,19})")
+
+# Rows are formatted by SQLite itself (C, not a Python dict per row): the export
+# of a million rows is bound by the disk and the socket, not the interpreter.
+_ISO = ("strftime('%Y-%m-%dT%H:%M:%S', started_at / 1000, 'unixepoch') "
+        "|| printf('.%03dZ', started_at % 1000)")
+_FRAC = "rtrim(printf('%09d', cost_nano % 1000000000), '0')"
+# Exact decimal USD with at least two decimals, as billing.format_usd (costs are >= 0).
+_USD = (f"printf('%d.', cost_nano / 1000000000) || CASE WHEN length({_FRAC}) < 2 "
+        f"THEN substr({_FRAC} || '00', 1, 2) ELSE {_FRAC} END")
+# (name, SQL expression, kind): kind "text" is quoted in CSV, "plain" needs no quoting.
+_FIELDS = (
+    ("request_id", "request_id", "text"), ("started_at", _ISO, "plain"),
+    ("started_at_ms", "started_at", "int"), ("model", "model", "text"),
+    ("upstream", "upstream", "text"), ("key_id", "key_id", "int"),
+    ("prompt_tokens", "prompt_tokens", "int"), ("completion_tokens", "completion_tokens", "int"),
+    ("cached_tokens", "cached_tokens", "int"), ("reasoning_tokens", "reasoning_tokens", "int"),
+    ("total_tokens", "prompt_tokens + completion_tokens", "int"),
+    ("cost_nano", "cost_nano", "int"), ("cost_usd", _USD, "plain"), ("status", "status", "int"),
+    ("outcome", "outcome", "text"), ("stream", "stream", "bool"),
+    ("estimated", "estimated", "bool"), ("duration_ms", "duration_ms", "int"),
+    ("ttfb_ms", "ttfb_ms", "int"),
+)
+FIELDS = tuple(name for name, _, _ in _FIELDS)
+
+
+def _json_expr(expr: str, kind: str) -> str:
+    return f"json(CASE WHEN {expr} THEN 'true' ELSE 'false' END)" if kind == "bool" else expr
+
+
+def _csv_expr(expr: str, kind: str) -> str:
+    if kind == "bool":
+        return f"CASE WHEN {expr} THEN 'true' ELSE 'false' END"
+    if kind == "text":
+        return f"""COALESCE('"' || replace({expr}, '"', '""') || '"', '')"""
+    return f"COALESCE({expr}, '')"
+
+
+JSON_SQL = "json_object(" + ", ".join(f"'{n}', {_json_expr(e, k)}" for n, e, k in _FIELDS) + ")"
+CSV_SQL = " || ',' || ".join(_csv_expr(e, k) for _, e, k in _FIELDS)
+CSV_HEADER = ",".join(FIELDS) + "\r\n"
+
+
+class Filters(NamedTuple):
+    since: int | None
+    until: int | None
+    model: str | None
+
+
+def _time_param(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw.isdigit():
+        return int(raw)
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise BadRequest(f"'{name}' must be an ISO 8601 time or unix milliseconds.",
+                         param=name) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _filters(request: web.Request) -> Filters:
+    model = request.query.get("model") or None
+    return Filters(_time_param(request, "since"), _time_param(request, "until"), model)
+
+
+def _where(account_id: int, f: Filters) -> tuple[str, list[Any]]:
+    sql, args = "account_id = ?", list[Any]([account_id])
+    if f.since is not None:
+        sql += " AND started_at >= ?"
+        args.append(f.since)
+    if f.until is not None:
+        sql += " AND started_at < ?"
+        args.append(f.until)
+    if f.model is not None:
+        sql += " AND model = ?"
+        args.append(f.model)
+    return sql, args
+
+
+async def list_usage(request: web.Request) -> web.Response:
+    account_id = await session_account(request)
+    f = _filters(request)
+    try:
+        limit = int(request.query.get("limit", DEFAULT_PAGE))
+    except ValueError:
+        limit = -1
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}.", param="limit")
+    where, args = _where(account_id, f)
+    cursor = request.query.get("cursor")
+    if cursor:
+        m = _CURSOR_RE.fullmatch(cursor)
+        if m is None:
+            raise BadRequest("Invalid 'cursor'.", param="cursor")
+        where += " AND (started_at, id) < (?, ?)"
+        args += [int(m[1]), int(m[2])]
+    rows = list(await request.app[USAGE_DB].execute_fetchall(
+        f"SELECT started_at, id, {JSON_SQL} FROM usage WHERE {where} "  # noqa: S608
+        "ORDER BY started_at DESC, id DESC LIMIT ?", [*args, limit + 1]))
+    page = rows[:limit]
+    more = len(rows) > limit
+    cursor_out = orjson.dumps(f"{page[-1][0]}_{page[-1][1]}" if more else None)
+    body = "".join(('{"object":"list","data":[', ",".join(r[2] for r in page),
+                    '],"has_more":', "true" if more else "false", ',"next_cursor":',
+                    cursor_out.decode(), "}"))
+    return web.Response(body=body.encode(), content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def _chunks(db: aiosqlite.Connection, account_id: int, f: Filters,
+                  expr: str) -> AsyncIterator[list[str]]:
+    """The account's rows, oldest first, formatted by ``expr``, EXPORT_CHUNK at a time."""
+    where, args = _where(account_id, f)
+    sql = (f"SELECT started_at, id, {expr} FROM usage WHERE {where} "  # noqa: S608
+           "AND (started_at, id) > (?, ?) ORDER BY started_at, id LIMIT ?")
+    after: tuple[int, int] = (-1, -1)
+    while True:
+        rows = list(await db.execute_fetchall(sql, [*args, *after, EXPORT_CHUNK]))
+        if not rows:
+            return
+        yield [r[2] for r in rows]
+        if len(rows) < EXPORT_CHUNK:
+            return
+        after = (rows[-1][0], rows[-1][1])
+
+
+async def export_usage(request: web.Request) -> web.StreamResponse:
+    account_id = await session_account(request)
+    fmt = request.query.get("format", "csv")
+    if fmt not in ("csv", "json"):
+        raise BadRequest("'format' must be csv or json.", param="format")
+    f = _filters(request)
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8" if fmt == "csv"
+        else "application/json",
+        "Content-Disposition": f'attachment; filename="flintproxy-usage.{fmt}"',
+        "Cache-Control": "no-store",
+    })
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    as_csv = fmt == "csv"
+    await resp.write(CSV_HEADER.encode() if as_csv else b"[")
+    sep = "\r\n" if as_csv else ",\n"
+    lead = "" if as_csv else "\n"
+    async for lines in _chunks(request.app[USAGE_DB], account_id, f,
+                               CSV_SQL if as_csv else JSON_SQL):
+        # write() waits while the client is slow (flow control): memory stays bounded.
+        await resp.write((lead + sep.join(lines) + ("\r\n" if as_csv else "")).encode())
+        lead = "" if as_csv else ",\n"
+    if not as_csv:
+        await resp.write(b"\n]\n")
+    await resp.write_eof()
+    return resp
+
+
+async def delete_usage(request: web.Request) -> web.Response:
+    account_id = await session_account(request)
+    require_csrf(request)
+    # Rows still queued would land after the delete: commit them first.
+    if not await request.app[USAGE].sync(SYNC_TIMEOUT_S):
+        raise ServiceUnavailable("The usage ledger is catching up; please retry shortly.",
+                                 headers={"Retry-After": "5"})
+    db = request.app[USAGE_DB]
+    deleted = 0
+    while True:
+        # Chunks, each its own short transaction: never blocks the writer for long.
+        cur = await db.execute(
+            "DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE account_id = ? "
+            "LIMIT ?)", (account_id, DELETE_CHUNK))
+        deleted += cur.rowcount
+        if cur.rowcount < DELETE_CHUNK:
+            break
+    return web.Response(body=orjson.dumps({"deleted": deleted}),
+                        content_type="application/json")
+
+
+# --- retention ----------------------------------------------------------------------
+
+
+async def purge(db: aiosqlite.Connection, retention_days: int, now_ms: int) -> int:
+    """Delete usage rows of accounts deleted at least ``retention_days`` ago; returns rows.
+
+    Deletes in chunks (separate short transactions) so the writer is never blocked
+    for long. ``accounts.charged_nano`` is left as it is.
+    """
+    cutoff = now_ms - retention_days * DAY_MS
+    total = 0
+    while True:
+        cur = await db.execute(
+            "DELETE FROM usage WHERE id IN (SELECT u.id FROM accounts a "
+            "JOIN usage u ON u.account_id = a.id WHERE a.status = 'deleted' "
+            "AND a.deleted_at <= ? LIMIT ?)", (cutoff, PURGE_CHUNK))
+        total += cur.rowcount
+        if cur.rowcount < PURGE_CHUNK:
+            return total
+
+
+class RetentionJob:
+    """Runs ``purge`` now and then every ``interval_s``; clock and sleep are injectable."""
+
+    def __init__(self, db: aiosqlite.Connection, retention_days: int, *,
+                 interval_s: float = 3600.0, clock: Callable[[], int] = store.now_ms) -> None:
+        self.db = db
+        self.retention_days = retention_days
+        self.interval_s = interval_s
+        self.clock = clock
+        self.purged = 0
+
+    async def run_once(self) -> int:
+        n = await purge(self.db, self.retention_days, self.clock())
+        self.purged += n
+        if n:
+            log.info("retention: purged %d usage rows of accounts deleted more than %d days ago",
+                     n, self.retention_days)
+        return n
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:
+                log.error("retention purge failed (will retry): %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+
+RETENTION = web.AppKey("flint.retention", RetentionJob)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/usage", list_usage)
+    app.router.add_get("/api/usage/export", export_usage)
+    app.router.add_delete("/api/usage", delete_usage)
+    app.router.add_post("/api/usage/delete", delete_usage)

@@ -1,0 +1,332 @@
+"""Billing: exact integer costs, atomic reservations, the balance book on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
+
+import aiosqlite
+import openai
+import pytest
+
+from flintproxy import store
+from flintproxy.billing import Billing, cost_nano, format_usd, max_cost_nano
+from flintproxy.config import NANO_PER_USD, BillingConfig, ModelPrice, usd_to_nano
+from flintproxy.errors import InsufficientQuota, ModelNotFound
+from flintproxy.gate import Outcome
+from flintproxy.usage import BILLING, USAGE, USAGE_DB, UsageRow, UsageWriter
+from tests.conftest import Gateway, MockServer, raw_config
+
+MINI = ModelPrice(input_nano_per_mtok=usd_to_nano("0.15", "in"),
+                  output_nano_per_mtok=usd_to_nano("0.60", "out"),
+                  cached_input_nano_per_mtok=usd_to_nano("0.075", "cached"))
+EMBED = ModelPrice(usd_to_nano("0.02", "x"), 0, usd_to_nano("0.02", "x"))
+PRICES = {"gpt-4o-mini": MINI, "text-embedding-3-small": EMBED}
+CFG = BillingConfig(default_max_tokens=1000, flush_interval_s=0.02, flush_batch_rows=100)
+
+
+def exact_cost(price_usd: tuple[str, ...], prompt: int, completion: int,
+               cached: int) -> Decimal:
+    """Reference cost in nano-dollars with Decimal arithmetic (no floats anywhere)."""
+    pin, pout, pcached = (Decimal(p) for p in price_usd)
+    usd = ((prompt - cached) * pin + cached * pcached + completion * pout) / Decimal(1_000_000)
+    return usd * NANO_PER_USD
+
+
+# --- costs -----------------------------------------------------------------------------
+
+
+def test_cost_known_values() -> None:
+    # 800 uncached x 0.15 + 200 cached x 0.075 + 500 x 0.60, per million tokens.
+    assert cost_nano(MINI, 1000, 500, 200) == 435_000
+    assert cost_nano(MINI, 0, 0, 0) == 0
+    # A single token at 0.15 USD/Mtok is 150 nano-dollars exactly.
+    assert cost_nano(MINI, 1, 0, 0) == 150
+    # 1 nano-dollar per million tokens: one token costs 1e-6 nano, rounded up to 1.
+    tiny = ModelPrice(1, 1, 1)
+    assert cost_nano(tiny, 1, 0, 0) == 1
+    assert cost_nano(tiny, 1_000_000, 0, 0) == 1
+    assert cost_nano(tiny, 1_000_001, 0, 0) == 2
+    assert format_usd(cost_nano(MINI, 1000, 500, 200)) == "0.000435"
+    assert format_usd(5 * NANO_PER_USD) == "5.00"
+    assert format_usd(-150) == "-0.00000015"
+
+
+def test_cost_matches_decimal_reference_and_rounds_up_once() -> None:
+    rng = random.Random(4)
+    for _ in range(3000):
+        price_usd = tuple(f"{rng.randint(0, 80)}.{rng.randint(0, 999_999):06d}"
+                          for _ in range(3))
+        price = ModelPrice(usd_to_nano(price_usd[0], "a"), usd_to_nano(price_usd[1], "b"),
+                           usd_to_nano(price_usd[2], "c"))
+        prompt = rng.choice([0, 1, 7, rng.randint(0, 200_000), 10**12])
+        cached = rng.randint(0, prompt)
+        completion = rng.choice([0, 1, rng.randint(0, 100_000), 10**11])
+        got = cost_nano(price, prompt, completion, cached)
+        want = exact_cost(price_usd, prompt, completion, cached)
+        assert isinstance(got, int)
+        assert got == int(want.to_integral_value(rounding=ROUND_CEILING))
+        assert 0 <= got - want < 1
+        # The reservation's maximum bounds every outcome within the reserved counts.
+        assert max_cost_nano(price, prompt, completion) >= got
+
+
+def test_cost_clamps_nonsense_counts() -> None:
+    assert cost_nano(MINI, 100, 0, 500) == cost_nano(MINI, 100, 0, 100)  # cached <= prompt
+    assert cost_nano(MINI, -5, -5, -5) == 0
+    # Cached above the input price (odd, but configurable): the maximum still covers it.
+    odd = ModelPrice(10, 10, 1000)
+    assert max_cost_nano(odd, 10**6, 0) >= cost_nano(odd, 10**6, 0, 10**6)
+
+
+# --- reservations ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
+    conn = await store.open_store(tmp_path / "billing.db")
+    yield conn
+    await conn.close()
+
+
+async def add_account(db: aiosqlite.Connection, credit_nano: int) -> int:
+    cur = await db.execute(
+        "INSERT INTO accounts (email, created_at, credited_nano, balance_nano) VALUES (?, 0, ?, ?)",
+        (f"u{random.random()}@x", credit_nano, credit_nano))
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+async def credit(path: Path, account_id: int, amount: int) -> None:
+    """What `flintproxy admin credit` does, from another connection (another process)."""
+    other = await store.connect(path)
+    try:
+        await other.execute("BEGIN IMMEDIATE")
+        await other.execute("UPDATE accounts SET credited_nano = credited_nano + ?, "
+                            "balance_nano = balance_nano + ? WHERE id = ?",
+                            (amount, amount, account_id))
+        await other.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
+                            "VALUES (?, ?, 0)", (account_id, amount))
+        await other.execute("COMMIT")
+    finally:
+        await other.close()
+
+
+async def db_totals(db: aiosqlite.Connection, account_id: int) -> tuple[int, int, int]:
+    async with db.execute("SELECT credited_nano, charged_nano, balance_nano FROM accounts "
+                          "WHERE id = ?", (account_id,)) as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def outcome(prompt: int, completion: int, cached: int = 0) -> Outcome:
+    return Outcome(status=200, outcome="ok", prompt_tokens=prompt, completion_tokens=completion,
+                   cached_tokens=cached)
+
+
+def row_for(request_id: str, account_id: int, cost: int) -> UsageRow:
+    return UsageRow(request_id, account_id, 1, "gpt-4o-mini", "local", 10, 20, 0, 0, 0, cost,
+                    200, "ok", 1, store.now_ms(), 5, 1)
+
+
+async def test_200_concurrent_reservations_for_10(db: aiosqlite.Connection) -> None:
+    billing = Billing(PRICES, CFG, db)
+    one = max_cost_nano(MINI, 100, 1000)
+    account = await add_account(db, 10 * one + one - 1)  # affords 10, not 11
+
+    async def attempt() -> bool:
+        if not billing.is_loaded(account):
+            await billing.load(account)
+        await asyncio.sleep(0)
+        try:
+            billing.reserve(account, "gpt-4o-mini", 100, None)
+        except InsufficientQuota as exc:
+            assert exc.status == 402 and exc.code == "insufficient_quota"
+            assert exc.payload()["error"]["type"] == "insufficient_quota"
+            return False
+        return True
+
+    results = await asyncio.gather(*(attempt() for _ in range(200)))
+    assert results.count(True) == 10
+    balance, pending, reserved = billing.snapshot(account)
+    assert (balance, pending, reserved) == (11 * one - 1, 0, 10 * one)
+    assert billing.available(account) == one - 1
+
+
+async def test_settle_releases_and_charges_actual(db: aiosqlite.Connection) -> None:
+    billing = Billing(PRICES, CFG, db)
+    writer = UsageWriter(db, billing, CFG)
+    account = await add_account(db, NANO_PER_USD)
+    await billing.load(account)
+    res = billing.reserve(account, "gpt-4o-mini", 100, 50)
+    assert res.amount == max_cost_nano(MINI, 100, 50)
+    cost = billing.settle(res, outcome(80, 40, cached=30))
+    assert cost == cost_nano(MINI, 80, 40, 30)
+    assert billing.settle(res, outcome(1, 1)) == cost  # idempotent
+    writer.record(row_for("r1", account, cost))
+    assert billing.snapshot(account) == (NANO_PER_USD, cost, 0)
+    assert billing.available(account) == NANO_PER_USD - cost
+    writer.start()
+    assert await writer.sync(5)
+    assert billing.snapshot(account) == (NANO_PER_USD - cost, 0, 0)
+    assert await db_totals(db, account) == (NANO_PER_USD, cost, NANO_PER_USD - cost)
+    await writer.drain(5)
+
+
+async def test_release_and_default_ceiling(db: aiosqlite.Connection) -> None:
+    billing = Billing(PRICES, CFG, db)
+    account = await add_account(db, NANO_PER_USD)
+    await billing.load(account)
+    res = billing.reserve(account, "gpt-4o-mini", 10, None)
+    assert res.amount == max_cost_nano(MINI, 10, CFG.default_max_tokens)
+    billing.release(res)
+    billing.release(res)
+    assert billing.available(account) == NANO_PER_USD
+    emb = billing.reserve(account, "text-embedding-3-small", 1000, 0)
+    assert emb.amount == 20_000  # 1000 tokens x 0.02 USD/Mtok, no completion ceiling
+
+
+async def test_unpriced_model_is_refused_not_free(db: aiosqlite.Connection) -> None:
+    billing = Billing(PRICES, CFG, db)
+    account = await add_account(db, NANO_PER_USD)
+    await billing.load(account)
+    with pytest.raises(ModelNotFound) as info:
+        billing.reserve(account, "gpt-unpriced", 1, 1)
+    assert info.value.status == 404 and info.value.code == "model_not_found"
+    with pytest.raises(RuntimeError):
+        billing.reserve(account + 1, "gpt-4o-mini", 1, 1)  # never loaded
+
+
+async def test_overshoot_is_charged_then_blocks(db: aiosqlite.Connection) -> None:
+    billing = Billing(PRICES, CFG, db)
+    writer = UsageWriter(db, billing, CFG)
+    writer.start()
+    account = await add_account(db, 1000)
+    await billing.load(account)
+    res = billing.reserve(account, "gpt-4o-mini", 1, 1)  # reserves 750
+    assert res.amount == 750
+    # The model overran the estimate: the actual cost is charged in full.
+    cost = billing.settle(res, outcome(5, 10))
+    assert cost == 6750
+    writer.record(row_for("over", account, cost))
+    assert billing.available(account) == 1000 - 6750
+    with pytest.raises(InsufficientQuota):
+        billing.reserve(account, "gpt-4o-mini", 0, 0)  # even a free request, while in debt
+    assert await writer.sync(5)
+    assert await db_totals(db, account) == (1000, 6750, -5750)
+    await writer.drain(5)
+
+
+async def test_concurrent_loads_share_one_read(db: aiosqlite.Connection) -> None:
+    billing = Billing(PRICES, CFG, db)
+    account = await add_account(db, 12345)
+    reads = 0
+    real = db.execute_fetchall
+
+    def counting(*args: object, **kw: object) -> object:
+        nonlocal reads
+        reads += 1
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    db.execute_fetchall = counting  # type: ignore[method-assign]
+    try:
+        await asyncio.gather(*(billing.load(account) for _ in range(50)))
+    finally:
+        db.execute_fetchall = real  # type: ignore[method-assign]
+    assert reads == 1
+    assert billing.available(account) == 12345
+    await billing.load(99999)  # no such account: nothing to spend
+    assert billing.available(99999) == 0
+
+
+async def test_credit_from_another_process_reloads_without_double_count(
+        db: aiosqlite.Connection, tmp_path: Path) -> None:
+    billing = Billing(PRICES, CFG, db)
+    writer = UsageWriter(db, billing, CFG)
+    writer.start()
+    account = await add_account(db, 10_000_000)
+    await billing.load(account)
+    # Charges queued and being flushed while credits arrive and are reloaded.
+    for round_ in range(20):
+        for i in range(30):
+            writer.record(row_for(f"c{round_}-{i}", account, 1000 + i))
+        if round_ % 3 == 0:
+            await credit(tmp_path / "billing.db", account, 1_000_000)
+            billing.on_change("credit", account, None)
+        await asyncio.sleep(0.005)
+    assert await writer.sync(10)
+    for _ in range(100):  # the last reload runs on the writer's task
+        if not billing.has_stale():
+            break
+        await asyncio.sleep(0.01)
+    credited, charged, balance = await db_totals(db, account)
+    assert credited == 10_000_000 + 7 * 1_000_000
+    assert charged == 20 * sum(1000 + i for i in range(30))
+    assert balance == credited - charged
+    assert billing.snapshot(account) == (balance, 0, 0)
+    assert billing.available(account) == balance
+    await writer.drain(5)
+
+
+async def test_change_for_unknown_or_all_accounts(db: aiosqlite.Connection,
+                                                  tmp_path: Path) -> None:
+    billing = Billing(PRICES, CFG, db)
+    a = await add_account(db, 100)
+    b = await add_account(db, 200)
+    await billing.load(a)
+    await billing.load(b)
+    billing.on_change("credit", 424242, None)  # not loaded here: nothing to do
+    assert not billing.has_stale()
+    await credit(tmp_path / "billing.db", a, 5)
+    await credit(tmp_path / "billing.db", b, 7)
+    billing.on_change("resync", None, None)
+    assert billing.has_stale()
+    await billing.reload_stale()
+    assert (billing.available(a), billing.available(b)) == (105, 207)
+
+
+# --- end to end: the real server, the openai SDK -----------------------------------------
+
+
+async def test_200_concurrent_streams_for_an_account_that_affords_10(
+        tmp_path: Path, mock_upstream: MockServer,
+        gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    # Prompt tokens free, completions 1 USD/Mtok (1000 nano a token): a stream of the
+    # mock's 20 tokens with max_tokens=20 costs exactly what it reserves, 20,000 nano.
+    raw["models"]["gpt-4o-mini"] = {"input_usd_per_mtok": "0", "output_usd_per_mtok": "1.00"}
+    one = 20 * 1000
+    gw = await gateway_factory(raw, credit_nano=10 * one + one - 1)
+    client = openai.AsyncOpenAI(base_url=gw.base_url, api_key=gw.key, max_retries=0)
+
+    async def stream() -> str:
+        try:
+            chunks = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                stream=True, max_tokens=20, extra_headers={"x-mock-delay-ms": "5"})
+            text = "".join([c.choices[0].delta.content or "" async for c in chunks
+                            if c.choices])
+            assert text.startswith("tok0 ")
+            return "ok"
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 402
+            body = exc.body
+            assert isinstance(body, dict) and body.get("code") == "insufficient_quota"
+            return "402"
+
+    async with client:
+        results = await asyncio.gather(*(stream() for _ in range(200)))
+    assert results.count("ok") == 10 and results.count("402") == 190
+    assert await gw.app[USAGE].sync(10)
+    db = gw.app[USAGE_DB]
+    credited, charged, balance = await db_totals(db, gw.account_id)
+    assert (credited, charged, balance) == (10 * one + one - 1, 10 * one, one - 1)
+    rows = await db.execute_fetchall(
+        "SELECT cost_nano, stream, outcome, completion_tokens FROM usage WHERE account_id = ?",
+        (gw.account_id,))
+    assert sorted(rows) == [(one, 1, "ok", 20)] * 10  # streams are billed, never zero
+    assert gw.app[BILLING].available(gw.account_id) == one - 1
