@@ -18,8 +18,12 @@ even formatted unless INFO is enabled for it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
+import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -111,7 +115,48 @@ def _emit(log: logging.Logger, line: dict[str, object]) -> None:
 
 
 class _AccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Marks the handler ``configure`` installed, so a second call does not add another."""
+    """Writes lines without a flush (a syscall) per line; see ``flush_periodically``.
+
+    Also marks the handler ``configure`` installed, so a second call does not add
+    another. A line waits at most FLUSH_S in the stream's buffer.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._last_flush = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            now = time.monotonic()
+            if now - self._last_flush >= FLUSH_S:
+                self._last_flush = now
+                self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+FLUSH_S = 0.5
+
+
+async def flush_periodically(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: push buffered access lines out at least every FLUSH_S."""
+
+    def flush() -> None:
+        for h in logging.getLogger(LOGGER).handlers:
+            h.flush()
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            flush()
+
+    task = asyncio.get_running_loop().create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    flush()
 
 
 def configure(cfg: MetricsConfig, stream: TextIO | None = None) -> None:

@@ -137,6 +137,7 @@ def create_app(config: Config, gate: Gate | None = None) -> web.Application:
         refusals.append(access.rejected)
         if isinstance(gate, ServiceGate):
             gate.finish_observers.append(access.finished)
+        app.cleanup_ctx.append(accesslog.flush_periodically)
     app.cleanup_ctx.append(db_ctx)  # migrations run here, before anyone else connects
     app.cleanup_ctx.append(accounts_ctx)  # accounts, key cache, change watcher
     app.cleanup_ctx.append(usage_ctx)  # balances, usage writer (drained at exit), retention

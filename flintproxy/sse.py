@@ -77,19 +77,29 @@ def _object_end(buf: bytes, start: int) -> int:
     return -1
 
 
+# A usage object as upstreams send it: numbers and at most one level of nested
+# objects (prompt_tokens_details, completion_tokens_details), no strings with braces.
+USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}"]|"[^"\\]*"|\{[^{}]*\})*\})')
+
+
 def extract_usage(body: bytes) -> Usage | None:
     """Usage from a complete JSON response body, parsing only the usage object."""
-    match = None
-    for match in USAGE_RE.finditer(body):  # noqa: B007 - we want the last match
-        pass
-    if match is None:
+    start = body.rfind(b'"usage"')
+    if start < 0:
         return None
-    start = match.end() - 1
-    end = _object_end(body, start)
-    if end < 0:
-        return None
+    match = USAGE_OBJECT_RE.match(body, start)
+    if match is not None:
+        obj = match.group(1)
+    else:  # an unusual shape (deeper nesting, strings): the general scanner
+        tail = USAGE_RE.match(body, start)
+        if tail is None:
+            return None
+        end = _object_end(body, tail.end() - 1)
+        if end < 0:
+            return None
+        obj = body[tail.end() - 1:end]
     try:
-        return usage_from_dict(orjson.loads(body[start:end]))
+        return usage_from_dict(orjson.loads(obj))
     except orjson.JSONDecodeError:
         return None
 
