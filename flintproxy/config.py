@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -144,10 +144,12 @@ def _table(raw: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
 
 
 def _check_keys(raw: Mapping[str, Any], allowed: set[str], path: str) -> None:
-    for k, v in raw.items():
+    for k in raw:
         if k not in allowed:
             allowed_list = ", ".join(sorted(allowed))
-            raise _fail(f"{path}{k}", v, f"unknown key (allowed: {allowed_list})")
+            # No value in the message: a misplaced secret (api_key = "...") must not
+            # end up in a log.
+            raise ConfigError(f"config error: {path}{k}: unknown key (allowed: {allowed_list})")
 
 
 def _int(raw: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi: int) -> int:
@@ -188,7 +190,10 @@ def usd_to_nano(value: object, key: str) -> int:
         raise _fail(key, value, "is not a decimal number") from None
     if not d.is_finite() or d < 0:
         raise _fail(key, value, "must be a finite amount >= 0")
-    nano = d * NANO_PER_USD
+    # Exact whatever the number of digits (the default context rounds at 28).
+    with localcontext() as ctx:
+        ctx.prec = max(28, len(d.as_tuple().digits) + 10)
+        nano = d * NANO_PER_USD
     if nano != nano.to_integral_value():
         raise _fail(key, value, "has more precision than one nano-dollar")
     return int(nano)
@@ -197,13 +202,19 @@ def usd_to_nano(value: object, key: str) -> int:
 # --- sections -------------------------------------------------------------------
 
 
+def _env_port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise _fail("FLINTPROXY_PORT (environment)", value, "must be an integer in [0, 65535]")
+    return int(value)
+
+
 def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
     p = "server."
     _check_keys(raw, {"host", "port", "max_body_bytes", "heartbeat_interval_s",
                       "shutdown_timeout_s"}, p)
     return ServerConfig(
         host=env.get("FLINTPROXY_HOST") or _str(raw, "host", p, "127.0.0.1") or "127.0.0.1",
-        port=int(env["FLINTPROXY_PORT"]) if env.get("FLINTPROXY_PORT")
+        port=_env_port(env["FLINTPROXY_PORT"]) if env.get("FLINTPROXY_PORT")
         else _int(raw, "port", p, 8080, 0, 65535),
         max_body_bytes=_int(raw, "max_body_bytes", p, 4 * 1024 * 1024, 1024, 1 << 30),
         heartbeat_interval_s=_float(raw, "heartbeat_interval_s", p, 5.0, 0.01),
@@ -229,6 +240,8 @@ def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
     if (not isinstance(models, list) or not models
             or not all(isinstance(m, str) and m for m in models)):
         raise _fail(f"{p}models", models, "must be a non-empty list of model names")
+    if len(set(models)) != len(models):
+        raise _fail(f"{p}models", models, "lists a model twice")
     model_map = raw.get("model_map", {})
     if not isinstance(model_map, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in model_map.items()
@@ -285,6 +298,8 @@ def _limits(raw: Mapping[str, Any]) -> LimitsConfig:
         raise _fail(f"{p}trusted_proxies", proxies, "must be a list of IPs or CIDR networks")
     nets = []
     for j, item in enumerate(proxies):
+        if not isinstance(item, str):
+            raise _fail(f"{p}trusted_proxies[{j}]", item, "must be a string: an IP or CIDR")
         try:
             nets.append(ipaddress.ip_network(item, strict=False))
         except (TypeError, ValueError):
@@ -392,6 +407,8 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config error: file {str(path)!r} not found") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config error: {path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config error: {path}: cannot read: {exc.strerror or exc}") from None
     return build_config(raw, env, source=path)

@@ -77,31 +77,46 @@ def _object_end(buf: bytes, start: int) -> int:
     return -1
 
 
-# A usage object as upstreams send it: numbers and at most one level of nested
-# objects (prompt_tokens_details, completion_tokens_details), no strings with braces.
-USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}"]|"[^"\\]*"|\{[^{}]*\})*\})')
+# A usage object as upstreams send it: at most one level of nested objects
+# (prompt_tokens_details, completion_tokens_details); strings may hold anything.
+_STR = rb'"(?:[^"\\]|\\.)*"'
+USAGE_OBJECT_RE = re.compile(
+    rb"\{(?:[^{}\"]|" + _STR + rb"|\{(?:[^{}\"]|" + _STR + rb")*\})*\}")
+
+
+def _usage_at(buf: bytes, match: re.Match[bytes]) -> Usage | None:
+    """Parse the usage object whose opening brace ends ``match``."""
+    start = match.end() - 1
+    obj = USAGE_OBJECT_RE.match(buf, start)
+    # The regex covers what upstreams send; deeper nesting takes the general scanner.
+    end = obj.end() if obj is not None else _object_end(buf, start)
+    if end < 0:
+        return None
+    try:
+        return usage_from_dict(orjson.loads(buf[start:end]))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def extract_usage(body: bytes) -> Usage | None:
     """Usage from a complete JSON response body, parsing only the usage object."""
-    start = body.rfind(b'"usage"')
-    if start < 0:
-        return None
-    match = USAGE_OBJECT_RE.match(body, start)
-    if match is not None:
-        obj = match.group(1)
-    else:  # an unusual shape (deeper nesting, strings): the general scanner
-        tail = USAGE_RE.match(body, start)
-        if tail is None:
-            return None
-        end = _object_end(body, tail.end() - 1)
-        if end < 0:
-            return None
-        obj = body[tail.end() - 1:end]
-    try:
-        return usage_from_dict(orjson.loads(obj))
-    except orjson.JSONDecodeError:
-        return None
+    match = None
+    for match in USAGE_RE.finditer(body):  # noqa: B007 - the last one is the top level
+        pass
+    return None if match is None else _usage_at(body, match)
+
+
+def _event_start(buf: bytes, pos: int) -> int:
+    """Offset where the event holding ``buf[pos]`` begins."""
+    lf, crlf = buf.rfind(b"\n\n", 0, pos), buf.rfind(b"\r\n\r\n", 0, pos)
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _event_end(buf: bytes, pos: int) -> int:
+    """Offset just past the blank line ending the event holding ``buf[pos]``."""
+    ends = [i + n for i, n in ((buf.find(b"\n\n", pos), 2), (buf.find(b"\r\n\r\n", pos), 4))
+            if i >= 0]
+    return min(ends) if ends else len(buf)
 
 
 def _event_data(event: bytes) -> bytes:
@@ -133,39 +148,44 @@ class StreamScanner:
         if data.endswith(b"\n\n"):
             complete = data
         else:
-            cut = data.rfind(b"\n\n")
-            if cut < 0:
+            # SSE allows CRLF line ends: "\r\n\r\n" ends an event too.
+            lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+            cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+            if cut == 0:
                 if len(data) > MAX_PENDING:
                     self.passthrough = True
                     return data
                 self.pending = data
                 return b""
-            complete, self.pending = data[: cut + 2], data[cut + 2 :]
+            complete, self.pending = data[:cut], data[cut:]
         self.events += complete.count(b"data:")
         if USAGE_RE.search(complete) is None:
             return complete
         return self._take_usage(complete)
 
     def _take_usage(self, complete: bytes) -> bytes:
-        # Slow path, normally once per stream: parse only the events holding usage.
-        kept = []
-        for event in complete.split(b"\n\n"):
-            if not event:
+        # Slow path, normally once per stream: parse only the events holding usage,
+        # and cut out the usage-only one when the client did not ask for usage.
+        # Matches are handled last to first so earlier offsets stay valid.
+        latest: Usage | None = None
+        for match in reversed(list(USAGE_RE.finditer(complete))):
+            start = _event_start(complete, match.start())
+            end = _event_end(complete, match.end())
+            try:
+                obj = orjson.loads(_event_data(complete[start:end]))
+            except orjson.JSONDecodeError:
                 continue
-            if USAGE_RE.search(event) is not None:
-                try:
-                    obj = orjson.loads(_event_data(event))
-                except orjson.JSONDecodeError:
-                    obj = None
-                if isinstance(obj, dict):
-                    usage = usage_from_dict(obj.get("usage"))
-                    if usage is not None:
-                        self.usage = usage
-                    if self.strip_usage and obj.get("choices") == []:
-                        self.events -= 1
-                        continue
-            kept.append(event)
-        return b"".join(e + b"\n\n" for e in kept)
+            if not isinstance(obj, dict):
+                continue
+            usage = usage_from_dict(obj.get("usage"))
+            if usage is not None and latest is None:
+                latest = usage  # the stream's last usage is its total
+            if self.strip_usage and obj.get("choices") == []:
+                self.events -= 1
+                complete = complete[:start] + complete[end:]
+        if latest is not None:
+            self.usage = latest
+        return complete
 
     def flush(self) -> bytes:
         """Whatever partial event is still held when the upstream ends cleanly."""

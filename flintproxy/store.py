@@ -119,15 +119,23 @@ async def connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
+async def _version(db: aiosqlite.Connection) -> int:
+    async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def migrate(db: aiosqlite.Connection) -> int:
-    """Apply pending migrations; return the schema version reached."""
+    """Apply pending migrations; return the schema version reached.
+
+    Safe when several processes start on one database at once (serve and admin,
+    or workers): each migration re-reads the version under the write lock.
+    """
     await db.execute(
         "CREATE TABLE IF NOT EXISTS schema_version"
         " (version INTEGER PRIMARY KEY, applied_at INTEGER)"
     )
-    async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cur:
-        row = await cur.fetchone()
-    current = int(row[0]) if row else 0
+    current = await _version(db)
     for version, script in enumerate(MIGRATIONS, start=1):
         if version <= current:
             continue
@@ -135,14 +143,17 @@ async def migrate(db: aiosqlite.Connection) -> int:
         # explicit transaction so a failed migration leaves nothing behind.
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _split_sql(script):
-                await db.execute(statement)
-            await db.execute("INSERT INTO schema_version VALUES (?, ?)", (version, now_ms()))
+            current = await _version(db)  # another process may have got here first
+            if version > current:
+                for statement in _split_sql(script):
+                    await db.execute(statement)
+                await db.execute("INSERT INTO schema_version VALUES (?, ?)",
+                                 (version, now_ms()))
+                current = version
             await db.execute("COMMIT")
         except BaseException:
             await db.execute("ROLLBACK")
             raise
-        current = version
     return current
 
 
