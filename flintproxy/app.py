@@ -13,7 +13,6 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import aiosqlite
 import orjson
 from aiohttp import web
@@ -26,6 +25,7 @@ from flintproxy.config import Config
 from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadTooLarge
 from flintproxy.gate import CALL, Gate
 from flintproxy.health import health_ctx, readyz
+from flintproxy.httpclient import UpstreamClient
 from flintproxy.metrics import Metrics, add_metrics
 from flintproxy.relay import Relay
 from flintproxy.routing import Router
@@ -99,19 +99,13 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
     await db.close()
 
 
-async def client_session_ctx(app: web.Application) -> AsyncIterator[None]:
-    # One pooled session for all upstream traffic. No connection cap: thousands
-    # of concurrent streams each hold one; keep-alive reuses them.
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-    session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-        read_bufsize=2**16,
-    )
-    app[RELAY].session = session
+async def upstream_client_ctx(app: web.Application) -> AsyncIterator[None]:
+    # One pool of keep-alive connections for all upstream traffic, unbounded:
+    # thousands of concurrent streams each hold one.
+    client = UpstreamClient()
+    app[RELAY].client = client
     yield
-    await session.close()
+    client.close()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -143,7 +137,7 @@ def create_app(config: Config, gate: Gate | None = None) -> web.Application:
     app.cleanup_ctx.append(usage_ctx)  # balances, usage writer (drained at exit), retention
     app.cleanup_ctx.append(service_ctx)
     app.cleanup_ctx.append(health_ctx)
-    app.cleanup_ctx.append(client_session_ctx)
+    app.cleanup_ctx.append(upstream_client_ctx)
     add_api_routes(app)
     add_usage_routes(app)
     app.router.add_post("/v1/chat/completions", relay.chat_completions)

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, istr
@@ -33,6 +32,13 @@ from flintproxy.errors import (
     UpstreamTimeout,
 )
 from flintproxy.gate import CALL, Admission, Call, Gate, Outcome
+from flintproxy.httpclient import (
+    UpstreamClient,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamReadTimeout,
+    UpstreamResponse,
+)
 from flintproxy.routing import Router, Upstream
 from flintproxy.sse import StreamScanner, extract_usage
 from flintproxy.usage import new_request_id
@@ -61,21 +67,20 @@ MAX_REQUEST_ID = 128
 
 def upstream_failure(exc: BaseException, up: Upstream) -> UpstreamError:
     """The one place where client-library errors become our error classes."""
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, UpstreamReadTimeout):
         return UpstreamTimeout(f"Upstream '{up.name}' timed out.")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, UpstreamConnectError):
         return UpstreamError(f"Could not connect to upstream '{up.name}'.")
     return UpstreamError(f"Upstream '{up.name}' failed: {type(exc).__name__}.")
 
 
 def failure_reason(exc: BaseException) -> str:
     """The ``routing.FAILURE_REASONS`` entry (a metrics label) for a failed attempt."""
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, UpstreamReadTimeout):
         return "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, UpstreamConnectError):
         return "connect"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
-                  | aiohttp.ClientOSError):
+    if isinstance(exc, UpstreamDisconnected):
         return "reset"
     return "other"
 
@@ -139,13 +144,13 @@ def parse_call(endpoint: str, body: bytes, request_id: str,
 
 
 class Relay:
-    """Request handlers for /v1, bound to one pooled client session."""
+    """Request handlers for /v1, bound to one pooled upstream client."""
 
     def __init__(self, config: Config, router: Router, gate: Gate) -> None:
         self.config = config
         self.router = router
         self.gate = gate
-        self.session: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None  # set at start-up (needs the loop)
         self.max_body = config.server.max_body_bytes
         self.heartbeat_s = config.server.heartbeat_interval_s
         self.active_streams = 0
@@ -227,21 +232,21 @@ class Relay:
 
     async def _attempt(self, up: Upstream, endpoint: str, body: bytes,
                        headers: CIMultiDict[str], stream: bool,
-                       ) -> tuple[aiohttp.ClientResponse, bytes]:
+                       ) -> tuple[UpstreamResponse, bytes]:
         """One upstream call up to its first byte (stream) or whole body (non-stream)."""
-        assert self.session is not None
+        assert self.client is not None
         # In place: a retry overwrites what the previous attempt added, and drops a
         # previous upstream's key when this one has none.
         headers.popall("Authorization", None)
         headers.update(up.headers)
-        resp = await self.session.post(up.urls[endpoint], data=body, headers=headers,
-                                       timeout=up.timeout)
+        resp = await self.client.post(up.targets[endpoint], headers, body,
+                                      up.cfg.connect_timeout_s, up.cfg.read_timeout_s)
         try:
             if resp.status != 200:
                 return resp, await resp.read()
-            first = await (resp.content.readany() if stream else resp.read())
+            first = await (resp.readany() if stream else resp.read())
             if stream and not first:
-                raise aiohttp.ServerDisconnectedError("stream ended before its first byte")
+                raise UpstreamDisconnected("stream ended before its first byte")
             return resp, first
         except BaseException:
             resp.close()
@@ -259,7 +264,7 @@ class Relay:
             beat = _Heartbeat(request, self.heartbeat_s)
             timer = loop.call_later(self.heartbeat_s, beat.start)
         error: UpstreamError | None = None
-        resp: aiohttp.ClientResponse | None = None
+        resp: UpstreamResponse | None = None
         first = b""
         up = candidates[0]
         wait_started = time.perf_counter()
@@ -270,7 +275,7 @@ class Relay:
                     resp, first = await self._attempt(
                         up, call.endpoint, self._body_for(up, data, body, call.model),
                         headers, call.stream)
-                except (TimeoutError, aiohttp.ClientError) as exc:
+                except (UpstreamConnectError, UpstreamDisconnected, UpstreamReadTimeout) as exc:
                     self.router.failure(up, failure_reason(exc))
                     error = upstream_failure(exc, up)
                     continue
@@ -313,7 +318,7 @@ class Relay:
         finally:
             resp.release()
 
-    def _response_headers(self, resp: aiohttp.ClientResponse,
+    def _response_headers(self, resp: UpstreamResponse,
                           admission: Admission) -> CIMultiDict[str]:
         headers = _filter(resp.headers.items(), RESPONSE_DROP,
                           resp.headers.get("Connection"))
@@ -321,7 +326,7 @@ class Relay:
         headers[X_REQUEST_ID] = admission.call.trace_id
         return headers
 
-    async def _upstream_error(self, resp: aiohttp.ClientResponse, body: bytes,
+    async def _upstream_error(self, resp: UpstreamResponse, body: bytes,
                               admission: Admission, outcome: Outcome,
                               prepared: web.StreamResponse | None) -> web.StreamResponse:
         # 4xx are the client's own errors and an upstream 429 is passed through
@@ -339,7 +344,7 @@ class Relay:
         return web.Response(body=body, status=resp.status,
                             headers=self._response_headers(resp, admission))
 
-    def _plain(self, resp: aiohttp.ClientResponse, body: bytes, admission: Admission,
+    def _plain(self, resp: UpstreamResponse, body: bytes, admission: Admission,
                outcome: Outcome) -> web.Response:
         usage = extract_usage(body)
         outcome.status, outcome.outcome = 200, "ok"
@@ -352,7 +357,7 @@ class Relay:
         return web.Response(body=body, status=200,
                             headers=self._response_headers(resp, admission))
 
-    async def _stream(self, request: web.Request, up: Upstream, resp: aiohttp.ClientResponse,
+    async def _stream(self, request: web.Request, up: Upstream, resp: UpstreamResponse,
                       first: bytes, admission: Admission, outcome: Outcome,
                       client_wants_usage: bool,
                       prepared: web.StreamResponse | None) -> web.StreamResponse:
@@ -365,7 +370,7 @@ class Relay:
             await out.prepare(request)
         outcome.status = 200
         self.active_streams += 1
-        read = resp.content.readany
+        read = resp.readany
         try:
             chunk = scanner.feed(first)
             if chunk:
@@ -380,17 +385,15 @@ class Relay:
                 await out.write(rest)
             outcome.outcome = "ok"
             await out.write_eof()
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            if request.transport is None or request.transport.is_closing():
-                outcome.outcome = "client_disconnect"  # our write failed: the client left
-            else:
-                self.router.failure(up, failure_reason(exc))
-                outcome.outcome = "upstream_error"
-                with contextlib.suppress(ConnectionError):
-                    await _end_with_error(out, upstream_failure(exc, up).sse_event())
-        except (ConnectionError, asyncio.CancelledError):
-            outcome.outcome = "client_disconnect"
-            resp.close()  # abort the upstream at once; it sees the disconnect
+        except (UpstreamDisconnected, UpstreamReadTimeout) as exc:
+            self.router.failure(up, failure_reason(exc))
+            outcome.outcome = "upstream_error"
+            with contextlib.suppress(ConnectionError):
+                await _end_with_error(out, upstream_failure(exc, up).sse_event())
+        except ConnectionError:
+            outcome.outcome = "client_disconnect"  # our write failed: the client left
+        except asyncio.CancelledError:
+            outcome.outcome = "client_disconnect"  # the handler was cancelled: it left
             raise
         finally:
             self.active_streams -= 1

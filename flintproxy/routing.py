@@ -15,11 +15,11 @@ import random
 import time
 from collections.abc import Callable, Mapping
 
-import aiohttp
 from multidict import CIMultiDict
 
 from flintproxy.config import Config, UpstreamConfig
 from flintproxy.errors import ModelNotFound
+from flintproxy.httpclient import Target
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 # Why an upstream attempt failed: a closed set, used as a metrics label.
@@ -30,19 +30,16 @@ class Upstream:
     """One configured upstream with its circuit-breaker state."""
 
     __slots__ = ("cfg", "consecutive_failures", "failures", "headers", "name", "open_until",
-                 "probing", "timeout", "urls")
+                 "probing", "targets")
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name
-        self.urls = {ep: f"{cfg.base_url}/{ep}" for ep in ENDPOINTS}
+        self.targets = {ep: Target(f"{cfg.base_url}/{ep}") for ep in ENDPOINTS}
         # identity: usage is scanned in the bytes we relay, so they must be plain.
         self.headers: CIMultiDict[str] = CIMultiDict({"Accept-Encoding": "identity"})
         if cfg.api_key:
             self.headers["Authorization"] = f"Bearer {cfg.api_key}"
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
-        )
         self.consecutive_failures = 0
         self.open_until = 0.0
         self.probing = False

@@ -1,0 +1,304 @@
+"""A lean HTTP/1.1 client for upstream calls: the relay's one pooled connection layer.
+
+Why not aiohttp's client: under load its per-request machinery (request object,
+auto headers, a task per request to write the body, a payload writer) was the
+largest single cost of the gateway's event loop (bench/hotpath.py). Here a request
+is one ``transport.write`` of pre-joined bytes on a kept-alive connection, the
+response is parsed in C by llhttp (httptools, the parser uvicorn uses), and the body
+is handed to the relay as the socket delivers it. No task is created per request.
+
+- Pool: idle keep-alive connections per (host, port, tls); unbounded, like the
+  relay's streams; an idle connection the upstream closed is dropped when found.
+- A request on a reused connection that the upstream closed before sending a single
+  byte back (a keep-alive race) is sent again once on a fresh connection.
+- Flow control: a response body buffered beyond HIGH_WATER pauses reading from the
+  socket until the relay has taken it (backpressure all the way to the upstream).
+- Timeouts: connect, and read (headers, and each wait for more body).
+- Errors: UpstreamConnectError (could not connect), UpstreamDisconnected (closed,
+  reset or unparsable mid-response), UpstreamReadTimeout. ``relay.upstream_failure``
+  turns them into the client-visible errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+HIGH_WATER = 1 << 20
+
+
+class UpstreamConnectError(ConnectionError):
+    """The upstream could not be reached."""
+
+
+class UpstreamDisconnected(ConnectionError):
+    """The upstream closed, reset or garbled the connection before the response ended."""
+
+
+class UpstreamReadTimeout(TimeoutError):
+    """The upstream sent nothing for longer than the read timeout."""
+
+
+class Target:
+    """A parsed endpoint URL, prepared once per upstream and endpoint."""
+
+    __slots__ = ("host", "key", "port", "request_line", "server_hostname", "ssl")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or (443 if tls else 80)
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        self.server_hostname = self.host if tls else None
+        self.key = (self.host, self.port, tls)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        default_port = parts.port is None
+        host_header = parts.netloc if not default_port else self.host
+        self.request_line = f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream socket and the response being read from it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.parser: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.keep_alive = False
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.complete = False
+        self.received = False
+        self.paused = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def begin(self) -> None:
+        self._reset()
+        self.parser = httptools.HttpResponseParser(self)
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamDisconnected(f"invalid HTTP response: {exc}"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.complete:
+            return
+        framed = (b"content-length", b"transfer-encoding")
+        if self.headers_done and not any(n.lower() in framed for n, _ in self.raw_headers):
+            self.complete = True  # a body delimited by closing the connection (RFC 9112 §6.3)
+            self._wake()
+        else:
+            self._fail(UpstreamDisconnected("connection closed before the response ended"))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        # Read here: llhttp forgets it once the message is complete.
+        self.keep_alive = self.parser.should_keep_alive()
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # helpers
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, limit_s: float) -> None:
+        self.waiter = self.loop.create_future()
+        try:
+            async with asyncio.timeout(limit_s):
+                await self.waiter
+        except TimeoutError:
+            raise UpstreamReadTimeout(f"no data from the upstream for {limit_s:g}s") from None
+        finally:
+            self.waiter = None
+
+    def take(self) -> bytes:
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and self.error is None
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamResponse:
+    """The response of one upstream call; release() or close() it exactly once."""
+
+    __slots__ = ("_client", "_conn", "_key", "_read_timeout", "headers", "status")
+
+    def __init__(self, client: UpstreamClient, conn: _Connection, key: tuple[str, int, bool],
+                 read_timeout: float) -> None:
+        self._client = client
+        self._conn: _Connection | None = conn
+        self._key = key
+        self._read_timeout = read_timeout
+        self.status: int = conn.status
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in conn.raw_headers:
+            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        self.headers = headers
+
+    async def readany(self) -> bytes:
+        """The body bytes that have arrived (waiting for some), or b"" at the end."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        while True:
+            if conn.chunks:
+                return conn.take()
+            if conn.complete:
+                return b""
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait(self._read_timeout)
+
+    async def read(self) -> bytes:
+        """The whole remaining body."""
+        parts = []
+        while data := await self.readany():
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def release(self) -> None:
+        """Done with the response: keep the connection if it is clean, else drop it."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if conn.reusable() and not conn.chunks:
+            self._client._idle.setdefault(self._key, []).append(conn)
+        else:
+            conn.abort()
+
+    def close(self) -> None:
+        """Abandon the response: the upstream sees its connection closed at once."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
+
+class UpstreamClient:
+    """The pool of upstream connections, shared by every request."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._loop = asyncio.get_running_loop()
+
+    async def _connect(self, target: Target, limit_s: float) -> _Connection:
+        try:
+            async with asyncio.timeout(limit_s):
+                _, conn = await self._loop.create_connection(
+                    lambda: _Connection(self._loop), target.host, target.port,
+                    ssl=target.ssl, server_hostname=target.server_hostname)
+        except TimeoutError:
+            raise UpstreamConnectError(f"connect to {target.host}:{target.port} timed out"
+                                       ) from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"cannot connect to {target.host}:{target.port}: "
+                                       f"{exc.strerror or exc}") from None
+        return conn
+
+    def _idle_connection(self, key: tuple[str, int, bool]) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def post(self, target: Target, headers: CIMultiDict[str], body: bytes,
+                   connect_timeout: float, read_timeout: float) -> UpstreamResponse:
+        """Send a POST and wait for the response's status and headers."""
+        head = [target.request_line, b"Content-Length: %d\r\n" % len(body)]
+        for name, value in headers.items():
+            head.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+        head.append(b"\r\n")
+        head.append(body)
+        payload = b"".join(head)
+        for attempt in range(2):
+            conn = self._idle_connection(target.key)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(target, connect_timeout)
+            conn.begin()
+            assert conn.transport is not None
+            conn.transport.write(payload)
+            try:
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(read_timeout)
+            except UpstreamDisconnected:
+                conn.abort()
+                if reused and attempt == 0 and not conn.received:
+                    continue  # the upstream had closed the idle connection: resend once
+                raise
+            except BaseException:
+                conn.abort()
+                raise
+            return UpstreamResponse(self, conn, target.key, read_timeout)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        """Close every idle connection (at shutdown)."""
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.abort()
+        self._idle.clear()
