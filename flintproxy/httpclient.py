@@ -61,8 +61,10 @@ class Target:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        default_port = parts.port is None
-        host_header = parts.netloc if not default_port else self.host
+        # From the host name, never the netloc: that may carry user:password@.
+        host_header = f"[{self.host}]" if ":" in self.host else self.host
+        if parts.port is not None:
+            host_header += f":{parts.port}"
         self.request_line = f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
 
 
@@ -80,6 +82,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
+        self.interim = False
         self.keep_alive = False
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -110,7 +113,8 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             return
         framed = (b"content-length", b"transfer-encoding")
-        if self.headers_done and not any(n.lower() in framed for n, _ in self.raw_headers):
+        if (exc is None and self.headers_done
+                and not any(n.lower() in framed for n, _ in self.raw_headers)):
             self.complete = True  # a body delimited by closing the connection (RFC 9112 §6.3)
             self._wake()
         else:
@@ -121,7 +125,13 @@ class _Connection(asyncio.Protocol):
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim response (103 Early Hints, 100 Continue): the real one follows.
+            self.raw_headers = []
+            self.interim = True
+            return
+        self.status = status
         # Read here: llhttp forgets it once the message is complete.
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
@@ -136,6 +146,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:  # the end of an interim response, not of ours
+            self.interim = False
+            return
         self.complete = True
         self._wake()
 
@@ -273,7 +286,7 @@ class UpstreamClient:
         head.append(body)
         payload = b"".join(head)
         for attempt in range(2):
-            conn = self._idle_connection(target.key)
+            conn = self._idle_connection(target.key) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(target, connect_timeout)
