@@ -367,11 +367,12 @@ class Relay:
             out = web.StreamResponse(status=200, headers=self._response_headers(resp, admission))
             if "Content-Type" not in out.headers:
                 out.headers.update(SSE_HEADERS)
-            await out.prepare(request)
         outcome.status = 200
         self.active_streams += 1
         read = resp.readany
         try:
+            if not out.prepared:
+                await out.prepare(request)  # may find the client already gone
             chunk = scanner.feed(first)
             if chunk:
                 await out.write(chunk)
