@@ -6,8 +6,9 @@
 
 A bare ``asyncio.Protocol`` on uvloop (no HTTP library): it parses the status
 line, Content-Length or chunked framing, and times the first response byte, the
-first body byte (TTFB) and the end. A stream counts as an error unless it is
-HTTP 200 and its body ends with ``data: [DONE]``. Prints one JSON object on
+first body byte, the first SSE ``data:`` (the TTFB of a stream: a gateway's
+``: keep-alive`` comments before it do not count) and the end. A stream counts as
+an error unless it is HTTP 200 and its body ends with ``data: [DONE]``. Prints one JSON object on
 stdout. Timestamps in ``slow`` mode are ``time.monotonic()`` (CLOCK_MONOTONIC,
 comparable across processes) so the caller can line them up with RSS samples.
 """
@@ -32,12 +33,14 @@ now = time.monotonic
 
 
 class Result:
-    __slots__ = ("body_bytes", "error", "status", "t_body", "t_end", "t_head", "t_sent", "tail")
+    __slots__ = ("body_bytes", "error", "status", "t_body", "t_data", "t_end", "t_head", "t_sent",
+                 "tail")
 
     def __init__(self, t_sent: float) -> None:
         self.t_sent = t_sent
         self.t_head = 0.0  # first response byte
         self.t_body = 0.0  # first body byte
+        self.t_data = 0.0  # first SSE "data:" (not a ": keep-alive" comment before it)
         self.t_end = 0.0
         self.status = 0
         self.body_bytes = 0
@@ -96,6 +99,8 @@ class Conn(asyncio.Protocol):
             self._chunked(data)
         else:
             res.body_bytes += len(data)
+            if not res.t_data and b"data:" in res.tail + data:
+                res.t_data = now()
             res.tail = (res.tail + data)[-16:]
             self.remaining -= len(data)
             if self.remaining <= 0:
@@ -134,7 +139,10 @@ class Conn(asyncio.Protocol):
                 data_part = min(take, self.remaining - 2)
                 if data_part > 0:
                     res.body_bytes += data_part
-                    res.tail = (res.tail + buf[pos:pos + data_part])[-16:]
+                    piece = buf[pos:pos + data_part]
+                    if not res.t_data and b"data:" in res.tail + piece:
+                        res.t_data = now()
+                    res.tail = (res.tail + piece)[-16:]
                 pos += take
                 self.remaining -= take
                 continue
@@ -232,11 +240,21 @@ async def mode_rate(args: argparse.Namespace, raw: bytes, host: str, port: int) 
     errors: dict[str, int] = {}
     lag: list[float] = []
 
+    async def take() -> Conn:
+        while idle:  # a server may have closed an idle keep-alive connection
+            conn = idle.pop()
+            if conn.usable:
+                return conn
+            conn.close()
+        return await connect(host, port)
+
     async def one() -> None:
-        conn = idle.pop() if idle else await connect(host, port)
+        conn = await take()
         res = await asyncio.wait_for(conn.request(raw), args.timeout)
         if ok(res, args.stream):
-            ttfb.append((res.t_body or res.t_end) - res.t_sent)
+            first = (res.t_data or res.t_body or res.t_end) if args.stream else \
+                (res.t_body or res.t_end)
+            ttfb.append(first - res.t_sent)
             total.append(res.t_end - res.t_sent)
         else:
             errors[why(res, args.stream)] = errors.get(why(res, args.stream), 0) + 1
@@ -251,9 +269,8 @@ async def mode_rate(args: argparse.Namespace, raw: bytes, host: str, port: int) 
         except (OSError, TimeoutError) as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
-    # Warm-up: a few requests on every pooled connection, not measured.
-    for conn in list(idle):
-        await conn.request(raw)
+    # Warm-up: one request on every pooled connection, not measured.
+    await asyncio.gather(*(asyncio.wait_for(c.request(raw), args.timeout) for c in idle))
     tasks = []
     start = now()
     n = int(args.rate * args.duration)
@@ -296,7 +313,7 @@ async def mode_slow(args: argparse.Namespace, raw: bytes, host: str, port: int) 
             res = await asyncio.wait_for(fut, args.timeout)
             ends[i] = res.t_end
             if ok(res, True):
-                firsts[i] = res.t_body - t0
+                firsts[i] = (res.t_data or res.t_body) - t0
             else:
                 failed[i] = True
                 errors[why(res, True)] = errors.get(why(res, True), 0) + 1

@@ -106,13 +106,28 @@ def start(name: str, cmd: Sequence[str], logdir: Path, cpus: str | None = None,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, **(env or {})})
     child = Child(name, proc, log, cpus)
+    child.extra["cmd"], child.extra["env"], child.extra["logdir"] = list(cmd), env, logdir
     _children.append(child)
     return child
+
+
+def restart(child: Child) -> Child:
+    """Stop ``child`` and start the same command again (a fresh process, fresh RSS)."""
+    child.stop()
+    forget(child)
+    new = start(child.name, child.extra["cmd"], child.extra["logdir"], child.cpus,
+                child.extra["env"])
+    new.extra.update({k: v for k, v in child.extra.items() if k not in new.extra})
+    return new
 
 
 def stop_all() -> None:
     while _children:
         _children.pop().stop(5)
+
+
+def all_pids() -> list[int]:
+    return [p for c in _children for p in c.pids()]
 
 
 def forget(child: Child) -> None:
@@ -132,6 +147,25 @@ def descendants(pid: int) -> list[int]:
         for k in kids:
             out.append(int(k))
             todo.append(int(k))
+    return out
+
+
+def tcp_counters() -> dict[str, int]:
+    """Kernel TCP counters that explain slow connects: accept-queue overflows, SYN retries."""
+    out: dict[str, int] = {}
+    want = {"ListenOverflows", "ListenDrops", "TCPSynRetrans", "TCPTimeouts", "TCPAbortOnData",
+            "TCPAbortOnClose", "TCPAbortOnMemory", "RetransSegs", "AttemptFails",
+            "EstabResets"}
+    for name in ("/proc/net/netstat", "/proc/net/snmp"):
+        try:
+            lines = Path(name).read_text().splitlines()
+        except OSError:
+            continue
+        for head, vals in zip(lines[::2], lines[1::2], strict=False):
+            keys, nums = head.split()[1:], vals.split()[1:]
+            for k, v in zip(keys, nums, strict=False):
+                if k in want:
+                    out[k] = int(v)
     return out
 
 

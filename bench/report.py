@@ -8,8 +8,8 @@ from typing import Any
 
 COLORS = {"direct": "#777777", "nginx": "#2e8b57", "flintproxy": "#e4572e",
           "litellm": "#6a4c93"}
-W, H = 720, 300
-PAD_L, PAD_R, PAD_T, PAD_B = 64, 16, 28, 44
+W, H = 720, 310
+PAD_L, PAD_R, PAD_T, PAD_B = 64, 16, 42, 44
 
 
 def _e(s: object) -> str:
@@ -65,8 +65,8 @@ def _legend(names: list[str]) -> str:
     parts = []
     x = PAD_L + 8
     for n in names:
-        parts.append(f'<rect x="{x}" y="{PAD_T + 2}" width="10" height="10" '
-                     f'fill="{COLORS.get(n, "#333")}"/><text x="{x + 14}" y="{PAD_T + 11}">'
+        parts.append(f'<rect x="{x}" y="{PAD_T - 17}" width="10" height="10" '
+                     f'fill="{COLORS.get(n, "#333")}"/><text x="{x + 14}" y="{PAD_T - 8}">'
                      f'{_e(n)}</text>')
         x += 18 + 7 * len(n) + 10
     return "".join(parts)
@@ -105,7 +105,7 @@ def line_chart(title: str, series: dict[str, tuple[list[float], list[float]]], x
     ys_all = [y for _, ys in series.values() for y in ys]
     if not xs_all:
         return ""
-    xmax = xmax or max(xs_all) or 1.0
+    xmax = xmax or _nice_max(max(xs_all))
     ymax = _nice_max(max(ys_all) if ys_all else 1.0)
     out = _frame(title, xlabel, ylabel, ymax)
     pw, ph = W - PAD_L - PAD_R, H - PAD_T - PAD_B
@@ -273,6 +273,9 @@ def render(data: dict[str, Any], table_text: str, checks_text: str) -> str:
                                      "seconds", "MiB above baseline"))
     feats = data.get("features", {})
     notes = "".join(f"<li>{_e(n)}</li>" for n in meta.get("notes", []))
+    if meta.get("noisy_runs"):
+        notes += (f"<li>Figures that may not be the gateway's own: "
+                  f"{_e('; '.join(meta['noisy_runs']))}; rerun before quoting those.</li>")
     plan = meta["plan"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flintproxy bench {_e(meta['time'])}</title>
@@ -293,8 +296,7 @@ Python {_e(meta['python'])} · flintproxy {_e(meta['flintproxy'])} · nginx {_e(
 · {'full' if not meta['quick'] else 'quick'} run, {meta['runtime_s']:.0f} s</p>
 <p>Gateway under test pinned to CPU {_e(meta['pinning']['gateway'])}; load generator
 ({'wrk' if meta['wrk'] else 'asyncio client: wrk missing'}) and upstreams
-({_e(meta['upstream'])} canned responses; flintproxy mock-upstream for slow streams,
-{plan['slow_chunks']} chunks {plan['slow_delay_ms']:g} ms apart) on CPU
+({_e(meta['upstream'])} canned responses; flintproxy mock-upstream for slow streams) on CPU
 {_e(meta['pinning']['load generator'])}. Saturation: {plan['conns']} connections,
 {plan['sat_s']:g} s per row. flintproxy: {_e(feats.get('auth'))}; /metrics HTTP
 {_e(feats.get('metrics_status'))}; {_e(feats.get('usage_rows', '?'))} usage rows written.</p>

@@ -19,14 +19,19 @@ script on CPU 1.
 Scenarios: (a) non-streaming: requests/s at saturation (wrk), latency at a
 moderate fixed rate (wrk with a per-connection think time); (b) streaming 20-chunk
 responses: requests/s (wrk) and TTFB at a fixed rate (asyncio client); (c) 1,000
-and 5,000 concurrent slow streams (64 chunks 20 ms apart): TTFB, errors, and the
-gateway's RSS per concurrent stream; (d) gateway CPU-seconds per 1,000 requests.
+and 5,000 concurrent slow streams (arriving at 500/s, offering 10,000 events/s in
+all: 1,000 x 64 chunks 100 ms apart, 5,000 x 28 chunks 500 ms apart): TTFB, errors,
+and the gateway's RSS per concurrent stream; (d) gateway CPU-seconds per 1,000
+requests.
 
 Output: a table on stdout (every figure beside the direct baseline as a ratio),
 bench/results/bench-<time>.json and report-<time>.html (and latest.json /
 latest.html). Environment knobs: BENCH_QUICK, BENCH_LITELLM, BENCH_SECONDS,
 BENCH_CONNS, BENCH_SLOW (e.g. "1000,5000"), BENCH_SLOW_CHUNKS, BENCH_SLOW_DELAY_MS,
-BENCH_TTFB_RATE, BENCH_KEEP (keep the work dir's database).
+BENCH_SLOW_RATE, BENCH_SLOW_ARRIVAL, BENCH_TTFB_RATE, BENCH_SCENARIOS (e.g. "ab"),
+BENCH_KEEP (keep the work dir's database), BENCH_IDLE_WAIT, BENCH_LITELLM_BIN,
+BENCH_GATEWAY_TOML (TOML appended to the gateway's config, for what-if runs, e.g.
+'[metrics]\naccess_log = false'; only tables the bench does not write itself).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import secrets
 import shutil
 import signal
@@ -59,6 +65,12 @@ BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 PY = sys.executable
 GW_CPU, LOAD_CPU, UP_CPU = "0", "1", "1"
+# A run during which other processes used more of the machine than this is repeated once.
+NOISE_RETRY_PCT = 10.0
+# At most this many seconds per run are spent repeating noisy runs (half when quick).
+RETRY_BUDGET_S = 60.0
+# A direct slow-stream TTFB p99 above this (and 10x its p50) is a stalled baseline.
+BASELINE_P99_MS = 100.0
 EMAIL = "bench@example.com"
 PROMPT = [{"role": "user", "content": "Count from zero to nineteen, one token each."}]
 # The issue's targets, all judged on the same run.
@@ -94,9 +106,12 @@ class Plan:
     ttfb_rate: float
     ttfb_s: float
     slow_counts: list[int]
-    slow_chunks: int
-    slow_delay_ms: float
+    slow_chunks: int  # 0: derived from slow_rate (see slow_spec)
+    slow_delay_ms: float  # 0: derived from slow_rate
+    slow_rate: float  # events/s all slow streams offer together
+    slow_arrival: float  # new slow streams per second while ramping up
     litellm: bool
+    scenarios: str  # which of a, b, c to run ((d) comes from a and b)
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -107,20 +122,37 @@ class Plan:
             warm_s=1.0 if quick else 2.0,
             sat_s=env_num("BENCH_SECONDS", 3.0 if quick else 8.0),
             conns=int(env_num("BENCH_CONNS", 50)),
-            moderate_s=3.0 if quick else 6.0,
+            moderate_s=2.0 if quick else 6.0,
             moderate_conns=10,
             moderate_delay_ms=20.0,  # 10 connections x (20 ms + latency) ~ 490 req/s
             ttfb_rate=env_num("BENCH_TTFB_RATE", 200.0),
             ttfb_s=2.0 if quick else 5.0,
             slow_counts=[int(x) for x in slow.split(",") if x.strip()],
-            slow_chunks=int(env_num("BENCH_SLOW_CHUNKS", 64)),
-            slow_delay_ms=env_num("BENCH_SLOW_DELAY_MS", 20.0),
+            slow_chunks=int(env_num("BENCH_SLOW_CHUNKS", 0)),
+            slow_delay_ms=env_num("BENCH_SLOW_DELAY_MS", 0),
+            slow_rate=env_num("BENCH_SLOW_RATE", 10_000),
+            slow_arrival=env_num("BENCH_SLOW_ARRIVAL", 500),
             litellm=env_flag("BENCH_LITELLM"),
+            scenarios=os.environ.get("BENCH_SCENARIOS", "abc").lower(),
         )
 
+    def slow_spec(self, n: int) -> tuple[int, float]:
+        """(chunks, ms between chunks) for n concurrent slow streams.
+
+        By default the n streams together offer ``slow_rate`` events/s (10,000: 1,000
+        streams 100 ms apart, 5,000 streams 500 ms apart), so the direct baseline (the
+        Python mock and client sharing one core) is not itself the bottleneck; and each
+        stream outlasts the ramp by 4 s or more (at least 6.4 s; 4.4 s when quick), so all
+        n overlap.
+        """
+        delay = self.slow_delay_ms or max(20.0, 1000.0 * n / self.slow_rate)
+        duration_ms = max(4400.0 if self.quick else 6400.0, 1000 * (self.ramp_s(n) + 4))
+        chunks = self.slow_chunks or max(8, round(duration_ms / delay))
+        return chunks, delay
+
     def ramp_s(self, n: int) -> float:
-        """Streams start evenly over this; shorter than a stream so they all overlap."""
-        return min(1.0, n / 2000)
+        """Streams start evenly over this many seconds (``slow_arrival`` new streams/s)."""
+        return max(0.5, n / self.slow_arrival)
 
 
 @dataclass
@@ -153,6 +185,19 @@ class Target:
         return orjson.dumps(obj)
 
 
+def litellm_version(exe: str) -> str:
+    """The version of the LiteLLM installed beside ``exe`` (its script's interpreter)."""
+    try:
+        first = Path(exe).read_text(errors="replace").split("\n", 1)[0]
+        python = first[2:].strip() if first.startswith("#!") else PY
+        out = subprocess.run([python, "-c", "import importlib.metadata as m; "
+                              "print(m.version('litellm'))"], capture_output=True, text=True,
+                             timeout=30, check=False)
+        return out.stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def core_times() -> dict[str, tuple[int, int]]:
     """Per-CPU (busy, total) jiffies from /proc/stat."""
     out = {}
@@ -174,15 +219,66 @@ def core_busy(before: dict[str, tuple[int, int]],
     return busy
 
 
+def machine_busy_s() -> float:
+    """CPU-seconds every core spent in user/nice/system since boot (no idle, no irq)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:4]]
+    return sum(v) / procs.CLK_TCK
+
+
+def our_cpu_s() -> float:
+    """CPU-seconds of this script, its reaped children (wrk, loadgen) and live children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+            + procs.cpu_seconds(procs.all_pids()))
+
+
+class Noise:
+    """CPU used on the machine by processes that are not the bench's, over a window."""
+
+    def __init__(self) -> None:
+        self.t0, self.m0, self.o0 = time.monotonic(), machine_busy_s(), our_cpu_s()
+
+    def pct(self) -> float:
+        wall = time.monotonic() - self.t0
+        foreign = (machine_busy_s() - self.m0) - (our_cpu_s() - self.o0)
+        return max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1))) if wall else 0.0
+
+
+def wait_idle(max_s: float, threshold_pct: float = 5.0) -> float:
+    """Wait (up to max_s) for 1 s in which the machine is nearly idle; returns the last busy %."""
+    deadline = time.monotonic() + max_s
+    while True:
+        n = Noise()
+        time.sleep(1.0)
+        busy = n.pct()
+        if busy < threshold_pct or time.monotonic() >= deadline:
+            return busy
+
+
+def suspect(res: dict[str, Any]) -> str:
+    """Why a run's figures may not be the gateway's own ("" when they are)."""
+    if res.get("noise_pct", 0) > NOISE_RETRY_PCT:
+        return f"other processes used {res['noise_pct']:.0f}% of the machine"
+    if res.get("unsaturated"):
+        return (f"the gateway's core was only {100 * res['gateway_core_util']:.0f}% busy at "
+                "saturation: something else limited it")
+    return ""
+
+
 class Bench:
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, with_proxies: bool = True) -> None:
         self.plan = plan
+        self.with_proxies = with_proxies  # False: no nginx proxy, no LiteLLM (profiling)
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.work = RESULTS / "work"
         self.notes: list[str] = []
+        self.noisy: list[str] = []
+        self.retry_s = 0.0  # time spent repeating noisy runs
         self.targets: dict[str, Target] = {}
         self.upstream: procs.Child | None = None
         self.mock: procs.Child | None = None
+        self.mock_port = 0
         self.gw_config = self.work / "flintproxy.toml"
         self.gw_port = 0
         self.gw_db = self.work / "flintproxy.db"
@@ -206,6 +302,10 @@ class Bench:
         if self.work.exists():
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True)
+        busy = wait_idle(env_num("BENCH_IDLE_WAIT", 60))
+        if busy >= 5:
+            self.note(f"the machine is busy ({busy:.0f}% of its CPU used by other processes); "
+                      "figures will be noisy")
         nofile = procs.raise_nofile()
         if nofile < 12_000 and max(self.plan.slow_counts, default=0) > 1000:
             self.note(f"open-file limit is {nofile}; 5,000 streams need ~12,000 "
@@ -232,19 +332,15 @@ class Bench:
                                         self.work, UP_CPU)
         procs.wait_port(canned_port, child=self.upstream)
         # The slow-stream upstream.
-        self.mock = procs.start("mock-upstream", [*self.flint_cmd(), "mock-upstream", "--port",
-                                                  str(mock_port), "--chunks",
-                                                  str(self.plan.slow_chunks), "--delay-ms",
-                                                  f"{self.plan.slow_delay_ms:g}"],
-                                self.work, UP_CPU)
-        procs.wait_port(mock_port, child=self.mock)
+        self.mock_port = mock_port
+        self.start_mock(self.plan.slow_spec(max(self.plan.slow_counts, default=1000)))
         up = f"http://127.0.0.1:{canned_port}"
         self.targets["direct"] = Target(
             "direct", "direct", up, "/json/v1/chat/completions", "/sse/v1/chat/completions",
             "", measured_pids=self.upstream.pids())
         self.targets["direct"].child = self.upstream
         self.direct_slow_base = f"http://127.0.0.1:{mock_port}"
-        if self.nginx_bin:
+        if self.nginx_bin and self.with_proxies:
             port = procs.free_port()
             conf = nginxconf.proxy_conf(self.work / "nginx-proxy", port, canned_port, mock_port)
             child = procs.start("nginx-proxy", nginxconf.command(self.nginx_bin, conf),
@@ -262,9 +358,26 @@ class Bench:
             "/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions",
             key=key, child=child)
         self.check_gateway()
-        if self.plan.litellm:
+        if self.plan.litellm and self.with_proxies:
             self.start_litellm(canned_port, mock_port)
         self.data["ports"] = {"canned": canned_port, "mock": mock_port, "gateway": self.gw_port}
+
+    def start_mock(self, spec: tuple[int, float]) -> None:
+        """The slow-stream upstream, its defaults set to ``spec`` (chunks, delay ms).
+
+        Requests also carry x-mock-chunks/x-mock-delay-ms, but not every gateway
+        forwards them (LiteLLM does not), hence the defaults.
+        """
+        if self.mock is not None:
+            if self.mock.extra.get("spec") == spec:
+                return
+            self.mock.stop()
+            procs.forget(self.mock)
+        self.mock = procs.start("mock-upstream", [
+            *self.flint_cmd(), "mock-upstream", "--port", str(self.mock_port), "--chunks",
+            str(spec[0]), "--delay-ms", f"{spec[1]:g}"], self.work, UP_CPU)
+        self.mock.extra["spec"] = spec
+        procs.wait_port(self.mock_port, child=self.mock)
 
     @staticmethod
     def flint_cmd() -> list[str]:
@@ -314,7 +427,7 @@ ip_rpm = 1000000000
 
 [accounts]
 bcrypt_cost = 4
-""")
+""" + (os.environ.get("BENCH_GATEWAY_TOML", "").replace("\\n", "\n") + "\n"))
 
     def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         return procs.run([*self.flint_cmd(), "admin", "--config", str(self.gw_config), *args],
@@ -354,6 +467,15 @@ bcrypt_cost = 4
             procs.forget(t.child)
         t.child = self.start_flintproxy()
 
+    def restart_gateway(self, name: str) -> None:
+        t = self.targets[name]
+        if name == "flintproxy":
+            self.restart_flintproxy()
+        elif name != "direct" and t.child is not None:
+            t.child = procs.restart(t.child)
+            procs.wait_http(t.base + ("/health/liveliness" if name == "litellm" else "/"),
+                            timeout=120, child=t.child)
+
     def check_gateway(self) -> None:
         t = self.targets["flintproxy"]
         for kind in ("json", "sse", "slow"):
@@ -377,28 +499,39 @@ bcrypt_cost = 4
             return
         port = procs.free_port()
         conf = self.work / "litellm.yaml"
+        # Upstream model gpt-4o-mini everywhere: a model LiteLLM knows the price of.
         entries = [("bench-json", f"http://127.0.0.1:{canned_port}/json/v1"),
                    ("bench-sse", f"http://127.0.0.1:{canned_port}/sse/v1"),
                    ("gpt-4o-mini", f"http://127.0.0.1:{mock_port}/v1")]
         conf.write_text("model_list:\n" + "".join(
-            f"  - model_name: {m}\n    litellm_params:\n      model: openai/{m}\n"
+            f"  - model_name: {m}\n    litellm_params:\n      model: openai/gpt-4o-mini\n"
             f"      api_base: {b}\n      api_key: sk-none\n" for m, b in entries)
             + "litellm_settings:\n  telemetry: false\n  drop_params: true\n")
+        master = "sk-" + secrets.token_hex(32)  # its one key: LiteLLM refuses to start without
         child = procs.start("litellm", [exe, "--config", str(conf), "--host", "127.0.0.1",
                                         "--port", str(port), "--num_workers", "1"],
                             self.work, GW_CPU,
                             env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
-                                 "DISABLE_SCHEMA_UPDATE": "True"})
+                                 "DISABLE_SCHEMA_UPDATE": "True", "LITELLM_MASTER_KEY": master})
         try:
             procs.wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=120,
                             child=child)
         except RuntimeError as exc:
-            self.note(f"LiteLLM did not start; no litellm row ({str(exc)[:300]})")
+            self.note(f"LiteLLM did not start; no litellm row (...{str(exc)[-400:]})")
             child.stop()
             return
         self.targets["litellm"] = Target(
-            "litellm", "LiteLLM proxy", f"http://127.0.0.1:{port}", "/v1/chat/completions",
-            "/v1/chat/completions", "/v1/chat/completions", key=None, child=child)
+            "litellm", f"LiteLLM proxy {litellm_version(exe)}", f"http://127.0.0.1:{port}",
+            "/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions",
+            key=master, child=child)
+        status, body = procs.http("POST", self.targets["litellm"].url("json"),
+                                  self.targets["litellm"].body("json"),
+                                  {"Authorization": f"Bearer {master}",
+                                   "Content-Type": "application/json"}, timeout=30)
+        if status != 200:
+            self.note(f"LiteLLM answered {status} ({body[:200]!r}); no litellm row")
+            child.stop()
+            del self.targets["litellm"]
 
     # -- measurement primitives ---------------------------------------------------------
     def slow_url(self, t: Target) -> str:
@@ -441,9 +574,11 @@ bcrypt_cost = 4
         assert self.upstream is not None
         pids = t.pids()
         up_pids = self.upstream.pids() if kind != "slow" else []
+        noise = Noise()
         c0, u0, k0, w0 = (procs.cpu_seconds(pids), procs.cpu_seconds(up_pids), core_times(),
                           time.monotonic())
         res = self.drive(t, kind, seconds, conns, delay_ms)
+        res["noise_pct"] = round(noise.pct(), 1)
         wall = time.monotonic() - w0
         cpu = procs.cpu_seconds(pids) - c0
         res["wall_s"] = wall
@@ -456,81 +591,131 @@ bcrypt_cost = 4
         return res
 
     # -- scenarios -----------------------------------------------------------------------
+    def quiet(self, label: str, fn: Any, retry: bool = True) -> dict[str, Any]:
+        """Run ``fn()``; if other processes took > NOISE_RETRY_PCT of the machine meanwhile,
+        wait for quiet and run it once more, keeping the quieter result."""
+        res: dict[str, Any] = fn()
+        budget = RETRY_BUDGET_S * (0.5 if self.plan.quick else 1.0)
+        if suspect(res) and retry and self.retry_s < budget:
+            t0 = time.monotonic()
+            self.say(f"  ({label}: {suspect(res)}; waiting for quiet and measuring again)")
+            wait_idle(min(30.0, budget - self.retry_s))
+            again: dict[str, Any] = fn()
+            if (not suspect(again) or again.get("noise_pct", 0) < res.get("noise_pct", 0)
+                    or again.get("rps", 0) > res.get("rps", 0) > 0):
+                res = again
+            self.retry_s += time.monotonic() - t0
+        if suspect(res):
+            self.noisy.append(f"{label} ({suspect(res)})")
+        return res
+
     def scenario_throughput(self, kind: str) -> None:
         p = self.plan
         key = "nonstream_sat" if kind == "json" else "stream_sat"
         out = self.data["scenarios"].setdefault(key, {})
         for t in self.targets.values():
-            self.drive(t, kind, p.warm_s, p.conns)  # warm-up, not recorded
-            r = out[t.name] = self.measured(t, kind, p.sat_s, p.conns)
+            def once(t: Target = t) -> dict[str, Any]:
+                self.drive(t, kind, p.warm_s, p.conns)  # warm-up, not recorded
+                r = self.measured(t, kind, p.sat_s, p.conns)
+                r["unsaturated"] = t.name != "direct" and r["gateway_core_util"] < 0.85
+                return r
+
+            r = out[t.name] = self.quiet(f"{key} {t.name}", once)
             self.say(f"  {key:<15} {t.name:<11} {r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:.2f} "
                      f"ms  p99 {r['p99_ms']:.2f} ms  errors {r['error_count']}  gateway core "
-                     f"{100 * r['gateway_core_util']:.0f}%  cores {r['core_busy_pct']}")
+                     f"{100 * r['gateway_core_util']:.0f}%  cores {r['core_busy_pct']}  "
+                     f"noise {r['noise_pct']:.0f}%")
 
     def scenario_moderate(self) -> None:
         p = self.plan
         out = self.data["scenarios"].setdefault("nonstream_moderate", {})
         for t in self.targets.values():
-            r = out[t.name] = self.measured(t, "json", p.moderate_s, p.moderate_conns,
-                                            p.moderate_delay_ms)
+            r = out[t.name] = self.quiet(
+                f"moderate {t.name}", lambda t=t: self.measured(
+                    t, "json", p.moderate_s, p.moderate_conns, p.moderate_delay_ms))
             self.say(f"  moderate        {t.name:<11} {r['rps']:>9,.0f} req/s  p50 "
-                     f"{r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  errors {r['error_count']}")
+                     f"{r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  errors {r['error_count']}"
+                     f"  noise {r['noise_pct']:.0f}%")
 
     def scenario_ttfb(self) -> None:
         p = self.plan
         out = self.data["scenarios"].setdefault("stream_ttfb", {})
         for t in self.targets.values():
-            r = out[t.name] = self.loadgen(
-                "rate", t.url("sse"), t.body("sse"), t.key, "--stream", "--rate",
-                f"{p.ttfb_rate:g}", "--duration", f"{p.ttfb_s:g}")
+            def once(t: Target = t) -> dict[str, Any]:
+                noise = Noise()
+                r = self.loadgen("rate", t.url("sse"), t.body("sse"), t.key, "--stream",
+                                 "--rate", f"{p.ttfb_rate:g}", "--duration", f"{p.ttfb_s:g}")
+                r["noise_pct"] = round(noise.pct(), 1)
+                return r
+
+            r = out[t.name] = self.quiet(f"stream TTFB {t.name}", once)
             q = r["ttfb_ms"]
             self.say(f"  stream TTFB     {t.name:<11} {r['rate']:>9,.0f} req/s  p50 "
                      f"{q.get('p50', 0):.3f} ms  p99 {q.get('p99', 0):.3f} ms  "
-                     f"errors {r['error_count']}")
+                     f"errors {r['error_count']}  noise {r['noise_pct']:.0f}%")
 
     def scenario_slow(self, n: int) -> None:
         p = self.plan
+        chunks, delay_ms = p.slow_spec(n)
+        self.start_mock((chunks, delay_ms))
+        mock_headers = ["--header", f"x-mock-chunks: {chunks}",
+                        "--header", f"x-mock-delay-ms: {delay_ms:g}"]
         out = self.data["scenarios"].setdefault(f"slow_{n}", {})
-        for t in self.targets.values():
-            if t.name == "flintproxy":
-                self.restart_flintproxy()  # a fresh process: RSS growth is the streams' alone
-            t_ = self.targets[t.name]
-            # Warm the gateway's pools and the key cache, then take the baseline.
-            self.loadgen("rate", self.slow_url(t_), t_.body("slow"), t_.key, "--stream",
-                         "--rate", "50", "--duration", "0.5", "--pool", "4",
-                         "--header", "x-mock-delay-ms: 0")
-            time.sleep(0.3)
-            pids = t_.pids() if t.name != "direct" else []
-            base_rss = procs.rss_kib(pids)
-            c0 = procs.cpu_seconds(pids)
-            cmd = procs.pinned([PY, str(BENCH / "loadgen.py"), "slow", self.slow_url(t_),
-                                "--body", t_.body("slow").decode(),
-                                *(["--key", t_.key] if t_.key else []),
-                                "--streams", str(n), "--ramp", f"{p.ramp_s(n):g}",
-                                "--timeout", "120"], LOAD_CPU)
-            with procs.Sampler(pids, 0.05) as sampler:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
-                                      check=False)
-            if proc.returncode != 0 or not proc.stdout.strip():
-                raise RuntimeError(f"loadgen slow failed: {proc.stderr[-2000:]}")
-            r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-            cpu = procs.cpu_seconds(pids) - c0
-            peak_rss = max((s[1] for s in sampler.samples), default=base_rss)
-            r["base_rss_kib"] = base_rss
-            r["peak_rss_kib"] = peak_rss
-            r["rss_kib_per_stream"] = ((peak_rss - base_rss) / r["peak_open"]
-                                       if pids and r["peak_open"] else None)
-            r["gateway_cpu_s"] = cpu if pids else None
-            r["rss_timeline"] = [[round(s[0], 3), s[1]] for s in sampler.samples]
-            r["ramp_s"] = p.ramp_s(n)
-            out[t.name] = r
+        for name in list(self.targets):
+            if name == "litellm" and n > 1000:
+                self.note(f"litellm: {n} slow streams skipped (it admits too few streams/s "
+                          "to open them in reasonable time)")
+                continue
+
+            def once(name: str = name) -> dict[str, Any]:
+                self.restart_gateway(name)  # a fresh process: its RSS growth is the streams'
+                t = self.targets[name]
+                # Warm the gateway's pools and the key cache, then take the baseline.
+                self.loadgen("rate", self.slow_url(t), t.body("slow"), t.key, "--stream",
+                             "--rate", "50", "--duration", "0.5", "--pool", "4",
+                             "--header", "x-mock-delay-ms: 0")
+                time.sleep(0.3)
+                pids = t.pids() if name != "direct" else []
+                base_rss = procs.rss_kib(pids)
+                noise = Noise()
+                c0, k0, tcp0 = procs.cpu_seconds(pids), core_times(), procs.tcp_counters()
+                cmd = procs.pinned([PY, str(BENCH / "loadgen.py"), "slow", self.slow_url(t),
+                                    "--body", t.body("slow").decode(),
+                                    *(["--key", t.key] if t.key else []), *mock_headers,
+                                    "--streams", str(n), "--ramp", f"{p.ramp_s(n):g}",
+                                    "--timeout", "120"], LOAD_CPU)
+                with procs.Sampler(pids, 0.05) as sampler:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                                          check=False)
+                if proc.returncode != 0 or not proc.stdout.strip():
+                    raise RuntimeError(f"loadgen slow failed: {proc.stderr[-2000:]}")
+                r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+                r["noise_pct"] = round(noise.pct(), 1)
+                r["core_busy_pct"] = core_busy(k0, core_times())
+                r["tcp"] = {k: v - tcp0.get(k, 0) for k, v in procs.tcp_counters().items()
+                            if v - tcp0.get(k, 0)}
+                peak_rss = max((s[1] for s in sampler.samples), default=base_rss)
+                r["base_rss_kib"] = base_rss
+                r["peak_rss_kib"] = peak_rss
+                r["rss_kib_per_stream"] = ((peak_rss - base_rss) / r["peak_open"]
+                                           if pids and r["peak_open"] else None)
+                r["gateway_cpu_s"] = procs.cpu_seconds(pids) - c0 if pids else None
+                r["rss_timeline"] = [[round(s[0], 3), s[1]] for s in sampler.samples]
+                r["ramp_s"] = p.ramp_s(n)
+                r["chunks"], r["delay_ms"] = chunks, delay_ms
+                return r
+
+            r = out[name] = self.quiet(f"slow {n} {name}", once, retry=False)
             q = r["ttfb_ms"]
             per = r["rss_kib_per_stream"]
-            self.say(f"  slow {n:<5}      {t.name:<11} ok {r['ok']}/{n}  peak open "
+            grow = (r["peak_rss_kib"] - r["base_rss_kib"]) / 1024
+            self.say(f"  slow {n:<5}      {name:<11} ok {r['ok']}/{n}  peak open "
                      f"{r['peak_open']}  TTFB p50 {q.get('p50', 0):.1f} ms p99 "
                      f"{q.get('p99', 0):.1f} ms  errors {r['error_count']}  "
-                     + (f"RSS +{(peak_rss - base_rss) / 1024:.1f} MiB = {per:.1f} KiB/stream"
-                        if per is not None else ""))
+                     + (f"RSS +{grow:.1f} MiB = {per:.1f} KiB/stream  " if per is not None
+                        else "")
+                     + f"cores {r['core_busy_pct']}  noise {r['noise_pct']:.0f}%"
+                     + (f"  tcp {r['tcp']}" if r.get("tcp") else ""))
 
     # -- the whole run ---------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -539,17 +724,20 @@ bcrypt_cost = 4
         self.setup()
         self.say("targets: " + ", ".join(t.label for t in self.targets.values())
                  + f"; gateway auth: {self.auth_mode}")
-        self.say("(a) non-streaming, saturation")
-        self.scenario_throughput("json")
-        self.say("(a) non-streaming, moderate fixed rate")
-        self.scenario_moderate()
-        self.say("(b) streaming (20 chunks + usage), saturation")
-        self.scenario_throughput("sse")
-        self.say("(b) streaming TTFB at a fixed rate")
-        self.scenario_ttfb()
-        for n in p.slow_counts:
-            self.say(f"(c) {n} concurrent slow streams ({p.slow_chunks} chunks, "
-                     f"{p.slow_delay_ms:g} ms apart)")
+        if "a" in p.scenarios:
+            self.say("(a) non-streaming, saturation")
+            self.scenario_throughput("json")
+            self.say("(a) non-streaming, moderate fixed rate")
+            self.scenario_moderate()
+        if "b" in p.scenarios:
+            self.say("(b) streaming (20 chunks + usage), saturation")
+            self.scenario_throughput("sse")
+            self.say("(b) streaming TTFB at a fixed rate")
+            self.scenario_ttfb()
+        for n in p.slow_counts if "c" in p.scenarios else []:
+            chunks, delay = p.slow_spec(n)
+            self.say(f"(c) {n} concurrent slow streams ({chunks} chunks, {delay:g} ms apart, "
+                     f"started over {p.ramp_s(n):g} s)")
             self.scenario_slow(n)
         self.finish_features()
         return self.data
@@ -592,7 +780,7 @@ bcrypt_cost = 4
             "nginx": nginxconf.version(self.nginx_bin) if self.nginx_bin else None,
             "wrk": bool(self.wrk_bin), "upstream": "nginx" if self.nginx_bin else "canned.py",
             "pinning": {"gateway": GW_CPU, "load generator": LOAD_CPU, "upstreams": UP_CPU},
-            "plan": self.plan.__dict__, "notes": self.notes,
+            "plan": self.plan.__dict__, "notes": self.notes, "noisy_runs": self.noisy,
             "targets": {n: t.label for n, t in self.targets.items()},
             "runtime_s": round(time.monotonic() - self.t_start, 1),
         }
@@ -655,7 +843,9 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     for key in sorted((k for k in sc if k.startswith("slow_")), key=lambda k: int(k[5:])):
         s = sc[key]
         n = int(key[5:])
-        sec = f"(c) {n:,} concurrent slow streams"
+        any_r = next(iter(s.values()), {})
+        sec = (f"(c) {n:,} concurrent slow streams ({any_r.get('chunks')} chunks, "
+               f"{any_r.get('delay_ms', 0):g} ms apart)")
         add(sec, "TTFB p50, ms", "{:.1f}", lambda t, s=s: _get(s, t, "ttfb_ms", "p50"), "lower")
         add(sec, "TTFB p99, ms", "{:.1f}", lambda t, s=s: _get(s, t, "ttfb_ms", "p99"), "lower")
         add(sec, "errors", "{:,.0f}", lambda t, s=s: _get(s, t, "error_count"), "lower")
@@ -752,9 +942,15 @@ def checks(data: dict[str, Any]) -> list[dict[str, Any]]:
           None if v is None else v <= GOALS["added_p50_ms"], "—" if v is None else f"{v:.3f}")
     r = ratio(_get(sc, "slow_1000", "flintproxy", "ttfb_ms", "p99"),
               _get(sc, "slow_1000", "direct", "ttfb_ms", "p99"))
+    d50 = _get(sc, "slow_1000", "direct", "ttfb_ms", "p50") or 0.0
+    d99 = _get(sc, "slow_1000", "direct", "ttfb_ms", "p99") or 0.0
+    # A baseline whose own p99 stalls (the mock upstream or the client falling behind)
+    # makes any ratio to it meaningless: report it, don't judge it.
+    stable = d99 <= max(BASELINE_P99_MS, 10 * d50)
     check("TTFB p99 with 1,000 streams vs direct", r, f"≤ {GOALS['ttfb_p99_ratio_1000']}x",
-          None if r is None else r <= GOALS["ttfb_p99_ratio_1000"],
-          "not run" if r is None else f"{r:.2f}x")
+          None if r is None or not stable else r <= GOALS["ttfb_p99_ratio_1000"],
+          "not run" if r is None else f"{r:.2f}x" if stable
+          else f"{r:.2f}x (direct p99 {d99:.0f} ms: unstable baseline)")
     errors = 0
     for s in sc.values():
         errors += int(_get(s, "flintproxy", "error_count") or 0)
@@ -798,6 +994,12 @@ def main() -> int:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(OSError):
                 Path(f"{bench.gw_db}{suffix}").unlink()
+        for log in bench.work.glob("*.log"):  # the access log: keep its tail
+            if log.stat().st_size > 4 << 20:
+                with log.open("rb") as f:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    tail = f.read()
+                log.write_bytes(b"[... truncated by bench/run.py ...]\n" + tail)
     jpath = RESULTS / f"bench-{bench.stamp}.json"
     jpath.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
     shutil.copyfile(jpath, RESULTS / "latest.json")
@@ -822,6 +1024,9 @@ def main() -> int:
           f"{f.get('charged_usd', 0):.6f} USD")
     for n in bench.notes:
         print(f"NOTE: {n}")
+    if bench.noisy:
+        print("NOTE: figures that may not be the gateway's own: {}; rerun on a quiet "
+              "machine before quoting them".format("; ".join(bench.noisy)))
     print(f"\nresults: {jpath.relative_to(ROOT)}, {hpath.relative_to(ROOT)} "
           f"(also latest.json, latest.html); {meta['runtime_s']:.0f} s")
     return 0
