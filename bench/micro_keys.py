@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import make_mocked_request
+from microbench import bench
 
 from flintproxy import store
 from flintproxy.accounts import Accounts
@@ -32,14 +32,6 @@ KEYS = 1000
 PER_ACCOUNT = 50
 
 
-def bench(name: str, fn: Callable[[int], None], n: int) -> float:
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter_ns()
-        fn(n)
-        best = min(best, (time.perf_counter_ns() - t0) / n / 1000)
-    print(f"{name:<52} {best:8.3f} µs")
-    return best
 
 
 def drive(coro: Coroutine[Any, Any, Any]) -> Any:

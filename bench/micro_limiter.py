@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-import time
-from collections.abc import Callable
+
+from microbench import bench
 
 from flintproxy.config import LimitsConfig
 from flintproxy.gate import Principal
 from flintproxy.limiter import IpGuard, Limiter, client_ip
-
-
-def bench(name: str, fn: Callable[[int], None], n: int) -> float:
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter_ns()
-        fn(n)
-        best = min(best, (time.perf_counter_ns() - t0) / n / 1000)
-    print(f"{name:<44} {best:6.3f} µs")
-    return best
 
 
 def main() -> None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp.test_utils import make_mocked_request
+from microbench import bench
 
 from flintproxy.accesslog import LOGGER, AccessLog
 from flintproxy.config import build_config
@@ -30,14 +29,6 @@ from flintproxy.routing import Router
 BUDGET_US = 5.0
 
 
-def bench(name: str, fn: Callable[[int], None], n: int) -> float:
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter_ns()
-        fn(n)
-        best = min(best, (time.perf_counter_ns() - t0) / n / 1000)
-    print(f"{name:<52} {best:7.3f} µs")
-    return best
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from microbench import bench
 
 from flintproxy.billing import Billing
 from flintproxy.config import BillingConfig, ModelPrice
@@ -26,14 +27,6 @@ NANO = 1_000_000_000
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}
 
 
-def bench(name: str, fn: Callable[[int], None], n: int) -> float:
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter_ns()
-        fn(n)
-        best = min(best, (time.perf_counter_ns() - t0) / n / 1000)
-    print(f"{name:<52} {best:8.3f} µs")
-    return best
 
 
 async def run(path: Path, n: int) -> None:
