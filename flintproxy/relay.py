@@ -65,24 +65,30 @@ HEARTBEAT = b": keep-alive\n\n"
 MAX_REQUEST_ID = 128
 
 
+# The upstream client's errors: what the client sees, and the metrics reason.
+_FAILURES: tuple[tuple[type[Exception], type[UpstreamError], str, str], ...] = (
+    (UpstreamReadTimeout, UpstreamTimeout, "timeout", "Upstream '{}' timed out."),
+    (UpstreamConnectError, UpstreamError, "connect", "Could not connect to upstream '{}'."),
+    (UpstreamDisconnected, UpstreamError, "reset", "Upstream '{}' failed: {}."),
+)
+
+
+def _classify(exc: BaseException) -> tuple[type[UpstreamError], str, str]:
+    for kind, error, reason, message in _FAILURES:
+        if isinstance(exc, kind):
+            return error, reason, message
+    return UpstreamError, "other", "Upstream '{}' failed: {}."
+
+
 def upstream_failure(exc: BaseException, up: Upstream) -> UpstreamError:
-    """The one place where client-library errors become our error classes."""
-    if isinstance(exc, UpstreamReadTimeout):
-        return UpstreamTimeout(f"Upstream '{up.name}' timed out.")
-    if isinstance(exc, UpstreamConnectError):
-        return UpstreamError(f"Could not connect to upstream '{up.name}'.")
-    return UpstreamError(f"Upstream '{up.name}' failed: {type(exc).__name__}.")
+    """The one place where upstream-client errors become our error classes."""
+    error, _, message = _classify(exc)
+    return error(message.format(up.name, type(exc).__name__))
 
 
 def failure_reason(exc: BaseException) -> str:
     """The ``routing.FAILURE_REASONS`` entry (a metrics label) for a failed attempt."""
-    if isinstance(exc, UpstreamReadTimeout):
-        return "timeout"
-    if isinstance(exc, UpstreamConnectError):
-        return "connect"
-    if isinstance(exc, UpstreamDisconnected):
-        return "reset"
-    return "other"
+    return _classify(exc)[1]
 
 
 def _filter(headers: Iterable[tuple[str, str]], drop: frozenset[str],
