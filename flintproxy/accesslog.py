@@ -32,7 +32,7 @@ from aiohttp import web
 
 from flintproxy.config import Config, MetricsConfig
 from flintproxy.errors import FlintError
-from flintproxy.gate import CALL, Admission, Outcome
+from flintproxy.gate import Admission, Exchange, Outcome
 from flintproxy.limiter import client_ip
 
 LOGGER = "flintproxy.access"
@@ -71,22 +71,21 @@ class AccessLog:
             "outcome": outcome.outcome,
             "stream": call.stream,
         }
-        if self._log_ip and admission.request is not None:
-            line["client_ip"] = self._ip(admission.request)
+        if self._log_ip and admission.exchange is not None:
+            line["client_ip"] = self._ip(admission.exchange)
         _emit(log, line)
 
-    def rejected(self, request: web.Request, err: FlintError) -> None:
+    def rejected(self, request: Exchange, err: FlintError) -> None:
         """A /v1 request answered with an error without being admitted."""
         log = self._log
         if not log.isEnabledFor(logging.INFO) or not request.path.startswith("/v1/"):
             return
-        call = request.get(CALL)
-        resource = request.match_info.route.resource
-        line = {
+        call = request.call
+        line: dict[str, object] = {
             "ts": datetime.now(UTC),
             "request_id": call.request_id if call is not None else None,
             "method": request.method,
-            "path": resource.canonical if resource is not None else None,
+            "path": request.route,
             "status": err.status,
             "model": call.model if call is not None and call.model in self._models
             else "other",
@@ -102,9 +101,8 @@ class AccessLog:
             line["client_ip"] = self._ip(request)
         _emit(log, line)
 
-    def _ip(self, request: web.Request) -> str:
-        forwarded = ",".join(request.headers.getall("X-Forwarded-For", ())) or None
-        return client_ip(request.remote, forwarded, self._trusted)
+    def _ip(self, request: Exchange) -> str:
+        return client_ip(request.remote, request.header(b"x-forwarded-for"), self._trusted)
 
 
 def _emit(log: logging.Logger, line: dict[str, object]) -> None:

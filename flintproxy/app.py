@@ -23,12 +23,13 @@ from flintproxy.api import add_api_routes
 from flintproxy.auth import DEMO_KEY, accounts_ctx
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadTooLarge
-from flintproxy.gate import CALL, Gate
+from flintproxy.gate import Exchange, Gate
 from flintproxy.health import health_ctx, readyz
 from flintproxy.httpclient import UpstreamClient
 from flintproxy.metrics import Metrics, add_metrics
-from flintproxy.relay import Relay
+from flintproxy.relay import ROUTES, Relay
 from flintproxy.routing import Router
+from flintproxy.server import Runner, exchange_of
 from flintproxy.service import ServiceGate, service_ctx
 from flintproxy.usage import add_usage_routes, usage_ctx
 
@@ -42,9 +43,10 @@ GATE = web.AppKey("gate", Gate)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Told of every error response of a request the gate did not admit (metrics, access
-# log); admitted requests are accounted for once, by the gate's finish.
+# log); admitted requests are accounted for once, by the gate's finish. The same
+# list serves /v1 (Relay.refusal_observers) and aiohttp's routes.
 REFUSAL_OBSERVERS = web.AppKey("flint.refusal_observers",
-                               list[Callable[[web.Request, FlintError], None]])
+                               list[Callable[[Exchange, FlintError], None]])
 
 
 def error_response(exc: FlintError) -> web.Response:
@@ -53,10 +55,11 @@ def error_response(exc: FlintError) -> web.Response:
 
 
 def _refused(request: web.Request, err: FlintError) -> web.Response:
-    call = request.get(CALL)
-    if call is None or not call.admitted:
-        for observe in request.app.get(REFUSAL_OBSERVERS, ()):
-            observe(request, err)
+    observers = request.app.get(REFUSAL_OBSERVERS, ())
+    if observers:
+        exchange = exchange_of(request)
+        for observe in observers:
+            observe(exchange, err)
     return error_response(err)
 
 
@@ -122,7 +125,8 @@ def create_app(config: Config, gate: Gate | None = None) -> web.Application:
     app[GATE] = gate
     relay = app[RELAY] = Relay(config, router, gate)
     metrics = Metrics(config, router, relay)
-    refusals: list[Callable[[web.Request, FlintError], None]] = [metrics.rejected]
+    refusals = relay.refusal_observers
+    refusals.append(metrics.rejected)
     app[REFUSAL_OBSERVERS] = refusals
     if isinstance(gate, ServiceGate):
         gate.finish_observers.append(metrics.finished)
@@ -140,26 +144,19 @@ def create_app(config: Config, gate: Gate | None = None) -> web.Application:
     app.cleanup_ctx.append(upstream_client_ctx)
     add_api_routes(app)
     add_usage_routes(app)
-    app.router.add_post("/v1/chat/completions", relay.chat_completions)
-    app.router.add_post("/v1/completions", relay.completions)
-    app.router.add_post("/v1/embeddings", relay.embeddings)
-    app.router.add_get("/v1/models", relay.models)
+    # Served by the lean server (``server``); here for connections aiohttp serves.
+    for method, path in ROUTES:
+        app.router.add_route(method, path, relay.aiohttp_route)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_metrics(app, config, metrics)  # /metrics here or on its own port; after usage_ctx
     return app
 
 
-async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start(app: web.Application, host: str, port: int) -> Runner:
     """Start serving ``app``; the caller owns the returned runner (``await runner.cleanup()``)."""
-    # access_log=None: aiohttp's default access log records the client IP, which
-    # the privacy promises forbid. handler_cancellation: a client that goes away
-    # cancels its handler, which closes the upstream request at once.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=app[CONFIG].server.shutdown_timeout_s)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
+    runner = Runner(app, app[RELAY].serve, ROUTES, app[CONFIG].server)
+    await runner.start(host, port)
     return runner
 
 

@@ -31,6 +31,8 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     heartbeat_interval_s: float = 5.0
     shutdown_timeout_s: float = 10.0
+    # A client connection idle (or with a request still incomplete) this long closes.
+    keepalive_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +213,7 @@ def _env_port(value: str) -> int:
 def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
     p = "server."
     _check_keys(raw, {"host", "port", "max_body_bytes", "heartbeat_interval_s",
-                      "shutdown_timeout_s"}, p)
+                      "shutdown_timeout_s", "keepalive_timeout_s"}, p)
     return ServerConfig(
         host=env.get("FLINTPROXY_HOST") or _str(raw, "host", p, "127.0.0.1") or "127.0.0.1",
         port=_env_port(env["FLINTPROXY_PORT"]) if env.get("FLINTPROXY_PORT")
@@ -219,6 +221,7 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
         max_body_bytes=_int(raw, "max_body_bytes", p, 4 * 1024 * 1024, 1024, 1 << 30),
         heartbeat_interval_s=_float(raw, "heartbeat_interval_s", p, 5.0, 0.01),
         shutdown_timeout_s=_float(raw, "shutdown_timeout_s", p, 10.0, 0.0),
+        keepalive_timeout_s=_float(raw, "keepalive_timeout_s", p, 75.0, 0.1),
     )
 
 

@@ -4,6 +4,7 @@
     ├── BadRequest                  400 invalid_request_error
     │   ├── InvalidJSON             400 code=invalid_json
     │   ├── PayloadTooLarge         413 code=payload_too_large
+    │   ├── HeadersTooLarge         431 code=request_header_fields_too_large
     │   └── UnsupportedMediaType    415 code=unsupported_media_type
     ├── AuthenticationError         401 invalid_api_key / invalid_credentials
     ├── InsufficientQuota           402 insufficient_quota
@@ -18,8 +19,10 @@
         └── UpstreamTimeout         504 upstream_timeout
 
 Third-party exceptions (aiohttp client errors, timeouts) are converted into
-UpstreamError/UpstreamTimeout in one place, ``relay.upstream_failure``; the
-``errors_middleware`` in ``app`` renders every FlintError and aiohttp HTTPException.
+UpstreamError/UpstreamTimeout in one place, ``relay.upstream_failure``.
+``Relay.serve`` renders every FlintError of a /v1 route, whichever server parsed
+the request; the ``errors_middleware`` in ``app`` those of every other aiohttp
+route, and aiohttp's own HTTPExceptions.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ class FlintError(Exception):
     def body(self) -> bytes:
         return orjson.dumps(self.payload())
 
+    def head(self) -> bytes:
+        """The error response's header lines: its Content-Type and ``headers``."""
+        lines = [b"Content-Type: application/json\r\n"]
+        lines.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in self.headers.items())
+        return b"".join(lines)
+
     def sse_event(self) -> bytes:
         """The error as a final SSE event, for a stream that already started."""
         return b"data: " + self.body() + b"\n\n"
@@ -81,6 +90,11 @@ class InvalidJSON(BadRequest):
 class PayloadTooLarge(BadRequest):
     status = 413
     code = "payload_too_large"
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+    code = "request_header_fields_too_large"
 
 
 class UnsupportedMediaType(BadRequest):

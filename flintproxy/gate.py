@@ -2,8 +2,8 @@
 
 ``relay`` calls exactly two things per request:
 
-    principal = await gate.authenticate(request)  # key cache, IP guard (401/403/429)
-    admission = await gate.admit(request, call, principal, ...)  # limits, balance
+    principal = await gate.authenticate(exchange)  # key cache, IP guard (401/403/429)
+    admission = await gate.admit(exchange, call, principal, ...)  # limits, balance
     ...relay to the upstream...
     gate.finish(admission, outcome)               # usage, settle, release — never awaits
 
@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from typing import Protocol
-
-from aiohttp import web
 
 from flintproxy.errors import AuthenticationError
 
@@ -58,12 +56,47 @@ class Call:
     # sane one (never trusted as a ledger key), else request_id.
     trace_id: str = ""
     # Set by the gate once admitted: from then on ``finish`` accounts for the request,
-    # and the error middleware must not count it a second time.
+    # and the error rendering must not count it a second time.
     admitted: bool = False
 
 
-# The request's Call, stored by relay as soon as the body is parsed.
-CALL = web.RequestKey("flint.call", Call)
+class Exchange:
+    """One request as the gate, relay and observers see it, whichever server parsed it.
+
+    ``headers`` maps lower-cased names to values (repeated fields joined with ", ",
+    RFC 9110 §5.3); ``raw_headers`` keeps them as received, for forwarding.
+    """
+
+    __slots__ = ("body", "call", "headers", "method", "path", "raw_headers", "remote",
+                 "route", "too_large")
+
+    def __init__(self, method: str, path: str, route: str | None,
+                 raw_headers: list[tuple[bytes, bytes]], remote: str | None,
+                 body: bytes = b"", too_large: bool = False) -> None:
+        self.method = method
+        self.path = path
+        # The matched route ("/v1/chat/completions"), None for an unknown URL: what
+        # logs and metrics may name (a path is client-chosen text).
+        self.route = route
+        self.raw_headers = raw_headers
+        headers: dict[bytes, bytes] = {}
+        for name, value in raw_headers:
+            key = name.lower()
+            prev = headers.get(key)
+            headers[key] = value if prev is None else prev + b", " + value
+        self.headers = headers
+        self.remote = remote
+        self.body = body
+        # The body exceeded the limit and was not kept; answered 413 once authenticated.
+        self.too_large = too_large
+        # Set by relay as soon as the body is parsed (for metrics and the access log of
+        # a request refused before admission).
+        self.call: Call | None = None
+
+    def header(self, name: bytes) -> str | None:
+        """A header's value by its lower-cased name."""
+        value = self.headers.get(name)
+        return None if value is None else value.decode("utf-8", "surrogateescape")
 
 
 @dataclass(slots=True)
@@ -86,12 +119,12 @@ class Outcome:
 class Admission:
     """Everything held for one admitted request until ``finish``."""
 
-    __slots__ = ("call", "headers", "principal", "request", "started", "started_ms", "state")
+    __slots__ = ("call", "exchange", "headers", "principal", "started", "started_ms", "state")
 
     def __init__(self, call: Call, principal: Principal, started: float, started_ms: int,
-                 request: web.Request | None = None) -> None:
+                 exchange: Exchange | None = None) -> None:
         self.call = call
-        self.request = request  # for the access log's opt-in client IP
+        self.exchange = exchange  # for the access log's opt-in client IP
         self.principal = principal
         self.started = started  # perf_counter at arrival
         self.started_ms = started_ms  # wall clock, unix ms
@@ -104,19 +137,19 @@ class Admission:
 class Gate(Protocol):
     """The interface relay depends on; see the module docstring."""
 
-    async def admit(self, request: web.Request, call: Call, principal: Principal,
+    async def admit(self, exchange: Exchange, call: Call, principal: Principal,
                     started: float, started_ms: int) -> Admission: ...
 
     def finish(self, admission: Admission, outcome: Outcome) -> None: ...
 
     def allowed_models(self, principal: Principal) -> frozenset[str] | None: ...
 
-    async def authenticate(self, request: web.Request) -> Principal: ...
+    async def authenticate(self, exchange: Exchange) -> Principal: ...
 
 
-def bearer_token(request: web.Request) -> str:
+def bearer_token(exchange: Exchange) -> str:
     """The API key from ``Authorization: Bearer ...``; raises 401 when absent."""
-    header = request.headers.get("Authorization")
+    header = exchange.header(b"authorization")
     if not header:
         raise AuthenticationError(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
@@ -133,3 +166,30 @@ def hash_key(token: str) -> bytes:
     """SHA-256 of an API key: the only form in which keys are stored or cached."""
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
+
+
+class Responder(Protocol):
+    """How relay answers an Exchange, whichever server it came from.
+
+    ``head`` is a block of serialized header lines (``b"Name: value\\r\\n"...``);
+    the server adds the framing (Content-Length or chunked), Date and Connection.
+    """
+
+    @property
+    def started(self) -> bool:
+        """A response's head has been sent (a stream began)."""
+
+    def respond(self, status: int, head: bytes, body: bytes) -> None:
+        """Send a whole response."""
+
+    async def stream(self, status: int, head: bytes, first: bytes = b"") -> None:
+        """Send a streamed response's head, with its first bytes when there are any."""
+
+    async def write(self, data: bytes) -> None:
+        """Send more of a stream, waiting while the client's socket is full.
+
+        Raises ConnectionError once the client has gone.
+        """
+
+    async def end(self, last: bytes = b"") -> None:
+        """Send the last bytes of a stream and end it."""

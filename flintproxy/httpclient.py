@@ -164,13 +164,14 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def wait(self, limit_s: float) -> None:
-        self.waiter = self.loop.create_future()
+        # A bare timer, not asyncio.timeout(): this runs once or more per request, and
+        # the context manager costs several times more.
+        waiter = self.waiter = self.loop.create_future()
+        timer = self.loop.call_later(limit_s, _expire, waiter, limit_s)
         try:
-            async with asyncio.timeout(limit_s):
-                await self.waiter
-        except TimeoutError:
-            raise UpstreamReadTimeout(f"no data from the upstream for {limit_s:g}s") from None
+            await waiter
         finally:
+            timer.cancel()
             self.waiter = None
 
     def take(self) -> bytes:
@@ -192,10 +193,15 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _expire(waiter: asyncio.Future[None], limit_s: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamReadTimeout(f"no data from the upstream for {limit_s:g}s"))
+
+
 class UpstreamResponse:
     """The response of one upstream call; release() or close() it exactly once."""
 
-    __slots__ = ("_client", "_conn", "_key", "_read_timeout", "headers", "status")
+    __slots__ = ("_client", "_conn", "_key", "_read_timeout", "raw_headers", "status")
 
     def __init__(self, client: UpstreamClient, conn: _Connection, key: tuple[str, int, bool],
                  read_timeout: float) -> None:
@@ -204,10 +210,21 @@ class UpstreamResponse:
         self._key = key
         self._read_timeout = read_timeout
         self.status: int = conn.status
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in conn.raw_headers:
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        self.headers = headers
+        self.raw_headers = conn.raw_headers  # as received, in order
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The headers, decoded (built on each use: the relay works on raw_headers)."""
+        return CIMultiDict((n.decode("latin-1"), v.decode("latin-1"))
+                           for n, v in self.raw_headers)
+
+    @property
+    def connection(self) -> bytes | None:
+        """The Connection header's value, if any."""
+        for name, value in self.raw_headers:
+            if len(name) == 10 and name.lower() == b"connection":
+                return value
+        return None
 
     async def readany(self) -> bytes:
         """The body bytes that have arrived (waiting for some), or b"" at the end."""
@@ -276,15 +293,15 @@ class UpstreamClient:
                 return conn
         return None
 
-    async def post(self, target: Target, headers: CIMultiDict[str], body: bytes,
+    async def post(self, target: Target, head: bytes, body: bytes,
                    connect_timeout: float, read_timeout: float) -> UpstreamResponse:
-        """Send a POST and wait for the response's status and headers."""
-        head = [target.request_line, b"Content-Length: %d\r\n" % len(body)]
-        for name, value in headers.items():
-            head.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
-        head.append(b"\r\n")
-        head.append(body)
-        payload = b"".join(head)
+        """Send a POST and wait for the response's status and headers.
+
+        ``head``: serialized header lines (``b"Name: value\\r\\n"``...) besides Host
+        and Content-Length, which are added here.
+        """
+        payload = b"".join((target.request_line, b"Content-Length: %d\r\n" % len(body),
+                            head, b"\r\n", body))
         for attempt in range(2):
             conn = self._idle_connection(target.key) if attempt == 0 else None
             reused = conn is not None

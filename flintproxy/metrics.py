@@ -57,7 +57,7 @@ from prometheus_client import (
 
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, ModelNotFound
-from flintproxy.gate import CALL, Admission, Outcome
+from flintproxy.gate import Admission, Exchange, Outcome
 from flintproxy.relay import Relay
 from flintproxy.routing import FAILURE_REASONS, Router
 from flintproxy.usage import USAGE, UsageWriter
@@ -235,15 +235,15 @@ class Metrics:
             self._overhead[bisect_left(OVERHEAD_BUCKETS, ov)] += 1
             self._overhead_sum += ov
 
-    def rejected(self, request: web.Request, err: FlintError) -> None:
+    def rejected(self, exchange: Exchange, err: FlintError) -> None:
         """A request answered with an error before (or without) admission."""
         code = err.code
         if err.status == 429:
             scope = SCOPES.get(code or "", OTHER)
             self._scopes[scope] = self._scopes.get(scope, 0) + 1
-        if request.path not in RELAY_PATHS:
+        if exchange.route not in RELAY_PATHS:
             return
-        call = request.get(CALL)
+        call = exchange.call
         s = (self._slots.get(call.model) if call is not None else None) or self._other
         i = err.status // 100
         s.status[i if 0 < i < 6 else 5] += 1

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, istr
 
 from flintproxy.config import Config
 from flintproxy.errors import (
@@ -31,7 +31,7 @@ from flintproxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from flintproxy.gate import CALL, Admission, Call, Gate, Outcome
+from flintproxy.gate import Admission, Call, Exchange, Gate, Outcome, Responder
 from flintproxy.httpclient import (
     UpstreamClient,
     UpstreamConnectError,
@@ -40,29 +40,39 @@ from flintproxy.httpclient import (
     UpstreamResponse,
 )
 from flintproxy.routing import Router, Upstream
+from flintproxy.server import AiohttpResponder, exchange_from
 from flintproxy.sse import StreamScanner, extract_usage
 from flintproxy.usage import new_request_id
 
-# RFC 9110 §7.6.1: connection-specific fields are never forwarded.
+log = logging.getLogger("flintproxy")
+
+# RFC 9110 §7.6.1: connection-specific fields are never forwarded (names lower-cased).
 HOP_BY_HOP = frozenset(
-    ("connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-                      "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade")
+    (b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
 # Never sent upstream: the client's credentials, cookies, its IP, and what we set.
 REQUEST_DROP = HOP_BY_HOP | frozenset(
-    ("host", "content-length", "authorization", "cookie", "api-key",
-                      "accept-encoding", "expect", "x-forwarded-for", "x-forwarded-host",
-                      "x-forwarded-proto", "forwarded", "x-real-ip", "x-request-id")
+    (b"host", b"content-length", b"authorization", b"cookie", b"api-key",
+     b"accept-encoding", b"expect", b"x-forwarded-for", b"x-forwarded-host",
+     b"x-forwarded-proto", b"forwarded", b"x-real-ip", b"x-request-id")
 )
 # Never sent to the client: framing we redo, the upstream's cookies and rate limits.
 RESPONSE_DROP = HOP_BY_HOP | frozenset(
-    ("content-length", "content-encoding", "set-cookie", "date", "server",
-                      "x-request-id", "authorization")
+    (b"content-length", b"content-encoding", b"set-cookie", b"date", b"server",
+     b"x-request-id", b"authorization")
 )
-X_REQUEST_ID = istr("x-request-id")
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+SSE_HEAD = b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+JSON_HEAD = b"Content-Type: application/json\r\n"
 HEARTBEAT = b": keep-alive\n\n"
 MAX_REQUEST_ID = 128
+# The routes served here, and the endpoint each relays to (None: answered locally).
+ROUTES: dict[tuple[str, str], str | None] = {
+    ("POST", "/v1/chat/completions"): "chat/completions",
+    ("POST", "/v1/completions"): "completions",
+    ("POST", "/v1/embeddings"): "embeddings",
+    ("GET", "/v1/models"): None,
+}
 
 
 # The upstream client's errors: what the client sees, and the metrics reason.
@@ -91,24 +101,38 @@ def failure_reason(exc: BaseException) -> str:
     return _classify(exc)[1]
 
 
-def _filter(headers: Iterable[tuple[str, str]], drop: frozenset[str],
-            connection: str | None) -> CIMultiDict[str]:
-    # Names compared lower-cased (istr hashes case-sensitively, so sets of istr
-    # would not match "Content-Length" against "content-length").
-    extra = frozenset(t.strip().lower() for t in connection.split(",")) if connection else ()
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers:
-        lk = k.lower()
-        if lk not in drop and lk not in extra and not lk.startswith("x-ratelimit-"):
-            out.add(k, v)
-    return out
+def _filter(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes],
+            connection: bytes | None) -> tuple[bytes, bool]:
+    """Serialized header lines minus ``drop``, those the Connection header names and
+    any x-ratelimit-*; and whether a Content-Type was among them."""
+    extra = (frozenset(t.strip().lower() for t in connection.split(b","))
+             if connection else frozenset())
+    lines = []
+    content_type = False
+    for name, value in raw:
+        lname = name.lower()
+        if lname in drop or lname in extra or lname.startswith(b"x-ratelimit-"):
+            continue
+        if lname == b"content-type":
+            content_type = True
+        lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines), content_type
 
 
-def _client_request_id(request: web.Request) -> str | None:
-    given = request.headers.get(X_REQUEST_ID)
+def head_of(headers: dict[str, str]) -> bytes:
+    """Header lines for a str mapping (our own headers: ASCII names and values)."""
+    return "".join([f"{k}: {v}\r\n" for k, v in headers.items()]).encode("latin-1")
+
+
+def _client_request_id(exchange: Exchange) -> str | None:
+    given = exchange.header(b"x-request-id")
     if given and len(given) <= MAX_REQUEST_ID and given.isprintable() and given.isascii():
         return given
     return None
+
+
+def _json_content_type(value: bytes | None) -> bool:
+    return value is not None and value.partition(b";")[0].strip().lower() == b"application/json"
 
 
 def _optional_int(data: dict[str, Any], name: str) -> int | None:
@@ -150,7 +174,12 @@ def parse_call(endpoint: str, body: bytes, request_id: str,
 
 
 class Relay:
-    """Request handlers for /v1, bound to one pooled upstream client."""
+    """The /v1 routes (``ROUTES``), bound to one pooled upstream client.
+
+    ``serve`` is the entry point of both servers: the lean one (``server``) calls it
+    for every /v1 request it parses, aiohttp (``aiohttp_route``) for /v1 requests on
+    connections handed over to it.
+    """
 
     def __init__(self, config: Config, router: Router, gate: Gate) -> None:
         self.config = config
@@ -160,42 +189,67 @@ class Relay:
         self.max_body = config.server.max_body_bytes
         self.heartbeat_s = config.server.heartbeat_interval_s
         self.active_streams = 0
+        # Told of every error response of a request the gate did not admit (metrics,
+        # access log); admitted requests are accounted for once, by the gate's finish.
+        self.refusal_observers: list[Callable[[Exchange, FlintError], None]] = []
 
-    # -- routes -----------------------------------------------------------------
+    async def serve(self, exchange: Exchange, out: Responder) -> None:
+        """Answer one request for a route in ``ROUTES``; errors are rendered OpenAI-shaped."""
+        try:
+            endpoint = ROUTES[exchange.method, exchange.path]
+            if endpoint is None:
+                await self.models(exchange, out)
+            else:
+                await self.proxy(exchange, out, endpoint)
+        except FlintError as exc:
+            self.refuse(exchange, out, exc)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            # Never the request itself in the log: only where it failed.
+            log.exception("unhandled error in %s %s", exchange.method, exchange.route)
+            self.refuse(exchange, out, FlintError(
+                "The server had an error processing your request."))
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.proxy(request, "chat/completions")
+    def refuse(self, exchange: Exchange, out: Responder, err: FlintError) -> None:
+        """Answer with ``err``, and tell the observers unless the gate admitted the request."""
+        call = exchange.call
+        if call is None or not call.admitted:
+            for observe in self.refusal_observers:
+                observe(exchange, err)
+        if out.started:
+            raise ConnectionAbortedError("an error after the response began")
+        out.respond(err.status, err.head(), err.body())
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.proxy(request, "completions")
+    async def aiohttp_route(self, request: web.Request) -> web.StreamResponse:
+        """A /v1 route on a connection aiohttp serves (see ``server``)."""
+        responder = AiohttpResponder(request)
+        await self.serve(await exchange_from(request, self.max_body), responder)
+        return responder.response()
 
-    async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self.proxy(request, "embeddings")
-
-    async def models(self, request: web.Request) -> web.Response:
-        principal = await self.gate.authenticate(request)
+    async def models(self, exchange: Exchange, out: Responder) -> None:
+        principal = await self.gate.authenticate(exchange)
         allowed = self.gate.allowed_models(principal)
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": "flintproxy"}
             for m in self.router.models
             if allowed is None or m in allowed
         ]
-        return web.Response(body=orjson.dumps({"object": "list", "data": data}),
-                            content_type="application/json")
+        out.respond(200, JSON_HEAD, orjson.dumps({"object": "list", "data": data}))
 
     # -- the relay ----------------------------------------------------------------
 
-    async def proxy(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+    async def proxy(self, exchange: Exchange, out: Responder, endpoint: str) -> None:
         started = time.perf_counter()
         started_ms = time.time_ns() // 1_000_000
-        principal = await self.gate.authenticate(request)
-        if request.content_length is not None and request.content_length > self.max_body:
+        principal = await self.gate.authenticate(exchange)
+        if exchange.too_large:
             raise PayloadTooLarge(f"Request body exceeds {self.max_body} bytes.")
-        if request.content_type != "application/json":
+        if not _json_content_type(exchange.headers.get(b"content-type")):
             raise UnsupportedMediaType("Content-Type must be application/json.")
-        body = await request.read()
-        call, data = parse_call(endpoint, body, new_request_id(), _client_request_id(request))
-        request[CALL] = call  # metrics and access log of a request refused before admission
+        body = exchange.body
+        call, data = parse_call(endpoint, body, new_request_id(), _client_request_id(exchange))
+        exchange.call = call
         allowed = self.gate.allowed_models(principal)
         if allowed is not None and call.model not in allowed:
             raise PermissionDenied(f"This API key may not use the model `{call.model}`.",
@@ -209,13 +263,14 @@ class Relay:
                 data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                           "include_usage": True}
                 body = b""  # re-encoded below
-        admission = await self.gate.admit(request, call, principal, started, started_ms)
+        admission = await self.gate.admit(exchange, call, principal, started, started_ms)
         outcome = Outcome(status=500, outcome="error")
         try:
-            headers = _filter(request.headers.items(), REQUEST_DROP, None)
-            headers[X_REQUEST_ID] = call.trace_id
-            return await self._forward(request, admission, candidates, data, body, headers,
-                                       client_wants_usage, outcome)
+            head, _ = _filter(exchange.raw_headers, REQUEST_DROP,
+                              exchange.headers.get(b"connection"))
+            head += b"X-Request-Id: " + call.trace_id.encode("ascii") + b"\r\n"
+            await self._forward(out, admission, candidates, data, body, head,
+                                client_wants_usage, outcome)
         except asyncio.CancelledError:
             outcome.outcome = "client_disconnect"
             if not outcome.prompt_tokens:  # gone before any usage: charge the estimate
@@ -236,16 +291,13 @@ class Relay:
             return orjson.dumps({**data, "model": mapped})
         return body or orjson.dumps(data)
 
-    async def _attempt(self, up: Upstream, endpoint: str, body: bytes,
-                       headers: CIMultiDict[str], stream: bool,
-                       ) -> tuple[UpstreamResponse, bytes]:
+    async def _attempt(self, up: Upstream, endpoint: str, body: bytes, head: bytes,
+                       stream: bool) -> tuple[UpstreamResponse, bytes]:
         """One upstream call up to its first byte (stream) or whole body (non-stream)."""
         assert self.client is not None
-        # In place: a retry overwrites what the previous attempt added, and drops a
-        # previous upstream's key when this one has none.
-        headers.popall("Authorization", None)
-        headers.update(up.headers)
-        resp = await self.client.post(up.targets[endpoint], headers, body,
+        # The upstream's own headers (its key) after the client's: per attempt, so a
+        # retry never carries the previous upstream's key.
+        resp = await self.client.post(up.targets[endpoint], head + up.head, body,
                                       up.cfg.connect_timeout_s, up.cfg.read_timeout_s)
         try:
             if resp.status != 200:
@@ -258,16 +310,15 @@ class Relay:
             resp.close()
             raise
 
-    async def _forward(self, request: web.Request, admission: Admission,
+    async def _forward(self, out: Responder, admission: Admission,
                        candidates: list[Upstream], data: dict[str, Any], body: bytes,
-                       headers: CIMultiDict[str], client_wants_usage: bool,
-                       outcome: Outcome) -> web.StreamResponse:
+                       head: bytes, client_wants_usage: bool, outcome: Outcome) -> None:
         call = admission.call
         loop = asyncio.get_running_loop()
         beat: _Heartbeat | None = None
         timer = None
         if call.stream:
-            beat = _Heartbeat(request, self.heartbeat_s)
+            beat = _Heartbeat(out, self.heartbeat_s)
             timer = loop.call_later(self.heartbeat_s, beat.start)
         error: UpstreamError | None = None
         resp: UpstreamResponse | None = None
@@ -280,7 +331,7 @@ class Relay:
                 try:
                     resp, first = await self._attempt(
                         up, call.endpoint, self._body_for(up, data, body, call.model),
-                        headers, call.stream)
+                        head, call.stream)
                 except (UpstreamConnectError, UpstreamDisconnected, UpstreamReadTimeout) as exc:
                     self.router.failure(up, failure_reason(exc))
                     error = upstream_failure(exc, up)
@@ -304,54 +355,49 @@ class Relay:
                 await beat.stop()
         outcome.upstream = up.name
         outcome.upstream_wait_s = time.perf_counter() - wait_started
-        prepared = beat.response if beat is not None else None
-        if prepared is not None and not prepared.prepared:
-            prepared = None
         if resp is None:
             assert error is not None
-            if prepared is None:
+            if not out.started:
                 raise error
             outcome.status, outcome.outcome = error.status, "upstream_error"
-            await _end_with_error(prepared, error.sse_event())
-            return prepared
+            await out.end(error.sse_event())
+            return
         try:
             if resp.status != 200:
-                return await self._upstream_error(resp, first, admission, outcome, prepared)
-            if not call.stream:
-                return self._plain(resp, first, admission, outcome)
-            return await self._stream(request, up, resp, first, admission, outcome,
-                                      client_wants_usage, prepared)
+                await self._upstream_error(out, resp, first, admission, outcome)
+            elif not call.stream:
+                self._plain(out, resp, first, admission, outcome)
+            else:
+                await self._stream(out, up, resp, first, admission, outcome,
+                                   client_wants_usage)
         finally:
             resp.release()
 
-    def _response_headers(self, resp: UpstreamResponse,
-                          admission: Admission) -> CIMultiDict[str]:
-        headers = _filter(resp.headers.items(), RESPONSE_DROP,
-                          resp.headers.get("Connection"))
-        headers.update(admission.headers)
-        headers[X_REQUEST_ID] = admission.call.trace_id
-        return headers
+    def _response_head(self, resp: UpstreamResponse, admission: Admission) -> tuple[bytes, bool]:
+        head, content_type = _filter(resp.raw_headers, RESPONSE_DROP, resp.connection)
+        if admission.headers:
+            head += head_of(admission.headers)
+        return (head + b"X-Request-Id: " + admission.call.trace_id.encode("ascii") + b"\r\n",
+                content_type)
 
-    async def _upstream_error(self, resp: UpstreamResponse, body: bytes,
-                              admission: Admission, outcome: Outcome,
-                              prepared: web.StreamResponse | None) -> web.StreamResponse:
+    async def _upstream_error(self, out: Responder, resp: UpstreamResponse, body: bytes,
+                              admission: Admission, outcome: Outcome) -> None:
         # 4xx are the client's own errors and an upstream 429 is passed through
         # (ours say "rate_limit_requests/tokens/concurrency"); 5xx become 502.
         outcome.status = resp.status if resp.status < 500 else 502
         outcome.outcome = "upstream_error"
         if resp.status >= 500:
             err = UpstreamError(f"Upstream '{outcome.upstream}' returned HTTP {resp.status}.")
-            if prepared is None:
+            if not out.started:
                 raise err
             body = err.body()
-        if prepared is not None:
-            await _end_with_error(prepared, b"data: " + body.strip() + b"\n\n")
-            return prepared
-        return web.Response(body=body, status=resp.status,
-                            headers=self._response_headers(resp, admission))
+        if out.started:
+            await out.end(b"data: " + body.strip() + b"\n\n")
+            return
+        out.respond(resp.status, self._response_head(resp, admission)[0], body)
 
-    def _plain(self, resp: UpstreamResponse, body: bytes, admission: Admission,
-               outcome: Outcome) -> web.Response:
+    def _plain(self, out: Responder, resp: UpstreamResponse, body: bytes,
+               admission: Admission, outcome: Outcome) -> None:
         usage = extract_usage(body)
         outcome.status, outcome.outcome = 200, "ok"
         outcome.ttfb_s = time.perf_counter() - admission.started
@@ -360,43 +406,35 @@ class Relay:
         else:
             outcome.prompt_tokens = admission.call.prompt_tokens_estimate
             outcome.estimated = True
-        return web.Response(body=body, status=200,
-                            headers=self._response_headers(resp, admission))
+        out.respond(200, self._response_head(resp, admission)[0], body)
 
-    async def _stream(self, request: web.Request, up: Upstream, resp: UpstreamResponse,
+    async def _stream(self, out: Responder, up: Upstream, resp: UpstreamResponse,
                       first: bytes, admission: Admission, outcome: Outcome,
-                      client_wants_usage: bool,
-                      prepared: web.StreamResponse | None) -> web.StreamResponse:
+                      client_wants_usage: bool) -> None:
         scanner = StreamScanner(strip_usage=not client_wants_usage)
-        out = prepared
-        if out is None:
-            out = web.StreamResponse(status=200, headers=self._response_headers(resp, admission))
-            if "Content-Type" not in out.headers:
-                out.headers.update(SSE_HEADERS)
         outcome.status = 200
         self.active_streams += 1
         read = resp.readany
         try:
-            if not out.prepared:
-                await out.prepare(request)  # may find the client already gone
             chunk = scanner.feed(first)
-            if chunk:
-                await out.write(chunk)
+            if out.started:  # heartbeats began it
+                if chunk:
+                    await out.write(chunk)
+            else:
+                head, content_type = self._response_head(resp, admission)
+                await out.stream(200, head if content_type else head + SSE_HEAD, chunk)
             outcome.ttfb_s = time.perf_counter() - admission.started
             while data := await read():
                 chunk = scanner.feed(data)
                 if chunk:
                     await out.write(chunk)
-            rest = scanner.flush()
-            if rest:
-                await out.write(rest)
             outcome.outcome = "ok"
-            await out.write_eof()
+            await out.end(scanner.flush())
         except (UpstreamDisconnected, UpstreamReadTimeout) as exc:
             self.router.failure(up, failure_reason(exc))
             outcome.outcome = "upstream_error"
             with contextlib.suppress(ConnectionError):
-                await _end_with_error(out, upstream_failure(exc, up).sse_event())
+                await out.end(upstream_failure(exc, up).sse_event())
         except ConnectionError:
             outcome.outcome = "client_disconnect"  # our write failed: the client left
         except asyncio.CancelledError:
@@ -412,7 +450,6 @@ class Relay:
                 outcome.prompt_tokens = admission.call.prompt_tokens_estimate
                 outcome.completion_tokens = scanner.estimated_completion_tokens()
                 outcome.estimated = True
-        return out
 
 
 def _apply_usage(outcome: Outcome, usage: Any) -> None:
@@ -422,11 +459,6 @@ def _apply_usage(outcome: Outcome, usage: Any) -> None:
     outcome.reasoning_tokens = usage.reasoning_tokens
 
 
-async def _end_with_error(out: web.StreamResponse, event: bytes) -> None:
-    await out.write(event)
-    await out.write_eof()
-
-
 class _Heartbeat:
     """SSE comments while a stream waits for its first upstream byte.
 
@@ -434,24 +466,22 @@ class _Heartbeat:
     exceeded the interval, so the fast path creates none.
     """
 
-    __slots__ = ("interval", "request", "response", "task")
+    __slots__ = ("interval", "out", "task")
 
-    def __init__(self, request: web.Request, interval: float) -> None:
-        self.request = request
+    def __init__(self, out: Responder, interval: float) -> None:
+        self.out = out
         self.interval = interval
-        self.response: web.StreamResponse | None = None
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        response = self.response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         try:
-            await response.prepare(self.request)
+            await self.out.stream(200, SSE_HEAD, HEARTBEAT)
             while True:
-                await response.write(HEARTBEAT)
                 await asyncio.sleep(self.interval)
+                await self.out.write(HEARTBEAT)
         except ConnectionError:
             return  # the client left; the handler's own cancellation deals with it
 

@@ -15,8 +15,6 @@ import random
 import time
 from collections.abc import Callable, Mapping
 
-from multidict import CIMultiDict
-
 from flintproxy.config import Config, UpstreamConfig
 from flintproxy.errors import ModelNotFound
 from flintproxy.httpclient import Target
@@ -29,17 +27,20 @@ FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "other
 class Upstream:
     """One configured upstream with its circuit-breaker state."""
 
-    __slots__ = ("cfg", "consecutive_failures", "failures", "headers", "name", "open_until",
+    __slots__ = ("cfg", "consecutive_failures", "failures", "head", "name", "open_until",
                  "probing", "targets")
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.targets = {ep: Target(f"{cfg.base_url}/{ep}") for ep in ENDPOINTS}
-        # identity: usage is scanned in the bytes we relay, so they must be plain.
-        self.headers: CIMultiDict[str] = CIMultiDict({"Accept-Encoding": "identity"})
+        # Header lines sent to this upstream after the client's. identity: usage is
+        # scanned in the bytes we relay, so they must be plain.
+        head = b"Accept-Encoding: identity\r\n"
         if cfg.api_key:
-            self.headers["Authorization"] = f"Bearer {cfg.api_key}"
+            key = cfg.api_key.encode("utf-8", "surrogateescape")
+            head += b"Authorization: Bearer " + key + b"\r\n"
+        self.head = head
         self.consecutive_failures = 0
         self.open_until = 0.0
         self.probing = False

@@ -21,7 +21,7 @@ from flintproxy.auth import KEY_AUTH, LOGIN_GUARD, KeyAuthenticator
 from flintproxy.billing import Billing, Reservation
 from flintproxy.config import Config
 from flintproxy.errors import AuthenticationError, FlintError
-from flintproxy.gate import Admission, Call, Outcome, Principal, bearer_token
+from flintproxy.gate import Admission, Call, Exchange, Outcome, Principal, bearer_token
 from flintproxy.limiter import IpGuard, Limiter, Ticket, client_ip
 from flintproxy.usage import BILLING, USAGE, UsageWriter, usage_row
 
@@ -46,13 +46,13 @@ class ServiceGate:
              usage: UsageWriter) -> None:
         self.keys, self.guard, self.billing, self.usage = keys, guard, billing, usage
 
-    async def authenticate(self, request: web.Request) -> Principal:
+    async def authenticate(self, exchange: Exchange) -> Principal:
         keys, guard = self.keys, self.guard
         assert keys is not None and guard is not None, "ServiceGate used before bind()"
-        ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), self._trusted)
+        ip = client_ip(exchange.remote, exchange.header(b"x-forwarded-for"), self._trusted)
         guard.check_blocked(ip)
         try:
-            return await keys.authenticate(bearer_token(request))
+            return await keys.authenticate(bearer_token(exchange))
         except AuthenticationError:
             # Failed auth spends the IP's unauthenticated budget and counts towards
             # its backoff and block.
@@ -60,7 +60,7 @@ class ServiceGate:
             guard.check(ip)
             raise
 
-    async def admit(self, request: web.Request, call: Call, principal: Principal,
+    async def admit(self, exchange: Exchange, call: Call, principal: Principal,
                     started: float, started_ms: int) -> Admission:
         billing, usage = self.billing, self.usage
         assert billing is not None and usage is not None, "ServiceGate used before bind()"
@@ -86,7 +86,7 @@ class ServiceGate:
         except BaseException:
             self.limiter.release(ticket, 0)
             raise
-        admission = Admission(call, principal, started, started_ms, request)
+        admission = Admission(call, principal, started, started_ms, exchange)
         admission.state = (ticket, reservation)
         call.admitted = True
         admission.headers = headers

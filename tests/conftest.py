@@ -21,6 +21,7 @@ from flintproxy import app as app_module
 from flintproxy.auth import ACCOUNTS
 from flintproxy.config import Config, build_config
 from flintproxy.mock import MOCK_STATS, MockSettings, MockStats, create_mock_app
+from flintproxy.server import Runner
 
 TEST_EMAIL = "owner-{}@example.com"  # one account per gateway started
 TEST_CREDIT_NANO = 1_000 * 1_000_000_000  # $1,000: tests are never short of funds
@@ -31,7 +32,7 @@ MODELS = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
 class Server:
     url: str
     app: web.Application
-    runner: web.AppRunner
+    runner: web.AppRunner | Runner
 
     @property
     def port(self) -> int:

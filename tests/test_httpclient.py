@@ -189,10 +189,15 @@ async def client() -> AsyncIterator[UpstreamClient]:
 # -- helpers -----------------------------------------------------------------------------
 
 
+def head(headers: CIMultiDict[str]) -> bytes:
+    """Header lines as the relay hands them to the client."""
+    return b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+
+
 async def post(client: UpstreamClient, target: Target, body: bytes = b"{}", *,
                headers: CIMultiDict[str] | None = None,
                read_timeout: float = READ_S) -> UpstreamResponse:
-    return await client.post(target, headers if headers is not None else CIMultiDict(), body,
+    return await client.post(target, head(headers) if headers is not None else b"", body,
                              CONNECT_S, read_timeout)
 
 
@@ -469,7 +474,7 @@ async def test_connect_refused(client: UpstreamClient) -> None:
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
         started = time.monotonic()
         with pytest.raises(UpstreamConnectError, match=f"127.0.0.1:{port}"):
-            await client.post(Target(f"http://127.0.0.1:{port}{PATH}"), CIMultiDict(), b"{}",
+            await client.post(Target(f"http://127.0.0.1:{port}{PATH}"), b"", b"{}",
                               CONNECT_S, READ_S)
     assert time.monotonic() - started < 1.0
 
@@ -489,7 +494,7 @@ async def test_connect_timeout(client: UpstreamClient) -> None:
                 filler.connect(("127.0.0.1", port))
         started = time.monotonic()
         with pytest.raises(UpstreamConnectError, match="timed out"):
-            await client.post(Target(f"http://127.0.0.1:{port}{PATH}"), CIMultiDict(), b"{}",
+            await client.post(Target(f"http://127.0.0.1:{port}{PATH}"), b"", b"{}",
                               SHORT_S, READ_S)
         elapsed = time.monotonic() - started
     assert SHORT_S * 0.9 <= elapsed < SHORT_S + 1.0

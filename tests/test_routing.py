@@ -239,6 +239,5 @@ def test_upstream_headers_carry_the_key_from_the_environment(tmp_path: Path) -> 
     router = make_router(tmp_path, {"name": "keyed", "api_key_env": "KEYED_UPSTREAM_KEY"},
                          {"name": "open"}, env={"KEYED_UPSTREAM_KEY": "sk-up-123"})
     keyed, open_ = router.upstreams
-    assert keyed.headers["Authorization"] == "Bearer sk-up-123"
-    assert "Authorization" not in open_.headers
-    assert open_.headers["Accept-Encoding"] == "identity"
+    assert keyed.head == b"Accept-Encoding: identity\r\nAuthorization: Bearer sk-up-123\r\n"
+    assert open_.head == b"Accept-Encoding: identity\r\n"

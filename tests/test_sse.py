@@ -10,7 +10,14 @@ from typing import Any
 import orjson
 import pytest
 
-from flintproxy.sse import MAX_PENDING, StreamScanner, Usage, extract_usage, usage_from_dict
+from flintproxy.sse import (
+    MAX_PENDING,
+    SMALL_BODY,
+    StreamScanner,
+    Usage,
+    extract_usage,
+    usage_from_dict,
+)
 
 CHUNK_HEAD: dict[str, Any] = {
     "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1700000000,
@@ -343,6 +350,24 @@ def test_extract_usage_when_the_word_usage_follows_the_usage_object() -> None:
     body = (b'{"id":"x","usage":{"prompt_tokens":9,"completion_tokens":3},'
             b'"choices":[{"index":0,"message":{"role":"assistant","content":"usage"}}]}')
     assert extract_usage(body) == Usage(prompt_tokens=9, completion_tokens=3)
+
+
+def test_extract_usage_of_large_bodies_scans_for_the_usage_object() -> None:
+    # Over SMALL_BODY the body is not parsed whole: the same answers by the scan.
+    def large(body: dict[str, Any]) -> bytes:
+        out = orjson.dumps({"pad": "x" * SMALL_BODY, **body})
+        assert len(out) > SMALL_BODY
+        return out
+
+    assert extract_usage(large(chat_body(USAGE))) == EXPECTED_USAGE
+    assert extract_usage(large(chat_body(None))) is None
+    nested = {**USAGE, "provider": {"name": "x{y}", "quote": 'a"}b', "deep": {"k": [1]}}}
+    assert extract_usage(large(chat_body(nested))) == EXPECTED_USAGE
+    embeddings = {"object": "list", "data": [{"embedding": [0.25] * 2000}],
+                  "usage": {"prompt_tokens": 8, "total_tokens": 8}}
+    assert extract_usage(large(embeddings)) == Usage(prompt_tokens=8)
+    body = large(chat_body(USAGE))
+    assert extract_usage(body[:body.index(b'"usage"') + 30]) is None
 
 
 def test_usage_from_dict_is_lenient_about_types() -> None:

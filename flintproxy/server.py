@@ -1,0 +1,610 @@
+"""The lean HTTP/1.1 server on the gateway's port: /v1 is answered here, the rest by aiohttp.
+
+Why not aiohttp for /v1: its per-request machinery (request and response objects,
+the middleware chain, a task per request, header multidicts) cost more CPU than
+the rest of a relayed request together (bench/hotpath.py). Here, per connection,
+llhttp (httptools, as in uvicorn) parses in C, and one task serves the
+connection's requests in order; a response is one ``transport.write``.
+
+A connection whose request is for any other route (/api, /metrics, /healthz, a
+wrong method...) is handed over to aiohttp for the rest of its life: the transport
+is given to an aiohttp ``RequestHandler`` and the bytes of that request are
+replayed to it, so everything but the hot path keeps aiohttp's full machinery.
+aiohttp serves /v1 on such connections too, through ``Relay.aiohttp_route`` and
+``AiohttpResponder``: both servers end in the same ``Relay.serve``.
+
+Limits: a request head of at most MAX_HEAD bytes (431); a body over the
+configured maximum is not kept (413 once authenticated, then the connection
+closes); a connection idle, or with a request not yet complete, for
+``[server] keepalive_timeout_s`` is closed. Pipelined /v1 requests are answered
+in order; a pipelined request for another route cannot be handed over (its bytes
+are not at hand) and gets a 400, then the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict
+
+from flintproxy.config import ServerConfig
+from flintproxy.errors import BadRequest, FlintError, HeadersTooLarge
+from flintproxy.gate import Exchange, Responder
+
+log = logging.getLogger("flintproxy")
+
+MAX_HEAD = 64 * 1024
+LINGER_S = 2.0  # after a response that ends a connection, read and drop this long
+MAX_PIPELINED = 16  # queued requests before reading from the socket pauses
+SWEEP_S = 1.0
+
+Handler = Callable[[Exchange, Responder], Awaitable[None]]
+
+_STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii"))
+           for s in HTTPStatus}
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"  # said to HTTP/1.0 clients only
+_CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _status_line(status: int) -> bytes:
+    return _STATUS.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+class _Request(Exchange):
+    """An Exchange plus how its connection answers it."""
+
+    __slots__ = ("http11", "keep_alive")
+
+    def __init__(self, method: str, path: str, raw_headers: list[tuple[bytes, bytes]],
+                 remote: str | None, keep_alive: bool, http11: bool) -> None:
+        super().__init__(method, path, path, raw_headers, remote)
+        self.keep_alive = keep_alive
+        self.http11 = http11
+
+
+class _HandOver(Exception):
+    """Raised in a parser callback to stop parsing: aiohttp takes the connection."""
+
+
+class _Refuse(Exception):
+    """Raised in a parser callback: answer ``error`` and close."""
+
+    def __init__(self, error: FlintError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: LeanServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote: str | None = None
+        self.queue: deque[_Request | FlintError] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.writing_paused = False
+        self.reading_paused = False
+        self.closed = False
+        self.closing = False  # no further requests: the server is shutting down
+        self.discarding = False  # ignore further bytes (an error ended the connection)
+        self.busy = False  # a request is being answered
+        self.deadline = self.loop.time() + self.server.idle_s
+        # The request being parsed.
+        self.current: _Request | None = None
+        self.url = b""
+        self.raw: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.in_message = False
+        # The bytes since the current message began, while its route is unknown, when
+        # it began at the start of a read (so aiohttp can be given exactly them).
+        self.replay: list[bytes] | None = None
+        self.chunk = b""
+        self.fresh = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        self.chunk = data
+        # A message that begins in this read begins at its first byte only if no
+        # message was under way and it is the first to begin here.
+        self.fresh = not self.in_message
+        if self.replay is not None:
+            self.replay.append(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, _HandOver):
+                self._hand_over()
+            elif isinstance(cause, _Refuse):
+                self._refuse(cause.error)
+            else:
+                raise
+        except httptools.HttpParserUpgrade:
+            self._refuse(BadRequest("Protocol upgrades are not supported."))
+        except httptools.HttpParserError as exc:
+            self._refuse(BadRequest(f"Malformed HTTP request: {exc}."))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()  # a request being answered: the client left
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake_drain()
+
+    # -- httptools callbacks -----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.current = None
+        self.url = b""
+        self.raw = []
+        self.head_size = 0
+        self.body = []
+        self.body_size = 0
+        self.replay = [self.chunk] if self.fresh else None
+        self.fresh = False
+        self.deadline = self.loop.time() + self.server.idle_s
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+        if self.head_size > MAX_HEAD:
+            raise _Refuse(HeadersTooLarge("The request line and headers are too large."))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD:
+            raise _Refuse(HeadersTooLarge("The request line and headers are too large."))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        method = parser.get_method()
+        path = self.url.partition(b"?")[0]
+        if (method, path) not in self.server.routes:
+            if self.replay is not None and not self.busy and not self.queue:
+                raise _HandOver()
+            # Pipelined behind a /v1 request: its bytes are gone, aiohttp cannot have it.
+            raise _Refuse(BadRequest(
+                "Only /v1 requests may be pipelined; send this one on its own connection."))
+        self.replay = None
+        request = self.current = _Request(
+            method.decode("ascii"), path.decode("ascii"), self.raw, self.remote,
+            parser.should_keep_alive(), parser.get_http_version() == "1.1")
+        length = request.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.server.max_body:
+            self._too_large(request)
+            return
+        if (request.headers.get(b"expect", b"").lower() == b"100-continue"
+                and self.transport is not None and request.http11):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        request = self.current
+        if request is None or request.too_large:
+            return
+        self.body.append(body)
+        self.body_size += len(body)
+        if self.body_size > self.server.max_body:
+            self._too_large(request)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        request, self.current = self.current, None
+        if request is None or request.too_large:
+            return  # a refusal already queued, or a too-large body already dispatched
+        body = self.body
+        request.body = body[0] if len(body) == 1 else b"".join(body)
+        self.body = []
+        self.queue.append(request)
+        self._start()
+
+    # -- serving ------------------------------------------------------------------
+
+    def _too_large(self, request: _Request) -> None:
+        # Answered (413, or 401 first) without the body; the connection then closes
+        # instead of reading the rest.
+        request.too_large = True
+        request.keep_alive = False
+        self.body = []
+        self.queue.append(request)
+        self._start()
+        self.discarding = True
+
+    def _start(self) -> None:
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+        else:
+            waiter = self.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if len(self.queue) > MAX_PIPELINED and not self.reading_paused:
+            self.reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    async def _serve(self) -> None:
+        """The connection's task: answer its requests one by one, in order."""
+        handler = self.server.handler
+        queue = self.queue
+        try:
+            while True:
+                if not queue:
+                    if self.closing:
+                        self._close()
+                        return
+                    self.waiter = self.loop.create_future()
+                    try:
+                        await self.waiter
+                    finally:
+                        self.waiter = None
+                    continue
+                item = queue.popleft()
+                if self.reading_paused and len(queue) <= MAX_PIPELINED // 2:
+                    self.reading_paused = False
+                    assert self.transport is not None
+                    self.transport.resume_reading()
+                self.busy = True
+                if isinstance(item, FlintError):
+                    _Response(self, False, True).respond(item.status, item.head(), item.body())
+                    self._close()
+                    return
+                out = _Response(self, item.keep_alive and not self.closing, item.http11)
+                await handler(item, out)
+                self.busy = False
+                if not out.done:
+                    # A stream the handler did not end: its framing is broken, so
+                    # the connection cannot carry another response.
+                    self._abort()
+                    return
+                if not out.keep_alive:
+                    self._close()
+                    return
+                self.deadline = self.loop.time() + self.server.idle_s
+        except asyncio.CancelledError:
+            return  # the client left, or the server is shutting down
+        except ConnectionError:
+            self._abort()
+        except Exception:
+            log.exception("unhandled error serving a connection")
+            self._abort()
+        finally:
+            self.task = None
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("the client closed the connection")
+        if not self.writing_paused:
+            return
+        waiter = self.drain_waiter
+        if waiter is None:
+            waiter = self.drain_waiter = self.loop.create_future()
+        await waiter
+        if self.closed:
+            raise ConnectionResetError("the client closed the connection")
+
+    def _wake_drain(self) -> None:
+        waiter, self.drain_waiter = self.drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- ending and handing over -----------------------------------------------------
+
+    def _refuse(self, error: FlintError) -> None:
+        """A request that cannot be parsed or served: answer in turn, then close."""
+        self.discarding = True
+        self.replay = None
+        self.queue.append(error)
+        self._start()
+
+    def _close(self) -> None:
+        """Close after what was written, reading (and dropping) a little longer, so a
+        client still sending its body sees our answer, not a reset."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _hand_over(self) -> None:
+        """aiohttp serves this connection from now on, starting with the current request."""
+        transport = self.transport
+        assert transport is not None and self.replay is not None
+        replay, self.replay = self.replay, None
+        self.server.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()  # idle between requests
+        protocol = self.server.aiohttp_protocol()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(b"".join(replay))
+
+    def shut_down(self) -> None:
+        """The server stops: close now if idle, else after the current response."""
+        self.closing = True
+        if not self.busy and not self.queue:  # a request still arriving is dropped
+            if self.task is not None:
+                self.task.cancel()
+            self._close()
+
+
+class _Response:
+    """The Responder of one request on a lean connection."""
+
+    __slots__ = ("chunked", "conn", "done", "http11", "keep_alive", "started")
+
+    def __init__(self, conn: HttpProtocol, keep_alive: bool, http11: bool) -> None:
+        self.conn = conn
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self.started = False
+        self.chunked = False
+        self.done = False
+
+    def _connection(self) -> bytes:
+        if not self.keep_alive:
+            return _CLOSE
+        return b"" if self.http11 else _KEEP_ALIVE
+
+    def respond(self, status: int, head: bytes, body: bytes) -> None:
+        self.done = True
+        transport = self.conn.transport
+        if transport is None or self.conn.closed:
+            return  # the client left; nothing to tell it
+        transport.write(b"".join((_status_line(status), head,
+                                  b"Content-Length: %d\r\n" % len(body),
+                                  self.conn.server.date(), self._connection(), b"\r\n",
+                                  body)))
+
+    async def stream(self, status: int, head: bytes, first: bytes = b"") -> None:
+        conn = self.conn
+        if conn.closed or conn.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        self.started = True
+        if not self.http11:
+            self.keep_alive = False  # the end of the body is the end of the connection
+            conn.transport.write(b"".join((_status_line(status), head, conn.server.date(),
+                                           _CLOSE, b"\r\n", first)))
+        else:
+            self.chunked = True
+            conn.transport.write(b"".join((
+                _status_line(status), head, conn.server.date(), self._connection(),
+                _CHUNKED, b"%x\r\n%b\r\n" % (len(first), first) if first else b"")))
+        if conn.writing_paused:
+            await conn.drain()
+
+    async def write(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.closed or conn.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        if not data:
+            return  # an empty chunk would end the body
+        conn.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        if conn.writing_paused:
+            await conn.drain()
+
+    async def end(self, last: bytes = b"") -> None:
+        conn = self.conn
+        if conn.closed or conn.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        if self.chunked:
+            conn.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last
+                                 else _LAST_CHUNK)
+        elif last:
+            conn.transport.write(last)
+        self.done = True
+
+
+class LeanServer:
+    """The listening socket and its connections; aiohttp behind it for other routes."""
+
+    def __init__(self, handler: Handler, routes: Iterable[tuple[str, str]],
+                 config: ServerConfig, aiohttp_protocol: Callable[[], asyncio.Protocol]
+                 ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handler = handler
+        self.routes = frozenset((m.encode("ascii"), p.encode("ascii")) for m, p in routes)
+        self.max_body = config.max_body_bytes
+        self.idle_s = config.keepalive_timeout_s
+        self.aiohttp_protocol = aiohttp_protocol
+        self.connections: set[HttpProtocol] = set()
+        self._date = b""
+        self._date_at = 0
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def date(self) -> bytes:
+        """The Date header line, remade once a second."""
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+        return self._date
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await self.loop.create_server(
+            lambda: HttpProtocol(self), host, port, backlog=4096, reuse_address=True)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    @property
+    def addresses(self) -> list[Any]:
+        assert self._server is not None
+        return [sock.getsockname() for sock in self._server.sockets]
+
+    async def _sweep(self) -> None:
+        # One pass a second instead of a timer per request.
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = self.loop.time()
+            for conn in list(self.connections):
+                if not conn.busy and not conn.queue and conn.deadline < now:
+                    conn.shut_down()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, let requests being answered finish (up to ``grace_s``), close."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for conn in list(self.connections):
+            conn.shut_down()
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for task in tasks:
+            task.cancel()  # still answering after the timeout: cut off
+        for conn in list(self.connections):
+            conn._abort()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Runner:
+    """The gateway's servers, started and stopped together; ``addresses`` and
+    ``cleanup()`` as on aiohttp's AppRunner."""
+
+    def __init__(self, app: web.Application, handler: Handler,
+                 routes: Iterable[tuple[str, str]], config: ServerConfig) -> None:
+        self.app = app
+        # access_log=None: aiohttp's default access log records the client IP, which
+        # the privacy promises forbid. handler_cancellation: a client that goes away
+        # cancels its handler, which closes the upstream request at once.
+        self.aiohttp = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=config.shutdown_timeout_s,
+                                     keepalive_timeout=config.keepalive_timeout_s)
+        self._handler = handler
+        self._routes = tuple(routes)
+        self._config = config
+        self.lean: LeanServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        await self.aiohttp.setup()  # the app's start-up: cleanup contexts enter
+        server = self.aiohttp.server
+        assert server is not None
+        self.lean = LeanServer(self._handler, self._routes, self._config, server)
+        await self.lean.start(host, port)
+
+    @property
+    def addresses(self) -> list[Any]:
+        assert self.lean is not None
+        return self.lean.addresses
+
+    async def cleanup(self) -> None:
+        """Finish or cut what is in flight, then the app's cleanup (usage drained last)."""
+        if self.lean is not None:
+            await self.lean.shutdown(self._config.shutdown_timeout_s)
+        await self.aiohttp.cleanup()
+
+
+# -- aiohttp's side of /v1 ----------------------------------------------------------
+
+
+def exchange_of(request: web.Request, body: bytes = b"", too_large: bool = False
+                ) -> Exchange:
+    """An aiohttp request as an Exchange."""
+    info = request.match_info.route.resource
+    route = info.canonical if info is not None else None
+    return Exchange(request.method, request.path, route, list(request.raw_headers),
+                    request.remote, body, too_large)
+
+
+async def exchange_from(request: web.Request, max_body: int) -> Exchange:
+    """An aiohttp request as an Exchange, with its body (not read when too large)."""
+    if request.content_length is not None and request.content_length > max_body:
+        return exchange_of(request, too_large=True)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return exchange_of(request, too_large=True)
+    return exchange_of(request, body)
+
+
+def _headers(head: bytes) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in head.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
+    return headers
+
+
+class AiohttpResponder:
+    """The Responder of a /v1 request on a connection aiohttp serves."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self._response: web.Response | None = None
+        self._stream: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._stream is not None
+
+    def respond(self, status: int, head: bytes, body: bytes) -> None:
+        self._response = web.Response(status=status, body=body, headers=_headers(head))
+
+    async def stream(self, status: int, head: bytes, first: bytes = b"") -> None:
+        response = self._stream = web.StreamResponse(status=status, headers=_headers(head))
+        await response.prepare(self.request)
+        if first:
+            await response.write(first)
+
+    async def write(self, data: bytes) -> None:
+        assert self._stream is not None
+        await self._stream.write(data)
+
+    async def end(self, last: bytes = b"") -> None:
+        assert self._stream is not None
+        if last:
+            await self._stream.write(last)
+        await self._stream.write_eof()
+
+    def response(self) -> web.StreamResponse:
+        """What the aiohttp handler returns."""
+        response = self._stream or self._response
+        assert response is not None, "the request was not answered"
+        return response
