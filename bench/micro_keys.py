@@ -19,14 +19,13 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import make_mocked_request
 from microbench import bench
 
 from flintproxy import store
 from flintproxy.accounts import Accounts
 from flintproxy.auth import KeyAuthenticator
 from flintproxy.errors import FlintError
-from flintproxy.gate import bearer_token, hash_key
+from flintproxy.gate import Exchange, bearer_token, hash_key
 
 KEYS = 1000
 PER_ACCOUNT = 50
@@ -76,9 +75,9 @@ def run(loop: asyncio.AbstractEventLoop, auth: KeyAuthenticator, keys: list[str]
     authenticate = auth.authenticate
     hot = keys[KEYS // 2]
     lookups = auth.db_lookups
-    request = make_mocked_request("POST", "/v1/chat/completions",
-                                  headers={"Authorization": f"Bearer {hot}",
-                                           "Content-Type": "application/json"})
+    request = Exchange("POST", "/v1/chat/completions", "/v1/chat/completions",
+                       [(b"Authorization", f"Bearer {hot}".encode()),
+                        (b"Content-Type", b"application/json")], "127.0.0.1")
     bad_format = "not-a-key"
     unknown = hot[:-4] + ("AAAA" if not hot.endswith("AAAA") else "BBBB")
     with contextlib.suppress(FlintError):  # the first miss queries the DB, then is remembered

@@ -131,7 +131,7 @@ def create_app(config: Config, gate: Gate | None = None) -> web.Application:
     if isinstance(gate, ServiceGate):
         gate.finish_observers.append(metrics.finished)
     if config.metrics.access_log:
-        access = AccessLog(config)
+        access = app[accesslog.ACCESS_LOG] = AccessLog(config)
         refusals.append(access.rejected)
         if isinstance(gate, ServiceGate):
             gate.finish_observers.append(access.finished)

@@ -1,23 +1,30 @@
-"""The access log: one JSON line per /v1 request, the promised fields, no content, no IP."""
+"""The access log: one JSON line per /v1 request, the promised fields, no content, no IP.
+
+The lines are read from the sink the gateway really writes to (``configure``'s, stdout
+in production), after the flusher has written them.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
-from flintproxy.accesslog import LOGGER, configure
+from flintproxy.accesslog import ACCESS_LOG, LOGGER, _Clock, configure
 from flintproxy.config import MetricsConfig
 from flintproxy.relay import Relay
-from tests.conftest import Gateway, MockServer, raw_config
+from tests.conftest import Gateway, MockServer, raw_config, start_gateway
 
 MARKER = "CONTENT-MARKER-7f3a9c"
 MESSAGES: list[Any] = [{"role": "user", "content": f"Say hello {MARKER}"}]
@@ -25,21 +32,58 @@ FIELDS = {"ts", "request_id", "method", "path", "status", "model", "upstream", "
           "ttfb_ms", "prompt_tokens", "completion_tokens", "outcome"}
 
 
+class Tap:
+    """A sink that keeps what is written to it: what stdout would have received."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writes = 0
+
+    def write(self, data: bytes | bytearray, /) -> int:
+        self.data += data
+        self.writes += 1
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def lines(self) -> list[str]:
+        return self.data.decode().splitlines()
+
+
+class StuckTap(Tap):
+    """A sink whose writes wait for ``release``: stdout piped to a reader that stopped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, data: bytes | bytearray, /) -> int:
+        self.entered.set()
+        self.release.wait(30)
+        return super().write(data)
+
+
+class FailingTap(Tap):
+    """A sink that refuses writes while ``failing``: a full disk."""
+
+    failing = True
+
+    def write(self, data: bytes | bytearray, /) -> int:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        return super().write(data)
+
+
 @pytest.fixture
-def access_lines(caplog: pytest.LogCaptureFixture) -> Iterator[list[str]]:
-    """The raw access lines logged during the test, read at assertion time."""
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    lines: list[str] = []
-
-    class Tap(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.name == LOGGER:
-                lines.append(record.getMessage())
-
+def access_sink() -> Iterator[Tap]:
+    """The process's access log sink for the test; the access log is off again after."""
     tap = Tap()
-    logging.getLogger(LOGGER).addHandler(tap)
-    yield lines
-    logging.getLogger(LOGGER).removeHandler(tap)
+    configure(MetricsConfig(), tap)
+    yield tap
+    configure(MetricsConfig(access_log=False))
 
 
 def sdk(gw: Gateway, key: str | None = None, **headers: str) -> openai.AsyncOpenAI:
@@ -47,16 +91,29 @@ def sdk(gw: Gateway, key: str | None = None, **headers: str) -> openai.AsyncOpen
                               default_headers=headers or None)
 
 
-async def wait_idle(gw: Gateway, lines: list[str], n: int) -> None:
+async def written(gw: Gateway, tap: Tap, n: int = 0) -> list[str]:
+    """The lines in ``tap`` once ``gw``'s requests are over and (at least n) written."""
     relay = next(v for v in gw.app.values() if isinstance(v, Relay))
+    access = gw.app.get(ACCESS_LOG)
     for _ in range(300):
-        if relay.active_streams == 0 and len(lines) >= n:
+        if access is not None:
+            await access.flush()  # what the flusher does every FLUSH_S, now
+        if relay.active_streams == 0 and len(tap.lines) >= n:
+            break
+        await asyncio.sleep(0.01)
+    return tap.lines
+
+
+async def until(event: threading.Event) -> None:
+    for _ in range(500):
+        if event.is_set():
             return
         await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
 
 
 async def test_one_json_line_per_request_without_content_or_ip(
-        gateway: Gateway, mock_upstream: MockServer, access_lines: list[str]) -> None:
+        gateway: Gateway, mock_upstream: MockServer, access_sink: Tap) -> None:
     async with sdk(gateway) as client:
         raw = await client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=MESSAGES)
@@ -80,17 +137,19 @@ async def test_one_json_line_per_request_without_content_or_ip(
                      "x-mock-delay-ms": "5"})
         await resp.content.readline()
         resp.close()
-    await wait_idle(gateway, access_lines, 6)
+    access_lines = await written(gateway, access_sink, 6)
 
     assert len(access_lines) == 6
     for line in access_lines:
         for secret in (MARKER, gateway.key, "127.0.0.1", "@", "Say hello"):
             assert secret not in line
     entries = [json.loads(line) for line in access_lines]
+    now = datetime.now(UTC)
     for e in entries:
         assert e.keys() >= FIELDS, e
         assert e["method"] == "POST"
         assert e["ts"].endswith("Z")
+        assert now - timedelta(minutes=1) < datetime.fromisoformat(e["ts"]) <= now
         assert "client_ip" not in e
     ok, streamed, unknown, unauth, failed, gone = entries
     assert ok["request_id"] == ok_id
@@ -111,9 +170,18 @@ async def test_one_json_line_per_request_without_content_or_ip(
     assert (gone["status"], gone["outcome"]) == (200, "client_disconnect")
 
 
+def test_ts_is_written_as_orjson_writes_a_utc_datetime() -> None:
+    clock = _Clock()
+    base = 1_764_000_000 * 10**9  # an exact second: no fraction, like orjson
+    for ns in (base, base + 1, base + 999, base + 1_000, base + 123_456_789,
+               base + 999_999_999, base + 10**9, base + 86_400 * 10**9 + 5_000, 0):
+        dt = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)
+        expected = orjson.dumps(dt, option=orjson.OPT_UTC_Z).decode().strip('"')
+        assert clock.format(ns) == expected
+
+
 async def test_client_ip_only_when_opted_in(tmp_path: Path, mock_upstream: MockServer,
-                                            gateway_factory: Any,
-                                            access_lines: list[str]) -> None:
+                                            gateway_factory: Any, access_sink: Tap) -> None:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["metrics"] = {"log_client_ip": True}
     gw = await gateway_factory(raw)
@@ -122,44 +190,153 @@ async def test_client_ip_only_when_opted_in(tmp_path: Path, mock_upstream: MockS
     async with sdk(gw, key="sk-flint-wrong") as client:
         with pytest.raises(openai.AuthenticationError):
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-    assert [json.loads(line)["client_ip"] for line in access_lines] == ["127.0.0.1"] * 2
+    lines = await written(gw, access_sink, 2)
+    assert [json.loads(line)["client_ip"] for line in lines] == ["127.0.0.1"] * 2
 
 
 async def test_access_log_off(tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any,
-                              access_lines: list[str]) -> None:
+                              access_sink: Tap) -> None:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["metrics"] = {"access_log": False}
     gw = await gateway_factory(raw)
     async with sdk(gw) as client:
         await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-    assert access_lines == []
+    assert ACCESS_LOG not in gw.app  # nothing made, nothing buffered, nothing to flush
+    assert await written(gw, access_sink) == []
 
 
-async def test_non_v1_paths_are_not_logged(gateway: Gateway, access_lines: list[str]) -> None:
+async def test_non_v1_paths_are_not_logged(gateway: Gateway, access_sink: Tap) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(gateway.url + "/api/account") as resp:
             assert resp.status == 401
         async with http.get(gateway.url + "/v1/nothing-here") as resp:
             assert resp.status == 404
-    assert len(access_lines) == 1
-    entry = json.loads(access_lines[0])
+    lines = await written(gateway, access_sink, 1)
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
     assert (entry["status"], entry["path"], entry["method"]) == (404, None, "GET")
 
 
-def test_configure_writes_bare_json_lines_to_the_stream() -> None:
-    logger = logging.getLogger(LOGGER)
-    saved = (logger.level, logger.propagate, list(logger.handlers))
+async def test_configure_writes_bare_json_lines_to_stdout(
+        gateway: Gateway, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    async def refused() -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(gateway.base_url + "/models") as resp:
+                assert resp.status == 401
+
+    access = gateway.app[ACCESS_LOG]
     try:
-        out = io.StringIO()
-        configure(MetricsConfig(), out)
-        configure(MetricsConfig(), out)  # idempotent: still one handler
-        logger.info('{"a":1}')
-        assert out.getvalue() == '{"a":1}\n'
-        assert not logger.propagate
-        configure(MetricsConfig(access_log=False), out)
-        logger.info('{"b":2}')
-        assert out.getvalue() == '{"a":1}\n'
+        configure(MetricsConfig())
+        configure(MetricsConfig())  # idempotent: still one line per request
+        await refused()
+        await refused()
+        await access.flush()
+        out = capsysbinary.readouterr().out
+        assert out.endswith(b"\n") and out.count(b"\n") == 2
+        assert [json.loads(line)["error"] for line in out.splitlines()] == [
+            "missing_api_key"] * 2
+        configure(MetricsConfig(access_log=False))
+        await refused()
+        await access.flush()
+        assert capsysbinary.readouterr().out == b""
+        assert access.pending == 0
     finally:
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        logger.handlers[:] = saved[2]
+        configure(MetricsConfig(access_log=False))
+
+
+async def test_a_stuck_sink_neither_blocks_requests_nor_grows_without_bound(
+        gateway: Gateway) -> None:
+    tap = StuckTap()
+    configure(MetricsConfig(), tap)
+    try:
+        access = gateway.app[ACCESS_LOG]
+        access.max_pending_bytes = 1_000  # ~3 lines of ~300 bytes
+        async with sdk(gateway) as client:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            await until(tap.entered)  # the flusher's write of that line is stuck
+
+            started = time.monotonic()
+            for _ in range(20):
+                await asyncio.wait_for(
+                    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES),
+                    timeout=5)
+            assert time.monotonic() - started < 5
+        assert tap.writes == 0 and not tap.release.is_set()  # still stuck, all served
+        kept = access.pending
+        assert 1 <= kept < 20
+        assert access.dropped == 20 - kept
+
+        tap.release.set()
+        lines = await written(gateway, tap, 1 + kept)
+        assert len(lines) == 1 + kept
+        assert tap.writes == 2  # the stuck line, then all the buffered ones at once
+        assert len({json.loads(line)["request_id"] for line in lines}) == 1 + kept
+        assert access.dropped == 20 - kept
+    finally:
+        tap.release.set()
+        configure(MetricsConfig(access_log=False))
+
+
+async def test_a_failing_sink_drops_and_counts_lines_and_recovers(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    tap = FailingTap()
+    configure(MetricsConfig(), tap)
+    try:
+        access = gateway.app[ACCESS_LOG]
+        async with sdk(gateway) as client:
+            for _ in range(3):
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            await written(gateway, tap)
+            assert access.dropped == 3 and access.pending == 0
+            assert any("No space left" in r.getMessage() for r in caplog.records
+                       if r.name == LOGGER and r.levelno == logging.WARNING)
+            tap.failing = False
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert len(await written(gateway, tap, 1)) == 1
+        assert access.dropped == 3
+    finally:
+        configure(MetricsConfig(access_log=False))
+
+
+async def test_shutdown_writes_the_buffered_lines(tmp_path: Path,
+                                                  mock_upstream: MockServer) -> None:
+    tap = StuckTap()
+    configure(MetricsConfig(), tap)
+    gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
+    try:
+        access = gw.app[ACCESS_LOG]
+        async with sdk(gw) as client:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            await until(tap.entered)  # the flusher is stuck on the first line...
+            for _ in range(4):
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert access.pending == 4  # ...so these wait for the last write, at shutdown
+        asyncio.get_running_loop().call_later(0.3, tap.release.set)
+        await gw.runner.cleanup()
+        assert len(tap.lines) == 5 and tap.writes == 2
+        assert access.pending == 0 and access.dropped == 0
+    finally:
+        tap.release.set()
+        configure(MetricsConfig(access_log=False))
+
+
+async def test_shutdown_gives_up_on_a_stuck_sink(tmp_path: Path,
+                                                 mock_upstream: MockServer) -> None:
+    tap = StuckTap()
+    configure(MetricsConfig(), tap)
+    gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
+    try:
+        access = gw.app[ACCESS_LOG]
+        access.drain_timeout_s = 0.2
+        async with sdk(gw) as client:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            await until(tap.entered)
+            for _ in range(3):
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        started = time.monotonic()
+        await gw.runner.cleanup()
+        assert time.monotonic() - started < 2
+        assert access.dropped == 3 and access.pending == 0 and tap.writes == 0
+    finally:
+        tap.release.set()
+        configure(MetricsConfig(access_log=False))
