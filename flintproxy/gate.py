@@ -72,19 +72,15 @@ class Exchange:
 
     def __init__(self, method: str, path: str, route: str | None,
                  raw_headers: list[tuple[bytes, bytes]], remote: str | None,
-                 body: bytes = b"", too_large: bool = False) -> None:
+                 body: bytes = b"", too_large: bool = False,
+                 headers: dict[bytes, bytes] | None = None) -> None:
         self.method = method
         self.path = path
         # The matched route ("/v1/chat/completions"), None for an unknown URL: what
         # logs and metrics may name (a path is client-chosen text).
         self.route = route
         self.raw_headers = raw_headers
-        headers: dict[bytes, bytes] = {}
-        for name, value in raw_headers:
-            key = name.lower()
-            prev = headers.get(key)
-            headers[key] = value if prev is None else prev + b", " + value
-        self.headers = headers
+        self.headers = index_headers(raw_headers) if headers is None else headers
         self.remote = remote
         self.body = body
         # The body exceeded the limit and was not kept; answered 413 once authenticated.
@@ -114,6 +110,21 @@ class Outcome:
     ttfb_s: float | None = None
     duration_s: float = 0.0
     upstream_wait_s: float = 0.0
+
+
+def index_headers(raw_headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Exchange.headers of ``raw_headers``; see ``add_header``."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in raw_headers:
+        add_header(headers, name, value)
+    return headers
+
+
+def add_header(headers: dict[bytes, bytes], name: bytes, value: bytes) -> None:
+    """Index one field by its lower-cased name; a repeated one joins the values."""
+    key = name.lower()
+    prev = headers.get(key)
+    headers[key] = value if prev is None else prev + b", " + value
 
 
 class Admission:

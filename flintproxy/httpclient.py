@@ -81,6 +81,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.connection: bytes | None = None
         self.headers_done = False
         self.interim = False
         self.keep_alive = False
@@ -94,7 +95,10 @@ class _Connection(asyncio.Protocol):
 
     def begin(self) -> None:
         self._reset()
-        self.parser = httptools.HttpResponseParser(self)
+        # Only clean connections are reused, and llhttp is ready for the next message
+        # once one completes: one parser per connection.
+        if self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,12 +127,15 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
+        if len(name) == 10 and name.lower() == b"connection":
+            self.connection = value
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # An interim response (103 Early Hints, 100 Continue): the real one follows.
             self.raw_headers = []
+            self.connection = None
             self.interim = True
             return
         self.status = status
@@ -201,7 +208,8 @@ def _expire(waiter: asyncio.Future[None], limit_s: float) -> None:
 class UpstreamResponse:
     """The response of one upstream call; release() or close() it exactly once."""
 
-    __slots__ = ("_client", "_conn", "_key", "_read_timeout", "raw_headers", "status")
+    __slots__ = ("_client", "_conn", "_key", "_read_timeout", "connection", "raw_headers",
+                 "status")
 
     def __init__(self, client: UpstreamClient, conn: _Connection, key: tuple[str, int, bool],
                  read_timeout: float) -> None:
@@ -211,6 +219,7 @@ class UpstreamResponse:
         self._read_timeout = read_timeout
         self.status: int = conn.status
         self.raw_headers = conn.raw_headers  # as received, in order
+        self.connection = conn.connection  # the Connection header's value, if any
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -218,13 +227,6 @@ class UpstreamResponse:
         return CIMultiDict((n.decode("latin-1"), v.decode("latin-1"))
                            for n, v in self.raw_headers)
 
-    @property
-    def connection(self) -> bytes | None:
-        """The Connection header's value, if any."""
-        for name, value in self.raw_headers:
-            if len(name) == 10 and name.lower() == b"connection":
-                return value
-        return None
 
     async def readany(self) -> bytes:
         """The body bytes that have arrived (waiting for some), or b"" at the end."""

@@ -131,6 +131,14 @@ def _client_request_id(exchange: Exchange) -> str | None:
     return None
 
 
+def _ask_for_usage(body: bytes) -> bytes:
+    """``body`` (a JSON object without "stream_options") asking for usage in the stream."""
+    i = body.index(b"{") + 1
+    rest = body[i:]
+    sep = b"" if rest.lstrip()[:1] == b"}" else b","
+    return body[:i] + b'"stream_options":{"include_usage":true}' + sep + rest
+
+
 def _json_content_type(value: bytes | None) -> bool:
     return value is not None and value.partition(b";")[0].strip().lower() == b"application/json"
 
@@ -260,9 +268,11 @@ class Relay:
             opts = data.get("stream_options")
             client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
             if not client_wants_usage:
+                absent = "stream_options" not in data
                 data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                           "include_usage": True}
-                body = b""  # re-encoded below
+                # When absent it is spliced in: re-encoding a long prompt costs far more.
+                body = _ask_for_usage(body) if absent else b""  # b"": re-encoded below
         admission = await self.gate.admit(exchange, call, principal, started, started_ms)
         outcome = Outcome(status=500, outcome="error")
         try:

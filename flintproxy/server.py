@@ -39,7 +39,7 @@ from multidict import CIMultiDict
 
 from flintproxy.config import ServerConfig
 from flintproxy.errors import BadRequest, FlintError, HeadersTooLarge
-from flintproxy.gate import Exchange, Responder
+from flintproxy.gate import Exchange, Responder, add_header
 
 log = logging.getLogger("flintproxy")
 
@@ -68,8 +68,9 @@ class _Request(Exchange):
     __slots__ = ("http11", "keep_alive")
 
     def __init__(self, method: str, path: str, raw_headers: list[tuple[bytes, bytes]],
-                 remote: str | None, keep_alive: bool, http11: bool) -> None:
-        super().__init__(method, path, path, raw_headers, remote)
+                 headers: dict[bytes, bytes], remote: str | None, keep_alive: bool,
+                 http11: bool) -> None:
+        super().__init__(method, path, path, raw_headers, remote, headers=headers)
         self.keep_alive = keep_alive
         self.http11 = http11
 
@@ -110,6 +111,7 @@ class HttpProtocol(asyncio.Protocol):
         self.current: _Request | None = None
         self.url = b""
         self.raw: list[tuple[bytes, bytes]] = []
+        self.headers: dict[bytes, bytes] = {}  # indexed as they arrive (add_header)
         self.head_size = 0
         self.body: list[bytes] = []
         self.body_size = 0
@@ -173,6 +175,7 @@ class HttpProtocol(asyncio.Protocol):
         self.current = None
         self.url = b""
         self.raw = []
+        self.headers = {}
         self.head_size = 0
         self.body = []
         self.body_size = 0
@@ -188,6 +191,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw.append((name, value))
+        add_header(self.headers, name, value)
         self.head_size += len(name) + len(value) + 4
         if self.head_size > MAX_HEAD:
             raise _Refuse(HeadersTooLarge("The request line and headers are too large."))
@@ -204,7 +208,7 @@ class HttpProtocol(asyncio.Protocol):
                 "Only /v1 requests may be pipelined; send this one on its own connection."))
         self.replay = None
         request = self.current = _Request(
-            method.decode("ascii"), path.decode("ascii"), self.raw, self.remote,
+            method.decode("ascii"), path.decode("ascii"), self.raw, self.headers, self.remote,
             parser.should_keep_alive(), parser.get_http_version() == "1.1")
         length = request.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +315,32 @@ async def test_unknown_path_method_and_huge_body(gateway: Gateway) -> None:
             assert (await resp.json())["error"]["code"] == "payload_too_large"
         async with http.get(gateway.url + "/healthz") as resp:
             assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "sent_options"),
+    [
+        (b'{"model":"gpt-4o-mini","stream":true,"messages":[]}', {"include_usage": True}),
+        (b'  \n{ "model" : "gpt-4o-mini", "stream": true, "messages": [] }\n',
+         {"include_usage": True}),
+        (b'{"model":"gpt-4o-mini","stream":true,"messages":[],"stream_options":null}',
+         {"include_usage": True}),
+        (b'{"model":"gpt-4o-mini","stream":true,"messages":[],'
+         b'"stream_options":{"include_usage":false,"x":1}}', {"include_usage": True, "x": 1}),
+    ],
+)
+async def test_usage_is_asked_for_whatever_the_body_looks_like(
+        gateway: Gateway, mock_upstream: MockServer, body: bytes,
+        sent_options: dict[str, Any]) -> None:
+    headers = {"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.base_url + "/chat/completions", data=body,
+                             headers=headers) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    assert '"usage":{' not in text  # stripped: the client did not ask
+    sent = mock_upstream.stats.last_body
+    assert sent.pop("stream_options") == sent_options
+    expected = json.loads(body)
+    expected.pop("stream_options", None)
+    assert sent == expected  # nothing else changed
