@@ -193,8 +193,10 @@ class Responder(Protocol):
     def respond(self, status: int, head: bytes, body: bytes) -> None:
         """Send a whole response."""
 
-    async def stream(self, status: int, head: bytes, first: bytes = b"") -> None:
-        """Send a streamed response's head, with its first bytes when there are any."""
+    async def stream(self, status: int, head: bytes, first: bytes = b"",
+                     end: bool = False) -> None:
+        """Send a streamed response's head, with its first bytes when there are any;
+        ``end``: they are all of it (one write where the server can)."""
 
     async def write(self, data: bytes) -> None:
         """Send more of a stream, waiting while the client's socket is full.

@@ -242,6 +242,12 @@ class UpstreamResponse:
                 raise conn.error
             await conn.wait(self._read_timeout)
 
+    @property
+    def at_eof(self) -> bool:
+        """The response is complete and all of its body has been read."""
+        conn = self._conn
+        return conn is None or (conn.complete and not conn.chunks)
+
     async def read(self) -> bytes:
         """The whole remaining body."""
         parts = []

@@ -426,20 +426,31 @@ class Relay:
         self.active_streams += 1
         read = resp.readany
         try:
+            # What has arrived is sent at once; when it is the upstream's last piece it
+            # goes out with the end of the stream, in the same write.
             chunk = scanner.feed(first)
-            if out.started:  # heartbeats began it
-                if chunk:
-                    await out.write(chunk)
-            else:
+            done = resp.at_eof
+            if done:
+                chunk += scanner.flush()
+                outcome.outcome = "ok"
+            if not out.started:
                 head, content_type = self._response_head(resp, admission)
-                await out.stream(200, head if content_type else head + SSE_HEAD, chunk)
+                await out.stream(200, head if content_type else head + SSE_HEAD, chunk,
+                                 end=done)
+            elif done:  # heartbeats began it
+                await out.end(chunk)
+            elif chunk:
+                await out.write(chunk)
             outcome.ttfb_s = time.perf_counter() - admission.started
-            while data := await read():
-                chunk = scanner.feed(data)
-                if chunk:
+            while not done:
+                data = await read()
+                chunk = scanner.feed(data) if data else b""
+                done = not data or resp.at_eof
+                if done:
+                    outcome.outcome = "ok"
+                    await out.end(chunk + scanner.flush())
+                elif chunk:
                     await out.write(chunk)
-            outcome.outcome = "ok"
-            await out.end(scanner.flush())
         except (UpstreamDisconnected, UpstreamReadTimeout) as exc:
             self.router.failure(up, failure_reason(exc))
             outcome.outcome = "upstream_error"

@@ -403,7 +403,8 @@ class _Response:
                                   self.conn.server.date(), self._connection(), b"\r\n",
                                   body)))
 
-    async def stream(self, status: int, head: bytes, first: bytes = b"") -> None:
+    async def stream(self, status: int, head: bytes, first: bytes = b"",
+                     end: bool = False) -> None:
         conn = self.conn
         if conn.closed or conn.transport is None:
             raise ConnectionResetError("the client closed the connection")
@@ -416,7 +417,9 @@ class _Response:
             self.chunked = True
             conn.transport.write(b"".join((
                 _status_line(status), head, conn.server.date(), self._connection(),
-                _CHUNKED, b"%x\r\n%b\r\n" % (len(first), first) if first else b"")))
+                _CHUNKED, b"%x\r\n%b\r\n" % (len(first), first) if first else b"",
+                _LAST_CHUNK if end else b"")))
+        self.done = end
         if conn.writing_paused:
             await conn.drain()
 
@@ -591,11 +594,14 @@ class AiohttpResponder:
     def respond(self, status: int, head: bytes, body: bytes) -> None:
         self._response = web.Response(status=status, body=body, headers=_headers(head))
 
-    async def stream(self, status: int, head: bytes, first: bytes = b"") -> None:
+    async def stream(self, status: int, head: bytes, first: bytes = b"",
+                     end: bool = False) -> None:
         response = self._stream = web.StreamResponse(status=status, headers=_headers(head))
         await response.prepare(self.request)
         if first:
             await response.write(first)
+        if end:
+            await response.write_eof()
 
     async def write(self, data: bytes) -> None:
         assert self._stream is not None
