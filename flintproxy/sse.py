@@ -118,16 +118,24 @@ def extract_usage(body: bytes) -> Usage | None:
     return None if match is None else _usage_at(body, match)
 
 
+def _last_boundary(buf: bytes, end: int) -> int:
+    """Offset just past the last blank line (LF or CRLF) before ``end``, or 0."""
+    lf = buf.rfind(b"\n\n", 0, end)
+    # A CRLF boundary only matters after the last LF one: search just that far back.
+    crlf = buf.rfind(b"\r\n\r\n", max(lf, 0), end)
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
 def _event_start(buf: bytes, pos: int) -> int:
     """Offset where the event holding ``buf[pos]`` begins."""
-    lf, crlf = buf.rfind(b"\n\n", 0, pos), buf.rfind(b"\r\n\r\n", 0, pos)
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    return _last_boundary(buf, pos)
 
 
 def _event_end(buf: bytes, pos: int) -> int:
     """Offset just past the blank line ending the event holding ``buf[pos]``."""
-    ends = [i + n for i, n in ((buf.find(b"\n\n", pos), 2), (buf.find(b"\r\n\r\n", pos), 4))
-            if i >= 0]
+    lf = buf.find(b"\n\n", pos)
+    crlf = buf.find(b"\r\n\r\n", pos, lf + 4 if lf >= 0 else len(buf))
+    ends = [i + n for i, n in ((lf, 2), (crlf, 4)) if i >= 0]
     return min(ends) if ends else len(buf)
 
 
@@ -161,8 +169,7 @@ class StreamScanner:
             complete = data
         else:
             # SSE allows CRLF line ends: "\r\n\r\n" ends an event too.
-            lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
-            cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+            cut = _last_boundary(data, len(data))
             if cut == 0:
                 if len(data) > MAX_PENDING:
                     self.passthrough = True
@@ -171,16 +178,18 @@ class StreamScanner:
                 return b""
             complete, self.pending = data[:cut], data[cut:]
         self.events += complete.count(b"data:")
-        if USAGE_RE.search(complete) is None:
+        first = USAGE_RE.search(complete)
+        if first is None:
             return complete
-        return self._take_usage(complete)
+        return self._take_usage(complete, first.start())
 
-    def _take_usage(self, complete: bytes) -> bytes:
+    def _take_usage(self, complete: bytes, pos: int) -> bytes:
         # Slow path, normally once per stream: parse only the events holding usage,
         # and cut out the usage-only one when the client did not ask for usage.
-        # Matches are handled last to first so earlier offsets stay valid.
+        # Matches (from the first, at pos) are handled last to first so earlier
+        # offsets stay valid.
         latest: Usage | None = None
-        for match in reversed(list(USAGE_RE.finditer(complete))):
+        for match in reversed(list(USAGE_RE.finditer(complete, pos))):
             start = _event_start(complete, match.start())
             end = _event_end(complete, match.end())
             try:
