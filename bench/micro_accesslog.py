@@ -20,8 +20,8 @@ from typing import Any
 
 from microbench import bench
 
-from flintproxy.accesslog import AccessLog, _write, configure
-from flintproxy.config import MetricsConfig, build_config
+from flintproxy.accesslog import AccessLog, _write
+from flintproxy.config import build_config
 from flintproxy.gate import Admission, Call, Outcome, Principal
 
 BUDGET_US = 3.0
@@ -50,22 +50,22 @@ def main() -> None:
             finished(admission, outcome, 1234)
 
     with open(os.devnull, "wb") as devnull:
-        configure(MetricsConfig(), devnull)
+        access.sink = devnull
         # No flusher runs here: the buffer takes every run's lines (~75 MB).
         access.max_pending_bytes = 1 << 40
         t_line = bench("AccessLog.finished (ok: line made and buffered)", line, n // 4)
         asyncio.run(access.flush())
         access.max_pending_bytes = 0
         bench("AccessLog.finished (buffer full: dropped, counted)", line, n)
-    configure(MetricsConfig(access_log=False))
+    access.sink = None
     bench("AccessLog.finished (access log off)", line, n)
 
     one = io.BytesIO()
-    configure(MetricsConfig(), one)
+    access.sink = one
     access.max_pending_bytes = 1 << 20
     line(1)
     asyncio.run(access.flush())
-    configure(MetricsConfig(access_log=False))
+    asyncio.run(access.close())  # ends its writer thread
     batch = bytearray(one.getvalue() * 10_000)  # a busy flush's worth
     with tempfile.TemporaryFile() as file:
 

@@ -18,10 +18,12 @@ to an in-memory buffer: a bytearray, as keeping orjson's own bytes objects alive
 the flush costs ~2 µs more per line, in malloc. ``flush_periodically`` (the cleanup
 context of ``app[ACCESS_LOG]``) writes the buffer every FLUSH_S, in one write, on the
 access log's own thread: a slow or blocked stdout (a full pipe, a full disk) never
-stalls the event loop. The buffer is bounded (``max_pending_bytes``): beyond it lines
-are dropped and counted in ``AccessLog.dropped``. Shutdown writes what is left.
-``configure`` (called by ``serve``) sends the lines to stdout; left unconfigured,
-nothing is even formatted.
+stalls the event loop. That thread is a daemon, so a write blocked for good cannot hold
+up the process's exit either. The buffer is bounded (``max_pending_bytes``): beyond it
+lines are dropped and counted in ``AccessLog.dropped`` (and in the metric
+``flintproxy_access_log_dropped_lines_total``). Shutdown writes what is left.
+``serve`` sets stdout as ``AccessLog.sink``; while the sink is None, nothing is even
+formatted.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Protocol
 
 import orjson
 from aiohttp import web
 
-from flintproxy.config import Config, MetricsConfig
+from flintproxy.config import Config
 from flintproxy.errors import FlintError
 from flintproxy.gate import Admission, Exchange, Outcome
 from flintproxy.limiter import client_ip
@@ -63,16 +66,8 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
 
-class _Destination:
-    """The process's sink, set by ``configure``; None: access lines are off."""
-
-    __slots__ = ("sink",)
-
-    def __init__(self) -> None:
-        self.sink: Sink | None = None
-
-
-_DEST = _Destination()
+# A batch for the access log's thread, and how the loop hears that it was written.
+_Job = tuple[Sink, bytearray, Future[None]]
 
 
 # The fraction of a second, 3 + 3 digits, by table look-up: formatting the integer
@@ -106,11 +101,15 @@ class _Clock:
 class AccessLog:
     """Formats the lines into a bounded in-memory buffer; ``flush`` writes them out.
 
+    ``sink`` is where they go (``serve`` sets stdout); while it is None, the default,
+    the log is off and nothing is even formatted. It may be changed at any time: lines
+    still buffered go to the new sink at the next flush (none: they are discarded).
     ``dropped`` counts the lines lost: made while ``max_pending_bytes`` of lines were
     waiting, refused by a failing sink, or still unwritten when shutdown gave up.
     """
 
     def __init__(self, config: Config) -> None:
+        self.sink: Sink | None = None
         self._models = frozenset(config.models)
         self._log_ip = config.metrics.log_client_ip
         self._trusted = config.limits.trusted_proxies
@@ -122,13 +121,20 @@ class AccessLog:
         self.dropped = 0
         # A thread of its own: a write stuck on a full pipe holds it alone, never the
         # loop nor a worker of the default executor (which resolves upstream names).
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="flint-accesslog")
+        # Not a ThreadPoolExecutor: its workers are joined at interpreter exit, so a
+        # write blocked for good would hang the exit after ``close`` gave up on it.
+        # Started by the first write, so that a log never written starts none.
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         # One batch in flight at a time, so a blocked sink holds at most one batch
         # besides the bounded buffer.
         self._writing = asyncio.Lock()
+        # The last batch handed to the thread, and its number of lines.
+        self._last_write: tuple[Future[None], int] | None = None
         self._sink_failing = False
         self._format_failed = False
-        self._closed = False
+        self._closed = False  # close() was called (it runs once)
+        self._stopped = False  # the thread was told to end (close's last write is over)
 
     @property
     def pending(self) -> int:
@@ -137,7 +143,7 @@ class AccessLog:
 
     def finished(self, admission: Admission, outcome: Outcome, cost_nano: int) -> None:
         """An admitted request ended (a ServiceGate finish observer). Never raises."""
-        if _DEST.sink is None:
+        if self.sink is None:
             return
         try:
             call = admission.call
@@ -165,7 +171,7 @@ class AccessLog:
 
     def rejected(self, request: Exchange, err: FlintError) -> None:
         """A /v1 request answered with an error without being admitted. Never raises."""
-        if _DEST.sink is None or not request.path.startswith("/v1/"):
+        if self.sink is None or not request.path.startswith("/v1/"):
             return
         try:
             call = request.call
@@ -213,11 +219,11 @@ class AccessLog:
         """Hand the buffered lines to the sink in one write, on the access log's thread.
 
         Waits for a write already in flight first. Lines a failing sink refuses are
-        counted in ``dropped``; if ``configure`` has switched the log off since they
-        were made, they are discarded.
+        counted in ``dropped``, and so are lines flushed after ``close``; if ``sink``
+        has been set to None since they were made, they are discarded.
         """
         async with self._writing:
-            batch, lines, sink = self._buffer, self._lines, _DEST.sink
+            batch, lines, sink = self._buffer, self._lines, self.sink
             if not lines:
                 return
             # The thread owns the batch from here: the loop appends to a new buffer.
@@ -225,16 +231,21 @@ class AccessLog:
             self._lines = 0
             if sink is None:
                 return
-            try:
-                work = self._executor.submit(_write, sink, batch)
-            except RuntimeError:  # closed
+            if self._stopped:
                 self.dropped += lines
                 return
+            work: Future[None] = Future()
+            if self._thread is None:
+                self._thread = threading.Thread(target=_work, args=(self._jobs,),
+                                                name="flint-accesslog", daemon=True)
+                self._thread.start()
+            self._jobs.put((sink, batch, work))
+            self._last_write = work, lines
             try:
                 await asyncio.wrap_future(work)
             except asyncio.CancelledError:
-                # Still queued behind a blocked write: it never will be. (One already
-                # running may yet complete.)
+                # Still queued behind a blocked write: it never will be (the thread
+                # skips it). One already running may yet complete.
                 if work.cancel():
                     self.dropped += lines
                 raise
@@ -253,15 +264,17 @@ class AccessLog:
     async def close(self) -> None:
         """Write what is buffered (one last write), then stop the thread.
 
-        Gives up after ``drain_timeout_s`` when the sink is blocked, so that it cannot
-        hang shutdown; the lines not written are counted in ``dropped``, and so are any
-        made later: the log is closed for good.
+        Also waits for a write already in flight. Gives up after ``drain_timeout_s``
+        when the sink is blocked, so that it cannot hang shutdown; the lines not written
+        are counted in ``dropped``, and so are any made later: the log is closed for
+        good. A thread stuck in a write is left behind: a daemon, it does not delay the
+        process's exit.
         """
         if self._closed:
             return
         self._closed = True
         try:
-            await asyncio.wait_for(self.flush(), self.drain_timeout_s)
+            await asyncio.wait_for(self._last_writes(), self.drain_timeout_s)
         except TimeoutError:
             # Still waiting for the write before (so never taken from the buffer).
             self.dropped += self._lines
@@ -269,7 +282,23 @@ class AccessLog:
             self._lines = 0
             log.warning("access log: the sink is blocked; gave up on the last lines "
                         "(%d dropped in all)", self.dropped)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped = True
+        if self._thread is not None:
+            self._jobs.put(None)  # ends the thread once it is done with what it holds
+
+    async def _last_writes(self) -> None:
+        await self.flush()
+        # With nothing buffered flush returns at once, but the flusher (cancelled just
+        # before close) may have left a write running. The thread being a daemon, the
+        # process's exit would cut it short: wait for it too.
+        if self._last_write is None:
+            return
+        work, lines = self._last_write
+        if not work.done():
+            try:
+                await asyncio.wrap_future(work)
+            except Exception:  # its flush, cancelled, is not there to count them
+                self.dropped += lines
 
 
 ACCESS_LOG = web.AppKey("flint.access_log", AccessLog)
@@ -279,6 +308,24 @@ def _write(sink: Sink, batch: bytearray) -> None:
     # On the access log's thread: a syscall (or a blocked pipe) stays off the loop.
     sink.write(batch)
     sink.flush()
+
+
+def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    # The access log's thread, until it takes None. It is given the queue, not the
+    # AccessLog, so that it never keeps one alive.
+    while (job := jobs.get()) is not None:
+        sink, batch, done = job
+        # False: the loop gave up on this batch while it waited (its flush was
+        # cancelled: close timed out behind a blocked write).
+        if done.set_running_or_notify_cancel():
+            try:
+                _write(sink, batch)
+            except BaseException as exc:  # whatever the sink raises, the loop is told
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+        # Free the batch now, not when the next one comes.
+        del job, sink, batch, done
 
 
 async def flush_periodically(app: web.Application) -> AsyncIterator[None]:
@@ -300,14 +347,3 @@ async def flush_periodically(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await access.close()
-
-
-def configure(cfg: MetricsConfig, sink: Sink | None = None) -> None:
-    """Send this process's access lines, bare JSON, to ``sink`` (stdout), or nowhere.
-
-    Called by ``serve``. Takes effect at once for every AccessLog: lines still buffered
-    go to the new sink at the next flush. With ``[metrics] access_log = false``, or
-    never configured, AccessLog does nothing, not even format the lines.
-    """
-    _DEST.sink = None if not cfg.access_log else (
-        sink if sink is not None else sys.stdout.buffer)

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiosqlite
@@ -162,8 +163,11 @@ async def start(app: web.Application, host: str, port: int) -> Runner:
 
 async def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     """Run the gateway until SIGINT/SIGTERM, then shut down gracefully."""
-    accesslog.configure(config.metrics)
     app = create_app(config)
+    access = app.get(accesslog.ACCESS_LOG)  # only with [metrics] access_log = true
+    if access is not None:
+        # create_app leaves it off: only the process that owns stdout writes there.
+        access.sink = sys.stdout.buffer
     host = host or config.server.host
     port = config.server.port if port is None else port
     runner = await start(app, host, port)

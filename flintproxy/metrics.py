@@ -7,7 +7,8 @@ refused before admission) only add to plain numbers kept per model; no locks, no
 prometheus_client metrics and sets the gauges that mirror live state (active
 streams, usage backlog, upstream health). It runs on the event loop before every
 scrape, so a scrape is exact; in multiprocess mode also once a second, so the
-files of every worker stay current.
+files of every worker stay current. The usage writer's and the access log's counters
+are read from those objects at the same time, never counted per request here.
 
 Labels, every one from a closed set (never a key, account, email or IP):
     model     a configured model name, else "other" (unknown, or not parsed yet)
@@ -55,6 +56,7 @@ from prometheus_client import (
     values,
 )
 
+from flintproxy.accesslog import ACCESS_LOG, AccessLog
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, ModelNotFound
 from flintproxy.gate import Admission, Exchange, Outcome
@@ -128,6 +130,7 @@ class Metrics:
         self.router = router
         self.relay = relay
         self.usage: UsageWriter | None = None
+        self.access_log: AccessLog | None = None
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         if self.multiprocess and not getattr(values.ValueClass, "_multiprocess", False):
             log.warning("PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was "
@@ -176,6 +179,9 @@ class Metrics:
                                     registry=reg)
         self.flush_errors = Counter("flintproxy_usage_flush_errors", "Failed usage batch "
                                     "commits (each is retried).", registry=reg)
+        self.access_dropped = Counter("flintproxy_access_log_dropped_lines", "Access log "
+                                      "lines lost: stdout not keeping up, failing, or "
+                                      "still blocked at shutdown.", registry=reg)
 
         # Pre-created children: the hot path and sync never call labels().
         self.models = (*config.models, OTHER)
@@ -203,7 +209,7 @@ class Metrics:
         self._scopes: dict[str, int] = {}
         self._reasons: dict[str, int] = {}
         self._seen: dict[tuple[str, str], int] = {}  # cumulative counters already pushed
-        self._seen_rows = self._seen_errors = 0
+        self._seen_rows = self._seen_errors = self._seen_dropped = 0
 
     # --- the hot path -----------------------------------------------------------------
 
@@ -308,6 +314,11 @@ class Metrics:
             self.rows_written.inc(usage.rows_written - self._seen_rows)
             self.flush_errors.inc(usage.flush_errors - self._seen_errors)
             self._seen_rows, self._seen_errors = usage.rows_written, usage.flush_errors
+        access = self.access_log
+        if access is not None:
+            # AccessLog.dropped only grows, and only on the loop, like this sync.
+            self.access_dropped.inc(access.dropped - self._seen_dropped)
+            self._seen_dropped = access.dropped
 
     @staticmethod
     def _drain(pending: dict[str, int], children: dict[str, Any]) -> None:
@@ -359,7 +370,7 @@ def add_metrics(app: web.Application, config: Config, metrics: Metrics) -> None:
 
 
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Binds the usage writer; runs the separate /metrics listener and multiprocess sync."""
+    """Binds the usage writer and access log; runs the /metrics listener, multiprocess sync."""
     from flintproxy.app import CONFIG  # app imports this module
 
     cfg = app[CONFIG]
@@ -368,6 +379,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     if usage is not None:
         metrics.usage = usage
         usage.flush_observers.append(metrics.flushed)
+    metrics.access_log = app.get(ACCESS_LOG)  # None with [metrics] access_log = false
     runner: web.AppRunner | None = None
     task: asyncio.Task[None] | None = None
     try:

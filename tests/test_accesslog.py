@@ -1,31 +1,35 @@
 """The access log: one JSON line per /v1 request, the promised fields, no content, no IP.
 
-The lines are read from the sink the gateway really writes to (``configure``'s, stdout
-in production), after the flusher has written them.
+The lines are read from the sink the gateway really writes to (``AccessLog.sink``,
+stdout under ``flintproxy serve``), after the flusher has written them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
+import struct
+import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import openai
 import orjson
 import pytest
 
-from flintproxy.accesslog import ACCESS_LOG, LOGGER, _Clock, configure
-from flintproxy.config import MetricsConfig
+from flintproxy.accesslog import ACCESS_LOG, DRAIN_TIMEOUT_S, LOGGER, _Clock
 from flintproxy.relay import Relay
 from tests.conftest import Gateway, MockServer, raw_config, start_gateway
 
+REPO = Path(__file__).resolve().parents[1]
 MARKER = "CONTENT-MARKER-7f3a9c"
 MESSAGES: list[Any] = [{"role": "user", "content": f"Say hello {MARKER}"}]
 FIELDS = {"ts", "request_id", "method", "path", "status", "model", "upstream", "duration_ms",
@@ -50,6 +54,9 @@ class Tap:
     @property
     def lines(self) -> list[str]:
         return self.data.decode().splitlines()
+
+
+T = TypeVar("T", bound=Tap)
 
 
 class StuckTap(Tap):
@@ -77,13 +84,19 @@ class FailingTap(Tap):
         return super().write(data)
 
 
+def tap_access_log(gw: Gateway, tap: T) -> T:
+    """Make ``tap`` ``gw``'s access log sink, as ``serve`` makes stdout; a gateway without
+    an access log is left as it is."""
+    access = gw.app.get(ACCESS_LOG)
+    if access is not None:
+        access.sink = tap
+    return tap
+
+
 @pytest.fixture
-def access_sink() -> Iterator[Tap]:
-    """The process's access log sink for the test; the access log is off again after."""
-    tap = Tap()
-    configure(MetricsConfig(), tap)
-    yield tap
-    configure(MetricsConfig(access_log=False))
+def access_sink(gateway: Gateway) -> Tap:
+    """The ``gateway`` fixture's access log sink."""
+    return tap_access_log(gateway, Tap())
 
 
 def sdk(gw: Gateway, key: str | None = None, **headers: str) -> openai.AsyncOpenAI:
@@ -181,10 +194,11 @@ def test_ts_is_written_as_orjson_writes_a_utc_datetime() -> None:
 
 
 async def test_client_ip_only_when_opted_in(tmp_path: Path, mock_upstream: MockServer,
-                                            gateway_factory: Any, access_sink: Tap) -> None:
+                                            gateway_factory: Any) -> None:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["metrics"] = {"log_client_ip": True}
     gw = await gateway_factory(raw)
+    access_sink = tap_access_log(gw, Tap())
     async with sdk(gw) as client:
         await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     async with sdk(gw, key="sk-flint-wrong") as client:
@@ -194,11 +208,12 @@ async def test_client_ip_only_when_opted_in(tmp_path: Path, mock_upstream: MockS
     assert [json.loads(line)["client_ip"] for line in lines] == ["127.0.0.1"] * 2
 
 
-async def test_access_log_off(tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any,
-                              access_sink: Tap) -> None:
+async def test_access_log_off(tmp_path: Path, mock_upstream: MockServer,
+                              gateway_factory: Any) -> None:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["metrics"] = {"access_log": False}
     gw = await gateway_factory(raw)
+    access_sink = tap_access_log(gw, Tap())
     async with sdk(gw) as client:
         await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert ACCESS_LOG not in gw.app  # nothing made, nothing buffered, nothing to flush
@@ -217,7 +232,7 @@ async def test_non_v1_paths_are_not_logged(gateway: Gateway, access_sink: Tap) -
     assert (entry["status"], entry["path"], entry["method"]) == (404, None, "GET")
 
 
-async def test_configure_writes_bare_json_lines_to_stdout(
+async def test_stdout_as_the_sink_gets_bare_json_lines_and_none_turns_it_off(
         gateway: Gateway, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     async def refused() -> None:
         async with aiohttp.ClientSession() as http:
@@ -225,29 +240,26 @@ async def test_configure_writes_bare_json_lines_to_stdout(
                 assert resp.status == 401
 
     access = gateway.app[ACCESS_LOG]
-    try:
-        configure(MetricsConfig())
-        configure(MetricsConfig())  # idempotent: still one line per request
-        await refused()
-        await refused()
-        await access.flush()
-        out = capsysbinary.readouterr().out
-        assert out.endswith(b"\n") and out.count(b"\n") == 2
-        assert [json.loads(line)["error"] for line in out.splitlines()] == [
-            "missing_api_key"] * 2
-        configure(MetricsConfig(access_log=False))
-        await refused()
-        await access.flush()
-        assert capsysbinary.readouterr().out == b""
-        assert access.pending == 0
-    finally:
-        configure(MetricsConfig(access_log=False))
+    assert access.sink is None  # create_app leaves it off; serve sets stdout
+    access.sink = sys.stdout.buffer  # what serve does (captured here)
+    await refused()
+    await refused()
+    await access.flush()
+    out = capsysbinary.readouterr().out
+    assert out.endswith(b"\n") and out.count(b"\n") == 2
+    assert [json.loads(line)["error"] for line in out.splitlines()] == [
+        "missing_api_key"] * 2
+    access.sink = None
+    await refused()
+    assert access.pending == 0  # not even formatted
+    await access.flush()
+    assert capsysbinary.readouterr().out == b""
+    assert access.pending == 0
 
 
 async def test_a_stuck_sink_neither_blocks_requests_nor_grows_without_bound(
         gateway: Gateway) -> None:
-    tap = StuckTap()
-    configure(MetricsConfig(), tap)
+    tap = tap_access_log(gateway, StuckTap())
     try:
         access = gateway.app[ACCESS_LOG]
         access.max_pending_bytes = 1_000  # ~3 lines of ~300 bytes
@@ -274,35 +286,29 @@ async def test_a_stuck_sink_neither_blocks_requests_nor_grows_without_bound(
         assert access.dropped == 20 - kept
     finally:
         tap.release.set()
-        configure(MetricsConfig(access_log=False))
 
 
 async def test_a_failing_sink_drops_and_counts_lines_and_recovers(
         gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
-    tap = FailingTap()
-    configure(MetricsConfig(), tap)
-    try:
-        access = gateway.app[ACCESS_LOG]
-        async with sdk(gateway) as client:
-            for _ in range(3):
-                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-            await written(gateway, tap)
-            assert access.dropped == 3 and access.pending == 0
-            assert any("No space left" in r.getMessage() for r in caplog.records
-                       if r.name == LOGGER and r.levelno == logging.WARNING)
-            tap.failing = False
+    tap = tap_access_log(gateway, FailingTap())
+    access = gateway.app[ACCESS_LOG]
+    async with sdk(gateway) as client:
+        for _ in range(3):
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert len(await written(gateway, tap, 1)) == 1
-        assert access.dropped == 3
-    finally:
-        configure(MetricsConfig(access_log=False))
+        await written(gateway, tap)
+        assert access.dropped == 3 and access.pending == 0
+        assert any("No space left" in r.getMessage() for r in caplog.records
+                   if r.name == LOGGER and r.levelno == logging.WARNING)
+        tap.failing = False
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert len(await written(gateway, tap, 1)) == 1
+    assert access.dropped == 3
 
 
 async def test_shutdown_writes_the_buffered_lines(tmp_path: Path,
                                                   mock_upstream: MockServer) -> None:
-    tap = StuckTap()
-    configure(MetricsConfig(), tap)
     gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
+    tap = tap_access_log(gw, StuckTap())
     try:
         access = gw.app[ACCESS_LOG]
         async with sdk(gw) as client:
@@ -317,14 +323,32 @@ async def test_shutdown_writes_the_buffered_lines(tmp_path: Path,
         assert access.pending == 0 and access.dropped == 0
     finally:
         tap.release.set()
-        configure(MetricsConfig(access_log=False))
+
+
+async def test_shutdown_waits_for_a_write_in_flight(tmp_path: Path,
+                                                    mock_upstream: MockServer) -> None:
+    gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
+    tap = tap_access_log(gw, StuckTap())
+    try:
+        access = gw.app[ACCESS_LOG]
+        async with sdk(gw) as client:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            await until(tap.entered)  # the flusher is writing the line, slowly
+        assert access.pending == 0  # nothing left to flush...
+        asyncio.get_running_loop().call_later(0.3, tap.release.set)
+        await gw.runner.cleanup()
+        # ...but the write in flight is waited for: the thread, a daemon, would be cut
+        # short by the process's exit.
+        assert len(tap.lines) == 1 and tap.writes == 1
+        assert access.dropped == 0
+    finally:
+        tap.release.set()
 
 
 async def test_shutdown_gives_up_on_a_stuck_sink(tmp_path: Path,
                                                  mock_upstream: MockServer) -> None:
-    tap = StuckTap()
-    configure(MetricsConfig(), tap)
     gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
+    tap = tap_access_log(gw, StuckTap())
     try:
         access = gw.app[ACCESS_LOG]
         access.drain_timeout_s = 0.2
@@ -339,4 +363,119 @@ async def test_shutdown_gives_up_on_a_stuck_sink(tmp_path: Path,
         assert access.dropped == 3 and access.pending == 0 and tap.writes == 0
     finally:
         tap.release.set()
-        configure(MetricsConfig(access_log=False))
+
+
+def writer_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "flint-accesslog" and t not in before]
+
+
+async def test_one_daemon_writer_thread_started_by_the_first_write_ended_by_close(
+        tmp_path: Path, mock_upstream: MockServer) -> None:
+    before = set(threading.enumerate())
+    gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
+    tap = tap_access_log(gw, Tap())
+    assert writer_threads(before) == []  # nothing written yet
+    async with sdk(gw) as client:
+        for n in range(1, 4):
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            assert len(await written(gw, tap, n)) == n
+    [thread] = writer_threads(before)  # one, for every write
+    # A daemon: the interpreter does not join it at exit, so a write blocked for good
+    # (a full pipe nobody reads) cannot hang the exit once close() has given up on it.
+    assert thread.daemon
+    await gw.runner.cleanup()
+    for _ in range(300):
+        if not thread.is_alive():
+            break
+        await asyncio.sleep(0.01)
+    assert not thread.is_alive()  # close() ended it: nothing left behind by a clean exit
+
+
+def _toml(raw: dict[str, Any]) -> str:
+    """``raw_config``'s dict as TOML (its shape only: tables, arrays of tables, scalars)."""
+    def value(v: Any) -> str:
+        return json.dumps(v)  # strings, numbers, lists of strings: TOML reads JSON's
+
+    out: list[str] = []
+    for name, section in raw.items():
+        if isinstance(section, list):
+            for item in section:
+                out.append(f"[[{name}]]")
+                out += [f"{k} = {value(v)}" for k, v in item.items()]
+        elif name == "models":
+            for model, prices in section.items():
+                out.append(f'[models."{model}"]')
+                out += [f"{k} = {value(v)}" for k, v in prices.items()]
+        else:
+            out.append(f"[{name}]")
+            out += [f"{k} = {value(v)}" for k, v in section.items()]
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes: fcntl F_GETPIPE_SZ, FIONREAD")
+async def test_serve_writes_lines_to_stdout_and_exits_though_stdout_is_blocked(
+        tmp_path: Path, mock_upstream: MockServer) -> None:
+    """``flintproxy serve`` with stdout a pipe nobody reads: SIGTERM still ends it."""
+    import fcntl  # Unix only, as is the test
+    import termios
+
+    config = tmp_path / "flintproxy.toml"
+    config.write_text(_toml(raw_config(tmp_path, {"local": mock_upstream.base_url})))
+    read_end, write_end = os.pipe()
+    capacity = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "flintproxy", "serve", "--config", str(config), cwd=REPO,
+        stdout=write_end, stderr=asyncio.subprocess.PIPE)
+    os.close(write_end)
+    os.set_blocking(read_end, False)
+
+    def in_pipe() -> int:
+        return int(struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4))[0])
+
+    try:
+        assert proc.stderr is not None
+        url = ""
+        while not url:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+            assert line, "serve exited"
+            if "listening on" in line:
+                url = line.split("listening on ", 1)[1].strip()
+        async with aiohttp.ClientSession() as http:
+
+            async def refused() -> None:
+                async with http.get(url + "/v1/models") as resp:
+                    assert resp.status in (401, 429)  # missing key; then the IP limit
+
+            # serve sends the lines, bare JSON, to stdout.
+            await refused()
+            out = b""
+            for _ in range(300):
+                with contextlib.suppress(BlockingIOError):
+                    out += os.read(read_end, 1 << 16)
+                if out.endswith(b"\n"):
+                    break
+                await asyncio.sleep(0.01)
+            assert out.count(b"\n") == 1 and json.loads(out)["error"] == "missing_api_key"
+
+            # Then nobody reads: enough lines to fill the pipe twice over.
+            for _ in range(2 * capacity // len(out) + 10):
+                await refused()
+        for _ in range(300):  # the writer filled the pipe: blocked on the rest
+            if in_pipe() >= capacity - len(out):
+                break
+            await asyncio.sleep(0.01)
+        assert in_pipe() >= capacity - len(out)
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        # close() gives up after DRAIN_TIMEOUT_S; then nothing may wait for the writer.
+        _, err = await asyncio.wait_for(proc.communicate(), DRAIN_TIMEOUT_S + 10)
+        assert time.monotonic() - started < DRAIN_TIMEOUT_S + 5
+        assert proc.returncode == 0, err.decode()
+        assert b"the sink is blocked; gave up on the last lines" in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(read_end)

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flintproxy.accesslog import ACCESS_LOG
 from flintproxy.gate import Admission, Call, Outcome, Principal
 from flintproxy.metrics import (
     METRICS,
@@ -317,6 +318,52 @@ async def test_usage_writer_metrics(gateway: Gateway) -> None:
     assert val(after, "flintproxy_usage_queue_depth") == 0
     assert val(after, "flintproxy_usage_writer_stalled") == 0
     assert total_delta(before, after, "flintproxy_usage_flush_errors_total") == 0
+
+
+class FullDisk:
+    """An access log sink that refuses writes while ``failing``."""
+
+    failing = True
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes | bytearray, /) -> int:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        self.written += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_access_log_dropped_lines(gateway: Gateway) -> None:
+    access = gateway.app[ACCESS_LOG]
+    sink = access.sink = FullDisk()
+    name = "flintproxy_access_log_dropped_lines_total"
+    before = await scrape(gateway)
+    assert (name, ()) in before  # there, at 0, before anything is lost
+    async with sdk(gateway) as client:
+        for _ in range(3):
+            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+    async def dropped_3() -> bool:
+        await access.flush()  # what the flusher does every FLUSH_S, now
+        return delta(before, await scrape(gateway), name) == 3
+
+    await wait_for(dropped_3, "3 dropped lines")
+    assert access.dropped == 3
+    sink.failing = False  # recovered: the next line is written, the counter stays
+    async with sdk(gateway) as client:
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+    async def written() -> bool:
+        await access.flush()
+        return sink.written.count(b"\n") == 1
+
+    await wait_for(written, "the line written")
+    assert delta(before, await scrape(gateway), name) == 3
 
 
 def test_pushed_histogram_matches_observed() -> None:
