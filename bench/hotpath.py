@@ -92,6 +92,8 @@ def main() -> int:
                    help="json (non-streaming), sse (streaming), slow (1,000 slow streams)")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--conns", type=int, default=50)
+    p.add_argument("--lines", action="store_true",
+                   help="keep line numbers in the stacks (functions split by line)")
     p.add_argument("--nonblocking", action="store_true",
                    help="don't pause the gateway per sample (less overhead; stacks read "
                         "mid-change are dropped, which skews towards time in syscalls)")
@@ -137,7 +139,7 @@ def main() -> int:
             time.sleep(1.0)
             cpu0 = procs.cpu_seconds([t.child.pid])
             spied = procs.run([spy, "record", *(["--nonblocking"] if args.nonblocking else []),
-                               "--nolineno", "-r",
+                               *(["--nolineno"] if not args.lines else []), "-r",
                                str(args.rate), "-d", f"{args.seconds:g}", "-f", "raw", "-o",
                                str(raw), "-p", str(t.child.pid)],
                               timeout=args.seconds + 60, cpus=bench_run.LOAD_CPU)

@@ -1,8 +1,13 @@
-"""The aiohttp application: ``create_app(config)``, its resources and the error middleware.
+"""The application: ``create_app(config)``, its resources, the error middleware, and
+``start``/``serve``.
 
 Each resource has one cleanup context that opens it, yields, then closes it and
 drains whatever background work it owns; the order of ``cleanup_ctx`` is the
 order of start-up, reversed at shutdown.
+
+Two servers share the port (``Runner``): the lean one (``server``) answers /v1 and
+hands every other connection to aiohttp, which also answers /v1 on those
+(``v1_route``, through ``AiohttpResponder``); both end in ``Relay.serve``.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiosqlite
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from flintproxy import accesslog, store
 from flintproxy.accesslog import AccessLog
@@ -30,7 +37,7 @@ from flintproxy.httpclient import UpstreamClient
 from flintproxy.metrics import Metrics, add_metrics
 from flintproxy.relay import ROUTES, Relay
 from flintproxy.routing import Router
-from flintproxy.server import Runner, exchange_of
+from flintproxy.server import LeanServer
 from flintproxy.service import ServiceGate, service_ctx
 from flintproxy.usage import add_usage_routes, usage_ctx
 
@@ -147,16 +154,132 @@ def create_app(config: Config, gate: Gate | None = None) -> web.Application:
     add_usage_routes(app)
     # Served by the lean server (``server``); here for connections aiohttp serves.
     for method, path in ROUTES:
-        app.router.add_route(method, path, relay.aiohttp_route)
+        app.router.add_route(method, path, v1_route)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_metrics(app, config, metrics)  # /metrics here or on its own port; after usage_ctx
     return app
 
 
+class Runner:
+    """The gateway's servers, started and stopped together; ``addresses`` and
+    ``cleanup()`` as on aiohttp's AppRunner."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        config = app[CONFIG].server
+        # access_log=None: aiohttp's default access log records the client IP, which
+        # the privacy promises forbid. handler_cancellation: a client that goes away
+        # cancels its handler, which closes the upstream request at once.
+        self.aiohttp = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=config.shutdown_timeout_s,
+                                     keepalive_timeout=config.keepalive_timeout_s)
+        self._config = config
+        self.lean: LeanServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        await self.aiohttp.setup()  # the app's start-up: cleanup contexts enter
+        server = self.aiohttp.server
+        assert server is not None
+        self.lean = LeanServer(self.app[RELAY].serve, ROUTES, self._config, server)
+        await self.lean.start(host, port)
+
+    @property
+    def addresses(self) -> list[Any]:
+        assert self.lean is not None
+        return self.lean.addresses
+
+    async def cleanup(self) -> None:
+        """Finish or cut what is in flight, then the app's cleanup (usage drained last)."""
+        if self.lean is not None:
+            await self.lean.shutdown(self._config.shutdown_timeout_s)
+        await self.aiohttp.cleanup()
+
+
+# -- /v1 on connections aiohttp serves ------------------------------------------------
+
+
+async def v1_route(request: web.Request) -> web.StreamResponse:
+    """A /v1 route on a connection handed over to aiohttp (see ``server``)."""
+    relay = request.app[RELAY]
+    responder = AiohttpResponder(request)
+    await relay.serve(await exchange_from(request, relay.max_body), responder)
+    return responder.response()
+
+
+def exchange_of(request: web.Request, body: bytes = b"", too_large: bool = False
+                ) -> Exchange:
+    """An aiohttp request as an Exchange."""
+    info = request.match_info.route.resource
+    route = info.canonical if info is not None else None
+    return Exchange(request.method, request.path, route, list(request.raw_headers),
+                    request.remote, body, too_large)
+
+
+async def exchange_from(request: web.Request, max_body: int) -> Exchange:
+    """An aiohttp request as an Exchange, with its body (not read when too large)."""
+    if request.content_length is not None and request.content_length > max_body:
+        return exchange_of(request, too_large=True)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return exchange_of(request, too_large=True)
+    return exchange_of(request, body)
+
+
+def _headers(head: bytes) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in head.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
+    return headers
+
+
+class AiohttpResponder:
+    """The Responder of a /v1 request on a connection aiohttp serves."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self._response: web.Response | None = None
+        self._stream: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._stream is not None
+
+    def respond(self, status: int, head: bytes, body: bytes) -> None:
+        self._response = web.Response(status=status, body=body, headers=_headers(head))
+
+    async def stream(self, status: int, head: bytes, first: bytes = b"",
+                     end: bool = False) -> None:
+        response = self._stream = web.StreamResponse(status=status, headers=_headers(head))
+        await response.prepare(self.request)
+        if first:
+            await response.write(first)
+        if end:
+            await response.write_eof()
+
+    async def write(self, data: bytes) -> None:
+        assert self._stream is not None
+        await self._stream.write(data)
+
+    async def end(self, last: bytes = b"") -> None:
+        assert self._stream is not None
+        if last:
+            await self._stream.write(last)
+        await self._stream.write_eof()
+
+    def response(self) -> web.StreamResponse:
+        """What the aiohttp handler returns."""
+        response = self._stream or self._response
+        assert response is not None, "the request was not answered"
+        return response
+
+
 async def start(app: web.Application, host: str, port: int) -> Runner:
     """Start serving ``app``; the caller owns the returned runner (``await runner.cleanup()``)."""
-    runner = Runner(app, app[RELAY].serve, ROUTES, app[CONFIG].server)
+    runner = Runner(app)
     await runner.start(host, port)
     return runner
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from flintproxy.errors import AuthenticationError
+import orjson
+
+from flintproxy.errors import AuthenticationError, BadRequest, InvalidJSON
 
 
 @dataclass(slots=True)
@@ -58,6 +60,44 @@ class Call:
     # Set by the gate once admitted: from then on ``finish`` accounts for the request,
     # and the error rendering must not count it a second time.
     admitted: bool = False
+
+
+def _optional_int(data: dict[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"'{name}' must be a positive integer.", param=name)
+    return value
+
+
+def parse_call(endpoint: str, body: bytes, request_id: str,
+               trace_id: str | None = None) -> tuple[Call, dict[str, Any]]:
+    """Validate the parts of the body the gateway relies on; everything else is the upstream's."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidJSON(
+            "We could not parse the JSON body of your request. The body must be valid JSON."
+        ) from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("You must provide a model parameter (a non-empty string).",
+                         param="model", code="missing_model" if model is None else None)
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean.", param="stream")
+    if endpoint == "embeddings":
+        stream = False
+    max_tokens = _optional_int(data, "max_completion_tokens") or _optional_int(data, "max_tokens")
+    # Roughly 4 bytes of JSON per token; an over-estimate, which is the safe side
+    # for a reservation. The upstream's own count replaces it after the call.
+    call = Call(endpoint=endpoint, model=model, stream=stream,
+                prompt_tokens_estimate=len(body) // 4 + 1, max_tokens=max_tokens,
+                request_id=request_id, trace_id=trace_id or request_id)
+    return call, data
 
 
 class Exchange:

@@ -18,20 +18,17 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from flintproxy.config import Config
 from flintproxy.errors import (
-    BadRequest,
     FlintError,
-    InvalidJSON,
     PayloadTooLarge,
     PermissionDenied,
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
 )
-from flintproxy.gate import Admission, Call, Exchange, Gate, Outcome, Responder
+from flintproxy.gate import Admission, Exchange, Gate, Outcome, Responder, parse_call
 from flintproxy.httpclient import (
     UpstreamClient,
     UpstreamConnectError,
@@ -40,7 +37,6 @@ from flintproxy.httpclient import (
     UpstreamResponse,
 )
 from flintproxy.routing import Router, Upstream
-from flintproxy.server import AiohttpResponder, exchange_from
 from flintproxy.sse import StreamScanner, extract_usage
 from flintproxy.usage import new_request_id
 
@@ -143,49 +139,11 @@ def _json_content_type(value: bytes | None) -> bool:
     return value is not None and value.partition(b";")[0].strip().lower() == b"application/json"
 
 
-def _optional_int(data: dict[str, Any], name: str) -> int | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"'{name}' must be a positive integer.", param=name)
-    return value
-
-
-def parse_call(endpoint: str, body: bytes, request_id: str,
-               trace_id: str | None = None) -> tuple[Call, dict[str, Any]]:
-    """Validate the parts of the body the gateway relies on; everything else is the upstream's."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidJSON(
-            "We could not parse the JSON body of your request. The body must be valid JSON."
-        ) from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("You must provide a model parameter (a non-empty string).",
-                         param="model", code="missing_model" if model is None else None)
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean.", param="stream")
-    if endpoint == "embeddings":
-        stream = False
-    max_tokens = _optional_int(data, "max_completion_tokens") or _optional_int(data, "max_tokens")
-    # Roughly 4 bytes of JSON per token; an over-estimate, which is the safe side
-    # for a reservation. The upstream's own count replaces it after the call.
-    call = Call(endpoint=endpoint, model=model, stream=stream,
-                prompt_tokens_estimate=len(body) // 4 + 1, max_tokens=max_tokens,
-                request_id=request_id, trace_id=trace_id or request_id)
-    return call, data
-
-
 class Relay:
     """The /v1 routes (``ROUTES``), bound to one pooled upstream client.
 
     ``serve`` is the entry point of both servers: the lean one (``server``) calls it
-    for every /v1 request it parses, aiohttp (``aiohttp_route``) for /v1 requests on
+    for every /v1 request it parses, aiohttp (``app.v1_route``) for /v1 requests on
     connections handed over to it.
     """
 
@@ -228,12 +186,6 @@ class Relay:
         if out.started:
             raise ConnectionAbortedError("an error after the response began")
         out.respond(err.status, err.head(), err.body())
-
-    async def aiohttp_route(self, request: web.Request) -> web.StreamResponse:
-        """A /v1 route on a connection aiohttp serves (see ``server``)."""
-        responder = AiohttpResponder(request)
-        await self.serve(await exchange_from(request, self.max_body), responder)
-        return responder.response()
 
     async def models(self, exchange: Exchange, out: Responder) -> None:
         principal = await self.gate.authenticate(exchange)

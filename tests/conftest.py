@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 
 from flintproxy import app as app_module
+from flintproxy.app import Runner
 from flintproxy.auth import ACCOUNTS
 from flintproxy.config import Config, build_config
 from flintproxy.mock import MOCK_STATS, MockSettings, MockStats, create_mock_app
-from flintproxy.server import Runner
 
 TEST_EMAIL = "owner-{}@example.com"  # one account per gateway started
 TEST_CREDIT_NANO = 1_000 * 1_000_000_000  # $1,000: tests are never short of funds

@@ -158,7 +158,7 @@ async def test_a_connection_that_starts_elsewhere_is_handed_to_aiohttp(
     conn.send(get("/healthz"))
     resp = await conn.response()
     assert resp.status == 200 and resp.json() == {"status": "ok"}
-    # aiohttp now serves this connection, /v1 included (Relay.aiohttp_route).
+    # aiohttp now serves this connection, /v1 included (app.v1_route).
     conn.send(post(gateway))
     resp = await conn.response()
     assert resp.status == 200
