@@ -276,12 +276,11 @@ class Relay:
                        candidates: list[Upstream], data: dict[str, Any], body: bytes,
                        head: bytes, client_wants_usage: bool, outcome: Outcome) -> None:
         call = admission.call
-        loop = asyncio.get_running_loop()
         beat: _Heartbeat | None = None
         timer = None
         if call.stream:
             beat = _Heartbeat(out, self.heartbeat_s)
-            timer = loop.call_later(self.heartbeat_s, beat.start)
+            timer = asyncio.get_running_loop().call_later(self.heartbeat_s, beat.start)
         error: UpstreamError | None = None
         resp: UpstreamResponse | None = None
         first = b""
