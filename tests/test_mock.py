@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +21,11 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from flintproxy.mock import (
+    IDLE_COLLECT_S,
     MOCK_STATS,
     MockSettings,
     MockStats,
+    _collect_when_idle,
     create_mock_app,
     embedding_vector,
     expected_content,
@@ -403,3 +407,31 @@ async def test_run_mock_prints_its_url(capsys: pytest.CaptureFixture[str]) -> No
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_served_mock_collects_garbage_only_while_no_stream_is_open() -> None:
+    class Node:
+        ref: object = None
+
+    def garbage_cycle() -> asyncio.Event:
+        node = Node()
+        node.ref = node  # only the cyclic collector frees it
+        freed = asyncio.Event()
+        weakref.finalize(node, freed.set)
+        return freed
+
+    stats = MockStats(active_streams=1)
+    task = asyncio.get_running_loop().create_task(_collect_when_idle(stats))
+    try:
+        await asyncio.sleep(0)
+        assert not gc.isenabled()
+        freed = garbage_cycle()
+        await asyncio.sleep(IDLE_COLLECT_S * 1.5)
+        assert not freed.is_set()  # a stream is open: no collection
+        stats.active_streams = 0
+        await asyncio.wait_for(freed.wait(), IDLE_COLLECT_S * 3)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert gc.isenabled()
