@@ -76,6 +76,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.parser: Any = None
+        # The read timeout: one timer per connection, re-armed lazily (see wait).
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.deadline = 0.0
+        self.limit_s = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -114,6 +119,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()
         if self.complete:
             return
         framed = (b"content-length", b"transfer-encoding")
@@ -171,15 +177,39 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def wait(self, limit_s: float) -> None:
-        # A bare timer, not asyncio.timeout(): this runs once or more per request, and
-        # the context manager costs several times more.
+        # This runs for every block of every stream: rather than a timer per wait, a
+        # deadline moves, and the connection's one timer, when it fires early, is set
+        # again for the deadline of the moment.
         waiter = self.waiter = self.loop.create_future()
-        timer = self.loop.call_later(limit_s, _expire, waiter, limit_s)
+        self.limit_s = limit_s
+        self.deadline = self.loop.time() + limit_s
+        if self.timer is None or self.deadline < self.timer_at:  # none, or too late
+            self._arm()
         try:
             await waiter
         finally:
-            timer.cancel()
             self.waiter = None
+
+    def _arm(self) -> None:
+        self._stop_timer()
+        self.timer_at = self.deadline
+        self.timer = self.loop.call_at(self.deadline, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next wait arms the timer again
+        if self.loop.time() < self.deadline:
+            self._arm()
+            return
+        waiter.set_exception(
+            UpstreamReadTimeout(f"no data from the upstream for {self.limit_s:g}s"))
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def take(self) -> bytes:
         chunks = self.chunks
@@ -196,13 +226,9 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.abort()
-
-
-def _expire(waiter: asyncio.Future[None], limit_s: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamReadTimeout(f"no data from the upstream for {limit_s:g}s"))
 
 
 class UpstreamResponse:

@@ -541,6 +541,47 @@ async def test_read_timeout_mid_body(client: UpstreamClient, raw: StartRaw) -> N
     await asyncio.wait_for(gone.wait(), 5)
 
 
+async def test_read_timeout_counts_from_the_last_data(client: UpstreamClient,
+                                                      raw: StartRaw) -> None:
+    # A slow stream whose total time exceeds the limit lives on, as long as no gap
+    # between its pieces does.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        for piece in (b"a", b"b", b"c", b"d"):
+            await asyncio.sleep(SHORT_S * 0.6)
+            writer.write(piece)
+        await until_eof(reader)
+
+    srv = await raw(handler)
+    started = time.monotonic()
+    resp = await post(client, srv.target(), read_timeout=SHORT_S)
+    assert await resp.read() == b"abcd"
+    assert time.monotonic() - started > SHORT_S * 2
+    resp.release()
+
+
+async def test_a_shorter_read_timeout_on_a_reused_connection(client: UpstreamClient,
+                                                             raw: StartRaw) -> None:
+    # One pooled connection, first with a long limit, then a short one: the short one
+    # is kept, not the timer the long one left armed.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await read_request(reader)  # then never answered
+        await until_eof(reader)
+
+    srv = await raw(handler)
+    resp = await post(client, srv.target(), read_timeout=60.0)
+    assert await resp.read() == b"ok"
+    resp.release()
+    started = time.monotonic()
+    with pytest.raises(UpstreamReadTimeout, match=f"{SHORT_S:g}s"):
+        await post(client, srv.target(), read_timeout=SHORT_S)
+    assert SHORT_S * 0.9 <= time.monotonic() - started < SHORT_S + 1.0
+    assert srv.connections == 1
+
+
 # -- (7) connection lost mid-body --------------------------------------------------------------
 
 
