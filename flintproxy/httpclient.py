@@ -71,6 +71,11 @@ class Target:
 class _Connection(asyncio.Protocol):
     """One upstream socket and the response being read from it."""
 
+    __slots__ = ("buffered", "chunks", "closed", "complete", "connection", "deadline",
+                 "error", "headers_done", "interim", "keep_alive", "limit_s", "loop",
+                 "parser", "paused", "raw_headers", "received", "status", "timer",
+                 "timer_at", "transport", "waiter")
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
@@ -120,6 +125,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._stop_timer()
+        self.parser = None  # it holds us: freed at once, not by the cyclic GC
         if self.complete:
             return
         framed = (b"content-length", b"transfer-encoding")

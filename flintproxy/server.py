@@ -88,11 +88,18 @@ class _Refuse(Exception):
 class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
+    # Slots: thousands live at once, and each would otherwise carry a dict for the
+    # cyclic GC to walk.
+    __slots__ = ("body", "body_size", "busy", "chunk", "closed", "closing", "current",
+                 "deadline", "discarding", "drain_waiter", "fresh", "head_size", "headers",
+                 "in_message", "loop", "parser", "queue", "raw", "reading_paused", "remote",
+                 "replay", "server", "task", "transport", "url", "waiter", "writing_paused")
+
     def __init__(self, server: LeanServer) -> None:
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: Any = httptools.HttpRequestParser(self)
         self.remote: str | None = None
         self.queue: deque[_Request | FlintError] = deque()
         self.task: asyncio.Task[None] | None = None
@@ -154,6 +161,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = None  # it holds us: freed at once, not by the cyclic GC
         self.server.connections.discard(self)
         if self.task is not None:
             self.task.cancel()  # a request being answered: the client left
@@ -356,6 +364,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         assert transport is not None and self.replay is not None
         replay, self.replay = self.replay, None
+        self.parser = None
         self.server.connections.discard(self)
         if self.task is not None:
             self.task.cancel()  # idle between requests
