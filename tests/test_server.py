@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -317,3 +318,34 @@ async def test_shutdown_lets_a_stream_finish_and_closes_idle_connections(
     assert await idle.closed()
     rest = await asyncio.wait_for(busy.reader.read(), 5)
     assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+async def test_requests_leave_no_reference_cycles_behind(gateway: Gateway,
+                                                         connect: Opener) -> None:
+    # serve() makes full collections rare on the strength of this: what a /v1 request
+    # leaves behind is freed by reference counting, not left for the cyclic GC.
+    def ours(obj: object) -> bool:
+        return type(obj).__module__.startswith("flintproxy")
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for body in (CHAT, STREAM, b'{"model": "nope"}', b"{bad"):
+            conn = await connect(gateway)
+            for _ in range(3):
+                conn.send(post(gateway, body=body))
+                await conn.response()
+            await conn.close()
+        conn = await connect(gateway)
+        conn.send(b"\x00garbage\r\n\r\n")  # refused and closed by the server
+        assert (await conn.response()).status == 400
+        assert await conn.closed()
+        await asyncio.sleep(0.3)  # connections closed, their callbacks run
+        gc.collect()
+        leaked = [type(o).__qualname__ for o in gc.garbage if ours(o)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leaked == []
