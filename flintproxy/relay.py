@@ -242,6 +242,8 @@ class Relay:
         except FlintError as exc:
             outcome.status = exc.status
             outcome.outcome = "upstream_error" if isinstance(exc, UpstreamError) else "error"
+            # Admitted: the error carries the limits and the id, as a success would.
+            exc.headers = {**admission.headers, **exc.headers, "x-request-id": call.trace_id}
             raise
         finally:
             outcome.duration_s = time.perf_counter() - started

@@ -215,10 +215,13 @@ async def test_upstream_failures_map_to_502_504_and_429_passes(
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert info.value.status_code == 504
-    async with sdk(gw, **{"x-mock-fault": "http500"}) as client:
+    async with sdk(gw, **{"x-mock-fault": "http500", "x-request-id": "trace-502"}) as client:
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert info.value.status_code == 502
+    # Admitted, then failed upstream: the limits and the id come with the error.
+    assert info.value.response.headers["x-request-id"] == "trace-502"
+    assert info.value.response.headers["x-ratelimit-remaining-requests"].isdigit()
     async with sdk(gw, **{"x-mock-fault": "http429"}) as client:
         with pytest.raises(openai.RateLimitError) as rl:
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
