@@ -296,6 +296,11 @@ class HttpProtocol(asyncio.Protocol):
                     return
                 out = _Response(self, item.keep_alive and not self.closing, item.http11)
                 await handler(item, out)
+                if self.writing_paused:
+                    # A whole response was written without waiting: the next one waits
+                    # until the client has read it (a pipelining client that does not
+                    # read cannot make us buffer response after response).
+                    await self.drain()
                 self.busy = False
                 if not out.done:
                     # A stream the handler did not end: its framing is broken, so

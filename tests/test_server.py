@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -349,3 +350,37 @@ async def test_requests_leave_no_reference_cycles_behind(gateway: Gateway,
         gc.garbage.clear()
         gc.enable()
     assert leaked == []
+
+
+async def test_a_client_that_does_not_read_pauses_its_stream(gateway: Gateway) -> None:
+    # The client's socket fills: the connection's writes pause (the relay waits in
+    # drain instead of buffering), and resume once the client reads again.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
+    writer.transport.pause_reading()
+    writer.write(post(gateway, body=STREAM, extra=b"X-Mock-Chunks: 500000\r\n"))
+    lean = gateway.runner.lean  # type: ignore[union-attr]
+    assert lean is not None
+    for _ in range(500):
+        paused = [c for c in lean.connections if c.writing_paused]
+        if paused:
+            break
+        await asyncio.sleep(0.02)
+    assert paused, "the gateway kept writing to a client that reads nothing"
+    conn = paused[0]
+    assert conn.transport is not None
+    most = 0
+    for _ in range(25):  # while the client still reads nothing, nothing piles up
+        most = max(most, conn.transport.get_write_buffer_size())
+        await asyncio.sleep(0.02)
+    assert most < 256 * 1024
+    writer.transport.resume_reading()
+    received = 0
+    while received < 4 << 20:  # and the stream goes on once it reads again
+        received += len(await asyncio.wait_for(reader.read(1 << 20), 5))
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
