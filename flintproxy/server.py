@@ -206,7 +206,9 @@ class HttpProtocol(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         path = self.url.partition(b"?")[0]
-        if (method, path) not in self.server.routes:
+        # An Upgrade (h2c from curl --http2) makes llhttp stop at the head, as if the
+        # body were another protocol's; aiohttp ignores what it does not support.
+        if (method, path) not in self.server.routes or b"upgrade" in self.headers:
             if self.replay is not None and not self.busy and not self.queue:
                 raise _HandOver()
             # Pipelined behind a /v1 request: its bytes are gone, aiohttp cannot have it.

@@ -384,3 +384,13 @@ async def test_a_client_that_does_not_read_pauses_its_stream(gateway: Gateway) -
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
+
+
+async def test_an_h2c_upgrade_is_ignored(gateway: Gateway, connect: Opener) -> None:
+    # curl --http2 on http:// asks to upgrade; HTTP/1.1 answers, body and all.
+    conn = await connect(gateway)
+    conn.send(post(gateway, extra=b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                                  b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"))
+    resp = await conn.response()
+    assert resp.status == 200
+    assert resp.json()["choices"][0]["message"]["content"] == expected_content(20)
