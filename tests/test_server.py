@@ -394,3 +394,16 @@ async def test_an_h2c_upgrade_is_ignored(gateway: Gateway, connect: Opener) -> N
     resp = await conn.response()
     assert resp.status == 200
     assert resp.json()["choices"][0]["message"]["content"] == expected_content(20)
+
+
+async def test_a_chunked_body_and_connection_close(gateway: Gateway, connect: Opener) -> None:
+    conn = await connect(gateway)
+    head = post(gateway, body=b"").partition(b"Content-Length")[0]
+    conn.send(head + b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + b"".join(b"%x\r\n%b\r\n" % (len(part), part)
+                         for part in (CHAT[:10], CHAT[10:40], CHAT[40:]))
+              + b"0\r\n\r\n")
+    resp = await conn.response()
+    assert resp.status == 200 and resp.headers["connection"] == "close"
+    assert resp.json()["choices"][0]["message"]["content"] == expected_content(20)
+    assert await conn.closed()
