@@ -45,6 +45,7 @@ from flintproxy.config import Config
 from flintproxy.errors import FlintError
 from flintproxy.gate import Admission, Exchange, Outcome
 from flintproxy.limiter import client_ip
+from flintproxy.relay import ENDPOINT_PATHS
 
 # The access log's own troubles (a failing sink); access lines never go through logging.
 LOGGER = "flintproxy.access"
@@ -55,7 +56,6 @@ MAX_PENDING_BYTES = 8 << 20
 DRAIN_TIMEOUT_S = 5.0
 
 log = logging.getLogger(LOGGER)
-_PATHS = {ep: f"/v1/{ep}" for ep in ("chat/completions", "completions", "embeddings")}
 
 
 class Sink(Protocol):
@@ -152,7 +152,7 @@ class AccessLog:
                 "ts": self._clock.format(time.time_ns()),
                 "request_id": call.request_id,
                 "method": "POST",
-                "path": _PATHS.get(call.endpoint),
+                "path": ENDPOINT_PATHS.get(call.endpoint),
                 "status": outcome.status,
                 "model": call.model if call.model in self._models else "other",
                 "upstream": outcome.upstream,

@@ -27,9 +27,15 @@ route, and aiohttp's own HTTPExceptions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
+
+
+def header_lines(headers: Mapping[str, str]) -> bytes:
+    """Header lines for our own headers (ASCII names and values), as responses send them."""
+    return "".join([f"{k}: {v}\r\n" for k, v in headers.items()]).encode("latin-1")
 
 
 class FlintError(Exception):
@@ -69,9 +75,7 @@ class FlintError(Exception):
 
     def head(self) -> bytes:
         """The error response's header lines: its Content-Type and ``headers``."""
-        lines = [b"Content-Type: application/json\r\n"]
-        lines.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in self.headers.items())
-        return b"".join(lines)
+        return b"Content-Type: application/json\r\n" + header_lines(self.headers)
 
     def sse_event(self) -> bytes:
         """The error as a final SSE event, for a stream that already started."""

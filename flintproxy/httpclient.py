@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict
 
 HIGH_WATER = 1 << 20
 
@@ -252,12 +251,6 @@ class UpstreamResponse:
         self.status: int = conn.status
         self.raw_headers = conn.raw_headers  # as received, in order
         self.connection = conn.connection  # the Connection header's value, if any
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        """The headers, decoded (built on each use: the relay works on raw_headers)."""
-        return CIMultiDict((n.decode("latin-1"), v.decode("latin-1"))
-                           for n, v in self.raw_headers)
 
 
     async def readany(self) -> bytes:

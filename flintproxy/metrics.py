@@ -60,7 +60,7 @@ from flintproxy.accesslog import ACCESS_LOG, AccessLog
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, ModelNotFound
 from flintproxy.gate import Admission, Exchange, Outcome
-from flintproxy.relay import Relay
+from flintproxy.relay import ENDPOINT_PATHS, Relay
 from flintproxy.routing import FAILURE_REASONS, Router
 from flintproxy.usage import USAGE, UsageWriter
 
@@ -83,7 +83,7 @@ REJECT_REASONS = {
     413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited",
     503: "unavailable",
 }
-RELAY_PATHS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings"))
+RELAY_PATHS = frozenset(ENDPOINT_PATHS.values())
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0, 300.0)

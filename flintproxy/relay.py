@@ -27,6 +27,7 @@ from flintproxy.errors import (
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
+    header_lines,
 )
 from flintproxy.gate import Admission, Exchange, Gate, Outcome, Responder, parse_call
 from flintproxy.httpclient import (
@@ -69,6 +70,8 @@ ROUTES: dict[tuple[str, str], str | None] = {
     ("POST", "/v1/embeddings"): "embeddings",
     ("GET", "/v1/models"): None,
 }
+# The path of each relayed endpoint ("chat/completions": "/v1/chat/completions").
+ENDPOINT_PATHS = {endpoint: path for (_, path), endpoint in ROUTES.items() if endpoint}
 
 
 # The upstream client's errors: what the client sees, and the metrics reason.
@@ -113,11 +116,6 @@ def _filter(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes],
             content_type = True
         lines.append(name + b": " + value + b"\r\n")
     return b"".join(lines), content_type
-
-
-def head_of(headers: dict[str, str]) -> bytes:
-    """Header lines for a str mapping (our own headers: ASCII names and values)."""
-    return "".join([f"{k}: {v}\r\n" for k, v in headers.items()]).encode("latin-1")
 
 
 def _client_request_id(exchange: Exchange) -> str | None:
@@ -339,7 +337,7 @@ class Relay:
     def _response_head(self, resp: UpstreamResponse, admission: Admission) -> tuple[bytes, bool]:
         head, content_type = _filter(resp.raw_headers, RESPONSE_DROP, resp.connection)
         if admission.headers:
-            head += head_of(admission.headers)
+            head += header_lines(admission.headers)
         return (head + b"X-Request-Id: " + admission.call.trace_id.encode("ascii") + b"\r\n",
                 content_type)
 

@@ -10,7 +10,7 @@ A connection whose request is for any other route (/api, /metrics, /healthz, a
 wrong method...) is handed over to aiohttp for the rest of its life: the transport
 is given to an aiohttp ``RequestHandler`` and the bytes of that request are
 replayed to it, so everything but the hot path keeps aiohttp's full machinery.
-aiohttp serves /v1 on such connections too, through ``Relay.aiohttp_route`` and
+aiohttp serves /v1 on such connections too, through ``app.v1_route`` and
 ``AiohttpResponder``: both servers end in the same ``Relay.serve``.
 
 Limits: a request head of at most MAX_HEAD bytes (431); a body over the
