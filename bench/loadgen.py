@@ -289,6 +289,7 @@ async def mode_rate(args: argparse.Namespace, raw: bytes, host: str, port: int) 
             "error_count": sum(errors.values()), "rate": n / elapsed,
             "ttfb_ms": quantiles_ms(ttfb), "latency_ms": quantiles_ms(total),
             "ttfb_samples_ms": [round(x * 1000, 4) for x in ttfb],
+            "latency_samples_ms": [round(x * 1000, 4) for x in total],
             "schedule_lag_ms": quantiles_ms(lag)}
 
 

@@ -134,38 +134,13 @@ def _hist_from_samples(samples: list[float], edges: list[float]) -> list[float]:
     return [100.0 * c / len(samples) for c in counts]
 
 
-def _hist_from_quantiles(quantiles: list[list[float]], edges: list[float]) -> list[float]:
-    """Spread each quantile interval's probability mass evenly over its value range."""
-    mass = [0.0] * (len(edges) - 1)
-    width = edges[1] - edges[0]
-    prev_p, prev_v = 0.0, None
-    for p, v in quantiles:
-        dp = p - prev_p
-        lo = v if prev_v is None else prev_v
-        hi = v
-        if hi <= lo:
-            i = min(len(mass) - 1, max(0, int((hi - edges[0]) / width)))
-            mass[i] += dp
-        else:
-            for i in range(len(mass)):
-                a, b = max(lo, edges[i]), min(hi, edges[i + 1])
-                if b > a:
-                    mass[i] += dp * (b - a) / (hi - lo)
-            if hi > edges[-1]:
-                mass[-1] += dp * (hi - max(lo, edges[-1])) / (hi - lo)
-        prev_p, prev_v = p, v
-    return mass
-
-
 def histogram(title: str, dists: dict[str, dict[str, Any]], xlabel: str, bins: int = 60) -> str:
-    """Latency distributions as percent-per-bin lines; dists: name -> samples_ms or quantiles."""
+    """Latency distributions as percent-per-bin lines; dists: name -> {"samples": ms}."""
     tops = []
     for d in dists.values():
         if d.get("samples"):
             s = sorted(d["samples"])
             tops.append(s[min(len(s) - 1, int(0.995 * len(s)))])
-        elif d.get("quantiles"):
-            tops.append(next((v for p, v in d["quantiles"] if p >= 99.5), d["quantiles"][-1][1]))
     if not tops:
         return ""
     xmax = _nice_max(max(tops) * 1.05)
@@ -174,12 +149,7 @@ def histogram(title: str, dists: dict[str, dict[str, Any]], xlabel: str, bins: i
     series = {}
     for name, d in dists.items():
         if d.get("samples"):
-            ys = _hist_from_samples(d["samples"], edges)
-        elif d.get("quantiles"):
-            ys = _hist_from_quantiles(d["quantiles"], edges)
-        else:
-            continue
-        series[name] = (centers, ys)
+            series[name] = (centers, _hist_from_samples(d["samples"], edges))
     return line_chart(title + " (last bin holds the tail)", series, xlabel, "% of requests",
                       xmax)
 
@@ -238,8 +208,8 @@ def render(data: dict[str, Any], table_text: str, checks_text: str) -> str:
     charts.append(bar_chart("Throughput at saturation", list(tput), targets, tput,
                             "requests/s"))
     mod = sc.get("nonstream_moderate", {})
-    dists = {t: {"quantiles": [[p, us / 1000] for p, us in mod[t]["quantiles_us"]]}
-             for t in targets if t in mod and "quantiles_us" in mod[t]}
+    dists = {t: {"samples": mod[t]["latency_samples_ms"]}
+             for t in targets if "latency_samples_ms" in mod.get(t, {})}
     if dists:
         rate = mod.get("direct", {}).get("rps", 0)
         charts.append(histogram(f"Non-streaming latency at ~{rate:,.0f} req/s", dists,

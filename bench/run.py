@@ -17,7 +17,7 @@ asyncio client bench/loadgen.py for TTFB and slow streams), the upstreams and th
 script on CPU 1.
 
 Scenarios: (a) non-streaming: requests/s at saturation (wrk), latency at a
-moderate fixed rate (wrk with a per-connection think time); (b) streaming 20-chunk
+moderate fixed rate (the asyncio client, open loop, requests evenly spaced); (b) streaming 20-chunk
 responses: requests/s (wrk) and TTFB at a fixed rate (asyncio client); (c) 1,000
 and 5,000 concurrent slow streams (arriving at 500/s, offering 10,000 events/s in
 all: 1,000 x 64 chunks 100 ms apart, 5,000 x 28 chunks 500 ms apart): TTFB, errors,
@@ -101,8 +101,8 @@ class Plan:
     sat_s: float
     conns: int
     moderate_s: float
-    moderate_conns: int
-    moderate_delay_ms: float
+    moderate_rate: float  # requests/s, evenly spaced (open loop)
+    moderate_pool: int  # keep-alive connections the client spreads them over
     ttfb_rate: float
     ttfb_s: float
     slow_counts: list[int]
@@ -123,8 +123,8 @@ class Plan:
             sat_s=env_num("BENCH_SECONDS", 3.0 if quick else 8.0),
             conns=int(env_num("BENCH_CONNS", 50)),
             moderate_s=2.0 if quick else 6.0,
-            moderate_conns=10,
-            moderate_delay_ms=20.0,  # 10 connections x (20 ms + latency) ~ 490 req/s
+            moderate_rate=env_num("BENCH_MODERATE_RATE", 500.0),
+            moderate_pool=10,
             ttfb_rate=env_num("BENCH_TTFB_RATE", 200.0),
             ttfb_s=2.0 if quick else 5.0,
             slow_counts=[int(x) for x in slow.split(",") if x.strip()],
@@ -549,27 +549,32 @@ bcrypt_cost = 4
         return res
 
     def drive(self, t: Target, kind: str, seconds: float, conns: int,
-              delay_ms: float = 0.0) -> dict[str, Any]:
-        """One load run against ``t`` (wrk, or the asyncio client without wrk)."""
+              rate: float = 0.0) -> dict[str, Any]:
+        """One load run against ``t``: closed loop at saturation (wrk, or the asyncio
+        client without wrk), or open loop at ``rate`` requests/s over ``conns``
+        connections (the asyncio client: wrk has no fixed rate, and its per-connection
+        think time lets the connections fall into step, so requests came in bursts of
+        up to ``conns`` within tens of microseconds and queued behind one another)."""
         url, body = t.url(kind), t.body(kind)
-        if self.wrk_bin:
-            lua = wrk.script(self.work / f"{t.name}-{kind}-{delay_ms:g}.lua", body, t.key,
-                             delay_ms)
-            return wrk.run(self.wrk_bin, url, lua, conns=conns, seconds=seconds, cpus=LOAD_CPU)
-        if delay_ms:
-            rate = conns / (delay_ms / 1000)
+        if rate:
             res = self.loadgen("rate", url, body, t.key, "--rate", f"{rate:g}", "--duration",
-                               f"{seconds:g}", *(["--stream"] if kind != "json" else []))
+                               f"{seconds:g}", "--pool", str(conns),
+                               *(["--stream"] if kind != "json" else []))
             lat = res["latency_ms"]
             return {"tool": "asyncio client", "requests": res["ok"], "rps": res["rate"],
                     "error_count": res["error_count"], "errors": res["errors"],
                     "p50_ms": lat.get("p50", 0.0), "p99_ms": lat.get("p99", 0.0),
-                    "p90_ms": lat.get("p90", 0.0), "p999_ms": lat.get("p999", 0.0)}
+                    "p90_ms": lat.get("p90", 0.0), "p999_ms": lat.get("p999", 0.0),
+                    "latency_samples_ms": res["latency_samples_ms"],
+                    "schedule_lag_ms": res["schedule_lag_ms"]}
+        if self.wrk_bin:
+            lua = wrk.script(self.work / f"{t.name}-{kind}.lua", body, t.key)
+            return wrk.run(self.wrk_bin, url, lua, conns=conns, seconds=seconds, cpus=LOAD_CPU)
         return self.loadgen("closed", url, body, t.key, "--conns", str(conns), "--duration",
                             f"{seconds:g}", *(["--stream"] if kind != "json" else []))
 
     def measured(self, t: Target, kind: str, seconds: float, conns: int,
-                 delay_ms: float = 0.0) -> dict[str, Any]:
+                 rate: float = 0.0) -> dict[str, Any]:
         """``drive`` with the gateway's and the upstream's CPU and the cores' load around it."""
         assert self.upstream is not None
         pids = t.pids()
@@ -577,7 +582,7 @@ bcrypt_cost = 4
         noise = Noise()
         c0, u0, k0, w0 = (procs.cpu_seconds(pids), procs.cpu_seconds(up_pids), core_times(),
                           time.monotonic())
-        res = self.drive(t, kind, seconds, conns, delay_ms)
+        res = self.drive(t, kind, seconds, conns, rate)
         res["noise_pct"] = round(noise.pct(), 1)
         wall = time.monotonic() - w0
         cpu = procs.cpu_seconds(pids) - c0
@@ -632,7 +637,7 @@ bcrypt_cost = 4
         for t in self.targets.values():
             r = out[t.name] = self.quiet(
                 f"moderate {t.name}", lambda t=t: self.measured(
-                    t, "json", p.moderate_s, p.moderate_conns, p.moderate_delay_ms))
+                    t, "json", p.moderate_s, p.moderate_pool, p.moderate_rate))
             self.say(f"  moderate        {t.name:<11} {r['rps']:>9,.0f} req/s  p50 "
                      f"{r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  errors {r['error_count']}"
                      f"  noise {r['noise_pct']:.0f}%")
