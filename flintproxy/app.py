@@ -117,6 +117,7 @@ async def upstream_client_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RELAY].client = client
     yield
     client.close()
+    app[RELAY].heartbeats.close()
 
 
 async def healthz(request: web.Request) -> web.Response:

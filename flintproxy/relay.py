@@ -151,7 +151,7 @@ class Relay:
         self.gate = gate
         self.client: UpstreamClient | None = None  # set at start-up (needs the loop)
         self.max_body = config.server.max_body_bytes
-        self.heartbeat_s = config.server.heartbeat_interval_s
+        self.heartbeats = _Heartbeats(config.server.heartbeat_interval_s)
         self.active_streams = 0
         # Told of every error response of a request the gate did not admit (metrics,
         # access log); admitted requests are accounted for once, by the gate's finish.
@@ -277,10 +277,8 @@ class Relay:
                        head: bytes, client_wants_usage: bool, outcome: Outcome) -> None:
         call = admission.call
         beat: _Heartbeat | None = None
-        timer = None
         if call.stream:
-            beat = _Heartbeat(out, self.heartbeat_s)
-            timer = asyncio.get_running_loop().call_later(self.heartbeat_s, beat.start)
+            beat = self.heartbeats.watch(out)
         error: UpstreamError | None = None
         resp: UpstreamResponse | None = None
         first = b""
@@ -310,10 +308,8 @@ class Relay:
                     self.router.success(up)
                 break
         finally:
-            if timer is not None:
-                timer.cancel()
             if beat is not None:
-                await beat.stop()
+                await self.heartbeats.stop(beat)
         outcome.upstream = up.name
         outcome.upstream_wait_s = time.perf_counter() - wait_started
         if resp is None:
@@ -432,33 +428,62 @@ def _apply_usage(outcome: Outcome, usage: Any) -> None:
 
 
 class _Heartbeat:
-    """SSE comments while a stream waits for its first upstream byte.
+    """SSE comments to one client while its stream waits for the first upstream byte;
+    a task exists only once the wait actually exceeded the interval."""
 
-    Armed with a timer per stream; a task exists only once the wait actually
-    exceeded the interval, so the fast path creates none.
-    """
+    __slots__ = ("out", "task")
 
-    __slots__ = ("interval", "out", "task")
-
-    def __init__(self, out: Responder, interval: float) -> None:
+    def __init__(self, out: Responder) -> None:
         self.out = out
-        self.interval = interval
         self.task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
+    async def run(self, interval: float) -> None:
         try:
             await self.out.stream(200, SSE_HEAD, HEARTBEAT)
             while True:
-                await asyncio.sleep(self.interval)
+                await asyncio.sleep(interval)
                 await self.out.write(HEARTBEAT)
         except ConnectionError:
             return  # the client left; the handler's own cancellation deals with it
 
-    async def stop(self) -> None:
-        task = self.task
+
+class _Heartbeats:
+    """The streams waiting for their first upstream byte, and one timer for them all.
+
+    A timer per stream cost more than the rest of a fast stream's relay. This one is
+    armed only while some stream waits, looks every quarter interval (at most every
+    second) and starts the heartbeat of each stream that has waited an interval.
+    """
+
+    __slots__ = ("interval", "tick", "timer", "waiting")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.tick = min(1.0, interval / 4)
+        self.waiting: dict[_Heartbeat, float] = {}  # -> the loop time it began waiting
+        self.timer: asyncio.TimerHandle | None = None
+
+    def watch(self, out: Responder) -> _Heartbeat:
+        beat = _Heartbeat(out)
+        loop = asyncio.get_running_loop()
+        self.waiting[beat] = loop.time()
+        if self.timer is None:
+            self.timer = loop.call_later(self.tick, self._check)
+        return beat
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() - self.interval
+        for beat, since in list(self.waiting.items()):
+            if since <= due:
+                del self.waiting[beat]
+                beat.task = loop.create_task(beat.run(self.interval))
+        self.timer = loop.call_later(self.tick, self._check) if self.waiting else None
+
+    async def stop(self, beat: _Heartbeat) -> None:
+        """The first byte came (or the wait ended otherwise): no more heartbeats."""
+        self.waiting.pop(beat, None)
+        task = beat.task
         if task is None:
             return
         task.cancel()
@@ -468,3 +493,10 @@ class _Heartbeat:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
+
+    def close(self) -> None:
+        """At shutdown: the timer goes (the streams' own handlers stop their tasks)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.waiting.clear()
