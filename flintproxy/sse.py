@@ -134,13 +134,19 @@ def _event_start(buf: bytes, pos: int) -> int:
 def _event_end(buf: bytes, pos: int) -> int:
     """Offset just past the blank line ending the event holding ``buf[pos]``."""
     lf = buf.find(b"\n\n", pos)
+    # Only a CRLF blank line that ends within the LF one's reach can come first, and
+    # then it does (neither pair can begin inside the other).
     crlf = buf.find(b"\r\n\r\n", pos, lf + 4 if lf >= 0 else len(buf))
-    ends = [i + n for i, n in ((lf, 2), (crlf, 4)) if i >= 0]
-    return min(ends) if ends else len(buf)
+    if crlf >= 0:
+        return crlf + 4
+    return lf + 2 if lf >= 0 else len(buf)
 
 
 def _event_data(event: bytes) -> bytes:
     """The payload of an SSE event (its data lines joined), for the rare parse."""
+    line = event.rstrip(b"\r\n")
+    if line.startswith(b"data:") and b"\n" not in line:  # one line, as upstreams send
+        return line[5:].lstrip(b" ")
     lines = event.replace(b"\r\n", b"\n").split(b"\n")
     data = [ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:")]
     return b"\n".join(data)
