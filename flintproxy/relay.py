@@ -30,6 +30,7 @@ from flintproxy.errors import (
     header_lines,
 )
 from flintproxy.gate import Admission, Exchange, Gate, Outcome, Responder, parse_call
+from flintproxy.heartbeat import Heartbeat, Heartbeats
 from flintproxy.httpclient import (
     UpstreamClient,
     UpstreamConnectError,
@@ -38,7 +39,7 @@ from flintproxy.httpclient import (
     UpstreamResponse,
 )
 from flintproxy.routing import Router, Upstream
-from flintproxy.sse import StreamScanner, extract_usage
+from flintproxy.sse import SSE_HEAD, StreamScanner, extract_usage
 from flintproxy.usage import new_request_id
 
 log = logging.getLogger("flintproxy")
@@ -59,9 +60,7 @@ RESPONSE_DROP = HOP_BY_HOP | frozenset(
     (b"content-length", b"content-encoding", b"set-cookie", b"date", b"server",
      b"x-request-id", b"authorization")
 )
-SSE_HEAD = b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
 JSON_HEAD = b"Content-Type: application/json\r\n"
-HEARTBEAT = b": keep-alive\n\n"
 MAX_REQUEST_ID = 128
 # The routes served here, and the endpoint each relays to (None: answered locally).
 ROUTES: dict[tuple[str, str], str | None] = {
@@ -151,7 +150,7 @@ class Relay:
         self.gate = gate
         self.client: UpstreamClient | None = None  # set at start-up (needs the loop)
         self.max_body = config.server.max_body_bytes
-        self.heartbeats = _Heartbeats(config.server.heartbeat_interval_s)
+        self.heartbeats = Heartbeats(config.server.heartbeat_interval_s)
         self.active_streams = 0
         # Told of every error response of a request the gate did not admit (metrics,
         # access log); admitted requests are accounted for once, by the gate's finish.
@@ -276,7 +275,7 @@ class Relay:
                        candidates: list[Upstream], data: dict[str, Any], body: bytes,
                        head: bytes, client_wants_usage: bool, outcome: Outcome) -> None:
         call = admission.call
-        beat: _Heartbeat | None = None
+        beat: Heartbeat | None = None
         if call.stream:
             beat = self.heartbeats.watch(out)
         error: UpstreamError | None = None
@@ -425,78 +424,3 @@ def _apply_usage(outcome: Outcome, usage: Any) -> None:
     outcome.completion_tokens = usage.completion_tokens
     outcome.cached_tokens = usage.cached_tokens
     outcome.reasoning_tokens = usage.reasoning_tokens
-
-
-class _Heartbeat:
-    """SSE comments to one client while its stream waits for the first upstream byte;
-    a task exists only once the wait actually exceeded the interval."""
-
-    __slots__ = ("out", "task")
-
-    def __init__(self, out: Responder) -> None:
-        self.out = out
-        self.task: asyncio.Task[None] | None = None
-
-    async def run(self, interval: float) -> None:
-        try:
-            await self.out.stream(200, SSE_HEAD, HEARTBEAT)
-            while True:
-                await asyncio.sleep(interval)
-                await self.out.write(HEARTBEAT)
-        except ConnectionError:
-            return  # the client left; the handler's own cancellation deals with it
-
-
-class _Heartbeats:
-    """The streams waiting for their first upstream byte, and one timer for them all.
-
-    A timer per stream cost more than the rest of a fast stream's relay. This one is
-    armed only while some stream waits, looks every quarter interval (at most every
-    second) and starts the heartbeat of each stream that has waited an interval.
-    """
-
-    __slots__ = ("interval", "tick", "timer", "waiting")
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.tick = min(1.0, interval / 4)
-        self.waiting: dict[_Heartbeat, float] = {}  # -> the loop time it began waiting
-        self.timer: asyncio.TimerHandle | None = None
-
-    def watch(self, out: Responder) -> _Heartbeat:
-        beat = _Heartbeat(out)
-        loop = asyncio.get_running_loop()
-        self.waiting[beat] = loop.time()
-        if self.timer is None:
-            self.timer = loop.call_later(self.tick, self._check)
-        return beat
-
-    def _check(self) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time() - self.interval
-        for beat, since in list(self.waiting.items()):
-            if since <= due:
-                del self.waiting[beat]
-                beat.task = loop.create_task(beat.run(self.interval))
-        self.timer = loop.call_later(self.tick, self._check) if self.waiting else None
-
-    async def stop(self, beat: _Heartbeat) -> None:
-        """The first byte came (or the wait ended otherwise): no more heartbeats."""
-        self.waiting.pop(beat, None)
-        task = beat.task
-        if task is None:
-            return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
-
-    def close(self) -> None:
-        """At shutdown: the timer goes (the streams' own handlers stop their tasks)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.waiting.clear()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import orjson
 
+# The head lines of a stream whose upstream named no Content-Type.
+SSE_HEAD = b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
 USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
 # A held partial event larger than this means the stream is not SSE as we know it;
 # stop framing and pass bytes through rather than buffer without bound.
