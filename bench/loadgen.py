@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from flintproxy.cli import reserve_fd_table
+
 DONE = b"data: [DONE]\n\n"
 now = time.monotonic
 
@@ -400,6 +402,7 @@ def main() -> None:
     with contextlib.suppress(ValueError, OSError):
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    reserve_fd_table()  # as the servers do: no stall as the 256th, 512th... stream opens
     parts = urlsplit(args.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     raw = build_request(args.url, args.body.encode(), args.key, args.header)

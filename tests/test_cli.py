@@ -101,3 +101,29 @@ async def test_mock_upstream_on_port_0_prints_its_port_and_serves() -> None:
         if proc.returncode is None:
             proc.terminate()
         await asyncio.wait_for(proc.wait(), timeout=20)
+
+
+_FD_CHECK = """
+import os, re
+from flintproxy.cli import reserve_fd_table
+
+def fd_size():
+    return int(re.search(r"FDSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+held = os.open(os.devnull, os.O_RDONLY)
+at_top = os.dup2(held, 1023)  # an open descriptor where the reservation probes
+open_before = sorted(os.listdir("/proc/self/fd"))
+assert fd_size() < 2048, fd_size()
+assert reserve_fd_table(2048) == 2048
+assert fd_size() >= 2048, fd_size()
+assert sorted(os.listdir("/proc/self/fd")) == open_before  # nothing left open
+os.fstat(at_top)  # and nothing closed
+print("ok")
+"""
+
+
+def test_reserve_fd_table_grows_the_table_once_and_leaves_descriptors_alone() -> None:
+    out = subprocess.run([sys.executable, "-c", _FD_CHECK], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
