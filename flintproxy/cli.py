@@ -30,7 +30,8 @@ def reserve_fd_table(size: int = FD_TABLE) -> int:
     waits for nothing, and the table never shrinks.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    size = min(size, soft)
+    if soft != resource.RLIM_INFINITY:
+        size = min(size, soft)
     fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         # F_DUPFD takes the lowest free slot at or above the one asked for: it can
