@@ -10,8 +10,20 @@ import aiohttp
 
 from flintproxy.app import RELAY
 from flintproxy.mock import expected_content
-from tests.conftest import MockServer, raw_config
+from tests.conftest import Gateway, MockServer, raw_config
 from tests.test_relay import MESSAGES, sdk
+
+
+async def post_stream(http: aiohttp.ClientSession, gw: Gateway, **mock: str) -> bytes:
+    """One streamed chat completion's raw body; ``mock`` are x-mock-* headers."""
+    headers = {"Authorization": f"Bearer {gw.key}"}
+    headers.update({f"x-mock-{k.replace('_', '-')}": v for k, v in mock.items()})
+    async with http.post(gw.base_url + "/chat/completions", headers=headers,
+                         json={"model": "gpt-4o-mini", "messages": MESSAGES,
+                               "stream": True}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        return await resp.read()
 
 
 async def test_heartbeats_while_first_chunk_is_slow(tmp_path: Path, mock_upstream: MockServer,
@@ -20,14 +32,7 @@ async def test_heartbeats_while_first_chunk_is_slow(tmp_path: Path, mock_upstrea
     raw["server"]["heartbeat_interval_s"] = 0.05
     gw = await gateway_factory(raw)
     async with aiohttp.ClientSession() as http:
-        async with http.post(
-                gw.base_url + "/chat/completions",
-                json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
-                headers={"Authorization": f"Bearer {gw.key}",
-                         "x-mock-first-delay-ms": "400"}) as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Type"].startswith("text/event-stream")
-            body = await resp.read()
+        body = await post_stream(http, gw, first_delay_ms="400")
     head, _, rest = body.partition(b"data: ")
     assert head.count(b": keep-alive\n\n") >= 3
     assert rest and body.rstrip().endswith(b"data: [DONE]")
@@ -50,22 +55,11 @@ async def test_fast_streams_get_no_heartbeat_and_leave_no_watch(
     heartbeats = gw.app[RELAY].heartbeats
     async with aiohttp.ClientSession() as http:
         for _ in range(10):
-            async with http.post(
-                    gw.base_url + "/chat/completions",
-                    json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
-                    headers={"Authorization": f"Bearer {gw.key}", "x-mock-chunks": "3",
-                             "x-mock-delay-ms": "20"}) as resp:
-                body = await resp.read()
-            assert resp.status == 200
+            body = await post_stream(http, gw, chunks="3", delay_ms="20")
             assert body.startswith(b"data: ") and b": keep-alive" not in body
         assert not heartbeats.waiting
         # One stream outlasts an interval after its first byte: still no heartbeat.
-        async with http.post(
-                gw.base_url + "/chat/completions",
-                json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
-                headers={"Authorization": f"Bearer {gw.key}", "x-mock-chunks": "3",
-                         "x-mock-delay-ms": "150"}) as resp:
-            body = await resp.read()
+        body = await post_stream(http, gw, chunks="3", delay_ms="150")
         assert b": keep-alive" not in body and body.rstrip().endswith(b"data: [DONE]")
     await asyncio.sleep(heartbeats.tick * 2)
     assert heartbeats.timer is None and not heartbeats.waiting
