@@ -16,6 +16,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -305,35 +306,39 @@ async def test_a_failing_sink_drops_and_counts_lines_and_recovers(
     assert access.dropped == 3
 
 
-async def test_shutdown_writes_the_buffered_lines(tmp_path: Path,
-                                                  mock_upstream: MockServer) -> None:
+@contextlib.asynccontextmanager
+async def stuck_at_shutdown(tmp_path: Path, mock_upstream: MockServer, more: int
+                            ) -> AsyncIterator[tuple[Gateway, StuckTap]]:
+    """A gateway whose access-log flusher is stuck writing its first line, with ``more``
+    requests answered after it; the test shuts the gateway down."""
     gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
     tap = tap_access_log(gw, StuckTap())
     try:
-        access = gw.app[ACCESS_LOG]
         async with sdk(gw) as client:
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-            await until(tap.entered)  # the flusher is stuck on the first line...
-            for _ in range(4):
+            await until(tap.entered)  # the flusher is stuck on the first line
+            for _ in range(more):
                 await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert access.pending == 4  # ...so these wait for the last write, at shutdown
-        asyncio.get_running_loop().call_later(0.3, tap.release.set)
-        await gw.runner.cleanup()
-        assert len(tap.lines) == 5 and tap.writes == 2
-        assert access.pending == 0 and access.dropped == 0
+        yield gw, tap
     finally:
         tap.release.set()
 
 
+async def test_shutdown_writes_the_buffered_lines(tmp_path: Path,
+                                                  mock_upstream: MockServer) -> None:
+    async with stuck_at_shutdown(tmp_path, mock_upstream, 4) as (gw, tap):
+        access = gw.app[ACCESS_LOG]
+        assert access.pending == 4  # these wait for the last write, at shutdown
+        asyncio.get_running_loop().call_later(0.3, tap.release.set)
+        await gw.runner.cleanup()
+        assert len(tap.lines) == 5 and tap.writes == 2
+        assert access.pending == 0 and access.dropped == 0
+
+
 async def test_shutdown_waits_for_a_write_in_flight(tmp_path: Path,
                                                     mock_upstream: MockServer) -> None:
-    gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
-    tap = tap_access_log(gw, StuckTap())
-    try:
+    async with stuck_at_shutdown(tmp_path, mock_upstream, 0) as (gw, tap):
         access = gw.app[ACCESS_LOG]
-        async with sdk(gw) as client:
-            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-            await until(tap.entered)  # the flusher is writing the line, slowly
         assert access.pending == 0  # nothing left to flush...
         asyncio.get_running_loop().call_later(0.3, tap.release.set)
         await gw.runner.cleanup()
@@ -341,28 +346,17 @@ async def test_shutdown_waits_for_a_write_in_flight(tmp_path: Path,
         # short by the process's exit.
         assert len(tap.lines) == 1 and tap.writes == 1
         assert access.dropped == 0
-    finally:
-        tap.release.set()
 
 
 async def test_shutdown_gives_up_on_a_stuck_sink(tmp_path: Path,
                                                  mock_upstream: MockServer) -> None:
-    gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
-    tap = tap_access_log(gw, StuckTap())
-    try:
+    async with stuck_at_shutdown(tmp_path, mock_upstream, 3) as (gw, tap):
         access = gw.app[ACCESS_LOG]
         access.drain_timeout_s = 0.2
-        async with sdk(gw) as client:
-            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-            await until(tap.entered)
-            for _ in range(3):
-                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         started = time.monotonic()
         await gw.runner.cleanup()
         assert time.monotonic() - started < 2
         assert access.dropped == 3 and access.pending == 0 and tap.writes == 0
-    finally:
-        tap.release.set()
 
 
 def writer_threads(before: set[threading.Thread]) -> list[threading.Thread]:
