@@ -20,9 +20,9 @@ from typing import Any
 
 from microbench import bench
 
-from flintproxy.accesslog import AccessLog, _write
 from flintproxy.config import build_config
-from flintproxy.gate import Admission, Call, Outcome, Principal
+from flintproxy.gate.gate import Admission, Call, Outcome, Principal
+from flintproxy.ops.accesslog import AccessLog, _write
 
 BUDGET_US = 3.0
 

@@ -21,11 +21,11 @@ from typing import Any
 
 from microbench import bench
 
-from flintproxy import store
-from flintproxy.accounts import Accounts
-from flintproxy.auth import KeyAuthenticator
 from flintproxy.errors import FlintError
-from flintproxy.gate import Exchange, bearer_token, hash_key
+from flintproxy.gate.gate import Exchange, bearer_token, hash_key
+from flintproxy.gate.keys import KeyAuthenticator
+from flintproxy.store import sqlite
+from flintproxy.store.accounts import Accounts
 
 KEYS = 1000
 PER_ACCOUNT = 50
@@ -60,7 +60,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 300_000
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory(prefix="flint-micro-") as d:
-        db = loop.run_until_complete(store.open_store(Path(d) / "keys.db"))
+        db = loop.run_until_complete(sqlite.open_store(Path(d) / "keys.db"))
         try:
             repo = Accounts(db, bcrypt_cost=4, session_ttl_s=3600)
             auth, keys = loop.run_until_complete(setup(repo))

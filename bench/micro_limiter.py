@@ -15,8 +15,8 @@ import sys
 from microbench import bench
 
 from flintproxy.config import LimitsConfig
-from flintproxy.gate import Principal
-from flintproxy.limiter import IpGuard, Limiter, client_ip
+from flintproxy.gate.gate import Principal
+from flintproxy.gate.limiter import IpGuard, Limiter, client_ip
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ from microbench import bench
 
 from flintproxy.config import build_config
 from flintproxy.errors import AuthenticationError
-from flintproxy.gate import Admission, Call, Exchange, Outcome, Principal
-from flintproxy.metrics import Metrics
-from flintproxy.relay import Relay
-from flintproxy.routing import Router
+from flintproxy.gate.gate import Admission, Call, Exchange, Outcome, Principal
+from flintproxy.ops.metrics import Metrics
+from flintproxy.relay.relay import Relay
+from flintproxy.relay.routing import Router
 
 BUDGET_US = 5.0
 

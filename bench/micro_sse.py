@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from canned import json_body, sse_body
 
-from flintproxy.sse import StreamScanner, extract_usage
+from flintproxy.http.sse import StreamScanner, extract_usage
 
 
 def bench(name: str, fn: Callable[[int], None], n: int, per: int = 1) -> float:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from microbench import bench
 
-from flintproxy.billing import Billing
 from flintproxy.config import BillingConfig, ModelPrice
-from flintproxy.gate import Admission, Call, Outcome, Principal
-from flintproxy.usage import UsageWriter, new_request_id, open_writer_db, usage_row
+from flintproxy.gate.billing import Billing
+from flintproxy.gate.gate import Admission, Call, Outcome, Principal
+from flintproxy.store.ledger import UsageWriter, new_request_id, open_writer_db, usage_row
 
 NANO = 1_000_000_000
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}

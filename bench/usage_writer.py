@@ -32,10 +32,10 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flintproxy import store
-from flintproxy.billing import Billing
 from flintproxy.config import BillingConfig, build_config
-from flintproxy.usage import UsageRow, UsageWriter, open_writer_db
+from flintproxy.gate.billing import Billing
+from flintproxy.store import sqlite
+from flintproxy.store.ledger import UsageRow, UsageWriter, open_writer_db
 
 NANO = 1_000_000_000
 
@@ -47,7 +47,7 @@ def request_id(ordered: bool) -> str:
 
 
 def make_rows(n: int, accounts: int, start: int = 0, ordered: bool = False) -> list[UsageRow]:
-    now = store.now_ms()
+    now = sqlite.now_ms()
     return [UsageRow(request_id(ordered), 1 + i % accounts, 1 + i % accounts,
                      "gpt-4o-mini", "local", 40, 120, 8, 0, 0, 81, 200, "ok", 1,
                      now + i, 350, 40) for i in range(start, start + n)]
@@ -145,12 +145,12 @@ def rss_mb() -> float:
 
 
 async def export(tmp: Path, rows: int) -> None:
-    from flintproxy import app as app_module
-    from flintproxy.auth import ACCOUNTS, accounts_ctx
-    from flintproxy.usage import add_usage_routes, usage_ctx
+    from flintproxy.app import factory as app_module
+    from flintproxy.gate.keys import ACCOUNTS, accounts_ctx
+    from flintproxy.store.ledger import add_usage_routes, usage_ctx
 
     path = tmp / "export.db"
-    db = await store.open_store(path)
+    db = await sqlite.open_store(path)
     await db.execute("INSERT INTO accounts (id, email, created_at) VALUES (1, 'x@bench', 0)")
     await db.execute("BEGIN")
     for i in range(0, rows, 50_000):

@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flintproxy`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["admin"]:
-        from flintproxy import admin
+        from flintproxy.tools import admin
 
         return admin.main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.command == "serve":
-        from flintproxy import app
+        from flintproxy.app import factory as app
 
         try:
             config = load_config(args.config)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         _run(app.serve(config, host=args.host, port=args.port))
         return 0
     if args.command == "mock-upstream":
-        from flintproxy import mock
+        from flintproxy.tools import mock
 
         settings = mock.MockSettings(chunks=args.chunks, delay_ms=args.delay_ms,
                                      first_chunk_delay_ms=args.first_delay_ms)

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from flintproxy import app as app_module
-from flintproxy.app import Runner
-from flintproxy.auth import ACCOUNTS
+from flintproxy.app import factory as app_module
+from flintproxy.app.factory import Runner
 from flintproxy.config import Config, build_config
-from flintproxy.mock import MOCK_STATS, MockSettings, MockStats, create_mock_app
+from flintproxy.gate.keys import ACCOUNTS
+from flintproxy.tools.mock import MOCK_STATS, MockSettings, MockStats, create_mock_app
 
 TEST_EMAIL = "owner-{}@example.com"  # one account per gateway started
 TEST_CREDIT_NANO = 1_000 * 1_000_000_000  # $1,000: tests are never short of funds

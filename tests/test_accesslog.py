@@ -26,8 +26,8 @@ import openai
 import orjson
 import pytest
 
-from flintproxy.accesslog import ACCESS_LOG, DRAIN_TIMEOUT_S, LOGGER, _Clock
-from flintproxy.relay import Relay
+from flintproxy.ops.accesslog import ACCESS_LOG, DRAIN_TIMEOUT_S, LOGGER, _Clock
+from flintproxy.relay.relay import Relay
 from tests.conftest import Gateway, MockServer, raw_config, start_gateway
 
 REPO = Path(__file__).resolve().parents[1]

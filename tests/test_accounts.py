@@ -8,12 +8,12 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from flintproxy import accounts as acc
-from flintproxy import store
-from flintproxy.accounts import Accounts, bootstrap_demo
 from flintproxy.config import build_config
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
-from flintproxy.gate import hash_key
+from flintproxy.gate.gate import hash_key
+from flintproxy.store import accounts as acc
+from flintproxy.store import sqlite
+from flintproxy.store.accounts import Accounts, bootstrap_demo
 from tests.conftest import raw_config
 
 PASSWORD = "correct horse battery"
@@ -21,7 +21,7 @@ PASSWORD = "correct horse battery"
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
-    conn = await store.open_store(tmp_path / "flint.db")
+    conn = await sqlite.open_store(tmp_path / "flint.db")
     yield conn
     await conn.close()
 

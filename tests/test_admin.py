@@ -15,10 +15,10 @@ import aiohttp
 import openai
 import pytest
 
-from flintproxy import admin
-from flintproxy import app as app_module
-from flintproxy.auth import ACCOUNTS
+from flintproxy.app import factory as app_module
 from flintproxy.config import load_config
+from flintproxy.gate.keys import ACCOUNTS
+from flintproxy.tools import admin
 from tests.conftest import Gateway, MockServer, raw_config
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]

@@ -13,9 +13,9 @@ import openai
 import orjson
 import pytest
 
-from flintproxy import app as app_module
-from flintproxy.auth import ACCOUNTS, DEMO_KEY, KEY_AUTH
+from flintproxy.app import factory as app_module
 from flintproxy.config import build_config
+from flintproxy.gate.keys import ACCOUNTS, DEMO_KEY, KEY_AUTH
 from tests.conftest import Gateway, MockServer, raw_config
 
 PASSWORD = "correct horse battery"

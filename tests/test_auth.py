@@ -10,10 +10,10 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from flintproxy import store
-from flintproxy.accounts import Accounts
-from flintproxy.auth import ChangeWatcher, KeyAuthenticator
 from flintproxy.errors import AuthenticationError, PermissionDenied
+from flintproxy.gate.keys import ChangeWatcher, KeyAuthenticator
+from flintproxy.store import sqlite
+from flintproxy.store.accounts import Accounts
 
 
 @dataclass
@@ -30,8 +30,8 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    db = await store.open_store(tmp_path / "a.db")
-    other = await store.connect(tmp_path / "a.db")
+    db = await sqlite.open_store(tmp_path / "a.db")
+    other = await sqlite.connect(tmp_path / "a.db")
     clock, wall = [100.0], [1_700_000_000_000]
     lock = asyncio.Lock()
     watcher = ChangeWatcher(db, 0.01, lock=lock)

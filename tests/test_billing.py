@@ -12,12 +12,12 @@ import aiosqlite
 import openai
 import pytest
 
-from flintproxy import store
-from flintproxy.billing import Billing, cost_nano, format_usd, max_cost_nano
 from flintproxy.config import NANO_PER_USD, BillingConfig, ModelPrice, usd_to_nano
 from flintproxy.errors import InsufficientQuota, ModelNotFound
-from flintproxy.gate import Outcome
-from flintproxy.usage import BILLING, USAGE, USAGE_DB, UsageRow, UsageWriter
+from flintproxy.gate.billing import Billing, cost_nano, format_usd, max_cost_nano
+from flintproxy.gate.gate import Outcome
+from flintproxy.store import sqlite
+from flintproxy.store.ledger import BILLING, USAGE, USAGE_DB, UsageRow, UsageWriter
 from tests.conftest import Gateway, MockServer, raw_config
 
 MINI = ModelPrice(input_nano_per_mtok=usd_to_nano("0.15", "in"),
@@ -87,7 +87,7 @@ def test_cost_clamps_nonsense_counts() -> None:
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
-    conn = await store.open_store(tmp_path / "billing.db")
+    conn = await sqlite.open_store(tmp_path / "billing.db")
     yield conn
     await conn.close()
 
@@ -102,7 +102,7 @@ async def add_account(db: aiosqlite.Connection, credit_nano: int) -> int:
 
 async def credit(path: Path, account_id: int, amount: int) -> None:
     """What `flintproxy admin credit` does, from another connection (another process)."""
-    other = await store.connect(path)
+    other = await sqlite.connect(path)
     try:
         await other.execute("BEGIN IMMEDIATE")
         await other.execute("UPDATE accounts SET credited_nano = credited_nano + ?, "
@@ -130,7 +130,7 @@ def outcome(prompt: int, completion: int, cached: int = 0) -> Outcome:
 
 def row_for(request_id: str, account_id: int, cost: int) -> UsageRow:
     return UsageRow(request_id, account_id, 1, "gpt-4o-mini", "local", 10, 20, 0, 0, 0, cost,
-                    200, "ok", 1, store.now_ms(), 5, 1)
+                    200, "ok", 1, sqlite.now_ms(), 5, 1)
 
 
 async def test_200_concurrent_reservations_for_10(db: aiosqlite.Connection) -> None:

@@ -10,9 +10,9 @@ import aiohttp
 import aiosqlite
 import openai
 
-from flintproxy import store
-from flintproxy.health import DbProbe
-from flintproxy.usage import USAGE
+from flintproxy.ops.health import DbProbe
+from flintproxy.store import sqlite
+from flintproxy.store.ledger import USAGE
 from tests.conftest import Gateway, MockServer, raw_config
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -72,7 +72,7 @@ async def test_not_ready_while_the_usage_writer_is_stalled(gateway: Gateway) -> 
 
 async def test_db_probe_reports_a_read_only_database(tmp_path: Path) -> None:
     path = tmp_path / "ro.db"
-    db = await store.open_store(path)
+    db = await sqlite.open_store(path)
     await db.close()
     ro = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
@@ -87,8 +87,8 @@ async def test_db_probe_reports_a_read_only_database(tmp_path: Path) -> None:
 
 async def test_db_probe_is_cached_and_counts_a_held_lock_as_writable(tmp_path: Path) -> None:
     path = tmp_path / "p.db"
-    writer = await store.open_store(path)
-    probe_db = await store.connect(path)
+    writer = await sqlite.open_store(path)
+    probe_db = await sqlite.connect(path)
     await probe_db.execute("PRAGMA busy_timeout=50")
     try:
         probe = DbProbe(probe_db, ttl_s=0.2)

@@ -8,8 +8,8 @@ from typing import Any
 
 import aiohttp
 
-from flintproxy.app import RELAY
-from flintproxy.mock import expected_content
+from flintproxy.app.factory import RELAY
+from flintproxy.tools.mock import expected_content
 from tests.conftest import Gateway, MockServer, raw_config
 from tests.test_relay import MESSAGES, sdk
 

@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 client (flintproxy.httpclient) against real loopback servers.
+"""The upstream HTTP/1.1 client (flintproxy.http.client) against real loopback servers.
 
 aiohttp apps play well-behaved upstreams; raw ``asyncio.start_server`` servers play
 the odd ones, where a test must control every byte and every close.
@@ -21,7 +21,7 @@ import uvloop
 from aiohttp import web
 from multidict import CIMultiDict
 
-from flintproxy.httpclient import (
+from flintproxy.http.client import (
     HIGH_WATER,
     Target,
     UpstreamClient,

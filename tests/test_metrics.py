@@ -17,9 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flintproxy.accesslog import ACCESS_LOG
-from flintproxy.gate import Admission, Call, Outcome, Principal
-from flintproxy.metrics import (
+from flintproxy.gate.gate import Admission, Call, Outcome, Principal
+from flintproxy.ops.accesslog import ACCESS_LOG
+from flintproxy.ops.metrics import (
     METRICS,
     METRICS_RUNNER,
     OTHER,
@@ -29,8 +29,8 @@ from flintproxy.metrics import (
     STATUS_CLASSES,
     _push_histogram,
 )
-from flintproxy.routing import FAILURE_REASONS
-from flintproxy.usage import USAGE, USAGE_DB
+from flintproxy.relay.routing import FAILURE_REASONS
+from flintproxy.store.ledger import USAGE, USAGE_DB
 from tests.conftest import MODELS, Gateway, MockServer, raw_config
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
-from flintproxy.mock import (
+from flintproxy.tools.mock import (
     IDLE_COLLECT_S,
     MOCK_STATS,
     MockSettings,

@@ -12,7 +12,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from flintproxy.mock import expected_content
+from flintproxy.tools.mock import expected_content
 from tests.conftest import Gateway, MockServer, raw_config, start_mock
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]

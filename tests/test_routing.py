@@ -11,7 +11,7 @@ import pytest
 
 from flintproxy.config import build_config
 from flintproxy.errors import ModelNotFound
-from flintproxy.routing import Router, Upstream
+from flintproxy.relay.routing import Router, Upstream
 from tests.conftest import raw_config
 
 MODEL = "gpt-4o-mini"

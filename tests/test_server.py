@@ -18,7 +18,7 @@ import httptools
 import orjson
 import pytest
 
-from flintproxy.mock import expected_content
+from flintproxy.tools.mock import expected_content
 from tests.conftest import Gateway, MockServer, raw_config, start_gateway
 
 CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'

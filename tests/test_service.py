@@ -12,8 +12,8 @@ import aiohttp
 import openai
 import pytest
 
-from flintproxy.auth import ACCOUNTS
-from flintproxy.usage import USAGE
+from flintproxy.gate.keys import ACCOUNTS
+from flintproxy.store.ledger import USAGE
 from tests.conftest import Gateway, MockServer, raw_config
 
 RATELIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from flintproxy.sse import (
+from flintproxy.http.sse import (
     MAX_PENDING,
     SMALL_BODY,
     StreamScanner,

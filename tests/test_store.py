@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from flintproxy import store
+from flintproxy.store import sqlite
 
 TABLES = {"accounts", "credits", "api_keys", "sessions", "usage", "events", "schema_version"}
 
@@ -33,18 +33,18 @@ async def versions(db: aiosqlite.Connection) -> list[int]:
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
-    conn = await store.open_store(tmp_path / "store.db")
+    conn = await sqlite.open_store(tmp_path / "store.db")
     yield conn
     await conn.close()
 
 
 async def test_open_store_creates_the_file_and_its_directory(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "flint.db"
-    db = await store.open_store(path)
+    db = await sqlite.open_store(path)
     try:
         assert path.is_file()
         assert await tables(db) == TABLES
-        assert await versions(db) == list(range(1, len(store.MIGRATIONS) + 1))
+        assert await versions(db) == list(range(1, len(sqlite.MIGRATIONS) + 1))
     finally:
         await db.close()
 
@@ -70,15 +70,15 @@ async def test_balance_check_constraint(db: aiosqlite.Connection) -> None:
 
 
 async def test_migrate_is_idempotent(db: aiosqlite.Connection, tmp_path: Path) -> None:
-    latest = len(store.MIGRATIONS)
+    latest = len(sqlite.MIGRATIONS)
     applied_at = await scalar(db, "SELECT applied_at FROM schema_version WHERE version = 1")
-    assert await store.migrate(db) == latest
-    assert await store.migrate(db) == latest
+    assert await sqlite.migrate(db) == latest
+    assert await sqlite.migrate(db) == latest
     assert await versions(db) == list(range(1, latest + 1))
     assert await scalar(db, "SELECT applied_at FROM schema_version WHERE version = 1") == (
         applied_at)
     # And across connections: a second process opening the same file.
-    other = await store.open_store(tmp_path / "store.db")
+    other = await sqlite.open_store(tmp_path / "store.db")
     try:
         assert await versions(other) == list(range(1, latest + 1))
     finally:
@@ -87,11 +87,11 @@ async def test_migrate_is_idempotent(db: aiosqlite.Connection, tmp_path: Path) -
 
 async def test_data_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
-    db = await store.open_store(path)
+    db = await sqlite.open_store(path)
     await db.execute("INSERT INTO accounts (email, created_at) VALUES ('a@example.com', ?)",
-                     (store.now_ms(),))
+                     (sqlite.now_ms(),))
     await db.close()
-    db = await store.open_store(path)
+    db = await sqlite.open_store(path)
     try:
         assert await scalar(db, "SELECT email FROM accounts") == "a@example.com"
     finally:
@@ -106,26 +106,26 @@ async def test_a_failing_migration_rolls_back(db: aiosqlite.Connection,
     INSERT INTO events (kind, created_at) VALUES ('half-done', 0);
     CREATE TABLE broken (;
     """
-    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, broken))
+    monkeypatch.setattr(sqlite, "MIGRATIONS", (*sqlite.MIGRATIONS, broken))
     with pytest.raises(sqlite3.OperationalError):
-        await store.migrate(db)
+        await sqlite.migrate(db)
     assert not db.in_transaction
     assert await versions(db) == before
     assert "added_by_the_broken_migration" not in await tables(db)
     assert await scalar(db, "SELECT COUNT(*) FROM events") == 0
     # A fixed migration then applies normally.
     fixed = "CREATE TABLE added_by_the_fixed_migration (id INTEGER PRIMARY KEY);"
-    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS[:-1], fixed))
-    assert await store.migrate(db) == len(before) + 1
+    monkeypatch.setattr(sqlite, "MIGRATIONS", (*sqlite.MIGRATIONS[:-1], fixed))
+    assert await sqlite.migrate(db) == len(before) + 1
     assert "added_by_the_fixed_migration" in await tables(db)
 
 
 async def test_a_conflicting_table_rolls_back_the_first_migration(tmp_path: Path) -> None:
-    db = await store.connect(tmp_path / "store.db")
+    db = await sqlite.connect(tmp_path / "store.db")
     try:
         await db.execute("CREATE TABLE events (something_else TEXT)")
         with pytest.raises(sqlite3.OperationalError, match="events already exists"):
-            await store.migrate(db)
+            await sqlite.migrate(db)
         assert not db.in_transaction
         assert await tables(db) == {"events", "schema_version"}  # accounts etc. rolled back
         assert await versions(db) == []
@@ -152,11 +152,11 @@ class _MigratedMeanwhile(tuple[str, ...]):
 
 async def test_concurrent_first_start_does_not_fail(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    migrations = _MigratedMeanwhile(store.MIGRATIONS)
+    migrations = _MigratedMeanwhile(sqlite.MIGRATIONS)
     migrations.path = tmp_path / "store.db"
-    monkeypatch.setattr(store, "MIGRATIONS", migrations)
-    db = await store.connect(migrations.path)
+    monkeypatch.setattr(sqlite, "MIGRATIONS", migrations)
+    db = await sqlite.connect(migrations.path)
     try:
-        assert await store.migrate(db) == len(migrations)
+        assert await sqlite.migrate(db) == len(migrations)
     finally:
         await db.close()

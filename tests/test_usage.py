@@ -25,13 +25,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from flintproxy import store
-from flintproxy.app import CONFIG, errors_middleware
-from flintproxy.auth import ACCOUNTS, accounts_ctx
-from flintproxy.billing import Billing
+from flintproxy.app.factory import CONFIG, errors_middleware
 from flintproxy.config import BillingConfig, Config, ModelPrice, build_config
 from flintproxy.errors import ServiceUnavailable
-from flintproxy.usage import (
+from flintproxy.gate.billing import Billing
+from flintproxy.gate.keys import ACCOUNTS, accounts_ctx
+from flintproxy.store import sqlite
+from flintproxy.store.ledger import (
     USAGE,
     UsageRow,
     UsageWriter,
@@ -39,7 +39,7 @@ from flintproxy.usage import (
     open_writer_db,
     usage_ctx,
 )
-from flintproxy.usage_rights import DAY_MS, PURGE_CHUNK, RetentionJob, purge
+from flintproxy.web.usage_api import DAY_MS, PURGE_CHUNK, RetentionJob, purge
 
 ROOT = Path(__file__).resolve().parent.parent
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}
@@ -51,7 +51,7 @@ AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 def row(request_id: str, account_id: int, cost: int, started_at: int | None = None,
         model: str = "gpt-4o-mini") -> UsageRow:
     return UsageRow(request_id, account_id, 7, model, "local", 10, 20, 2, 0, 0, cost, 200, "ok",
-                    1, started_at if started_at is not None else store.now_ms(), 12, 3)
+                    1, started_at if started_at is not None else sqlite.now_ms(), 12, 3)
 
 
 async def add_account(db: aiosqlite.Connection, credit: int, status: str = "active",
@@ -91,7 +91,7 @@ async def check_invariant(db: aiosqlite.Connection, rows_deleted: bool = False) 
 @pytest.fixture
 async def ledger(tmp_path: Path) -> AsyncIterator[tuple[aiosqlite.Connection, Path]]:
     path = tmp_path / "ledger.db"
-    db = await store.open_store(path)
+    db = await sqlite.open_store(path)
     yield db, path
     await db.close()
 
@@ -106,8 +106,8 @@ def make_writer(db: aiosqlite.Connection, **cfg: Any) -> tuple[Billing, UsageWri
 
 
 def test_usage_row_maps_outcome_and_bounds_absurd_counts() -> None:
-    from flintproxy.gate import Admission, Call, Outcome, Principal
-    from flintproxy.usage import MAX_ROW_INT, new_request_id, usage_row
+    from flintproxy.gate.gate import Admission, Call, Outcome, Principal
+    from flintproxy.store.ledger import MAX_ROW_INT, new_request_id, usage_row
 
     call = Call("chat/completions", "gpt-4o-mini", True, 12, 30, new_request_id())
     adm = Admission(call, Principal(key_id=5, account_id=9), 0.0, CLOCK0)
@@ -302,7 +302,7 @@ async def test_disk_failure_retries_then_lands_everything(
         base = stack.enter_context(tmpfs(tmp_path / "disk", "8m")) if kind is FullDisk \
             else tmp_path
         path = base / "ledger.db"
-        db = await store.open_store(path)
+        db = await sqlite.open_store(path)
         wdb = await open_writer_db(path)
         try:
             await run_fault_scenario(db, wdb, kind(path, wdb))
@@ -363,7 +363,7 @@ async def test_drain_that_cannot_finish_logs_every_row(
     await fault.apply()
     for i in range(300):
         writer.record(row(f"lost-{i}-{'y' * 60}", account, 9))
-    with caplog.at_level(logging.ERROR, logger="flintproxy.usage"):
+    with caplog.at_level(logging.ERROR, logger="flintproxy.store.ledger"):
         left = await writer.drain(0.3)
     assert left == 300
     logged = [r.getMessage() for r in caplog.records if "unwritten usage row" in r.getMessage()]
@@ -376,10 +376,10 @@ async def test_drain_that_cannot_finish_logs_every_row(
 CHILD = """
 import asyncio, sys, time
 from pathlib import Path
-from flintproxy.billing import Billing
+from flintproxy.gate.billing import Billing
 from flintproxy.config import BillingConfig
-from flintproxy.store import now_ms
-from flintproxy.usage import UsageRow, UsageWriter, open_writer_db
+from flintproxy.store.sqlite import now_ms
+from flintproxy.store.ledger import UsageRow, UsageWriter, open_writer_db
 
 async def main(path, prefix, accounts):
     db = await open_writer_db(Path(path))
@@ -417,7 +417,7 @@ async def test_sigkill_under_load_keeps_the_invariant(
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
             assert line, "the writer process died"
         proc.send_signal(signal.SIGKILL)
-        killed_ms = store.now_ms()
+        killed_ms = sqlite.now_ms()
         await proc.wait()
         n = await check_invariant(db)
         assert n > 0
@@ -463,7 +463,7 @@ class Api:
 
 @pytest.fixture
 async def api(tmp_path: Path, aiohttp_client: AiohttpClient) -> Api:
-    await (await store.open_store(tmp_path / "api.db")).close()
+    await (await sqlite.open_store(tmp_path / "api.db")).close()
     app = web.Application(middlewares=[errors_middleware])
     app[CONFIG] = make_config(tmp_path)
     app.cleanup_ctx.append(accounts_ctx)
@@ -611,7 +611,7 @@ async def test_retention_purges_after_the_configured_days(
 
 
 def test_admin_purge_verb(tmp_path: Path) -> None:
-    from flintproxy import admin
+    from flintproxy.tools import admin
 
     cfg = tmp_path / "flint.toml"
     cfg.write_text(textwrap.dedent(f"""
@@ -629,12 +629,12 @@ def test_admin_purge_verb(tmp_path: Path) -> None:
     """))
 
     async def setup() -> int:
-        db = await store.open_store(tmp_path / "admin.db")
+        db = await sqlite.open_store(tmp_path / "admin.db")
         try:
             old = await add_account(db, 0, status="deleted",
-                                    deleted_at=store.now_ms() - 2 * DAY_MS)
+                                    deleted_at=sqlite.now_ms() - 2 * DAY_MS)
             await bulk_rows(db, old, 42)
-            fresh = await add_account(db, 0, status="deleted", deleted_at=store.now_ms())
+            fresh = await add_account(db, 0, status="deleted", deleted_at=sqlite.now_ms())
             await bulk_rows(db, fresh, 8)
             return old
         finally:
@@ -644,7 +644,7 @@ def test_admin_purge_verb(tmp_path: Path) -> None:
     assert admin.main(["--config", str(cfg), "purge"]) == 0
 
     async def count() -> int:
-        db = await store.open_store(tmp_path / "admin.db")
+        db = await sqlite.open_store(tmp_path / "admin.db")
         try:
             async with db.execute("SELECT COUNT(*) FROM usage") as cur:
                 got = await cur.fetchone()
@@ -740,7 +740,7 @@ async def load(port: int, key: str, stop: asyncio.Event) -> int:
 @pytest.mark.slow
 async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
                                                       mock_upstream: Any) -> None:
-    from flintproxy.accounts import Accounts
+    from flintproxy.store.accounts import Accounts
     from tests.conftest import raw_config
 
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
@@ -748,7 +748,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
     raw["limits"] = {"default_rpm": 10**7, "default_tpm": 10**10, "default_max_concurrent": 1000}
     config = tmp_path / "flintproxy.toml"
     config.write_text(toml_config(raw))
-    db = await store.open_store(tmp_path / "flintproxy.db")
+    db = await sqlite.open_store(tmp_path / "flintproxy.db")
     repo = Accounts(db, 4, 3600)
     account = await repo.create_account("load@example.com", None)
     await repo.credit(account, 1000 * 10**9)
@@ -759,7 +759,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
     clients = asyncio.get_running_loop().create_task(load(server.port, key, stop))
     await asyncio.sleep(1.5)
     assert await server.stop(signal.SIGKILL) == -signal.SIGKILL
-    killed_ms = store.now_ms()
+    killed_ms = sqlite.now_ms()
     stop.set()
     before = await clients
     assert before > 50
@@ -771,7 +771,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
     # Only the last flush interval or so of finished requests is lost.
     assert killed_ms - newest[0] < 1500, f"lost window {killed_ms - newest[0]} ms"
 
-    restarted_ms = store.now_ms()
+    restarted_ms = sqlite.now_ms()
     server = await ServerProcess.start(config)
     stop = asyncio.Event()
     clients = asyncio.get_running_loop().create_task(load(server.port, key, stop))
@@ -793,7 +793,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
 
 
 async def test_list_json_and_csv_agree_on_awkward_rows(api: Api) -> None:
-    from flintproxy.billing import format_usd
+    from flintproxy.gate.billing import format_usd
 
     me, headers = await api.login("odd@example.com")
     costs = [0, 1, 10, 150, 100_000_000, 5 * 10**9, 123_456_789_012, 10**18]
@@ -863,7 +863,7 @@ async def test_gateway_keeps_serving_then_refuses_while_the_disk_fails(
         assert await ready() == 200
         assert await chat() == 200
         assert await writer.sync(5)
-    db = await store.connect(db_path)
+    db = await sqlite.connect(db_path)
     try:
         assert await check_invariant(db) == 7
     finally:

@@ -15,8 +15,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from flintproxy import store
-from flintproxy.accounts import (
+from flintproxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from flintproxy.errors import FlintError
+from flintproxy.store import sqlite
+from flintproxy.store.accounts import (
     Accounts,
     key_name,
     model_list,
@@ -25,8 +27,6 @@ from flintproxy.accounts import (
     normalize_email,
     parse_usd,
 )
-from flintproxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from flintproxy.errors import FlintError
 
 Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
 
@@ -128,10 +128,10 @@ async def _list_accounts(repo: Accounts, args: argparse.Namespace, cfg: Config) 
 
 
 async def _purge(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
-    from flintproxy.usage_rights import purge
+    from flintproxy.web.usage_api import purge
 
     days = cfg.billing.retention_days
-    n = await purge(repo.db, days, store.now_ms())
+    n = await purge(repo.db, days, sqlite.now_ms())
     print(f"purged {n} usage rows of accounts deleted more than {days} days ago")
     return 0
 
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(verb: Verb, args: argparse.Namespace, cfg: Config) -> int:
-    db = await store.open_store(cfg.storage.path)
+    db = await sqlite.open_store(cfg.storage.path)
     try:
         repo = Accounts(db, cfg.accounts.bcrypt_cost, cfg.accounts.session_ttl_s)
         return await verb(repo, args, cfg)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 from flintproxy.config import Config, UpstreamConfig
 from flintproxy.errors import ModelNotFound
-from flintproxy.httpclient import Target
+from flintproxy.http.client import Target
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 # Why an upstream attempt failed: a closed set, used as a metrics label.

@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from flintproxy.auth import KEY_AUTH, LOGIN_GUARD, KeyAuthenticator
-from flintproxy.billing import Billing, Reservation
 from flintproxy.config import Config
 from flintproxy.errors import AuthenticationError, FlintError
-from flintproxy.gate import Admission, Call, Exchange, Outcome, Principal, bearer_token
-from flintproxy.limiter import IpGuard, Limiter, Ticket, client_ip
-from flintproxy.usage import BILLING, USAGE, UsageWriter, usage_row
+from flintproxy.gate.billing import Billing, Reservation
+from flintproxy.gate.gate import Admission, Call, Exchange, Outcome, Principal, bearer_token
+from flintproxy.gate.keys import KEY_AUTH, LOGIN_GUARD, KeyAuthenticator
+from flintproxy.gate.limiter import IpGuard, Limiter, Ticket, client_ip
+from flintproxy.store.ledger import BILLING, USAGE, UsageWriter, usage_row
 
 
 class ServiceGate:
@@ -109,7 +109,7 @@ class ServiceGate:
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context binding the gate to the components opened before it."""
-    from flintproxy.app import GATE  # app imports this module
+    from flintproxy.app.factory import GATE  # app imports this module
 
     gate = app[GATE]
     if isinstance(gate, ServiceGate):

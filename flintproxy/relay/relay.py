@@ -29,18 +29,18 @@ from flintproxy.errors import (
     UpstreamTimeout,
     header_lines,
 )
-from flintproxy.gate import Admission, Exchange, Gate, Outcome, Responder, parse_call
-from flintproxy.heartbeat import Heartbeat, Heartbeats
-from flintproxy.httpclient import (
+from flintproxy.gate.gate import Admission, Exchange, Gate, Outcome, Responder, parse_call
+from flintproxy.http.client import (
     UpstreamClient,
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamReadTimeout,
     UpstreamResponse,
 )
-from flintproxy.routing import Router, Upstream
-from flintproxy.sse import SSE_HEAD, StreamScanner, extract_usage
-from flintproxy.usage import new_request_id
+from flintproxy.http.heartbeat import Heartbeat, Heartbeats
+from flintproxy.http.sse import SSE_HEAD, StreamScanner, extract_usage
+from flintproxy.relay.routing import Router, Upstream
+from flintproxy.store.ledger import new_request_id
 
 log = logging.getLogger("flintproxy")
 

@@ -48,13 +48,13 @@ import aiosqlite
 import orjson
 from aiohttp import web
 
-from flintproxy import store
-from flintproxy.billing import Billing
 from flintproxy.config import BillingConfig
 from flintproxy.errors import ServiceUnavailable
-from flintproxy.gate import Admission, Outcome
+from flintproxy.gate.billing import Billing
+from flintproxy.gate.gate import Admission, Outcome
+from flintproxy.store import sqlite
 
-log = logging.getLogger("flintproxy.usage")
+log = logging.getLogger("flintproxy.store.ledger")
 
 MIN_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 5.0
@@ -431,7 +431,7 @@ USAGE_DB = web.AppKey("flint.usage_db", aiosqlite.Connection)
 
 async def open_writer_db(path: Path) -> aiosqlite.Connection:
     """The usage writer's own connection (store pragmas, migrated, larger WAL)."""
-    db = await store.open_store(path)
+    db = await sqlite.open_store(path)
     # Checkpoint every ~40 MB of WAL instead of 4 MB: a batch dirties index pages all
     # over the file (random request ids, one insertion point per account), and
     # copying them back less often, coalesced, doubles the rows/s. The checkpoint
@@ -445,9 +445,9 @@ async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
 
     Append it after ``db_ctx`` and ``accounts_ctx`` (it subscribes to the change watcher).
     """
-    from flintproxy.app import CONFIG  # app imports this module
-    from flintproxy.auth import WATCHER
-    from flintproxy.usage_rights import RETENTION, RetentionJob
+    from flintproxy.app.factory import CONFIG  # app imports this module
+    from flintproxy.gate.keys import WATCHER
+    from flintproxy.web.usage_api import RETENTION, RetentionJob
 
     cfg = app[CONFIG]
     wdb = await open_writer_db(cfg.storage.path)
@@ -455,7 +455,7 @@ async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
     writer: UsageWriter | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
-        rdb = await store.connect(cfg.storage.path)
+        rdb = await sqlite.connect(cfg.storage.path)
         billing = Billing(cfg.models, cfg.billing, wdb)
         writer = UsageWriter(wdb, billing, cfg.billing)
         retention = RetentionJob(rdb, cfg.billing.retention_days)
@@ -484,6 +484,6 @@ async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def add_usage_routes(app: web.Application) -> None:
     """GET /api/usage, GET /api/usage/export, DELETE /api/usage (see ``usage_rights``)."""
-    from flintproxy import usage_rights
+    from flintproxy.web import usage_api as usage_rights
 
     usage_rights.add_routes(app)

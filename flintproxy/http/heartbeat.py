@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
-from flintproxy.gate import Responder
-from flintproxy.sse import SSE_HEAD
+from flintproxy.gate.gate import Responder
+from flintproxy.http.sse import SSE_HEAD
 
 HEARTBEAT = b": keep-alive\n\n"
 

@@ -50,9 +50,9 @@ import aiosqlite
 
 from flintproxy.config import NANO_PER_USD, BillingConfig, ModelPrice
 from flintproxy.errors import InsufficientQuota, ModelNotFound
-from flintproxy.gate import Outcome
+from flintproxy.gate.gate import Outcome
 
-log = logging.getLogger("flintproxy.billing")
+log = logging.getLogger("flintproxy.gate.billing")
 
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per million tokens
 _RELOAD_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's variable limit

@@ -28,8 +28,12 @@ import aiosqlite
 import orjson
 from aiohttp import web
 
-from flintproxy import store
-from flintproxy.accounts import (
+from flintproxy.config import Config
+from flintproxy.errors import AuthenticationError, PermissionDenied
+from flintproxy.gate.gate import Principal, hash_key
+from flintproxy.gate.limiter import IpGuard, Network
+from flintproxy.store import sqlite
+from flintproxy.store.accounts import (
     EV_ACCOUNT_CREATED,
     EV_CREDIT,
     EV_EMAIL_CHANGED,
@@ -39,12 +43,8 @@ from flintproxy.accounts import (
     Accounts,
     bootstrap_demo_account,
 )
-from flintproxy.config import Config
-from flintproxy.errors import AuthenticationError, PermissionDenied
-from flintproxy.gate import Principal, hash_key
-from flintproxy.limiter import IpGuard, Network
 
-log = logging.getLogger("flintproxy.auth")
+log = logging.getLogger("flintproxy.gate.keys")
 
 Subscriber = Callable[[str, int | None, int | None], None]
 
@@ -71,7 +71,7 @@ class KeyAuthenticator:
     def __init__(self, accounts: Accounts, *, cache_ttl_s: float = 300.0,
                  negative_ttl_s: float = 10.0, max_entries: int = 200_000,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_ms: Callable[[], int] = store.now_ms) -> None:
+                 wall_ms: Callable[[], int] = sqlite.now_ms) -> None:
         self._accounts = accounts
         self._cache_ttl = cache_ttl_s
         self._negative_ttl = negative_ttl_s
@@ -356,10 +356,10 @@ async def accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     Uses its own connection to the store (opened after ``db_ctx`` migrated it) so
     its short transactions never interleave with other components' statements.
     """
-    from flintproxy.app import CONFIG  # app imports this module
+    from flintproxy.app.factory import CONFIG  # app imports this module
 
     cfg = app[CONFIG]
-    db = await store.open_store(cfg.storage.path)
+    db = await sqlite.open_store(cfg.storage.path)
     tasks: list[asyncio.Task[None]] = []
     keys: KeyAuthenticator | None = None
     try:

@@ -25,21 +25,22 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from flintproxy import accesslog, store
-from flintproxy.accesslog import AccessLog
-from flintproxy.api import add_api_routes
-from flintproxy.auth import DEMO_KEY, accounts_ctx
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadTooLarge
-from flintproxy.gate import Exchange, Gate
-from flintproxy.health import health_ctx, readyz
-from flintproxy.httpclient import UpstreamClient
-from flintproxy.metrics import Metrics, add_metrics
-from flintproxy.relay import ROUTES, Relay
-from flintproxy.routing import Router
-from flintproxy.server import LeanServer
-from flintproxy.service import ServiceGate, service_ctx
-from flintproxy.usage import add_usage_routes, usage_ctx
+from flintproxy.gate.gate import Exchange, Gate
+from flintproxy.gate.keys import DEMO_KEY, accounts_ctx
+from flintproxy.gate.service import ServiceGate, service_ctx
+from flintproxy.http.client import UpstreamClient
+from flintproxy.http.server import LeanServer
+from flintproxy.ops import accesslog
+from flintproxy.ops.accesslog import AccessLog
+from flintproxy.ops.health import health_ctx, readyz
+from flintproxy.ops.metrics import Metrics, add_metrics
+from flintproxy.relay.relay import ROUTES, Relay
+from flintproxy.relay.routing import Router
+from flintproxy.store import sqlite
+from flintproxy.store.ledger import add_usage_routes, usage_ctx
+from flintproxy.web.api import add_api_routes
 
 log = logging.getLogger("flintproxy")
 
@@ -104,7 +105,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
-    db = await store.open_store(app[CONFIG].storage.path)
+    db = await sqlite.open_store(app[CONFIG].storage.path)
     app[DB] = db
     yield
     await db.close()

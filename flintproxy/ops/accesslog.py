@@ -43,9 +43,9 @@ from aiohttp import web
 
 from flintproxy.config import Config
 from flintproxy.errors import FlintError
-from flintproxy.gate import Admission, Exchange, Outcome
-from flintproxy.limiter import client_ip
-from flintproxy.relay import ENDPOINT_PATHS
+from flintproxy.gate.gate import Admission, Exchange, Outcome
+from flintproxy.gate.limiter import client_ip
+from flintproxy.relay.relay import ENDPOINT_PATHS
 
 # The access log's own troubles (a failing sink); access lines never go through logging.
 LOGGER = "flintproxy.access"

@@ -33,12 +33,12 @@ import aiosqlite
 import orjson
 from aiohttp import web
 
-from flintproxy import store
-from flintproxy.api import require_csrf, session_account
 from flintproxy.errors import BadRequest, ServiceUnavailable
-from flintproxy.usage import USAGE, USAGE_DB
+from flintproxy.store import sqlite
+from flintproxy.store.ledger import USAGE, USAGE_DB
+from flintproxy.web.api import require_csrf, session_account
 
-log = logging.getLogger("flintproxy.usage")
+log = logging.getLogger("flintproxy.store.ledger")
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -253,7 +253,7 @@ class RetentionJob:
     """Runs ``purge`` now and then every ``interval_s``; clock and sleep are injectable."""
 
     def __init__(self, db: aiosqlite.Connection, retention_days: int, *,
-                 interval_s: float = 3600.0, clock: Callable[[], int] = store.now_ms) -> None:
+                 interval_s: float = 3600.0, clock: Callable[[], int] = sqlite.now_ms) -> None:
         self.db = db
         self.retention_days = retention_days
         self.interval_s = interval_s

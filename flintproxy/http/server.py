@@ -37,7 +37,7 @@ import httptools
 
 from flintproxy.config import ServerConfig
 from flintproxy.errors import BadRequest, FlintError, HeadersTooLarge
-from flintproxy.gate import Exchange, Responder, add_header
+from flintproxy.gate.gate import Exchange, Responder, add_header
 
 log = logging.getLogger("flintproxy")
 

@@ -31,9 +31,6 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from flintproxy import accounts as acc
-from flintproxy.accounts import Session
-from flintproxy.auth import ACCOUNTS, LOGIN_GUARD, SETTINGS
 from flintproxy.errors import (
     AuthenticationError,
     BadRequest,
@@ -43,7 +40,10 @@ from flintproxy.errors import (
     PermissionDenied,
     UnsupportedMediaType,
 )
-from flintproxy.limiter import client_ip
+from flintproxy.gate.keys import ACCOUNTS, LOGIN_GUARD, SETTINGS
+from flintproxy.gate.limiter import client_ip
+from flintproxy.store import accounts as acc
+from flintproxy.store.accounts import Session
 
 SESSION_COOKIE = "flint_session"
 CSRF_COOKIE = "flint_csrf"

@@ -22,7 +22,7 @@ from typing import NamedTuple, TypeVar
 
 from flintproxy.config import LimitsConfig
 from flintproxy.errors import RateLimited
-from flintproxy.gate import Principal
+from flintproxy.gate.gate import Principal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -35,8 +35,8 @@ import orjson
 
 from flintproxy.config import NANO_PER_USD, Config, usd_to_nano
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
-from flintproxy.gate import hash_key
-from flintproxy.store import now_ms
+from flintproxy.gate.gate import hash_key
+from flintproxy.store.sqlite import now_ms
 
 # events.kind values; subscribers of auth.ChangeWatcher receive these.
 EV_ACCOUNT_CREATED = "account_created"

@@ -56,15 +56,15 @@ from prometheus_client import (
     values,
 )
 
-from flintproxy.accesslog import ACCESS_LOG, AccessLog
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, ModelNotFound
-from flintproxy.gate import Admission, Exchange, Outcome
-from flintproxy.relay import ENDPOINT_PATHS, Relay
-from flintproxy.routing import FAILURE_REASONS, Router
-from flintproxy.usage import USAGE, UsageWriter
+from flintproxy.gate.gate import Admission, Exchange, Outcome
+from flintproxy.ops.accesslog import ACCESS_LOG, AccessLog
+from flintproxy.relay.relay import ENDPOINT_PATHS, Relay
+from flintproxy.relay.routing import FAILURE_REASONS, Router
+from flintproxy.store.ledger import USAGE, UsageWriter
 
-log = logging.getLogger("flintproxy.metrics")
+log = logging.getLogger("flintproxy.ops.metrics")
 
 OTHER = "other"
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -371,7 +371,7 @@ def add_metrics(app: web.Application, config: Config, metrics: Metrics) -> None:
 
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     """Binds the usage writer and access log; runs the /metrics listener, multiprocess sync."""
-    from flintproxy.app import CONFIG  # app imports this module
+    from flintproxy.app.factory import CONFIG  # app imports this module
 
     cfg = app[CONFIG]
     metrics = app[METRICS]

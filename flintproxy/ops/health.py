@@ -25,9 +25,9 @@ import aiosqlite
 import orjson
 from aiohttp import web
 
-from flintproxy import store
-from flintproxy.routing import Router
-from flintproxy.usage import USAGE, UsageWriter
+from flintproxy.relay.routing import Router
+from flintproxy.store import sqlite
+from flintproxy.store.ledger import USAGE, UsageWriter
 
 PROBE_TTL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
@@ -124,7 +124,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def open_probe_db(path: Path) -> aiosqlite.Connection:
-    db = await store.connect(path)
+    db = await sqlite.connect(path)
     # Short: a lock held by the usage writer means "writable", not "wait for it".
     await db.execute(f"PRAGMA busy_timeout={PROBE_BUSY_MS}")
     return db
@@ -132,7 +132,7 @@ async def open_probe_db(path: Path) -> aiosqlite.Connection:
 
 async def health_ctx(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context for /readyz: the probe's connection. Append it after ``usage_ctx``."""
-    from flintproxy.app import CONFIG, ROUTER  # app imports this module
+    from flintproxy.app.factory import CONFIG, ROUTER  # app imports this module
 
     db = await open_probe_db(app[CONFIG].storage.path)
     probe = DbProbe(db)
