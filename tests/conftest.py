@@ -60,6 +60,11 @@ class Gateway(Server):
     def base_url(self) -> str:
         return self.url + "/v1"
 
+    @property
+    def console_url(self) -> str:
+        """The control plane (/api, /openapi.json, /metrics); today the same port."""
+        return self.url
+
 
 async def start_mock(settings: MockSettings | None = None) -> MockServer:
     app = create_mock_app(settings or MockSettings())
