@@ -11,13 +11,13 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from flintproxy import money
+
 DEFAULT_CONFIG_PATH = Path("config/flintproxy.toml")
-NANO_PER_USD = 1_000_000_000
 
 
 class ConfigError(ValueError):
@@ -187,18 +187,9 @@ def usd_to_nano(value: object, key: str) -> int:
     if not isinstance(value, str):
         raise _fail(key, value, 'must be a decimal string such as "0.15" (floats are inexact)')
     try:
-        d = Decimal(value)
-    except InvalidOperation:
-        raise _fail(key, value, "is not a decimal number") from None
-    if not d.is_finite() or d < 0:
-        raise _fail(key, value, "must be a finite amount >= 0")
-    # Exact whatever the number of digits (the default context rounds at 28).
-    with localcontext() as ctx:
-        ctx.prec = max(28, len(d.as_tuple().digits) + 10)
-        nano = d * NANO_PER_USD
-    if nano != nano.to_integral_value():
-        raise _fail(key, value, "has more precision than one nano-dollar")
-    return int(nano)
+        return money.usd_to_nano(value)
+    except ValueError as exc:
+        raise _fail(key, value, str(exc)) from None
 
 
 # --- sections -------------------------------------------------------------------

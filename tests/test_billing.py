@@ -12,10 +12,11 @@ import aiosqlite
 import openai
 import pytest
 
-from flintproxy.config import NANO_PER_USD, BillingConfig, ModelPrice, usd_to_nano
+from flintproxy.config import BillingConfig, ModelPrice, usd_to_nano
 from flintproxy.errors import InsufficientQuota, ModelNotFound
-from flintproxy.gate.billing import Billing, cost_nano, format_usd, max_cost_nano
+from flintproxy.gate.billing import Billing, cost_nano, max_cost_nano
 from flintproxy.gate.gate import Outcome
+from flintproxy.money import NANO_PER_USD, format_usd
 from flintproxy.store import sqlite
 from flintproxy.store.ledger import BILLING, USAGE, USAGE_DB, UsageRow, UsageWriter
 from tests.conftest import Gateway, MockServer, raw_config

@@ -793,7 +793,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
 
 
 async def test_list_json_and_csv_agree_on_awkward_rows(api: Api) -> None:
-    from flintproxy.gate.billing import format_usd
+    from flintproxy.money import format_usd
 
     me, headers = await api.login("odd@example.com")
     costs = [0, 1, 10, 150, 100_000_000, 5 * 10**9, 123_456_789_012, 10**18]

@@ -48,9 +48,10 @@ from dataclasses import dataclass
 
 import aiosqlite
 
-from flintproxy.config import NANO_PER_USD, BillingConfig, ModelPrice
+from flintproxy.config import BillingConfig, ModelPrice
 from flintproxy.errors import InsufficientQuota, ModelNotFound
 from flintproxy.gate.gate import Outcome
+from flintproxy.money import format_usd
 
 log = logging.getLogger("flintproxy.gate.billing")
 
@@ -74,14 +75,6 @@ def max_cost_nano(price: ModelPrice, prompt: int, completion: int) -> int:
     per_prompt = max(price.input_nano_per_mtok, price.cached_input_nano_per_mtok)
     exact = max(prompt, 0) * per_prompt + max(completion, 0) * price.output_nano_per_mtok
     return -(-exact // TOKENS_PER_PRICE_UNIT)
-
-
-def format_usd(nano: int) -> str:
-    """Exact decimal USD for display, e.g. 150 -> "0.00000015", 5e9 -> "5.00"."""
-    sign = "-" if nano < 0 else ""
-    whole, frac = divmod(abs(nano), NANO_PER_USD)
-    digits = f"{frac:09d}".rstrip("0").ljust(2, "0")
-    return f"{sign}{whole}.{digits}"
 
 
 @dataclass(slots=True)

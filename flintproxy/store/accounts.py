@@ -26,16 +26,16 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import aiosqlite
 import bcrypt
 import orjson
 
-from flintproxy.config import NANO_PER_USD, Config, usd_to_nano
+from flintproxy.config import Config, usd_to_nano
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
 from flintproxy.gate.gate import hash_key
+from flintproxy.money import NANO_PER_USD, format_usd
 from flintproxy.store.sqlite import now_ms
 
 # events.kind values; subscribers of auth.ChangeWatcher receive these.
@@ -148,13 +148,6 @@ def model_list(raw: object, known: Iterable[str]) -> tuple[str, ...] | None:
     return tuple(sorted(set(raw)))
 
 
-def nano_to_usd(nano: int) -> str:
-    """Exact decimal USD string with at least two decimals (e.g. "5.00", "0.000150")."""
-    text = format(Decimal(nano).scaleb(-9).normalize(), "f")
-    whole, _, frac = text.partition(".")
-    return f"{whole}.{frac.ljust(2, '0')}"
-
-
 def parse_usd(text: str) -> int:
     """A positive USD amount as nano-dollars (exact; raises BadRequest)."""
     try:
@@ -215,7 +208,7 @@ class AccountInfo:
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "email": self.email, "status": self.status,
                 "created_at": self.created_at // 1000,
-                "balance_usd": nano_to_usd(self.balance_nano), "balance_nano": self.balance_nano}
+                "balance_usd": format_usd(self.balance_nano), "balance_nano": self.balance_nano}
 
 
 @dataclass(frozen=True, slots=True)

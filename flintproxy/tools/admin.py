@@ -17,12 +17,12 @@ from pathlib import Path
 
 from flintproxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from flintproxy.errors import FlintError
+from flintproxy.money import format_usd
 from flintproxy.store import sqlite
 from flintproxy.store.accounts import (
     Accounts,
     key_name,
     model_list,
-    nano_to_usd,
     new_password,
     normalize_email,
     parse_usd,
@@ -57,8 +57,8 @@ async def _credit(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
     amount = parse_usd(args.usd)
     account = await repo.by_email(normalize_email(args.email))
     balance = await repo.credit(account.id, amount)
-    print(f"credited {nano_to_usd(amount)} USD to {account.email}; "
-          f"balance {nano_to_usd(balance)} USD")
+    print(f"credited {format_usd(amount)} USD to {account.email}; "
+          f"balance {format_usd(balance)} USD")
     return 0
 
 
@@ -121,7 +121,7 @@ async def _delete_account(repo: Accounts, args: argparse.Namespace, cfg: Config)
 async def _list_accounts(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
     rows = [("ID", "EMAIL", "STATUS", "BALANCE_USD", "KEYS", "CREATED")]
     for a, live_keys in await repo.list_accounts():
-        rows.append((str(a.id), a.email or "-", a.status, nano_to_usd(a.balance_nano),
+        rows.append((str(a.id), a.email or "-", a.status, format_usd(a.balance_nano),
                      str(live_keys), _when(a.created_at)))
     _table(rows)
     return 0

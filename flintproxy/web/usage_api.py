@@ -54,7 +54,7 @@ _CURSOR_RE = re.compile(r"(\d{1,19})_(\d{1,19})")
 _ISO = ("strftime('%Y-%m-%dT%H:%M:%S', started_at / 1000, 'unixepoch') "
         "|| printf('.%03dZ', started_at % 1000)")
 _FRAC = "rtrim(printf('%09d', cost_nano % 1000000000), '0')"
-# Exact decimal USD with at least two decimals, as billing.format_usd (costs are >= 0).
+# Exact decimal USD with at least two decimals, as money.format_usd (costs are >= 0).
 _USD = (f"printf('%d.', cost_nano / 1000000000) || CASE WHEN length({_FRAC}) < 2 "
         f"THEN substr({_FRAC} || '00', 1, 2) ELSE {_FRAC} END")
 # (name, SQL expression, kind): kind "text" is quoted in CSV, "plain" needs no quoting.
