@@ -11,6 +11,7 @@ import pytest
 from flintproxy.config import build_config
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
 from flintproxy.gate.gate import hash_key
+from flintproxy.money import format_usd
 from flintproxy.store import accounts as acc
 from flintproxy.store import sqlite
 from flintproxy.store.accounts import Accounts, bootstrap_demo
@@ -93,9 +94,9 @@ def test_key_name_and_models() -> None:
 
 
 def test_money_helpers() -> None:
-    assert acc.nano_to_usd(5_000_000_000) == "5.00"
-    assert acc.nano_to_usd(150) == "0.00000015"
-    assert acc.nano_to_usd(0) == "0.00"
+    assert format_usd(5_000_000_000) == "5.00"
+    assert format_usd(150) == "0.00000015"
+    assert format_usd(0) == "0.00"
     assert acc.parse_usd("5.00") == 5_000_000_000
     assert acc.parse_usd("0.000000001") == 1
     for bad in ("0", "-1", "abc", "1e400", "0.0000000001", "nan"):
