@@ -22,10 +22,11 @@ from typing import Any
 from microbench import bench
 
 from flintproxy.errors import FlintError
-from flintproxy.gate.gate import Exchange, bearer_token, hash_key
+from flintproxy.gate.gate import bearer_token
 from flintproxy.gate.keys import KeyAuthenticator
+from flintproxy.http.exchange import Exchange
 from flintproxy.store import sqlite
-from flintproxy.store.accounts import Accounts
+from flintproxy.store.accounts import Accounts, hash_key
 
 KEYS = 1000
 PER_ACCOUNT = 50

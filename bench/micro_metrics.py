@@ -17,7 +17,8 @@ from microbench import bench
 
 from flintproxy.config import build_config
 from flintproxy.errors import AuthenticationError
-from flintproxy.gate.gate import Admission, Call, Exchange, Outcome, Principal
+from flintproxy.gate.gate import Admission, Call, Outcome, Principal
+from flintproxy.http.exchange import Exchange
 from flintproxy.ops.metrics import Metrics
 from flintproxy.relay.relay import Relay
 from flintproxy.relay.routing import Router

@@ -21,7 +21,9 @@ from microbench import bench
 from flintproxy.config import BillingConfig, ModelPrice
 from flintproxy.gate.billing import Billing
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal
-from flintproxy.store.ledger import UsageWriter, new_request_id, open_writer_db, usage_row
+from flintproxy.gate.service import usage_row
+from flintproxy.relay.routes import new_request_id
+from flintproxy.store.ledger import UsageWriter, open_writer_db
 
 NANO = 1_000_000_000
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}

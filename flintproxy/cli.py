@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from flintproxy import __version__
+from flintproxy.app import runner
 from flintproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from flintproxy.tools import admin, mock
 
 # File-descriptor slots reserved at start-up (at most RLIMIT_NOFILE's soft limit).
 FD_TABLE = 65536
@@ -81,24 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flintproxy`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["admin"]:
-        from flintproxy.tools import admin
-
         return admin.main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.command == "serve":
-        from flintproxy.app import factory as app
-
         try:
             config = load_config(args.config)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 2
-        _run(app.serve(config, host=args.host, port=args.port))
+        # Only the process that owns stdout writes the access log there.
+        _run(runner.serve(config, host=args.host, port=args.port,
+                          access_sink=sys.stdout.buffer))
         return 0
     if args.command == "mock-upstream":
-        from flintproxy.tools import mock
-
         settings = mock.MockSettings(chunks=args.chunks, delay_ms=args.delay_ms,
                                      first_chunk_delay_ms=args.first_delay_ms)
         _run(mock.run_mock(args.host, args.port, settings))

@@ -36,6 +36,14 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The control plane's listener: /api, the console, /openapi.json, /metrics."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+
+
+@dataclass(frozen=True, slots=True)
 class StorageConfig:
     path: Path = Path("var/flintproxy.db")
 
@@ -118,6 +126,7 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
+    console: ConsoleConfig
     storage: StorageConfig
     upstreams: tuple[UpstreamConfig, ...]
     models: Mapping[str, ModelPrice]
@@ -213,6 +222,17 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
         heartbeat_interval_s=_float(raw, "heartbeat_interval_s", p, 5.0, 0.01),
         shutdown_timeout_s=_float(raw, "shutdown_timeout_s", p, 10.0, 0.0),
         keepalive_timeout_s=_float(raw, "keepalive_timeout_s", p, 75.0, 0.1),
+    )
+
+
+def _console(raw: Mapping[str, Any], env: Mapping[str, str]) -> ConsoleConfig:
+    p = "console."
+    _check_keys(raw, {"host", "port"}, p)
+    return ConsoleConfig(
+        host=env.get("FLINTPROXY_CONSOLE_HOST") or _str(raw, "host", p, "127.0.0.1")
+        or "127.0.0.1",
+        port=_env_port(env["FLINTPROXY_CONSOLE_PORT"]) if env.get("FLINTPROXY_CONSOLE_PORT")
+        else _int(raw, "port", p, 8081, 0, 65535),
     )
 
 
@@ -359,8 +379,8 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
                  source: Path | None = None) -> Config:
     """Validate a parsed TOML document (plus env overrides) into a Config."""
     env = os.environ if env is None else env
-    _check_keys(raw, {"server", "storage", "upstreams", "models", "limits", "billing",
-                      "accounts", "metrics"}, "")
+    _check_keys(raw, {"server", "console", "storage", "upstreams", "models", "limits",
+                      "billing", "accounts", "metrics"}, "")
     storage_raw = _table(raw, "storage", "")
     _check_keys(storage_raw, {"path"}, "storage.")
     storage_path = env.get("FLINTPROXY_DB") or _str(storage_raw, "path", "storage.",
@@ -382,6 +402,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
                             "is not served)")
     return Config(
         server=_server(_table(raw, "server", ""), env),
+        console=_console(_table(raw, "console", ""), env),
         storage=StorageConfig(path=Path(storage_path or "var/flintproxy.db")),
         upstreams=upstreams,
         models=models,

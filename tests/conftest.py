@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from flintproxy.app import factory as app_module
-from flintproxy.app.factory import Runner
+from flintproxy.app.root import Components
+from flintproxy.app.runner import Server as GatewayServer
 from flintproxy.config import Config, build_config
-from flintproxy.gate.keys import ACCOUNTS
 from flintproxy.tools.mock import MOCK_STATS, MockSettings, MockStats, create_mock_app
 
 TEST_EMAIL = "owner-{}@example.com"  # one account per gateway started
@@ -29,18 +28,15 @@ MODELS = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
 
 
 @dataclass
-class Server:
+class MockServer:
     url: str
     app: web.Application
-    runner: web.AppRunner | Runner
+    runner: web.AppRunner
 
     @property
     def port(self) -> int:
         return int(self.runner.addresses[0][1])
 
-
-@dataclass
-class MockServer(Server):
     @property
     def stats(self) -> MockStats:
         return self.app[MOCK_STATS]
@@ -51,19 +47,34 @@ class MockServer(Server):
 
 
 @dataclass
-class Gateway(Server):
+class Gateway:
+    """A started gateway: ``url`` is the data plane (/v1, health), ``console_url`` the
+    control plane (/api, /metrics)."""
+
+    server: GatewayServer
     config: Config
     key: str
     account_id: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.addresses[0][1]}"
+
+    @property
+    def port(self) -> int:
+        return int(self.server.addresses[0][1])
+
+    @property
+    def console_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.console_addresses[0][1]}"
 
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
 
     @property
-    def console_url(self) -> str:
-        """The control plane (/api, /openapi.json, /metrics); today the same port."""
-        return self.url
+    def components(self) -> Components:
+        return self.server.components
 
 
 async def start_mock(settings: MockSettings | None = None) -> MockServer:
@@ -80,6 +91,7 @@ def raw_config(tmp_path: Path, upstream_urls: Mapping[str, str]) -> dict[str, An
     """A TOML-shaped dict for a test gateway; tests tweak it before building."""
     return {
         "server": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 5.0},
+        "console": {"host": "127.0.0.1", "port": 0},
         "storage": {"path": str(tmp_path / "flintproxy.db")},
         "upstreams": [
             {"name": name, "base_url": url, "models": list(MODELS),
@@ -100,16 +112,14 @@ async def start_gateway(raw: Mapping[str, Any], env: Mapping[str, str] | None = 
                         credit_nano: int = TEST_CREDIT_NANO) -> Gateway:
     """Start a gateway and give it a funded account with one API key (``Gateway.key``)."""
     config = build_config(copy.deepcopy(dict(raw)), env or {})
-    app = app_module.create_app(config)
-    runner = await app_module.start(app, "127.0.0.1", 0)
-    port = runner.addresses[0][1]
-    repo = app[ACCOUNTS]
+    server = GatewayServer(config)
+    await server.startup("127.0.0.1", 0, console_port=0)
+    repo = server.components.accounts
     account_id = await repo.create_account(TEST_EMAIL.format(secrets.token_hex(4)), None)
     if credit_nano:
         await repo.credit(account_id, credit_nano)
     _, key = await repo.create_key(account_id, "test")
-    return Gateway(url=f"http://127.0.0.1:{port}", app=app, runner=runner, config=config,
-                   key=key, account_id=account_id)
+    return Gateway(server=server, config=config, key=key, account_id=account_id)
 
 
 @pytest.fixture
@@ -122,7 +132,7 @@ async def mock_upstream() -> AsyncIterator[MockServer]:
 @pytest.fixture
 async def gateway_factory() -> AsyncIterator[Callable[..., Any]]:
     """Start gateways with custom configs; all are stopped after the test."""
-    started: list[Server] = []
+    started: list[Gateway] = []
 
     async def factory(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
                       **kwargs: Any) -> Gateway:
@@ -131,12 +141,12 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Any]]:
         return gw
 
     yield factory
-    for server in reversed(started):
-        await server.runner.cleanup()
+    for gw in reversed(started):
+        await gw.server.shutdown()
 
 
 @pytest.fixture
 async def gateway(tmp_path: Path, mock_upstream: MockServer) -> AsyncIterator[Gateway]:
     gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
     yield gw
-    await gw.runner.cleanup()
+    await gw.server.shutdown()

@@ -26,8 +26,7 @@ import openai
 import orjson
 import pytest
 
-from flintproxy.ops.accesslog import ACCESS_LOG, DRAIN_TIMEOUT_S, LOGGER, _Clock
-from flintproxy.relay.relay import Relay
+from flintproxy.ops.accesslog import DRAIN_TIMEOUT_S, LOGGER, _Clock
 from tests.conftest import Gateway, MockServer, raw_config, start_gateway
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +87,7 @@ class FailingTap(Tap):
 def tap_access_log(gw: Gateway, tap: T) -> T:
     """Make ``tap`` ``gw``'s access log sink, as ``serve`` makes stdout; a gateway without
     an access log is left as it is."""
-    access = gw.app.get(ACCESS_LOG)
+    access = gw.components.access_log
     if access is not None:
         access.sink = tap
     return tap
@@ -107,12 +106,12 @@ def sdk(gw: Gateway, key: str | None = None, **headers: str) -> openai.AsyncOpen
 
 async def written(gw: Gateway, tap: Tap, n: int = 0) -> list[str]:
     """The lines in ``tap`` once ``gw``'s requests are over and (at least n) written."""
-    relay = next(v for v in gw.app.values() if isinstance(v, Relay))
-    access = gw.app.get(ACCESS_LOG)
+    relay = gw.components.relay
+    access = gw.components.access_log
     for _ in range(300):
         if access is not None:
             await access.flush()  # what the flusher does every FLUSH_S, now
-        if relay.active_streams == 0 and len(tap.lines) >= n:
+        if relay.streams.open == 0 and len(tap.lines) >= n:
             break
         await asyncio.sleep(0.01)
     return tap.lines
@@ -217,13 +216,13 @@ async def test_access_log_off(tmp_path: Path, mock_upstream: MockServer,
     access_sink = tap_access_log(gw, Tap())
     async with sdk(gw) as client:
         await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-    assert ACCESS_LOG not in gw.app  # nothing made, nothing buffered, nothing to flush
+    assert gw.components.access_log is None  # nothing made, nothing buffered, nothing to flush
     assert await written(gw, access_sink) == []
 
 
 async def test_non_v1_paths_are_not_logged(gateway: Gateway, access_sink: Tap) -> None:
     async with aiohttp.ClientSession() as http:
-        async with http.get(gateway.url + "/api/account") as resp:
+        async with http.get(gateway.console_url + "/api/account") as resp:
             assert resp.status == 401
         async with http.get(gateway.url + "/v1/nothing-here") as resp:
             assert resp.status == 404
@@ -240,7 +239,7 @@ async def test_stdout_as_the_sink_gets_bare_json_lines_and_none_turns_it_off(
             async with http.get(gateway.base_url + "/models") as resp:
                 assert resp.status == 401
 
-    access = gateway.app[ACCESS_LOG]
+    access = gateway.components.access_log
     assert access.sink is None  # create_app leaves it off; serve sets stdout
     access.sink = sys.stdout.buffer  # what serve does (captured here)
     await refused()
@@ -262,7 +261,7 @@ async def test_a_stuck_sink_neither_blocks_requests_nor_grows_without_bound(
         gateway: Gateway) -> None:
     tap = tap_access_log(gateway, StuckTap())
     try:
-        access = gateway.app[ACCESS_LOG]
+        access = gateway.components.access_log
         access.max_pending_bytes = 1_000  # ~3 lines of ~300 bytes
         async with sdk(gateway) as client:
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -292,7 +291,7 @@ async def test_a_stuck_sink_neither_blocks_requests_nor_grows_without_bound(
 async def test_a_failing_sink_drops_and_counts_lines_and_recovers(
         gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     tap = tap_access_log(gateway, FailingTap())
-    access = gateway.app[ACCESS_LOG]
+    access = gateway.components.access_log
     async with sdk(gateway) as client:
         for _ in range(3):
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -327,10 +326,10 @@ async def stuck_at_shutdown(tmp_path: Path, mock_upstream: MockServer, more: int
 async def test_shutdown_writes_the_buffered_lines(tmp_path: Path,
                                                   mock_upstream: MockServer) -> None:
     async with stuck_at_shutdown(tmp_path, mock_upstream, 4) as (gw, tap):
-        access = gw.app[ACCESS_LOG]
+        access = gw.components.access_log
         assert access.pending == 4  # these wait for the last write, at shutdown
         asyncio.get_running_loop().call_later(0.3, tap.release.set)
-        await gw.runner.cleanup()
+        await gw.server.shutdown()
         assert len(tap.lines) == 5 and tap.writes == 2
         assert access.pending == 0 and access.dropped == 0
 
@@ -338,10 +337,10 @@ async def test_shutdown_writes_the_buffered_lines(tmp_path: Path,
 async def test_shutdown_waits_for_a_write_in_flight(tmp_path: Path,
                                                     mock_upstream: MockServer) -> None:
     async with stuck_at_shutdown(tmp_path, mock_upstream, 0) as (gw, tap):
-        access = gw.app[ACCESS_LOG]
+        access = gw.components.access_log
         assert access.pending == 0  # nothing left to flush...
         asyncio.get_running_loop().call_later(0.3, tap.release.set)
-        await gw.runner.cleanup()
+        await gw.server.shutdown()
         # ...but the write in flight is waited for: the thread, a daemon, would be cut
         # short by the process's exit.
         assert len(tap.lines) == 1 and tap.writes == 1
@@ -351,10 +350,10 @@ async def test_shutdown_waits_for_a_write_in_flight(tmp_path: Path,
 async def test_shutdown_gives_up_on_a_stuck_sink(tmp_path: Path,
                                                  mock_upstream: MockServer) -> None:
     async with stuck_at_shutdown(tmp_path, mock_upstream, 3) as (gw, tap):
-        access = gw.app[ACCESS_LOG]
+        access = gw.components.access_log
         access.drain_timeout_s = 0.2
         started = time.monotonic()
-        await gw.runner.cleanup()
+        await gw.server.shutdown()
         assert time.monotonic() - started < 2
         assert access.dropped == 3 and access.pending == 0 and tap.writes == 0
 
@@ -377,7 +376,7 @@ async def test_one_daemon_writer_thread_started_by_the_first_write_ended_by_clos
     # A daemon: the interpreter does not join it at exit, so a write blocked for good
     # (a full pipe nobody reads) cannot hang the exit once close() has given up on it.
     assert thread.daemon
-    await gw.runner.cleanup()
+    await gw.server.shutdown()
     for _ in range(300):
         if not thread.is_alive():
             break

@@ -10,11 +10,10 @@ import pytest
 
 from flintproxy.config import build_config
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
-from flintproxy.gate.gate import hash_key
 from flintproxy.money import format_usd
 from flintproxy.store import accounts as acc
 from flintproxy.store import sqlite
-from flintproxy.store.accounts import Accounts, bootstrap_demo
+from flintproxy.store.accounts import Accounts, bootstrap_demo, hash_key
 from tests.conftest import raw_config
 
 PASSWORD = "correct horse battery"

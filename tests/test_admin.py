@@ -15,9 +15,8 @@ import aiohttp
 import openai
 import pytest
 
-from flintproxy.app import factory as app_module
+from flintproxy.app.runner import Server as GatewayServer
 from flintproxy.config import load_config
-from flintproxy.gate.keys import ACCOUNTS
 from flintproxy.tools import admin
 from tests.conftest import Gateway, MockServer, raw_config
 
@@ -59,11 +58,10 @@ def config_path(tmp_path: Path, mock_upstream: MockServer) -> Path:
 @pytest.fixture
 async def server(config_path: Path) -> AsyncIterator[Gateway]:
     config = load_config(config_path, {})
-    app = app_module.create_app(config)
-    runner = await app_module.start(app, "127.0.0.1", 0)
-    yield Gateway(url=f"http://127.0.0.1:{runner.addresses[0][1]}", app=app, runner=runner,
-                  config=config, key="")
-    await runner.cleanup()
+    gw = Gateway(server=GatewayServer(config), config=config, key="")
+    await gw.server.startup("127.0.0.1", 0, console_port=0)
+    yield gw
+    await gw.server.shutdown()
 
 
 Run = Callable[..., Awaitable[tuple[int, str, str]]]
@@ -161,10 +159,10 @@ async def test_password_stdin_allows_login(server: Gateway, run: Run) -> None:
                            stdin="a long password\n")
     assert code == 0
     async with aiohttp.ClientSession() as http, http.post(
-            server.url + "/api/login",
+            server.console_url + "/api/login",
             json={"email": "p@example.com", "password": "a long password"}) as resp:
         assert resp.status == 200
-    repo = server.app[ACCOUNTS]
+    repo = server.components.accounts
     async with repo.db.execute("SELECT password_hash FROM accounts") as cur:
         row = await cur.fetchone()
     assert row is not None and row[0].startswith("$2b$04$")

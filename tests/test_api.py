@@ -13,9 +13,8 @@ import openai
 import orjson
 import pytest
 
-from flintproxy.app import factory as app_module
+from flintproxy.app.runner import Server as GatewayServer
 from flintproxy.config import build_config
-from flintproxy.gate.keys import ACCOUNTS, DEMO_KEY, KEY_AUTH
 from tests.conftest import Gateway, MockServer, raw_config
 
 PASSWORD = "correct horse battery"
@@ -40,7 +39,7 @@ class Browser:
         data = None if body is None else orjson.dumps(body)
         if data is not None:
             hdrs.setdefault("Content-Type", "application/json")
-        async with self.http.request(method, self.gw.url + path, data=data,
+        async with self.http.request(method, self.gw.console_url + path, data=data,
                                      headers=hdrs) as resp:
             raw = await resp.read()
             payload = orjson.loads(raw) if raw else None
@@ -53,7 +52,7 @@ class Browser:
                                           {"email": email, "password": password})
         assert status == 201, body
         # Funds, as an operator's `flintproxy admin credit` would add: /v1 bills.
-        await self.gw.app[ACCOUNTS].credit(body["account"]["id"], 10**9)
+        await self.gw.components.accounts.credit(body["account"]["id"], 10**9)
         return body
 
     async def login(self, email: str, password: str = PASSWORD) -> int:
@@ -94,16 +93,14 @@ async def start(tmp_path: Path, mock_upstream: MockServer) -> AsyncIterator[Star
         if limits:
             raw["limits"] = dict(limits)
         config = build_config(raw, {})
-        app = app_module.create_app(config)
-        runner = await app_module.start(app, "127.0.0.1", 0)
-        gw = Gateway(url=f"http://127.0.0.1:{runner.addresses[0][1]}", app=app, runner=runner,
-                     config=config, key="")
+        gw = Gateway(server=GatewayServer(config), config=config, key="")
+        await gw.server.startup("127.0.0.1", 0, console_port=0)
         started.append(gw)
         return gw
 
     yield factory
     for gw in reversed(started):
-        await gw.runner.cleanup()
+        await gw.server.shutdown()
 
 
 @pytest.fixture
@@ -209,12 +206,12 @@ async def test_csrf_is_enforced(gw: Gateway, browser: Browser) -> None:
     # but cannot read the CSRF token.
     cookie = browser.cookie("flint_session")
     async with aiohttp.ClientSession() as attacker, attacker.post(
-            gw.url + "/api/keys", data=b'{"name":"pwned"}',
+            gw.console_url + "/api/keys", data=b'{"name":"pwned"}',
             headers={"Cookie": f"flint_session={cookie}", "Origin": "https://evil.example",
                      "Content-Type": "application/json"}) as resp:
         assert resp.status == 403
     async with aiohttp.ClientSession() as attacker, attacker.post(
-            gw.url + "/api/keys", data=b'{"name":"pwned"}',
+            gw.console_url + "/api/keys", data=b'{"name":"pwned"}',
             headers={"Cookie": f"flint_session={cookie}",
                      "Content-Type": "application/json"}) as resp:
         assert resp.status == 403
@@ -222,7 +219,7 @@ async def test_csrf_is_enforced(gw: Gateway, browser: Browser) -> None:
     assert status == 200 and listed["data"] == []
     # The same-origin page with the token succeeds.
     status, _, _ = await browser.call("POST", "/api/keys", {"name": "ok"},
-                                      headers={"Origin": gw.url})
+                                      headers={"Origin": gw.console_url})
     assert status == 201
     # Login is protected from cross-site posts too.
     status, _, _ = await browser.call("POST", "/api/login",
@@ -239,7 +236,7 @@ async def test_logout_revokes_server_side(gw: Gateway, browser: Browser) -> None
     assert any("flint_session=" in c and "Max-Age=0" in c
                for c in resp.headers.getall("Set-Cookie"))
     async with aiohttp.ClientSession() as other, other.get(
-            gw.url + "/api/account", headers={"Cookie": f"flint_session={stolen}"}) as r:
+            gw.console_url + "/api/account", headers={"Cookie": f"flint_session={stolen}"}) as r:
         assert r.status == 401
     status, _, _ = await browser.call("GET", "/api/account")
     assert status == 401
@@ -252,7 +249,7 @@ async def test_session_expires(start: StartGateway) -> None:
     b = Browser(gw)
     try:
         await b.signup("t@example.com")
-        repo = gw.app[ACCOUNTS]
+        repo = gw.components.accounts
         real = repo.clock
         repo.clock = lambda: real() + 61_000
         status, body, _ = await b.call("GET", "/api/account")
@@ -314,7 +311,7 @@ async def test_delete_account(gw: Gateway, browser: Browser) -> None:
         await chat(gw, key)
     assert (await browser.call("GET", "/api/account"))[0] == 401
     assert await browser.login("bye@example.com") == 401
-    repo = gw.app[ACCOUNTS]
+    repo = gw.components.accounts
     async with repo.db.execute("SELECT email, password_hash, status FROM accounts") as cur:
         assert [tuple(r) for r in await cur.fetchall()] == [(None, None, "deleted")]
 
@@ -323,7 +320,7 @@ async def test_disabled_account_keys_stop(gw: Gateway, browser: Browser) -> None
     await browser.signup("dis@example.com")
     _, key = await browser.new_key()
     assert await chat(gw, key)
-    repo = gw.app[ACCOUNTS]
+    repo = gw.components.accounts
     account = await repo.by_email("dis@example.com")
     await repo.set_status(account.id, "disabled")
     with pytest.raises(openai.PermissionDeniedError) as info:
@@ -357,12 +354,12 @@ async def test_bad_signup_input(browser: Browser, body: object, fragment: str) -
 
 
 async def test_bad_transport(gw: Gateway, browser: Browser) -> None:
-    async with browser.http.post(gw.url + "/api/signup", data=b"{nope",
+    async with browser.http.post(gw.console_url + "/api/signup", data=b"{nope",
                                  headers={"Content-Type": "application/json"}) as r:
         assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_json"
-    async with browser.http.post(gw.url + "/api/signup", data=b"email=a") as r:
+    async with browser.http.post(gw.console_url + "/api/signup", data=b"email=a") as r:
         assert r.status == 415
-    async with browser.http.post(gw.url + "/api/signup", data=b" " * 20000,
+    async with browser.http.post(gw.console_url + "/api/signup", data=b" " * 20000,
                                  headers={"Content-Type": "application/json"}) as r:
         assert r.status == 413
     await browser.signup("dup@example.com")
@@ -436,24 +433,24 @@ async def test_db_files_hold_no_secrets(gw: Gateway, browser: Browser) -> None:
     assert await browser.login("secret@example.com", password) == 200
     session = browser.cookie("flint_session")
     assert session
-    await gw.app[KEY_AUTH].flush_last_used()
+    await gw.components.keys.flush_last_used()
     path = gw.config.storage.path
     files = [p for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
     assert Path(f"{path}-wal") in files
     blob = b"".join(p.read_bytes() for p in files)
     for secret in (password, key, key[9:], session):
         assert secret.encode() not in blob
-    async with gw.app[ACCOUNTS].db.execute("SELECT password_hash FROM accounts") as cur:
+    async with gw.components.accounts.db.execute("SELECT password_hash FROM accounts") as cur:
         row = await cur.fetchone()
     assert row is not None and row[0].startswith("$2b$04$") and len(row[0]) == 60
 
 
 async def test_demo_key_at_first_start(start: StartGateway) -> None:
     gw = await start({"bootstrap_demo": True, "demo_credit_usd": "1.25"})
-    key = gw.app[DEMO_KEY]
+    key = gw.components.demo_key
     assert await chat(gw, key)
-    account = await gw.app[ACCOUNTS].by_email("demo@flintproxy.local")
+    account = await gw.components.accounts.by_email("demo@flintproxy.local")
     assert account.balance_nano == 1_250_000_000
-    await gw.runner.cleanup()
+    await gw.server.shutdown()
     again = await start({"bootstrap_demo": True})  # same database: not created twice
-    assert DEMO_KEY not in again.app
+    assert again.components.demo_key is None

@@ -11,9 +11,11 @@ import aiosqlite
 import pytest
 
 from flintproxy.errors import AuthenticationError, PermissionDenied
-from flintproxy.gate.keys import ChangeWatcher, KeyAuthenticator
+from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.store import sqlite
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.changes import ChangeWatcher
+from flintproxy.tasks import TaskGroup
 
 
 @dataclass
@@ -135,7 +137,8 @@ async def test_watcher_runs_subscribers_once(world: World) -> None:
 async def test_watcher_loop_within_one_second(world: World) -> None:
     _, kid, key = await new_key(world)
     await world.keys.authenticate(key)
-    task = asyncio.get_running_loop().create_task(world.watcher.run())
+    tasks = TaskGroup()
+    tasks.every("change feed poll", world.watcher.poll_s, world.watcher.poll)
     try:
         await world.admin.revoke_key(kid)
         loop = asyncio.get_running_loop()
@@ -149,8 +152,7 @@ async def test_watcher_loop_within_one_second(world: World) -> None:
         else:
             pytest.fail("revocation did not arrive within one second")
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await tasks.close()
 
 
 async def test_watcher_survives_a_failing_subscriber(world: World) -> None:

@@ -18,7 +18,7 @@ from flintproxy.gate.billing import Billing, cost_nano, max_cost_nano
 from flintproxy.gate.gate import Outcome
 from flintproxy.money import NANO_PER_USD, format_usd
 from flintproxy.store import sqlite
-from flintproxy.store.ledger import BILLING, USAGE, USAGE_DB, UsageRow, UsageWriter
+from flintproxy.store.ledger import UsageRow, UsageWriter
 from tests.conftest import Gateway, MockServer, raw_config
 
 MINI = ModelPrice(input_nano_per_mtok=usd_to_nano("0.15", "in"),
@@ -322,12 +322,12 @@ async def test_200_concurrent_streams_for_an_account_that_affords_10(
     async with client:
         results = await asyncio.gather(*(stream() for _ in range(200)))
     assert results.count("ok") == 10 and results.count("402") == 190
-    assert await gw.app[USAGE].sync(10)
-    db = gw.app[USAGE_DB]
+    assert await gw.components.usage.sync(10)
+    db = gw.components.usage_db
     credited, charged, balance = await db_totals(db, gw.account_id)
     assert (credited, charged, balance) == (10 * one + one - 1, 10 * one, one - 1)
     rows = await db.execute_fetchall(
         "SELECT cost_nano, stream, outcome, completion_tokens FROM usage WHERE account_id = ?",
         (gw.account_id,))
     assert sorted(rows) == [(one, 1, "ok", 20)] * 10  # streams are billed, never zero
-    assert gw.app[BILLING].available(gw.account_id) == one - 1
+    assert gw.components.billing.available(gw.account_id) == one - 1

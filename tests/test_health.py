@@ -12,7 +12,6 @@ import openai
 
 from flintproxy.ops.health import DbProbe
 from flintproxy.store import sqlite
-from flintproxy.store.ledger import USAGE
 from tests.conftest import Gateway, MockServer, raw_config
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -55,7 +54,7 @@ async def test_not_ready_when_the_only_upstream_circuit_is_open(
 
 
 async def test_not_ready_while_the_usage_writer_is_stalled(gateway: Gateway) -> None:
-    writer = gateway.app[USAGE]
+    writer = gateway.components.usage
     writer.consecutive_errors = 1  # what a failing flush leaves behind
     writer.last_error = "OperationalError: disk I/O error"
     try:

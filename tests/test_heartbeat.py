@@ -8,7 +8,6 @@ from typing import Any
 
 import aiohttp
 
-from flintproxy.app.factory import RELAY
 from flintproxy.tools.mock import expected_content
 from tests.conftest import Gateway, MockServer, raw_config
 from tests.test_relay import MESSAGES, sdk
@@ -41,7 +40,7 @@ async def test_heartbeats_while_first_chunk_is_slow(tmp_path: Path, mock_upstrea
                                                       stream=True)
         text = "".join([c.choices[0].delta.content or "" async for c in stream])
     assert text == expected_content(20)
-    heartbeats = gw.app[RELAY].heartbeats
+    heartbeats = gw.components.relay.heartbeats
     assert not heartbeats.waiting
     await asyncio.sleep(heartbeats.tick * 2)
     assert heartbeats.timer is None  # disarmed once no stream waits
@@ -52,7 +51,7 @@ async def test_fast_streams_get_no_heartbeat_and_leave_no_watch(
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["server"]["heartbeat_interval_s"] = 0.2
     gw = await gateway_factory(raw)
-    heartbeats = gw.app[RELAY].heartbeats
+    heartbeats = gw.components.relay.heartbeats
     async with aiohttp.ClientSession() as http:
         for _ in range(10):
             body = await post_stream(http, gw, chunks="3", delay_ms="20")

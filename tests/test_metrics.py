@@ -18,10 +18,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal
-from flintproxy.ops.accesslog import ACCESS_LOG
 from flintproxy.ops.metrics import (
-    METRICS,
-    METRICS_RUNNER,
     OTHER,
     OUTCOMES,
     REJECT_REASONS,
@@ -30,7 +27,6 @@ from flintproxy.ops.metrics import (
     _push_histogram,
 )
 from flintproxy.relay.routing import FAILURE_REASONS
-from flintproxy.store.ledger import USAGE, USAGE_DB
 from tests.conftest import MODELS, Gateway, MockServer, raw_config
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
@@ -55,7 +51,7 @@ def sdk(gw: Gateway, key: str | None = None, **headers: str) -> openai.AsyncOpen
 
 async def scrape_text(gw: Gateway, url: str | None = None, **headers: str) -> str:
     async with aiohttp.ClientSession() as http, \
-            http.get(url or gw.url + "/metrics", headers=headers) as resp:
+            http.get(url or gw.console_url + "/metrics", headers=headers) as resp:
         assert resp.status == 200, await resp.text()
         assert resp.headers["Content-Type"].startswith("text/plain; version=")
         return await resp.text()
@@ -175,8 +171,8 @@ async def test_traffic_moves_counters_by_exact_amounts(gateway: Gateway,
         "flintproxy_time_to_first_byte_seconds_sum", model=mini)
     assert total_delta(before, after, "flintproxy_request_duration_seconds_count") == 4
     # Tokens and cost equal the usage ledger's, to the token.
-    assert await gateway.app[USAGE].sync(5)
-    rows = await gateway.app[USAGE_DB].execute_fetchall(
+    assert await gateway.components.usage.sync(5)
+    rows = await gateway.components.usage_db.execute_fetchall(
         "SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_nano), COUNT(*) "
         "FROM usage WHERE model = ?", (mini,))
     prompt, completion, cost_nano, n = rows[0]
@@ -281,7 +277,7 @@ async def test_metrics_behind_a_bearer_token(tmp_path: Path, mock_upstream: Mock
     async with aiohttp.ClientSession() as http:
         for headers in ({}, {"Authorization": "Bearer wrong"},
                         {"Authorization": f"Bearer {gw.key}"}):
-            async with http.get(gw.url + "/metrics", headers=headers) as resp:
+            async with http.get(gw.console_url + "/metrics", headers=headers) as resp:
                 assert resp.status == 401
                 assert "flintproxy_" not in await resp.text()
     text = await scrape_text(gw, Authorization="Bearer scrape-me-0123456789")
@@ -293,10 +289,10 @@ async def test_metrics_on_their_own_port(tmp_path: Path, mock_upstream: MockServ
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["metrics"] = {"port": 0}
     gw = await gateway_factory(raw)
-    port = gw.app[METRICS_RUNNER].addresses[0][1]
+    port = gw.server.metrics_addresses[0][1]
     async with sdk(gw) as client:
         await client.embeddings.create(model="text-embedding-3-small", input="x")
-    async with aiohttp.ClientSession() as http, http.get(gw.url + "/metrics") as resp:
+    async with aiohttp.ClientSession() as http, http.get(gw.console_url + "/metrics") as resp:
         assert resp.status == 404  # not on the main port
     samples = parse(await scrape_text(gw, f"http://127.0.0.1:{port}/metrics"))
     assert val(samples, "flintproxy_requests_total", model="text-embedding-3-small",
@@ -308,7 +304,7 @@ async def test_usage_writer_metrics(gateway: Gateway) -> None:
     async with sdk(gateway) as client:
         for _ in range(3):
             await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    assert await gateway.app[USAGE].sync(5)
+    assert await gateway.components.usage.sync(5)
     after = await scrape(gateway)
     assert delta(before, after, "flintproxy_usage_rows_written_total") == 3
     assert delta(before, after, "flintproxy_usage_batch_rows_sum") == 3
@@ -339,7 +335,7 @@ class FullDisk:
 
 
 async def test_access_log_dropped_lines(gateway: Gateway) -> None:
-    access = gateway.app[ACCESS_LOG]
+    access = gateway.components.access_log
     sink = access.sink = FullDisk()
     name = "flintproxy_access_log_dropped_lines_total"
     before = await scrape(gateway)
@@ -387,7 +383,7 @@ def test_pushed_histogram_matches_observed() -> None:
 
 
 async def test_status_classes_at_the_edges(gateway: Gateway) -> None:
-    metrics = gateway.app[METRICS]
+    metrics = gateway.components.metrics
     call = Call("chat/completions", "gpt-4o", False, 1, None, "req_x")
     admission = Admission(call, Principal(key_id=1, account_id=1), 0.0, 0)
     before = await scrape(gateway)
@@ -408,7 +404,7 @@ async def test_status_classes_at_the_edges(gateway: Gateway) -> None:
 def test_each_gateway_has_its_own_registry(gateway: Gateway) -> None:
     from prometheus_client import REGISTRY
 
-    assert gateway.app[METRICS].registry is not REGISTRY
+    assert gateway.components.metrics.registry is not REGISTRY
     assert not any(n.startswith("flintproxy_") for n in REGISTRY._names_to_collectors)
 
 
@@ -427,9 +423,9 @@ async def main():
                                    "messages": [{"role": "user", "content": "hi"}]},
                              headers={"Authorization": "Bearer " + gw.key}) as r:
             assert r.status == 200, await r.text()
-        async with http.get(gw.url + "/metrics") as r:
+        async with http.get(gw.console_url + "/metrics") as r:
             text = await r.text()
-    await gw.runner.cleanup()
+    await gw.server.shutdown()
     await mock.runner.cleanup()
     files = sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
     print(json.dumps({"text": text, "files": files}))

@@ -174,13 +174,18 @@ async def test_a_connection_that_starts_elsewhere_is_handed_to_aiohttp(
     assert resp.status == 404 and resp.json()["error"]["code"] == "model_not_found"
 
 
-async def test_hand_over_after_v1_requests(gateway: Gateway, connect: Opener) -> None:
+async def test_one_connection_serves_v1_health_and_unknown_routes_in_turn(
+        gateway: Gateway, connect: Opener) -> None:
     conn = await connect(gateway)
     conn.send(post(gateway))
     assert (await conn.response()).status == 200
-    conn.send(get("/metrics"))
+    conn.send(get("/healthz"))
+    assert (await conn.response()).status == 200
+    conn.send(get("/api/account"))  # the control plane is on the console port only
     resp = await conn.response()
-    assert resp.status == 200 and b"flintproxy_requests_total" in resp.body
+    assert resp.status == 404 and resp.json()["error"]["type"] == "invalid_request_error"
+    conn.send(get("/v1/chat/completions"))
+    assert (await conn.response()).status == 405
     conn.send(get("/v1/models", b"Authorization: Bearer " + gateway.key.encode() + b"\r\n"))
     resp = await conn.response()
     assert {m["id"] for m in resp.json()["data"]} >= {"gpt-4o-mini"}
@@ -200,20 +205,16 @@ async def test_pipelined_v1_requests_are_answered_in_order(
     assert third.startswith(b"HTTP/1.1 400") and b"invalid_json" in third
 
 
-async def test_pipelined_request_for_another_route_is_refused(
+async def test_pipelined_health_and_v1_requests_are_answered_in_order(
         gateway: Gateway, connect: Opener) -> None:
     conn = await connect(gateway)
     conn.send(post(gateway) + get("/healthz"))
     data = b""
     while not await_eof(data):
-        chunk = await asyncio.wait_for(conn.reader.read(65536), 5)
-        if not chunk:
-            break
-        data += chunk
+        data += await asyncio.wait_for(conn.reader.read(65536), 5)
     first, second = (b"HTTP/1.1 " + part for part in data.split(b"HTTP/1.1 ")[1:])
-    assert first.startswith(b"HTTP/1.1 200")
-    assert second.startswith(b"HTTP/1.1 400") and b"Connection: close" in second
-    assert b"pipelined" in second
+    assert first.startswith(b"HTTP/1.1 200") and b"chat.completion" in first
+    assert second.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in second
 
 
 def await_eof(data: bytes) -> bool:
@@ -315,7 +316,7 @@ async def test_shutdown_lets_a_stream_finish_and_closes_idle_connections(
     busy.send(post(gw, body=STREAM, extra=b"X-Mock-Delay-Ms: 20\r\n"))
     first = await asyncio.wait_for(busy.reader.readuntil(b"\r\n\r\n"), 5)
     assert first.startswith(b"HTTP/1.1 200")
-    await gw.runner.cleanup()
+    await gw.server.shutdown()
     assert await idle.closed()
     rest = await asyncio.wait_for(busy.reader.read(), 5)
     assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
@@ -362,7 +363,7 @@ async def test_a_client_that_does_not_read_pauses_its_stream(gateway: Gateway) -
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
     writer.transport.pause_reading()
     writer.write(post(gateway, body=STREAM, extra=b"X-Mock-Chunks: 500000\r\n"))
-    lean = gateway.runner.lean  # type: ignore[union-attr]
+    lean = gateway.server.data_plane
     assert lean is not None
     for _ in range(500):
         paused = [c for c in lean.connections if c.writing_paused]

@@ -12,8 +12,6 @@ import aiohttp
 import openai
 import pytest
 
-from flintproxy.gate.keys import ACCOUNTS
-from flintproxy.store.ledger import USAGE
 from tests.conftest import Gateway, MockServer, raw_config
 
 RATELIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
@@ -37,7 +35,7 @@ async def chat(client: openai.AsyncOpenAI, content: str = "hi") -> Any:
 
 
 async def test_key_rpm_limit_and_headers(gateway: Gateway) -> None:
-    repo = gateway.app[ACCOUNTS]
+    repo = gateway.components.accounts
     key_id = (await repo.list_keys(gateway.account_id))[0].id
     await repo.set_limits(gateway.account_id, key_id, rpm=3, tpm=None, max_concurrent=None)
     async with sdk(gateway) as client:
@@ -58,7 +56,7 @@ async def test_key_rpm_limit_and_headers(gateway: Gateway) -> None:
 
 
 async def test_account_concurrency_cap_with_real_streams(gateway: Gateway) -> None:
-    repo = gateway.app[ACCOUNTS]
+    repo = gateway.components.accounts
     await repo.set_limits(gateway.account_id, None, rpm=None, tpm=None, max_concurrent=2)
     await asyncio.sleep(0.01)
     async with sdk(gateway, **{"x-mock-delay-ms": "30"}) as slow, sdk(gateway) as fast:
@@ -75,7 +73,7 @@ async def test_account_concurrency_cap_with_real_streams(gateway: Gateway) -> No
 
 
 async def test_tpm_reserve_and_true_up(gateway: Gateway) -> None:
-    repo = gateway.app[ACCOUNTS]
+    repo = gateway.components.accounts
     key_id = (await repo.list_keys(gateway.account_id))[0].id
     await repo.set_limits(gateway.account_id, key_id, rpm=None, tpm=1000, max_concurrent=None)
     async with sdk(gateway) as client:
@@ -142,7 +140,7 @@ async def test_no_content_and_no_ip_reach_disk_or_logs(
                              headers={"Authorization": f"Bearer {gw.key}",
                                       "Content-Type": "application/json"}) as resp:
             assert resp.status == 400
-    assert await gw.app[USAGE].sync(5)
+    assert await gw.components.usage.sync(5)
     files = _read_all(tmp_path)
     assert any(name.endswith("-wal") for name in files)
     for name, data in files.items():

@@ -15,37 +15,27 @@ import sys
 import textwrap
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiosqlite
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
-from flintproxy.app.factory import CONFIG, errors_middleware
+from flintproxy.app.runner import Server as GatewayServer
 from flintproxy.config import BillingConfig, Config, ModelPrice, build_config
 from flintproxy.errors import ServiceUnavailable
 from flintproxy.gate.billing import Billing
-from flintproxy.gate.keys import ACCOUNTS, accounts_ctx
 from flintproxy.store import sqlite
-from flintproxy.store.ledger import (
-    USAGE,
-    UsageRow,
-    UsageWriter,
-    add_usage_routes,
-    open_writer_db,
-    usage_ctx,
-)
-from flintproxy.web.usage_api import DAY_MS, PURGE_CHUNK, RetentionJob, purge
+from flintproxy.store.ledger import UsageRow, UsageWriter, open_writer_db
+from flintproxy.store.retention import DAY_MS, PURGE_CHUNK, RetentionJob, purge
 
 ROOT = Path(__file__).resolve().parent.parent
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}
 CLOCK0 = 1_700_000_000_000
 
-AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
 
 def row(request_id: str, account_id: int, cost: int, started_at: int | None = None,
@@ -107,7 +97,8 @@ def make_writer(db: aiosqlite.Connection, **cfg: Any) -> tuple[Billing, UsageWri
 
 def test_usage_row_maps_outcome_and_bounds_absurd_counts() -> None:
     from flintproxy.gate.gate import Admission, Call, Outcome, Principal
-    from flintproxy.store.ledger import MAX_ROW_INT, new_request_id, usage_row
+    from flintproxy.gate.service import MAX_ROW_INT, usage_row
+    from flintproxy.relay.routes import new_request_id
 
     call = Call("chat/completions", "gpt-4o-mini", True, 12, 30, new_request_id())
     adm = Admission(call, Principal(key_id=5, account_id=9), 0.0, CLOCK0)
@@ -446,31 +437,33 @@ def make_config(tmp_path: Path, **billing: Any) -> Config:
 
 
 class Api:
-    def __init__(self, client: TestClient[Any, Any], app: web.Application) -> None:
+    """The control plane of a real gateway, with a session whose paths are relative."""
+
+    def __init__(self, client: aiohttp.ClientSession, server: GatewayServer) -> None:
         self.client = client
-        self.app = app
+        self.components = server.components
 
     @property
     def db(self) -> aiosqlite.Connection:
-        return self.app[ACCOUNTS].db
+        return self.components.accounts.db
 
     async def login(self, email: str) -> tuple[int, dict[str, str]]:
-        repo = self.app[ACCOUNTS]
+        repo = self.components.accounts
         account = await repo.create_account(email, None)
         token, session = await repo.create_session(account)
         return account, {"Cookie": f"flint_session={token}", "X-CSRF-Token": session.csrf_token}
 
 
 @pytest.fixture
-async def api(tmp_path: Path, aiohttp_client: AiohttpClient) -> Api:
-    await (await sqlite.open_store(tmp_path / "api.db")).close()
-    app = web.Application(middlewares=[errors_middleware])
-    app[CONFIG] = make_config(tmp_path)
-    app.cleanup_ctx.append(accounts_ctx)
-    app.cleanup_ctx.append(usage_ctx)
-    add_usage_routes(app)
-    client = await aiohttp_client(app)
-    return Api(client, app)
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    server = GatewayServer(make_config(tmp_path))
+    await server.startup("127.0.0.1", 0, console_port=0)
+    url = f"http://127.0.0.1:{server.console_addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession(base_url=url) as client:
+            yield Api(client, server)
+    finally:
+        await server.shutdown()
 
 
 async def bulk_rows(db: aiosqlite.Connection, account: int, n: int, start: int = CLOCK0,
@@ -563,7 +556,7 @@ async def test_delete_needs_csrf_and_keeps_totals(api: Api) -> None:
     await api.db.execute("UPDATE accounts SET credited_nano = 10000, balance_nano = 10000")
     await api.db.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
                          "SELECT id, 10000, 0 FROM accounts")
-    writer = api.app[USAGE]
+    writer = api.components.usage
     for i in range(12):
         writer.record(row(f"mine-{i}", me, 10))
     writer.record(row("theirs", other, 10))
@@ -829,7 +822,7 @@ async def test_gateway_keeps_serving_then_refuses_while_the_disk_fails(
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["billing"] = {"flush_interval_s": 0.02, "max_backlog_rows": 5}
     gw = await gateway_factory(raw)
-    writer = gw.app[USAGE]
+    writer = gw.components.usage
     db_path = Path(gw.config.storage.path)
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     auth = {"Authorization": f"Bearer {gw.key}"}

@@ -18,13 +18,13 @@ SQLite-plus-memory implementations can later be swapped for PostgreSQL/Redis one
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
 from flintproxy.errors import AuthenticationError, BadRequest, InvalidJSON
+from flintproxy.http.exchange import Exchange
 
 
 @dataclass(slots=True)
@@ -100,41 +100,6 @@ def parse_call(endpoint: str, body: bytes, request_id: str,
     return call, data
 
 
-class Exchange:
-    """One request as the gate, relay and observers see it, whichever server parsed it.
-
-    ``headers`` maps lower-cased names to values (repeated fields joined with ", ",
-    RFC 9110 §5.3); ``raw_headers`` keeps them as received, for forwarding.
-    """
-
-    __slots__ = ("body", "call", "headers", "method", "path", "raw_headers", "remote",
-                 "route", "too_large")
-
-    def __init__(self, method: str, path: str, route: str | None,
-                 raw_headers: list[tuple[bytes, bytes]], remote: str | None,
-                 body: bytes = b"", too_large: bool = False,
-                 headers: dict[bytes, bytes] | None = None) -> None:
-        self.method = method
-        self.path = path
-        # The matched route ("/v1/chat/completions"), None for an unknown URL: what
-        # logs and metrics may name (a path is client-chosen text).
-        self.route = route
-        self.raw_headers = raw_headers
-        self.headers = index_headers(raw_headers) if headers is None else headers
-        self.remote = remote
-        self.body = body
-        # The body exceeded the limit and was not kept; answered 413 once authenticated.
-        self.too_large = too_large
-        # Set by relay as soon as the body is parsed (for metrics and the access log of
-        # a request refused before admission).
-        self.call: Call | None = None
-
-    def header(self, name: bytes) -> str | None:
-        """A header's value by its lower-cased name."""
-        value = self.headers.get(name)
-        return None if value is None else value.decode("utf-8", "surrogateescape")
-
-
 @dataclass(slots=True)
 class Outcome:
     """What happened, for usage, billing, limits and metrics."""
@@ -150,21 +115,6 @@ class Outcome:
     ttfb_s: float | None = None
     duration_s: float = 0.0
     upstream_wait_s: float = 0.0
-
-
-def index_headers(raw_headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    """Exchange.headers of ``raw_headers``; see ``add_header``."""
-    headers: dict[bytes, bytes] = {}
-    for name, value in raw_headers:
-        add_header(headers, name, value)
-    return headers
-
-
-def add_header(headers: dict[bytes, bytes], name: bytes, value: bytes) -> None:
-    """Index one field by its lower-cased name; a repeated one joins the values."""
-    key = name.lower()
-    prev = headers.get(key)
-    headers[key] = value if prev is None else prev + b", " + value
 
 
 class Admission:
@@ -211,38 +161,3 @@ def bearer_token(exchange: Exchange) -> str:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError("Malformed Authorization header; expected 'Bearer YOUR_KEY'.")
     return token
-
-
-def hash_key(token: str) -> bytes:
-    """SHA-256 of an API key: the only form in which keys are stored or cached."""
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
-
-class Responder(Protocol):
-    """How relay answers an Exchange, whichever server it came from.
-
-    ``head`` is a block of serialized header lines (``b"Name: value\\r\\n"...``);
-    the server adds the framing (Content-Length or chunked), Date and Connection.
-    """
-
-    @property
-    def started(self) -> bool:
-        """A response's head has been sent (a stream began)."""
-
-    def respond(self, status: int, head: bytes, body: bytes) -> None:
-        """Send a whole response."""
-
-    async def stream(self, status: int, head: bytes, first: bytes = b"",
-                     end: bool = False) -> None:
-        """Send a streamed response's head, with its first bytes when there are any;
-        ``end``: they are all of it (one write where the server can)."""
-
-    async def write(self, data: bytes) -> None:
-        """Send more of a stream, waiting while the client's socket is full.
-
-        Raises ConnectionError once the client has gone.
-        """
-
-    async def end(self, last: bytes = b"") -> None:
-        """Send the last bytes of a stream and end it."""

@@ -1,4 +1,4 @@
-"""API-key authentication on the hot path, and cross-process change propagation.
+"""API-key authentication on the hot path.
 
 Hot path: ``KeyAuthenticator.authenticate`` hashes the bearer key and looks the
 digest up in a dict; a hit awaits nothing and touches no disk. A miss goes to the
@@ -7,12 +7,8 @@ revoked keys are remembered briefly, so a flood of bad keys costs one query each
 at most. ``last_used_at`` is marked in memory and written in one batch every few
 seconds.
 
-Cross-process changes: every mutation in ``accounts`` writes an ``events`` row in
-its own transaction. ``ChangeWatcher`` polls ``SELECT ... FROM events WHERE id > ?``
-every ``accounts.change_poll_s`` (default 0.25 s) and tells its subscribers, which
-drop what they cached; so a revocation or a disable done by ``flintproxy admin`` in
-another process reaches a running server well within one second. Changes made in
-this process are published at once, after their commit, and not again by the poll.
+Cross-process changes reach the cache through ``on_change``, a subscriber of the
+change feed (``store.changes``).
 """
 
 from __future__ import annotations
@@ -21,17 +17,13 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiosqlite
 import orjson
-from aiohttp import web
 
-from flintproxy.config import Config
 from flintproxy.errors import AuthenticationError, PermissionDenied
-from flintproxy.gate.gate import Principal, hash_key
-from flintproxy.gate.limiter import IpGuard, Network
+from flintproxy.gate.gate import Principal
 from flintproxy.store import sqlite
 from flintproxy.store.accounts import (
     EV_ACCOUNT_CREATED,
@@ -41,12 +33,10 @@ from flintproxy.store.accounts import (
     EV_PASSWORD_CHANGED,
     KEY_RE,
     Accounts,
-    bootstrap_demo_account,
+    hash_key,
 )
 
 log = logging.getLogger("flintproxy.gate.keys")
-
-Subscriber = Callable[[str, int | None, int | None], None]
 
 # Events that change nothing a cached key depends on.
 _HARMLESS = frozenset({EV_ACCOUNT_CREATED, EV_CREDIT, EV_EMAIL_CHANGED, EV_KEY_CREATED,
@@ -222,14 +212,6 @@ class KeyAuthenticator:
             raise
         return len(batch)
 
-    async def run_flusher(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.flush_last_used()
-            except Exception:
-                log.exception("writing last_used_at failed; will retry")
-
     async def close(self) -> None:
         """Cancel in-flight lookups and write the last marks (call at shutdown)."""
         tasks = list(self._inflight.values())
@@ -237,162 +219,3 @@ class KeyAuthenticator:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.flush_last_used()
-
-
-class ChangeWatcher:
-    """Polls the ``events`` table and calls subscribers; see the module docstring.
-
-    Subscribers are plain callables ``(kind, account_id, key_id) -> None`` run on the
-    event loop; they must be quick and idempotent (reload, don't add).
-    """
-
-    def __init__(self, db: aiosqlite.Connection, poll_s: float, *, batch: int = 1000,
-                 lock: asyncio.Lock | None = None) -> None:
-        self._db = db
-        # The connection's transaction lock (Accounts.lock): a poll must never run
-        # inside an open transaction, where it could see an event row that is then
-        # rolled back and its id reused.
-        self._lock = lock or asyncio.Lock()
-        self.poll_s = poll_s
-        self._batch = batch
-        self._subscribers: list[Subscriber] = []
-        self._published: set[int] = set()
-        self.last_id = 0
-
-    def subscribe(self, callback: Subscriber) -> None:
-        self._subscribers.append(callback)
-
-    async def start(self) -> None:
-        """Skip past existing events: nothing is cached yet, so they changed nothing."""
-        async with self._lock, self._db.execute("SELECT COALESCE(MAX(id), 0) FROM events") as cur:
-            row = await cur.fetchone()
-        self.last_id = int(row[0]) if row else 0
-        self._published = {i for i in self._published if i > self.last_id}
-
-    def publish(self, event_id: int, kind: str, account_id: int | None,
-                key_id: int | None) -> None:
-        """Dispatch a change committed by this process now; the poll will skip it."""
-        if event_id > self.last_id:
-            self._published.add(event_id)
-        self._dispatch(kind, account_id, key_id)
-
-    def _dispatch(self, kind: str, account_id: int | None, key_id: int | None) -> None:
-        for callback in self._subscribers:
-            try:
-                callback(kind, account_id, key_id)
-            except Exception:
-                log.exception("change subscriber failed on %r", kind)
-
-    async def poll_once(self) -> int:
-        """Dispatch events newer than ``last_id``; returns how many were read."""
-        async with self._lock, self._db.execute(
-                "SELECT id, kind, account_id, key_id FROM events WHERE id > ? ORDER BY id "
-                "LIMIT ?", (self.last_id, self._batch)) as cur:
-            rows = list(await cur.fetchall())
-        for event_id, kind, account_id, key_id in rows:
-            self.last_id = event_id
-            if event_id in self._published:
-                self._published.discard(event_id)
-                continue
-            self._dispatch(kind, account_id, key_id)
-        return len(rows)
-
-    async def run(self) -> None:
-        while True:
-            try:
-                while await self.poll_once() >= self._batch:
-                    pass
-            except Exception:
-                log.exception("polling the events table failed; will retry")
-            await asyncio.sleep(self.poll_s)
-
-
-@dataclass(frozen=True, slots=True)
-class AuthSettings:
-    """What the /api/ handlers need from the config (set by ``accounts_ctx``)."""
-
-    secure_cookies: bool
-    session_ttl_s: int
-    trusted_proxies: tuple[Network, ...]
-    models: frozenset[str]
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> AuthSettings:
-        models = frozenset(m for u in cfg.upstreams for m in u.models)
-        return cls(cfg.accounts.secure_cookies, cfg.accounts.session_ttl_s,
-                   cfg.limits.trusted_proxies, models)
-
-
-ACCOUNTS = web.AppKey("flint.accounts", Accounts)
-SETTINGS = web.AppKey("flint.auth_settings", AuthSettings)
-KEY_AUTH = web.AppKey("flint.key_auth", KeyAuthenticator)
-WATCHER = web.AppKey("flint.change_watcher", ChangeWatcher)
-# The demo key created at this start (accounts.bootstrap_demo), for the operator's
-# console only: never logged, never written to disk. Absent when none was created.
-DEMO_KEY = web.AppKey("flint.demo_key", str)
-# Throttles logins (per IP and per account) and failed API-key auth per IP.
-LOGIN_GUARD = web.AppKey("flint.login_guard", IpGuard)
-
-LAST_USED_FLUSH_S = 5.0
-JANITOR_S = 600.0
-EVENTS_KEEP_MS = 24 * 3600 * 1000
-
-
-async def _janitor(repo: Accounts) -> None:
-    while True:
-        await asyncio.sleep(JANITOR_S)
-        try:
-            await repo.purge_expired_sessions()
-            async with repo.transaction() as db:
-                await db.execute("DELETE FROM events WHERE created_at < ?",
-                                 (repo.clock() - EVENTS_KEEP_MS,))
-        except Exception:
-            log.exception("session/event cleanup failed; will retry")
-
-
-async def accounts_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: accounts repository, key cache, change watcher and their tasks.
-
-    Uses its own connection to the store (opened after ``db_ctx`` migrated it) so
-    its short transactions never interleave with other components' statements.
-    """
-    from flintproxy.app.factory import CONFIG  # app imports this module
-
-    cfg = app[CONFIG]
-    db = await sqlite.open_store(cfg.storage.path)
-    tasks: list[asyncio.Task[None]] = []
-    keys: KeyAuthenticator | None = None
-    try:
-        lock = asyncio.Lock()
-        watcher = ChangeWatcher(db, cfg.accounts.change_poll_s, lock=lock)
-        await watcher.start()
-        repo = Accounts(db, cfg.accounts.bcrypt_cost, cfg.accounts.session_ttl_s,
-                        notify=watcher.publish, lock=lock)
-        keys = KeyAuthenticator(repo)
-        watcher.subscribe(keys.on_change)
-        app[ACCOUNTS] = repo
-        app[KEY_AUTH] = keys
-        app[WATCHER] = watcher
-        app[LOGIN_GUARD] = IpGuard(cfg.limits)
-        app[SETTINGS] = AuthSettings.from_config(cfg)
-        await repo.warm()
-        demo_key = await bootstrap_demo_account(repo, cfg)
-        if demo_key is not None:
-            app[DEMO_KEY] = demo_key
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(watcher.run()),
-                 loop.create_task(keys.run_flusher(LAST_USED_FLUSH_S)),
-                 loop.create_task(_janitor(repo))]
-        yield
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            if keys is not None:
-                await keys.close()
-        except Exception:
-            log.exception("final last_used_at flush failed")
-        finally:
-            await db.close()
-

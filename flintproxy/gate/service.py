@@ -13,42 +13,64 @@ Nothing is held when ``admit`` raises: whatever was acquired is released first.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-
-from aiohttp import web
+from collections.abc import Callable, Sequence
 
 from flintproxy.config import Config
 from flintproxy.errors import AuthenticationError, FlintError
 from flintproxy.gate.billing import Billing, Reservation
-from flintproxy.gate.gate import Admission, Call, Exchange, Outcome, Principal, bearer_token
-from flintproxy.gate.keys import KEY_AUTH, LOGIN_GUARD, KeyAuthenticator
+from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_token
+from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.limiter import IpGuard, Limiter, Ticket, client_ip
-from flintproxy.store.ledger import BILLING, USAGE, UsageWriter, usage_row
+from flintproxy.http.exchange import Exchange
+from flintproxy.store.ledger import UsageRow, UsageWriter
+
+# Counts come from the upstream's usage: absurd values must not make a row unstorable.
+MAX_ROW_INT = 2**53
+
+
+def _bounded(n: int) -> int:
+    # Counts come from the upstream's usage: absurd values must not make a row
+    # unstorable (SQLite integers are 64-bit), which would stall the ledger.
+    return min(max(n, 0), MAX_ROW_INT)
+
+
+def usage_row(admission: Admission, outcome: Outcome, cost_nano: int) -> UsageRow:
+    """The usage row of a finished request (no content, no IP); ``cost_nano`` from settle."""
+    call = admission.call
+    return UsageRow(
+        call.request_id, admission.principal.account_id, admission.principal.key_id,
+        call.model, outcome.upstream, _bounded(outcome.prompt_tokens),
+        _bounded(outcome.completion_tokens), _bounded(outcome.cached_tokens),
+        _bounded(outcome.reasoning_tokens), int(outcome.estimated), _bounded(cost_nano),
+        outcome.status, outcome.outcome, int(call.stream), admission.started_ms,
+        round(outcome.duration_s * 1000),
+        None if outcome.ttfb_s is None else round(outcome.ttfb_s * 1000))
+
+
+FinishObserver = Callable[[Admission, Outcome, int], None]
 
 
 class ServiceGate:
-    """Composes the components; they are bound by ``service_ctx`` at start-up."""
+    """Composes the components opened before it; see the module docstring.
 
-    def __init__(self, config: Config) -> None:
+    ``finish_observers`` are called with (admission, outcome, cost_nano) as each
+    request finishes (metrics, access log); each must be cheap and must not raise.
+    """
+
+    def __init__(self, config: Config, keys: KeyAuthenticator, guard: IpGuard,
+                 billing: Billing, usage: UsageWriter,
+                 finish_observers: Sequence[FinishObserver] = ()) -> None:
         self._trusted = config.limits.trusted_proxies
         self._default_max_tokens = config.billing.default_max_tokens
         self.limiter = Limiter(config.limits)
-        # Bound at start-up (they need the event loop and the database).
-        self.keys: KeyAuthenticator | None = None
-        self.guard: IpGuard | None = None
-        self.billing: Billing | None = None
-        self.usage: UsageWriter | None = None
-        # Called with (admission, outcome, cost_nano) as each request finishes
-        # (metrics, access log); each must be cheap and must not raise.
-        self.finish_observers: list[Callable[[Admission, Outcome, int], None]] = []
-
-    def bind(self, keys: KeyAuthenticator, guard: IpGuard, billing: Billing,
-             usage: UsageWriter) -> None:
-        self.keys, self.guard, self.billing, self.usage = keys, guard, billing, usage
+        self.keys = keys
+        self.guard = guard
+        self.billing = billing
+        self.usage = usage
+        self.finish_observers = tuple(finish_observers)
 
     async def authenticate(self, exchange: Exchange) -> Principal:
         keys, guard = self.keys, self.guard
-        assert keys is not None and guard is not None, "ServiceGate used before bind()"
         ip = client_ip(exchange.remote, exchange.header(b"x-forwarded-for"), self._trusted)
         guard.check_blocked(ip)
         try:
@@ -63,7 +85,6 @@ class ServiceGate:
     async def admit(self, exchange: Exchange, call: Call, principal: Principal,
                     started: float, started_ms: int) -> Admission:
         billing, usage = self.billing, self.usage
-        assert billing is not None and usage is not None, "ServiceGate used before bind()"
         usage.refuse_if_overloaded()
         account_id = principal.account_id
         if not billing.is_loaded(account_id):
@@ -93,7 +114,6 @@ class ServiceGate:
         return admission
 
     def finish(self, admission: Admission, outcome: Outcome) -> None:
-        assert self.billing is not None and self.usage is not None
         ticket: Ticket
         reservation: Reservation
         ticket, reservation = admission.state  # type: ignore[misc]
@@ -105,13 +125,3 @@ class ServiceGate:
 
     def allowed_models(self, principal: Principal) -> frozenset[str] | None:
         return principal.allowed_models
-
-
-async def service_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context binding the gate to the components opened before it."""
-    from flintproxy.app.factory import GATE  # app imports this module
-
-    gate = app[GATE]
-    if isinstance(gate, ServiceGate):
-        gate.bind(app[KEY_AUTH], app[LOGIN_GUARD], app[BILLING], app[USAGE])
-    yield

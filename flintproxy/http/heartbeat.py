@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from flintproxy.gate.gate import Responder
+from flintproxy.http.exchange import Responder
 from flintproxy.http.sse import SSE_HEAD
 
 HEARTBEAT = b": keep-alive\n\n"

@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 server on the gateway's port: /v1 is answered here, the rest by aiohttp.
+"""The lean HTTP/1.1 server: the data plane's one server (/v1, /healthz, /readyz).
 
 Why not aiohttp for /v1: its per-request machinery (request and response objects,
 the middleware chain, a task per request, header multidicts) cost more CPU than
@@ -6,19 +6,16 @@ the rest of a relayed request together (bench/hotpath.py). Here, per connection,
 llhttp (httptools, as in uvicorn) parses in C, and one task serves the
 connection's requests in order; a response is one ``transport.write``.
 
-A connection whose request is for any other route (/api, /metrics, /healthz, a
-wrong method...) is handed over to aiohttp for the rest of its life: the transport
-is given to an aiohttp ``RequestHandler`` and the bytes of that request are
-replayed to it, so everything but the hot path keeps aiohttp's full machinery.
-aiohttp serves /v1 on such connections too, through ``app.v1_route`` and
-``AiohttpResponder``: both servers end in the same ``Relay.serve``.
+Every request goes to the one handler, whatever its route: the handler answers
+404 and 405 too. The control plane (/api, /metrics, the console) is aiohttp's, on a
+port of its own; no connection is ever shared between the two.
 
 Limits: a request head of at most MAX_HEAD bytes (431); a body over the
 configured maximum is not kept (413 once authenticated, then the connection
 closes); a connection idle, or with a request not yet complete, for
-``[server] keepalive_timeout_s`` is closed. Pipelined /v1 requests are answered
-in order; a pipelined request for another route cannot be handed over (its bytes
-are not at hand) and gets a 400, then the connection closes.
+``[server] keepalive_timeout_s`` is closed. Pipelined requests are answered in
+order. An ``Upgrade`` (h2c from ``curl --http2``) is ignored, as RFC 9110 §7.8
+allows: the request is answered over HTTP/1.1 and the connection then closes.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -37,7 +34,7 @@ import httptools
 
 from flintproxy.config import ServerConfig
 from flintproxy.errors import BadRequest, FlintError, HeadersTooLarge
-from flintproxy.gate.gate import Exchange, Responder, add_header
+from flintproxy.http.exchange import Exchange, Responder, add_header
 
 log = logging.getLogger("flintproxy")
 
@@ -68,13 +65,9 @@ class _Request(Exchange):
     def __init__(self, method: str, path: str, raw_headers: list[tuple[bytes, bytes]],
                  headers: dict[bytes, bytes], remote: str | None, keep_alive: bool,
                  http11: bool) -> None:
-        super().__init__(method, path, path, raw_headers, remote, headers=headers)
+        super().__init__(method, path, None, raw_headers, remote, headers=headers)
         self.keep_alive = keep_alive
         self.http11 = http11
-
-
-class _HandOver(Exception):
-    """Raised in a parser callback to stop parsing: aiohttp takes the connection."""
 
 
 class _Refuse(Exception):
@@ -90,10 +83,11 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: thousands live at once, and each would otherwise carry a dict for the
     # cyclic GC to walk.
-    __slots__ = ("body", "body_size", "busy", "chunk", "closed", "closing", "current",
-                 "deadline", "discarding", "drain_waiter", "fresh", "head_size", "headers",
-                 "in_message", "loop", "parser", "queue", "raw", "reading_paused", "remote",
-                 "replay", "server", "task", "transport", "url", "waiter", "writing_paused")
+    __slots__ = ("body", "body_size", "busy", "closed", "closing", "current", "deadline",
+                 "discarding", "drain_waiter", "head_size", "headers", "in_message", "loop",
+                 "parser", "queue", "raw", "raw_left", "reading_paused", "remote", "server",
+                 "task",
+                 "transport", "url", "waiter", "writing_paused")
 
     def __init__(self, server: LeanServer) -> None:
         self.server = server
@@ -121,11 +115,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_size = 0
         self.in_message = False
-        # The bytes since the current message began, while its route is unknown, when
-        # it began at the start of a read (so aiohttp can be given exactly them).
-        self.replay: list[bytes] | None = None
-        self.chunk = b""
-        self.fresh = False
+        self.raw_left = 0  # body bytes still to come of an ignored Upgrade's request
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -138,24 +128,19 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             return
-        self.chunk = data
-        # A message that begins in this read begins at its first byte only if no
-        # message was under way and it is the first to begin here.
-        self.fresh = not self.in_message
-        if self.replay is not None:
-            self.replay.append(data)
+        if self.raw_left:
+            self._raw_body(data)
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, _HandOver):
-                self._hand_over()
-            elif isinstance(cause, _Refuse):
+            if isinstance(cause, _Refuse):
                 self._refuse(cause.error)
             else:
                 raise
-        except httptools.HttpParserUpgrade:
-            self._refuse(BadRequest("Protocol upgrades are not supported."))
+        except httptools.HttpParserUpgrade as exc:
+            self._ignore_upgrade(data[exc.args[0]:])
         except httptools.HttpParserError as exc:
             self._refuse(BadRequest(f"Malformed HTTP request: {exc}."))
 
@@ -185,8 +170,6 @@ class HttpProtocol(asyncio.Protocol):
         self.head_size = 0
         self.body = []
         self.body_size = 0
-        self.replay = [self.chunk] if self.fresh else None
-        self.fresh = False
         self.deadline = self.loop.time() + self.server.idle_s
 
     def on_url(self, url: bytes) -> None:
@@ -206,18 +189,10 @@ class HttpProtocol(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         path = self.url.partition(b"?")[0]
-        # An Upgrade (h2c from curl --http2) makes llhttp stop at the head, as if the
-        # body were another protocol's; aiohttp ignores what it does not support.
-        if (method, path) not in self.server.routes or b"upgrade" in self.headers:
-            if self.replay is not None and not self.busy and not self.queue:
-                raise _HandOver()
-            # Pipelined behind a /v1 request: its bytes are gone, aiohttp cannot have it.
-            raise _Refuse(BadRequest(
-                "Only /v1 requests may be pipelined; send this one on its own connection."))
-        self.replay = None
         request = self.current = _Request(
-            method.decode("ascii"), path.decode("ascii"), self.raw, self.headers, self.remote,
-            parser.should_keep_alive(), parser.get_http_version() == "1.1")
+            method.decode("ascii"), path.decode("utf-8", "surrogateescape"), self.raw,
+            self.headers, self.remote, parser.should_keep_alive(),
+            parser.get_http_version() == "1.1")
         length = request.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             self._too_large(request)
@@ -240,6 +215,13 @@ class HttpProtocol(asyncio.Protocol):
         request, self.current = self.current, None
         if request is None or request.too_large:
             return  # a refusal already queued, or a too-large body already dispatched
+        if self.parser.should_upgrade():
+            # llhttp ends an Upgrade's message at its head; its body is read raw.
+            length = request.headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > 0:
+                self.current = request
+                self.raw_left = int(length)
+                return
         body = self.body
         request.body = body[0] if len(body) == 1 else b"".join(body)
         self.body = []
@@ -345,7 +327,6 @@ class HttpProtocol(asyncio.Protocol):
     def _refuse(self, error: FlintError) -> None:
         """A request that cannot be parsed or served: answer in turn, then close."""
         self.discarding = True
-        self.replay = None
         self.queue.append(error)
         self._start()
 
@@ -366,19 +347,30 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _hand_over(self) -> None:
-        """aiohttp serves this connection from now on, starting with the current request."""
-        transport = self.transport
-        assert transport is not None and self.replay is not None
-        replay, self.replay = self.replay, None
-        self.parser = None
-        self.server.connections.discard(self)
-        if self.task is not None:
-            self.task.cancel()  # idle between requests
-        protocol = self.server.aiohttp_protocol()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        protocol.data_received(b"".join(replay))
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """llhttp stopped at an Upgrade: answer the request over HTTP/1.1, then close
+        (what follows it on the wire would be the other protocol's)."""
+        if self.current is not None:  # its body is still to come
+            self._raw_body(rest)
+            return
+        self.discarding = True
+        last = self.queue[-1] if self.queue else None
+        if isinstance(last, _Request):
+            last.keep_alive = False
+
+    def _raw_body(self, data: bytes) -> None:
+        take = data[:self.raw_left]
+        self.raw_left -= len(take)
+        self.body.append(take)
+        if self.raw_left:
+            return
+        request, self.current = self.current, None
+        assert request is not None
+        request.body, self.body = b"".join(self.body), []
+        request.keep_alive = False
+        self.discarding = True
+        self.queue.append(request)
+        self._start()
 
     def shut_down(self) -> None:
         """The server stops: close now if idle, else after the current response."""
@@ -460,17 +452,13 @@ class _Response:
 
 
 class LeanServer:
-    """The listening socket and its connections; aiohttp behind it for other routes."""
+    """The listening socket and its connections; every request goes to ``handler``."""
 
-    def __init__(self, handler: Handler, routes: Iterable[tuple[str, str]],
-                 config: ServerConfig, aiohttp_protocol: Callable[[], asyncio.Protocol]
-                 ) -> None:
+    def __init__(self, handler: Handler, config: ServerConfig) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler = handler
-        self.routes = frozenset((m.encode("ascii"), p.encode("ascii")) for m, p in routes)
         self.max_body = config.max_body_bytes
         self.idle_s = config.keepalive_timeout_s
-        self.aiohttp_protocol = aiohttp_protocol
         self.connections: set[HttpProtocol] = set()
         self._date = b""
         self._date_at = 0

@@ -15,37 +15,35 @@ off (it records IPs).
 
 The request path pays only for formatting the line (orjson, to bytes) and appending it
 to an in-memory buffer: a bytearray, as keeping orjson's own bytes objects alive until
-the flush costs ~2 µs more per line, in malloc. ``flush_periodically`` (the cleanup
-context of ``app[ACCESS_LOG]``) writes the buffer every FLUSH_S, in one write, on the
+the flush costs ~2 µs more per line, in malloc. The composition root's periodic task
+writes the buffer every FLUSH_S, in one write, on the
 access log's own thread: a slow or blocked stdout (a full pipe, a full disk) never
 stalls the event loop. That thread is a daemon, so a write blocked for good cannot hold
 up the process's exit either. The buffer is bounded (``max_pending_bytes``): beyond it
 lines are dropped and counted in ``AccessLog.dropped`` (and in the metric
 ``flintproxy_access_log_dropped_lines_total``). Shutdown writes what is left.
-``serve`` sets stdout as ``AccessLog.sink``; while the sink is None, nothing is even
+``flintproxy serve`` gives stdout as the sink; while the sink is None, nothing is even
 formatted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from typing import Protocol
 
 import orjson
-from aiohttp import web
 
 from flintproxy.config import Config
 from flintproxy.errors import FlintError
-from flintproxy.gate.gate import Admission, Exchange, Outcome
+from flintproxy.gate.gate import Admission, Outcome
 from flintproxy.gate.limiter import client_ip
-from flintproxy.relay.relay import ENDPOINT_PATHS
+from flintproxy.http.exchange import Exchange
+from flintproxy.relay.routes import ENDPOINT_PATHS
 
 # The access log's own troubles (a failing sink); access lines never go through logging.
 LOGGER = "flintproxy.access"
@@ -101,15 +99,15 @@ class _Clock:
 class AccessLog:
     """Formats the lines into a bounded in-memory buffer; ``flush`` writes them out.
 
-    ``sink`` is where they go (``serve`` sets stdout); while it is None, the default,
+    ``sink`` is where they go (``flintproxy serve``: stdout); while it is None,
     the log is off and nothing is even formatted. It may be changed at any time: lines
     still buffered go to the new sink at the next flush (none: they are discarded).
     ``dropped`` counts the lines lost: made while ``max_pending_bytes`` of lines were
     waiting, refused by a failing sink, or still unwritten when shutdown gave up.
     """
 
-    def __init__(self, config: Config) -> None:
-        self.sink: Sink | None = None
+    def __init__(self, config: Config, sink: Sink | None = None) -> None:
+        self.sink = sink
         self._models = frozenset(config.models)
         self._log_ip = config.metrics.log_client_ip
         self._trusted = config.limits.trusted_proxies
@@ -301,9 +299,6 @@ class AccessLog:
                 self.dropped += lines
 
 
-ACCESS_LOG = web.AppKey("flint.access_log", AccessLog)
-
-
 def _write(sink: Sink, batch: bytearray) -> None:
     # On the access log's thread: a syscall (or a blocked pipe) stays off the loop.
     sink.write(batch)
@@ -326,24 +321,3 @@ def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
                 done.set_result(None)
         # Free the batch now, not when the next one comes.
         del job, sink, batch, done
-
-
-async def flush_periodically(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: write ``app[ACCESS_LOG]``'s lines every FLUSH_S, the rest at exit.
-
-    Register it before the contexts whose shutdown finishes requests, so that it
-    closes after them and their lines are in the last write.
-    """
-    access = app[ACCESS_LOG]
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_S)
-            await access.flush()
-
-    task = asyncio.get_running_loop().create_task(loop())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await access.close()

@@ -8,7 +8,7 @@ Checks, each reported with detail in the JSON body:
     usage_writer  UsageWriter.ready(): its task runs, its flushes succeed, its backlog
                   is under the bound
     upstreams     at least one upstream can be tried (circuit closed, or its cooldown over)
-/healthz (liveness) stays in ``app``: it answers while the event loop runs.
+/healthz (liveness) answers while the event loop runs. Both are data-plane routes.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import orjson
-from aiohttp import web
 
+from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.relay.routing import Router
 from flintproxy.store import sqlite
-from flintproxy.store.ledger import USAGE, UsageWriter
+from flintproxy.store.ledger import UsageWriter
 
 PROBE_TTL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
@@ -89,7 +88,7 @@ class DbProbe:
 class Readiness:
     """The three checks behind /readyz."""
 
-    def __init__(self, probe: DbProbe, router: Router, usage: UsageWriter | None) -> None:
+    def __init__(self, probe: DbProbe, router: Router, usage: UsageWriter) -> None:
         self.probe = probe
         self.router = router
         self.usage = usage
@@ -97,10 +96,8 @@ class Readiness:
     async def check(self) -> tuple[bool, dict[str, Any]]:
         db_ok, db_detail = await self.probe.check()
         usage = self.usage
-        writer: dict[str, Any] = {"ok": False, "detail": "not running"}
-        if usage is not None:
-            writer = {"ok": usage.ready(), "stalled": usage.stalled, "backlog": usage.backlog,
-                      "max_backlog": usage.max_backlog_rows, "last_error": usage.last_error}
+        writer = {"ok": usage.ready(), "stalled": usage.stalled, "backlog": usage.backlog,
+                  "max_backlog": usage.max_backlog_rows, "last_error": usage.last_error}
         now = self.router.clock()
         ups = {u.name: u.available(now) for u in self.router.upstreams}
         checks: dict[str, Any] = {
@@ -113,14 +110,26 @@ class Readiness:
         return all(c["ok"] for c in checks.values()), checks
 
 
-READINESS = web.AppKey("flint.readiness", Readiness)
+JSON_HEAD = b"Content-Type: application/json\r\n"
+HEALTHY = orjson.dumps({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """200 with ``{"ready": true, "checks": {...}}``, or 503 with the failing check's detail."""
-    ready, checks = await request.app[READINESS].check()
-    return web.Response(status=200 if ready else 503, content_type="application/json",
-                        body=orjson.dumps({"ready": ready, "checks": checks}))
+async def healthz(exchange: Exchange, out: Responder) -> None:
+    """Liveness: 200 while the event loop runs."""
+    out.respond(200, JSON_HEAD, HEALTHY)
+
+
+class ReadyEndpoint:
+    """GET /readyz on the data plane."""
+
+    def __init__(self, readiness: Readiness) -> None:
+        self.readiness = readiness
+
+    async def __call__(self, exchange: Exchange, out: Responder) -> None:
+        """200 with ``{"ready": true, "checks": {...}}``, or 503 with the failing check."""
+        ready, checks = await self.readiness.check()
+        out.respond(200 if ready else 503, JSON_HEAD,
+                    orjson.dumps({"ready": ready, "checks": checks}))
 
 
 async def open_probe_db(path: Path) -> aiosqlite.Connection:
@@ -128,17 +137,3 @@ async def open_probe_db(path: Path) -> aiosqlite.Connection:
     # Short: a lock held by the usage writer means "writable", not "wait for it".
     await db.execute(f"PRAGMA busy_timeout={PROBE_BUSY_MS}")
     return db
-
-
-async def health_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context for /readyz: the probe's connection. Append it after ``usage_ctx``."""
-    from flintproxy.app.factory import CONFIG, ROUTER  # app imports this module
-
-    db = await open_probe_db(app[CONFIG].storage.path)
-    probe = DbProbe(db)
-    try:
-        app[READINESS] = Readiness(probe, app[ROUTER], app.get(USAGE))
-        yield
-    finally:
-        await probe.close()
-        await db.close()

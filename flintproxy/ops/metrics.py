@@ -36,12 +36,10 @@ that stops calls ``mark_process_dead``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import os
 from bisect import bisect_left
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -58,11 +56,13 @@ from prometheus_client import (
 
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, ModelNotFound
-from flintproxy.gate.gate import Admission, Exchange, Outcome
-from flintproxy.ops.accesslog import ACCESS_LOG, AccessLog
-from flintproxy.relay.relay import ENDPOINT_PATHS, Relay
+from flintproxy.gate.gate import Admission, Outcome
+from flintproxy.http.exchange import Exchange
+from flintproxy.ops.accesslog import AccessLog
+from flintproxy.relay.relay import StreamGauge
+from flintproxy.relay.routes import ENDPOINT_PATHS
 from flintproxy.relay.routing import FAILURE_REASONS, Router
-from flintproxy.store.ledger import USAGE, UsageWriter
+from flintproxy.store.ledger import UsageWriter
 
 log = logging.getLogger("flintproxy.ops.metrics")
 
@@ -126,11 +126,13 @@ def _push_histogram(child: Histogram, counts: list[int], total: float) -> None:
 class Metrics:
     """Every flintproxy metric, for one app (its own registry: tests run several apps)."""
 
-    def __init__(self, config: Config, router: Router, relay: Relay) -> None:
+    def __init__(self, config: Config, router: Router, streams: StreamGauge,
+                 usage: UsageWriter, access_log: AccessLog | None) -> None:
         self.router = router
-        self.relay = relay
-        self.usage: UsageWriter | None = None
-        self.access_log: AccessLog | None = None
+        self.streams = streams
+        self.usage = usage
+        self.access_log = access_log  # None with [metrics] access_log = false
+        usage.flush_observers.append(self.flushed)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         if self.multiprocess and not getattr(values.ValueClass, "_multiprocess", False):
             log.warning("PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was "
@@ -306,14 +308,13 @@ class Metrics:
                     self._seen[key] = total
                     self._c_upstream[key].inc(delta)
             self._g_healthy[up.name].set(1 if up.healthy else 0)
-        self.active_streams.set(self.relay.active_streams)
+        self.active_streams.set(self.streams.open)
         usage = self.usage
-        if usage is not None:
-            self.queue_depth.set(usage.backlog)
-            self.writer_stalled.set(1 if usage.stalled else 0)
-            self.rows_written.inc(usage.rows_written - self._seen_rows)
-            self.flush_errors.inc(usage.flush_errors - self._seen_errors)
-            self._seen_rows, self._seen_errors = usage.rows_written, usage.flush_errors
+        self.queue_depth.set(usage.backlog)
+        self.writer_stalled.set(1 if usage.stalled else 0)
+        self.rows_written.inc(usage.rows_written - self._seen_rows)
+        self.flush_errors.inc(usage.flush_errors - self._seen_errors)
+        self._seen_rows, self._seen_errors = usage.rows_written, usage.flush_errors
         access = self.access_log
         if access is not None:
             # AccessLog.dropped only grows, and only on the loop, like this sync.
@@ -331,11 +332,14 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-# --- the /metrics endpoint and wiring --------------------------------------------------------
+    def close(self) -> None:
+        """At shutdown: the last deltas into the files, and this worker marked dead."""
+        if self.multiprocess:
+            self.sync()
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
-METRICS = web.AppKey("flint.metrics", Metrics)
-METRICS_RUNNER = web.AppKey("flint.metrics_runner", web.AppRunner)
 
+# --- the /metrics endpoint --------------------------------------------------------
 
 class MetricsEndpoint:
     """GET /metrics: bearer token (when configured), then the exposition built off the loop."""
@@ -358,56 +362,3 @@ class MetricsEndpoint:
             body = await asyncio.get_running_loop().run_in_executor(
                 None, self.metrics.exposition)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def add_metrics(app: web.Application, config: Config, metrics: Metrics) -> None:
-    """Register /metrics on the main app (unless it has its own port) and the lifecycle."""
-    app[METRICS] = metrics
-    if config.metrics.port is None:
-        endpoint = MetricsEndpoint(metrics, config.metrics.bearer_token)
-        app.router.add_get("/metrics", endpoint.handle)
-    app.cleanup_ctx.append(metrics_ctx)
-
-
-async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Binds the usage writer and access log; runs the /metrics listener, multiprocess sync."""
-    from flintproxy.app.factory import CONFIG  # app imports this module
-
-    cfg = app[CONFIG]
-    metrics = app[METRICS]
-    usage = app.get(USAGE)
-    if usage is not None:
-        metrics.usage = usage
-        usage.flush_observers.append(metrics.flushed)
-    metrics.access_log = app.get(ACCESS_LOG)  # None with [metrics] access_log = false
-    runner: web.AppRunner | None = None
-    task: asyncio.Task[None] | None = None
-    try:
-        if cfg.metrics.port is not None:
-            side = web.Application()
-            side.router.add_get("/metrics", MetricsEndpoint(metrics,
-                                                            cfg.metrics.bearer_token).handle)
-            runner = web.AppRunner(side, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, cfg.server.host, cfg.metrics.port,
-                              reuse_address=True).start()
-            app[METRICS_RUNNER] = runner
-        if metrics.multiprocess:
-            task = asyncio.get_running_loop().create_task(_sync_forever(metrics))
-        yield
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if runner is not None:
-            await runner.cleanup()
-        if metrics.multiprocess:
-            metrics.sync()
-            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
-
-
-async def _sync_forever(metrics: Metrics) -> None:
-    while True:
-        await asyncio.sleep(MULTIPROCESS_SYNC_S)
-        metrics.sync()

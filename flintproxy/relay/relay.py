@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -22,6 +22,8 @@ import orjson
 from flintproxy.config import Config
 from flintproxy.errors import (
     FlintError,
+    MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
     PermissionDenied,
     UnsupportedMediaType,
@@ -29,7 +31,7 @@ from flintproxy.errors import (
     UpstreamTimeout,
     header_lines,
 )
-from flintproxy.gate.gate import Admission, Exchange, Gate, Outcome, Responder, parse_call
+from flintproxy.gate.gate import Admission, Gate, Outcome, parse_call
 from flintproxy.http.client import (
     UpstreamClient,
     UpstreamConnectError,
@@ -37,10 +39,11 @@ from flintproxy.http.client import (
     UpstreamReadTimeout,
     UpstreamResponse,
 )
+from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.heartbeat import Heartbeat, Heartbeats
 from flintproxy.http.sse import SSE_HEAD, StreamScanner, extract_usage
+from flintproxy.relay.routes import PATHS, ROUTES, new_request_id
 from flintproxy.relay.routing import Router, Upstream
-from flintproxy.store.ledger import new_request_id
 
 log = logging.getLogger("flintproxy")
 
@@ -62,16 +65,6 @@ RESPONSE_DROP = HOP_BY_HOP | frozenset(
 )
 JSON_HEAD = b"Content-Type: application/json\r\n"
 MAX_REQUEST_ID = 128
-# The routes served here, and the endpoint each relays to (None: answered locally).
-ROUTES: dict[tuple[str, str], str | None] = {
-    ("POST", "/v1/chat/completions"): "chat/completions",
-    ("POST", "/v1/completions"): "completions",
-    ("POST", "/v1/embeddings"): "embeddings",
-    ("GET", "/v1/models"): None,
-}
-# The path of each relayed endpoint ("chat/completions": "/v1/chat/completions").
-ENDPOINT_PATHS = {endpoint: path for (_, path), endpoint in ROUTES.items() if endpoint}
-
 
 # The upstream client's errors: what the client sees, and the metrics reason.
 _FAILURES: tuple[tuple[type[Exception], type[UpstreamError], str, str], ...] = (
@@ -136,30 +129,50 @@ def _json_content_type(value: bytes | None) -> bool:
     return value is not None and value.partition(b";")[0].strip().lower() == b"application/json"
 
 
+RefusalObserver = Callable[[Exchange, FlintError], None]
+
+
+class StreamGauge:
+    """Streams open now: written by the relay, read by metrics (a plain number)."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = 0
+
+
 class Relay:
     """The /v1 routes (``ROUTES``), bound to one pooled upstream client.
 
-    ``serve`` is the entry point of both servers: the lean one (``server``) calls it
-    for every /v1 request it parses, aiohttp (``app.v1_route``) for /v1 requests on
-    connections handed over to it.
+    ``serve`` is the data plane's handler for these routes: the lean server
+    (``http.server``) calls it for every /v1 request it parses.
     """
 
-    def __init__(self, config: Config, router: Router, gate: Gate) -> None:
+    def __init__(self, config: Config, router: Router, gate: Gate, client: UpstreamClient,
+                 heartbeats: Heartbeats, streams: StreamGauge,
+                 refusal_observers: Sequence[RefusalObserver] = ()) -> None:
         self.config = config
         self.router = router
         self.gate = gate
-        self.client: UpstreamClient | None = None  # set at start-up (needs the loop)
+        self.client = client
         self.max_body = config.server.max_body_bytes
-        self.heartbeats = Heartbeats(config.server.heartbeat_interval_s)
-        self.active_streams = 0
+        self.heartbeats = heartbeats
+        self.streams = streams
         # Told of every error response of a request the gate did not admit (metrics,
         # access log); admitted requests are accounted for once, by the gate's finish.
-        self.refusal_observers: list[Callable[[Exchange, FlintError], None]] = []
+        self.refusal_observers = tuple(refusal_observers)
 
     async def serve(self, exchange: Exchange, out: Responder) -> None:
         """Answer one request for a route in ``ROUTES``; errors are rendered OpenAI-shaped."""
         try:
-            endpoint = ROUTES[exchange.method, exchange.path]
+            route = exchange.method, exchange.path
+            if route not in ROUTES:
+                if exchange.path in PATHS:
+                    raise MethodNotAllowed(
+                        f"Method {exchange.method} is not allowed for {exchange.path}.")
+                raise NotFound(f"Unknown request URL: {exchange.method} {exchange.path}.")
+            exchange.route = exchange.path
+            endpoint = ROUTES[route]
             if endpoint is None:
                 await self.models(exchange, out)
             else:
@@ -255,7 +268,6 @@ class Relay:
     async def _attempt(self, up: Upstream, endpoint: str, body: bytes, head: bytes,
                        stream: bool) -> tuple[UpstreamResponse, bytes]:
         """One upstream call up to its first byte (stream) or whole body (non-stream)."""
-        assert self.client is not None
         # The upstream's own headers (its key) after the client's: per attempt, so a
         # retry never carries the previous upstream's key.
         resp = await self.client.post(up.targets[endpoint], head + up.head, body,
@@ -369,7 +381,7 @@ class Relay:
                       client_wants_usage: bool) -> None:
         scanner = StreamScanner(strip_usage=not client_wants_usage)
         outcome.status = 200
-        self.active_streams += 1
+        self.streams.open += 1
         read = resp.readany
         try:
             # What has arrived is sent at once; when it is the upstream's last piece it
@@ -408,7 +420,7 @@ class Relay:
             outcome.outcome = "client_disconnect"  # the handler was cancelled: it left
             raise
         finally:
-            self.active_streams -= 1
+            self.streams.open -= 1
             if outcome.outcome != "ok":
                 resp.close()
             if scanner.usage is not None:

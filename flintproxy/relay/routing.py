@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from flintproxy.config import Config, UpstreamConfig
 from flintproxy.errors import ModelNotFound
 from flintproxy.http.client import Target
+from flintproxy.relay.routes import ENDPOINTS
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings")
 # Why an upstream attempt failed: a closed set, used as a metrics label.
 FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "other")
 

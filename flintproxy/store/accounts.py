@@ -24,7 +24,7 @@ import secrets
 import sqlite3
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +34,8 @@ import orjson
 
 from flintproxy.config import Config, usd_to_nano
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
-from flintproxy.gate.gate import hash_key
 from flintproxy.money import NANO_PER_USD, format_usd
+from flintproxy.store import sqlite
 from flintproxy.store.sqlite import now_ms
 
 # events.kind values; subscribers of auth.ChangeWatcher receive these.
@@ -71,6 +71,13 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 EMAIL_RE = re.compile(rf"{_LOCAL}@{_LABEL}(?:\.{_LABEL})*\.[a-z]{{2,63}}")
 
 Notify = Callable[[int, str, int | None, int | None], None]
+
+
+def hash_key(token: str) -> bytes:
+    """SHA-256 of an API key: the only form in which keys are stored or cached."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
 
 
 # --- validation -------------------------------------------------------------------
@@ -289,18 +296,9 @@ class Accounts:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception or cancellation."""
-        async with self.lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-                await self.db.execute("COMMIT")
-            except BaseException:
-                # Statements already queued still run on aiosqlite's thread even when
-                # we are cancelled, so the ROLLBACK below always follows them.
-                with suppress(sqlite3.OperationalError):
-                    await self.db.execute("ROLLBACK")
-                raise
+        """A transaction on the accounts connection (``sqlite.transaction``)."""
+        async with sqlite.transaction(self.db, self.lock) as db:
+            yield db
 
     async def _event(self, db: aiosqlite.Connection, kind: str, account_id: int | None,
                      key_id: int | None = None) -> tuple[int, str, int | None, int | None]:
@@ -593,6 +591,14 @@ class Accounts:
     async def delete_session(self, token_hash: bytes) -> None:
         async with self.transaction() as db:
             await db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    async def sweep(self, events_keep_ms: int) -> None:
+        """Delete expired sessions, and change events older than ``events_keep_ms``
+        (every process has long read them)."""
+        await self.purge_expired_sessions()
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM events WHERE created_at < ?",
+                             (self.clock() - events_keep_ms,))
 
     async def purge_expired_sessions(self) -> int:
         async with self.transaction() as db:

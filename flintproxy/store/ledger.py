@@ -36,22 +36,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import aiosqlite
 import orjson
-from aiohttp import web
 
 from flintproxy.config import BillingConfig
 from flintproxy.errors import ServiceUnavailable
-from flintproxy.gate.billing import Billing
-from flintproxy.gate.gate import Admission, Outcome
 from flintproxy.store import sqlite
 
 log = logging.getLogger("flintproxy.store.ledger")
@@ -63,7 +59,6 @@ STALL_S = 5.0
 WRITER_WAL_AUTOCHECKPOINT_PAGES = 10_000
 # Largest token count or cost a row stores: 2**53 also stays exact as a JSON number
 # for JavaScript consumers of the export (a cost of 2**53 nano is $9M).
-MAX_ROW_INT = 2**53
 
 
 class UsageRow(NamedTuple):
@@ -108,42 +103,27 @@ def _debit_sql(pairs: int) -> str:
             "RETURNING accounts.id, accounts.balance_nano")
 
 
-def new_request_id() -> str:
-    """A server-made ledger id: ``req_`` + 12 hex digits of unix ms + 12 random hex digits.
+class BalanceBook(Protocol):
+    """What the writer tells the in-memory balances (``gate.billing.Billing``): rows
+    queued, batches committed, and when balances changed elsewhere must be reloaded."""
 
-    Time-ordered ids are appended to the end of the ``request_id`` UNIQUE index
-    instead of landing on random pages: with random ids the writer's rate falls as
-    the table grows (about 40k rows/s at 500k rows here, against 75k+ ordered).
-    """
-    # random, not secrets: an id needs uniqueness, not secrecy, and os.urandom is
-    # a syscall per request. random's generator is seeded from os.urandom in each
-    # process, so processes do not share a sequence.
-    return f"req_{time.time_ns() // 1_000_000:012x}{random.getrandbits(48):012x}"
+    on_stale: Callable[[], None] | None
 
+    def add_pending(self, account_id: int, cost_nano: int) -> None: ...
 
-def _bounded(n: int) -> int:
-    # Counts come from the upstream's usage: absurd values must not make a row
-    # unstorable (SQLite integers are 64-bit), which would stall the ledger.
-    return min(max(n, 0), MAX_ROW_INT)
+    def committed(self, debits: Mapping[int, int],
+                  balances: Iterable[tuple[int, int]]) -> None: ...
 
+    def has_stale(self) -> bool: ...
 
-def usage_row(admission: Admission, outcome: Outcome, cost_nano: int) -> UsageRow:
-    """The usage row of a finished request (no content, no IP); ``cost_nano`` from settle."""
-    call = admission.call
-    return UsageRow(
-        call.request_id, admission.principal.account_id, admission.principal.key_id,
-        call.model, outcome.upstream, _bounded(outcome.prompt_tokens),
-        _bounded(outcome.completion_tokens), _bounded(outcome.cached_tokens),
-        _bounded(outcome.reasoning_tokens), int(outcome.estimated), _bounded(cost_nano),
-        outcome.status, outcome.outcome, int(call.stream), admission.started_ms,
-        round(outcome.duration_s * 1000),
-        None if outcome.ttfb_s is None else round(outcome.ttfb_s * 1000))
+    async def reload_stale(self) -> None: ...
 
 
 class UsageWriter:
     """The in-memory usage queue and the task that commits it; see the module docstring."""
 
-    def __init__(self, db: aiosqlite.Connection, billing: Billing, cfg: BillingConfig) -> None:
+    def __init__(self, db: aiosqlite.Connection, billing: BalanceBook,
+                 cfg: BillingConfig) -> None:
         self._db = db
         self._billing = billing
         self._batch_rows = cfg.flush_batch_rows
@@ -374,10 +354,8 @@ class UsageWriter:
 
     async def _commit(self, batch: list[tuple[Any, ...]],
                       debits: dict[int, int]) -> list[tuple[int, int]]:
-        db = self._db
         returned: list[tuple[int, int]] = []
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+        async with sqlite.transaction(self._db) as db:
             async with db.execute("SELECT COALESCE(MAX(id), 0) FROM usage") as cur:
                 row = await cur.fetchone()
             max_before = int(row[0]) if row else 0
@@ -393,13 +371,6 @@ class UsageWriter:
                 rows = await db.execute_fetchall(_debit_sql(len(chunk)),
                                                  [x for pair in chunk for x in pair])
                 returned.extend((int(a), int(b)) for a, b in rows)
-            await db.execute("COMMIT")
-        except BaseException:
-            # Statements already queued still run on aiosqlite's thread; ROLLBACK
-            # follows them. Without an open transaction it fails harmlessly.
-            with suppress(Exception):
-                await db.execute("ROLLBACK")
-            raise
         return returned
 
     async def _insert_renamed(self, batch: list[tuple[Any, ...]], max_before: int) -> int:
@@ -421,14 +392,6 @@ class UsageWriter:
         return cur.rowcount
 
 
-# --- wiring -----------------------------------------------------------------------------
-
-BILLING = web.AppKey("flint.billing", Billing)
-USAGE = web.AppKey("flint.usage", UsageWriter)
-# A connection for /api/usage reads, deletes and the retention job (not the writer's).
-USAGE_DB = web.AppKey("flint.usage_db", aiosqlite.Connection)
-
-
 async def open_writer_db(path: Path) -> aiosqlite.Connection:
     """The usage writer's own connection (store pragmas, migrated, larger WAL)."""
     db = await sqlite.open_store(path)
@@ -438,52 +401,3 @@ async def open_writer_db(path: Path) -> aiosqlite.Connection:
     # runs on the writer's thread inside COMMIT, never on the event loop.
     await db.execute(f"PRAGMA wal_autocheckpoint = {WRITER_WAL_AUTOCHECKPOINT_PAGES}")
     return db
-
-
-async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: Billing, the UsageWriter and retention; drains the queue at exit.
-
-    Append it after ``db_ctx`` and ``accounts_ctx`` (it subscribes to the change watcher).
-    """
-    from flintproxy.app.factory import CONFIG  # app imports this module
-    from flintproxy.gate.keys import WATCHER
-    from flintproxy.web.usage_api import RETENTION, RetentionJob
-
-    cfg = app[CONFIG]
-    wdb = await open_writer_db(cfg.storage.path)
-    rdb: aiosqlite.Connection | None = None
-    writer: UsageWriter | None = None
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        rdb = await sqlite.connect(cfg.storage.path)
-        billing = Billing(cfg.models, cfg.billing, wdb)
-        writer = UsageWriter(wdb, billing, cfg.billing)
-        retention = RetentionJob(rdb, cfg.billing.retention_days)
-        app[BILLING] = billing
-        app[USAGE] = writer
-        app[USAGE_DB] = rdb
-        app[RETENTION] = retention
-        watcher = app.get(WATCHER)
-        if watcher is not None:
-            watcher.subscribe(billing.on_change)
-        writer.start()
-        tasks.append(asyncio.get_running_loop().create_task(retention.run()))
-        yield
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            if writer is not None:
-                await writer.drain(cfg.server.shutdown_timeout_s)
-        finally:
-            if rdb is not None:
-                await rdb.close()
-            await wdb.close()
-
-
-def add_usage_routes(app: web.Application) -> None:
-    """GET /api/usage, GET /api/usage/export, DELETE /api/usage (see ``usage_rights``)."""
-    from flintproxy.web import usage_api as usage_rights
-
-    usage_rights.add_routes(app)

@@ -10,7 +10,11 @@ Times are integer unix milliseconds; money is integer nano-dollars.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiosqlite
@@ -119,6 +123,29 @@ async def connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
+@asynccontextmanager
+async def transaction(db: aiosqlite.Connection, lock: asyncio.Lock | None = None
+                      ) -> AsyncIterator[aiosqlite.Connection]:
+    """``BEGIN IMMEDIATE ... COMMIT``, rolled back on any exception or cancellation.
+
+    The one transaction helper of the SQLite store. ``lock`` (one per connection)
+    keeps other coroutines' statements out of the transaction. IMMEDIATE takes the
+    write lock at BEGIN, so two processes never deadlock upgrading a read.
+    """
+    async with lock or contextlib.nullcontext():
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            await db.execute("COMMIT")
+        except BaseException:
+            # Statements already queued still run on aiosqlite's thread even when we
+            # are cancelled, so the ROLLBACK always follows them. Without an open
+            # transaction (COMMIT failed half-way) it fails harmlessly.
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+
+
 async def _version(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cur:
         row = await cur.fetchone()
@@ -141,8 +168,7 @@ async def migrate(db: aiosqlite.Connection) -> int:
             continue
         # executescript() would COMMIT on its own; run the statements inside one
         # explicit transaction so a failed migration leaves nothing behind.
-        await db.execute("BEGIN IMMEDIATE")
-        try:
+        async with transaction(db):
             current = await _version(db)  # another process may have got here first
             if version > current:
                 for statement in _split_sql(script):
@@ -150,10 +176,6 @@ async def migrate(db: aiosqlite.Connection) -> int:
                 await db.execute("INSERT INTO schema_version VALUES (?, ?)",
                                  (version, now_ms()))
                 current = version
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
     return current
 
 

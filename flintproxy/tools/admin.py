@@ -27,6 +27,7 @@ from flintproxy.store.accounts import (
     normalize_email,
     parse_usd,
 )
+from flintproxy.store.retention import purge
 
 Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
 
@@ -128,8 +129,6 @@ async def _list_accounts(repo: Accounts, args: argparse.Namespace, cfg: Config) 
 
 
 async def _purge(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
-    from flintproxy.web.usage_api import purge
-
     days = cfg.billing.retention_days
     n = await purge(repo.db, days, sqlite.now_ms())
     print(f"purged {n} usage rows of accounts deleted more than {days} days ago")

@@ -40,10 +40,10 @@ from flintproxy.errors import (
     PermissionDenied,
     UnsupportedMediaType,
 )
-from flintproxy.gate.keys import ACCOUNTS, LOGIN_GUARD, SETTINGS
 from flintproxy.gate.limiter import client_ip
 from flintproxy.store import accounts as acc
 from flintproxy.store.accounts import Session
+from flintproxy.web.keys import ACCOUNTS, LOGIN_GUARD, SETTINGS
 
 SESSION_COOKIE = "flint_session"
 CSRF_COOKIE = "flint_csrf"
@@ -307,20 +307,3 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise NotFound(f"No API key with id {raw[:32]!r}.")
     await request.app[ACCOUNTS].revoke_key(int(raw), account_id)
     return _no_content()
-
-
-def add_api_routes(app: web.Application) -> None:
-    """Register the /api/ account routes (needs ``auth.accounts_ctx`` in cleanup_ctx)."""
-    r = app.router
-    r.add_post("/api/signup", signup)
-    r.add_post("/api/login", login)
-    r.add_post("/api/logout", logout)
-    r.add_get("/api/account", get_account)
-    r.add_delete("/api/account", delete_account)
-    r.add_post("/api/account/delete", delete_account)
-    r.add_post("/api/account/email", change_email)
-    r.add_post("/api/account/password", change_password)
-    r.add_get("/api/keys", list_keys)
-    r.add_post("/api/keys", create_key)
-    r.add_delete("/api/keys/{key_id}", revoke_key)
-    r.add_post("/api/keys/{key_id}/revoke", revoke_key)

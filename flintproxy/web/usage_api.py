@@ -16,16 +16,15 @@ the rows only; the account's ``charged_nano`` total is kept, so
 balance = credited - charged still holds.
 
 Retention: rows of a deleted account are kept ``billing.retention_days`` (90) after
-its deletion, then ``purge`` removes them; ``RetentionJob`` runs it at start-up
-and hourly (``usage_ctx``), ``flintproxy admin purge`` on demand.
+its deletion, then ``store.retention.purge`` removes them: at start-up and hourly,
+and on demand with ``flintproxy admin purge``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -34,9 +33,8 @@ import orjson
 from aiohttp import web
 
 from flintproxy.errors import BadRequest, ServiceUnavailable
-from flintproxy.store import sqlite
-from flintproxy.store.ledger import USAGE, USAGE_DB
 from flintproxy.web.api import require_csrf, session_account
+from flintproxy.web.keys import USAGE, USAGE_DB
 
 log = logging.getLogger("flintproxy.store.ledger")
 
@@ -45,8 +43,6 @@ MAX_PAGE = 1000
 EXPORT_CHUNK = 2000
 DELETE_CHUNK = 5000
 SYNC_TIMEOUT_S = 5.0
-PURGE_CHUNK = 5000
-DAY_MS = 86_400_000
 _CURSOR_RE = re.compile(r"(\d{1,19})_(\d{1,19})")
 
 # Rows are formatted by SQLite itself (C, not a Python dict per row): the export
@@ -229,59 +225,3 @@ async def delete_usage(request: web.Request) -> web.Response:
 
 
 # --- retention ----------------------------------------------------------------------
-
-
-async def purge(db: aiosqlite.Connection, retention_days: int, now_ms: int) -> int:
-    """Delete usage rows of accounts deleted at least ``retention_days`` ago; returns rows.
-
-    Deletes in chunks (separate short transactions) so the writer is never blocked
-    for long. ``accounts.charged_nano`` is left as it is.
-    """
-    cutoff = now_ms - retention_days * DAY_MS
-    total = 0
-    while True:
-        cur = await db.execute(
-            "DELETE FROM usage WHERE id IN (SELECT u.id FROM accounts a "
-            "JOIN usage u ON u.account_id = a.id WHERE a.status = 'deleted' "
-            "AND a.deleted_at <= ? LIMIT ?)", (cutoff, PURGE_CHUNK))
-        total += cur.rowcount
-        if cur.rowcount < PURGE_CHUNK:
-            return total
-
-
-class RetentionJob:
-    """Runs ``purge`` now and then every ``interval_s``; clock and sleep are injectable."""
-
-    def __init__(self, db: aiosqlite.Connection, retention_days: int, *,
-                 interval_s: float = 3600.0, clock: Callable[[], int] = sqlite.now_ms) -> None:
-        self.db = db
-        self.retention_days = retention_days
-        self.interval_s = interval_s
-        self.clock = clock
-        self.purged = 0
-
-    async def run_once(self) -> int:
-        n = await purge(self.db, self.retention_days, self.clock())
-        self.purged += n
-        if n:
-            log.info("retention: purged %d usage rows of accounts deleted more than %d days ago",
-                     n, self.retention_days)
-        return n
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception as exc:
-                log.error("retention purge failed (will retry): %s", exc)
-            await asyncio.sleep(self.interval_s)
-
-
-RETENTION = web.AppKey("flint.retention", RetentionJob)
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/usage", list_usage)
-    app.router.add_get("/api/usage/export", export_usage)
-    app.router.add_delete("/api/usage", delete_usage)
-    app.router.add_post("/api/usage/delete", delete_usage)

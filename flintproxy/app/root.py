@@ -1,0 +1,150 @@
+"""The composition root: every component built complete, in start-up order.
+
+``open_components`` is the one place that knows how the gateway is assembled. Each
+component is constructed with everything it needs (no ``bind()``, no attribute set
+later); each resource's closer is pushed on the caller's exit stack as it opens, so
+shutdown closes them in the reverse order; every background job is a task of the
+caller's ``TaskGroup``. The order, and why:
+
+    store        the migrating connection first (before anyone else connects), then
+                 the accounts connection, change feed, key cache, IP guard
+    ledger       balances and the usage writer (its own connection; drained at exit),
+                 retention, the usage API's read connection
+    observers    access log and metrics, which the gate tells of every finish
+    gate         keys + guard + limiter + billing + usage writer
+    relay        routing, the pooled upstream client, heartbeats
+    health       the readiness probe's connection
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import aiosqlite
+
+from flintproxy.config import Config
+from flintproxy.gate.billing import Billing
+from flintproxy.gate.keys import KeyAuthenticator
+from flintproxy.gate.limiter import IpGuard
+from flintproxy.gate.service import ServiceGate
+from flintproxy.http.client import UpstreamClient
+from flintproxy.http.heartbeat import Heartbeats
+from flintproxy.ops.accesslog import FLUSH_S, AccessLog, Sink
+from flintproxy.ops.health import DbProbe, Readiness, open_probe_db
+from flintproxy.ops.metrics import MULTIPROCESS_SYNC_S, Metrics
+from flintproxy.relay.relay import Relay, StreamGauge
+from flintproxy.relay.routing import Router
+from flintproxy.store import retention, sqlite
+from flintproxy.store.accounts import Accounts, bootstrap_demo_account
+from flintproxy.store.changes import ChangeWatcher
+from flintproxy.store.ledger import UsageWriter, open_writer_db
+from flintproxy.tasks import TaskGroup
+
+__all__ = ["Components", "open_components"]
+
+LAST_USED_FLUSH_S = 5.0
+JANITOR_S = 600.0
+EVENTS_KEEP_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    """Everything the two planes serve with, open and running."""
+
+    config: Config
+    accounts: Accounts
+    watcher: ChangeWatcher
+    keys: KeyAuthenticator
+    guard: IpGuard
+    billing: Billing
+    usage: UsageWriter
+    usage_db: aiosqlite.Connection
+    retention: retention.RetentionJob
+    access_log: AccessLog | None
+    metrics: Metrics
+    gate: ServiceGate
+    router: Router
+    relay: Relay
+    readiness: Readiness
+    # The demo key created at this start (``accounts.bootstrap_demo``), printed once
+    # on stdout by the runner: never logged, never written to disk.
+    demo_key: str | None
+
+
+async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGroup,
+                          access_sink: Sink | None = None) -> Components:
+    """Open every component in start-up order; ``stack`` closes them, ``tasks`` owns
+    their background jobs (close ``tasks`` first, then ``stack``)."""
+    path = config.storage.path
+    # -- store: migrations run on this first connection, before any other opens
+    accounts_db = await sqlite.open_store(path)
+    stack.push_async_callback(accounts_db.close)
+    # The connection's transaction lock: a poll never runs inside an open transaction.
+    lock = asyncio.Lock()
+    watcher = ChangeWatcher(accounts_db, config.accounts.change_poll_s, lock=lock)
+    await watcher.start()
+    accounts = Accounts(accounts_db, config.accounts.bcrypt_cost,
+                        config.accounts.session_ttl_s, notify=watcher.publish, lock=lock)
+    keys = KeyAuthenticator(accounts)
+    stack.push_async_callback(keys.close)  # writes the last last_used_at marks
+    watcher.subscribe(keys.on_change)
+    guard = IpGuard(config.limits)
+    await accounts.warm()
+    demo_key = await bootstrap_demo_account(accounts, config)
+    tasks.every("change feed poll", config.accounts.change_poll_s, watcher.poll)
+    tasks.every("last_used_at flush", LAST_USED_FLUSH_S, keys.flush_last_used)
+    tasks.every("session and event cleanup", JANITOR_S,
+                lambda: accounts.sweep(EVENTS_KEEP_MS))
+
+    # -- ledger: balances and the usage writer, on a connection of their own
+    writer_db = await open_writer_db(path)
+    stack.push_async_callback(writer_db.close)
+    billing = Billing(config.models, config.billing, writer_db)
+    watcher.subscribe(billing.on_change)
+    usage = UsageWriter(writer_db, billing, config.billing)
+    usage.start()
+    stack.push_async_callback(usage.drain, config.server.shutdown_timeout_s)
+    usage_db = await sqlite.connect(path)
+    stack.push_async_callback(usage_db.close)
+    job = retention.RetentionJob(usage_db, config.billing.retention_days)
+    tasks.every("usage retention", retention.INTERVAL_S, job.run_once, now=True)
+
+    # -- observers of every request
+    router = Router(config)
+    streams = StreamGauge()
+    access_log = None
+    if config.metrics.access_log:
+        access_log = AccessLog(config, access_sink)
+        stack.push_async_callback(access_log.close)  # writes what is left, last
+        tasks.every("access log flush", FLUSH_S, access_log.flush)
+    metrics = Metrics(config, router, streams, usage, access_log)
+    stack.callback(metrics.close)
+    if metrics.multiprocess:
+        tasks.every("metrics sync", MULTIPROCESS_SYNC_S, metrics.sync)
+    observers = [metrics.finished] + ([access_log.finished] if access_log else [])
+
+    # -- the gate, then the relay
+    gate = ServiceGate(config, keys, guard, billing, usage, observers)
+    # One pool of keep-alive connections for all upstream traffic, unbounded:
+    # thousands of concurrent streams each hold one.
+    client = UpstreamClient()
+    stack.callback(client.close)
+    heartbeats = Heartbeats(config.server.heartbeat_interval_s)
+    stack.callback(heartbeats.close)
+    relay = Relay(config, router, gate, client, heartbeats, streams,
+                  refusal_observers=[metrics.rejected]
+                  + ([access_log.rejected] if access_log else []))
+
+    # -- readiness
+    probe_db = await open_probe_db(path)
+    stack.push_async_callback(probe_db.close)
+    probe = DbProbe(probe_db)
+    stack.push_async_callback(probe.close)
+    readiness = Readiness(probe, router, usage)
+
+    return Components(config=config, accounts=accounts, watcher=watcher, keys=keys,
+                      guard=guard, billing=billing, usage=usage, usage_db=usage_db,
+                      retention=job, access_log=access_log, metrics=metrics, gate=gate,
+                      router=router, relay=relay, readiness=readiness, demo_key=demo_key)

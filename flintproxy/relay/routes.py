@@ -1,0 +1,41 @@
+"""The one route table of the data plane, and request ids.
+
+Everything that needs to know which /v1 routes exist (the relay, the routing's
+upstream targets, metrics, the access log, the lean server's dispatch) reads it here.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+__all__ = ["ENDPOINTS", "ENDPOINT_PATHS", "HEALTH_ROUTES", "PATHS", "ROUTES", "new_request_id"]
+
+# The routes the relay serves, and the upstream endpoint each relays to (None: answered
+# locally, without an upstream).
+ROUTES: dict[tuple[str, str], str | None] = {
+    ("POST", "/v1/chat/completions"): "chat/completions",
+    ("POST", "/v1/completions"): "completions",
+    ("POST", "/v1/embeddings"): "embeddings",
+    ("GET", "/v1/models"): None,
+}
+# The relayed endpoints, and the path of each ("chat/completions": "/v1/chat/completions").
+ENDPOINT_PATHS = {endpoint: path for (_, path), endpoint in ROUTES.items() if endpoint}
+ENDPOINTS = tuple(ENDPOINT_PATHS)
+# Answered by ops.health, beside the relay, on the same port.
+HEALTH_ROUTES = (("GET", "/healthz"), ("GET", "/readyz"))
+# Every path of the data plane: another method on one of them is a 405, not a 404.
+PATHS = frozenset(path for _, path in (*ROUTES, *HEALTH_ROUTES))
+
+
+def new_request_id() -> str:
+    """A server-made ledger id: ``req_`` + 12 hex digits of unix ms + 12 random hex digits.
+
+    Time-ordered ids are appended to the end of the ``request_id`` UNIQUE index
+    instead of landing on random pages: with random ids the writer's rate falls as
+    the table grows (about 40k rows/s at 500k rows here, against 75k+ ordered).
+    """
+    # random, not secrets: an id needs uniqueness, not secrecy, and os.urandom is
+    # a syscall per request. random's generator is seeded from os.urandom in each
+    # process, so processes do not share a sequence.
+    return f"req_{time.time_ns() // 1_000_000:012x}{random.getrandbits(48):012x}"

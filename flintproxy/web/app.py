@@ -1,0 +1,137 @@
+"""The control plane: one aiohttp application on the console port.
+
+``/api/*`` (account self-service), ``/metrics`` (unless it has a port of its own) and,
+as they come, ``/openapi.json`` and the web console. The data plane (/v1, health) is
+never served here: it has its own port and its own lean server. The session cookie
+therefore lives on this origin only.
+
+Every error is rendered OpenAI-shaped (``errors_middleware``), every refusal told to
+the observers (metrics), and the application is built complete: every key a handler
+reads is set here, before it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+import aiosqlite
+from aiohttp import web
+
+from flintproxy.config import Config
+from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadTooLarge
+from flintproxy.gate.limiter import IpGuard
+from flintproxy.http.exchange import Exchange
+from flintproxy.store.accounts import Accounts
+from flintproxy.store.ledger import UsageWriter
+from flintproxy.web import api, usage_api
+from flintproxy.web.keys import (
+    ACCOUNTS,
+    LOGIN_GUARD,
+    REFUSAL_OBSERVERS,
+    SETTINGS,
+    USAGE,
+    USAGE_DB,
+    AuthSettings,
+)
+
+__all__ = ["ROUTES", "create_console_app", "errors_middleware"]
+
+log = logging.getLogger("flintproxy.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RefusalObserver = Callable[[Exchange, FlintError], None]
+
+# The control plane's route table (the data plane's is ``relay.routes``).
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("POST", "/api/signup", api.signup),
+    ("POST", "/api/login", api.login),
+    ("POST", "/api/logout", api.logout),
+    ("GET", "/api/account", api.get_account),
+    ("DELETE", "/api/account", api.delete_account),
+    ("POST", "/api/account/delete", api.delete_account),
+    ("POST", "/api/account/email", api.change_email),
+    ("POST", "/api/account/password", api.change_password),
+    ("GET", "/api/keys", api.list_keys),
+    ("POST", "/api/keys", api.create_key),
+    ("DELETE", "/api/keys/{key_id}", api.revoke_key),
+    ("POST", "/api/keys/{key_id}/revoke", api.revoke_key),
+    ("GET", "/api/usage", usage_api.list_usage),
+    ("GET", "/api/usage/export", usage_api.export_usage),
+    ("DELETE", "/api/usage", usage_api.delete_usage),
+    ("POST", "/api/usage/delete", usage_api.delete_usage),
+)
+
+
+def error_response(exc: FlintError) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body(), content_type="application/json",
+                        headers=exc.headers)
+
+
+def exchange_of(request: web.Request) -> Exchange:
+    """An aiohttp request as an Exchange (what refusal observers are told)."""
+    info = request.match_info.route.resource
+    route = info.canonical if info is not None else None
+    return Exchange(request.method, request.path, route, list(request.raw_headers),
+                    request.remote, b"", False)
+
+
+def _refused(request: web.Request, err: FlintError) -> web.Response:
+    observers = request.app[REFUSAL_OBSERVERS]
+    if observers:
+        exchange = exchange_of(request)
+        for observe in observers:
+            observe(exchange, err)
+    return error_response(err)
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> FlintError:
+    if exc.status == 404:
+        return NotFound(f"Unknown request URL: {request.method} {request.path}.")
+    if exc.status == 405:
+        return MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}.")
+    if exc.status == 413:
+        return PayloadTooLarge("Request body is too large.")
+    err = FlintError(exc.reason or "error", code=None)
+    err.status = exc.status
+    err.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    return err
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error OpenAI-shaped: ``{"error": {message, type, param, code}}``."""
+    try:
+        return await handler(request)
+    except FlintError as exc:
+        return _refused(request, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _refused(request, _from_http_exception(exc, request))
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        # Never the request itself in the log: only where it failed.
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _refused(request, FlintError("The server had an error processing your request."))
+
+
+def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
+                       usage: UsageWriter, usage_db: aiosqlite.Connection,
+                       refusal_observers: Iterable[RefusalObserver] = (),
+                       extra_routes: Iterable[tuple[str, str, Handler]] = ()
+                       ) -> web.Application:
+    """The control plane's application, complete; nothing runs until it is started."""
+    app = web.Application(middlewares=[errors_middleware],
+                          client_max_size=config.server.max_body_bytes)
+    app[ACCOUNTS] = accounts
+    app[SETTINGS] = AuthSettings.from_config(config)
+    app[LOGIN_GUARD] = guard
+    app[USAGE] = usage
+    app[USAGE_DB] = usage_db
+    app[REFUSAL_OBSERVERS] = tuple(refusal_observers)
+    for method, path, handler in (*ROUTES, *extra_routes):
+        app.router.add_route(method, path, handler)
+    return app
