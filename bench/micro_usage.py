@@ -23,7 +23,7 @@ from flintproxy.gate.billing import Billing
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal
 from flintproxy.gate.service import usage_row
 from flintproxy.relay.routes import new_request_id
-from flintproxy.store.ledger import UsageWriter, open_writer_db
+from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
 
 NANO = 1_000_000_000
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}
@@ -39,7 +39,7 @@ async def run(path: Path, n: int) -> None:
                          (10**6 * NANO, 10**6 * NANO))
         await db.commit()
         cfg = BillingConfig(max_backlog_rows=10**9)
-        billing = Billing(PRICES, cfg, db)
+        billing = Billing(PRICES, cfg, Balances(db))
         await billing.load(1)
         principal = Principal(key_id=1, account_id=1)
         call = Call(endpoint="chat/completions", model="gpt-4o-mini", stream=False,
@@ -52,7 +52,7 @@ async def run(path: Path, n: int) -> None:
 
         def fresh_writer() -> UsageWriter:
             # Not started: record() only enqueues. A new one per round keeps memory flat.
-            w = UsageWriter(db, Billing(PRICES, cfg, db), cfg)
+            w = UsageWriter(db, Billing(PRICES, cfg, Balances(db)), cfg)
             writers.append(w)
             return w
 

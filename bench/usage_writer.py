@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flintproxy.config import BillingConfig, build_config
 from flintproxy.gate.billing import Billing
 from flintproxy.store import sqlite
-from flintproxy.store.ledger import UsageRow, UsageWriter, open_writer_db
+from flintproxy.store.ledger import Balances, UsageRow, UsageWriter, open_writer_db
 
 NANO = 1_000_000_000
 
@@ -62,7 +62,7 @@ async def open_db(path: Path, accounts: int, batch: int) -> tuple[Any, UsageWrit
         [(i, f"a{i}@bench", 10**6 * NANO, 10**6 * NANO) for i in range(1, accounts + 1)])
     await db.execute("COMMIT")
     cfg = BillingConfig(max_backlog_rows=10**9, flush_batch_rows=batch)
-    billing = Billing({}, cfg, db)
+    billing = Billing({}, cfg, Balances(db))
     writer = UsageWriter(db, billing, cfg)
     writer.start()
     return db, writer, billing

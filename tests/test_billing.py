@@ -18,7 +18,7 @@ from flintproxy.gate.billing import Billing, cost_nano, max_cost_nano
 from flintproxy.gate.gate import Outcome
 from flintproxy.money import NANO_PER_USD, format_usd
 from flintproxy.store import sqlite
-from flintproxy.store.ledger import UsageRow, UsageWriter
+from flintproxy.store.ledger import Balances, UsageRow, UsageWriter
 from tests.conftest import Gateway, MockServer, raw_config
 
 MINI = ModelPrice(input_nano_per_mtok=usd_to_nano("0.15", "in"),
@@ -135,7 +135,7 @@ def row_for(request_id: str, account_id: int, cost: int) -> UsageRow:
 
 
 async def test_200_concurrent_reservations_for_10(db: aiosqlite.Connection) -> None:
-    billing = Billing(PRICES, CFG, db)
+    billing = Billing(PRICES, CFG, Balances(db))
     one = max_cost_nano(MINI, 100, 1000)
     account = await add_account(db, 10 * one + one - 1)  # affords 10, not 11
 
@@ -159,7 +159,7 @@ async def test_200_concurrent_reservations_for_10(db: aiosqlite.Connection) -> N
 
 
 async def test_settle_releases_and_charges_actual(db: aiosqlite.Connection) -> None:
-    billing = Billing(PRICES, CFG, db)
+    billing = Billing(PRICES, CFG, Balances(db))
     writer = UsageWriter(db, billing, CFG)
     account = await add_account(db, NANO_PER_USD)
     await billing.load(account)
@@ -179,7 +179,7 @@ async def test_settle_releases_and_charges_actual(db: aiosqlite.Connection) -> N
 
 
 async def test_release_and_default_ceiling(db: aiosqlite.Connection) -> None:
-    billing = Billing(PRICES, CFG, db)
+    billing = Billing(PRICES, CFG, Balances(db))
     account = await add_account(db, NANO_PER_USD)
     await billing.load(account)
     res = billing.reserve(account, "gpt-4o-mini", 10, None)
@@ -192,7 +192,7 @@ async def test_release_and_default_ceiling(db: aiosqlite.Connection) -> None:
 
 
 async def test_unpriced_model_is_refused_not_free(db: aiosqlite.Connection) -> None:
-    billing = Billing(PRICES, CFG, db)
+    billing = Billing(PRICES, CFG, Balances(db))
     account = await add_account(db, NANO_PER_USD)
     await billing.load(account)
     with pytest.raises(ModelNotFound) as info:
@@ -203,7 +203,7 @@ async def test_unpriced_model_is_refused_not_free(db: aiosqlite.Connection) -> N
 
 
 async def test_overshoot_is_charged_then_blocks(db: aiosqlite.Connection) -> None:
-    billing = Billing(PRICES, CFG, db)
+    billing = Billing(PRICES, CFG, Balances(db))
     writer = UsageWriter(db, billing, CFG)
     writer.start()
     account = await add_account(db, 1000)
@@ -223,7 +223,7 @@ async def test_overshoot_is_charged_then_blocks(db: aiosqlite.Connection) -> Non
 
 
 async def test_concurrent_loads_share_one_read(db: aiosqlite.Connection) -> None:
-    billing = Billing(PRICES, CFG, db)
+    billing = Billing(PRICES, CFG, Balances(db))
     account = await add_account(db, 12345)
     reads = 0
     real = db.execute_fetchall
@@ -246,7 +246,7 @@ async def test_concurrent_loads_share_one_read(db: aiosqlite.Connection) -> None
 
 async def test_credit_from_another_process_reloads_without_double_count(
         db: aiosqlite.Connection, tmp_path: Path) -> None:
-    billing = Billing(PRICES, CFG, db)
+    billing = Billing(PRICES, CFG, Balances(db))
     writer = UsageWriter(db, billing, CFG)
     writer.start()
     account = await add_account(db, 10_000_000)
@@ -275,7 +275,7 @@ async def test_credit_from_another_process_reloads_without_double_count(
 
 async def test_change_for_unknown_or_all_accounts(db: aiosqlite.Connection,
                                                   tmp_path: Path) -> None:
-    billing = Billing(PRICES, CFG, db)
+    billing = Billing(PRICES, CFG, Balances(db))
     a = await add_account(db, 100)
     b = await add_account(db, 200)
     await billing.load(a)

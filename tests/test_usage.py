@@ -29,7 +29,7 @@ from flintproxy.config import BillingConfig, Config, ModelPrice, build_config
 from flintproxy.errors import ServiceUnavailable
 from flintproxy.gate.billing import Billing
 from flintproxy.store import sqlite
-from flintproxy.store.ledger import UsageRow, UsageWriter, open_writer_db
+from flintproxy.store.ledger import Balances, UsageRow, UsageWriter, open_writer_db
 from flintproxy.store.retention import DAY_MS, PURGE_CHUNK, RetentionJob, purge
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ async def ledger(tmp_path: Path) -> AsyncIterator[tuple[aiosqlite.Connection, Pa
 
 def make_writer(db: aiosqlite.Connection, **cfg: Any) -> tuple[Billing, UsageWriter]:
     bcfg = BillingConfig(**{"flush_interval_s": 0.02, "flush_batch_rows": 100, **cfg})
-    billing = Billing(PRICES, bcfg, db)
+    billing = Billing(PRICES, bcfg, Balances(db))
     return billing, UsageWriter(db, billing, bcfg)
 
 
@@ -370,12 +370,12 @@ from pathlib import Path
 from flintproxy.gate.billing import Billing
 from flintproxy.config import BillingConfig
 from flintproxy.store.sqlite import now_ms
-from flintproxy.store.ledger import UsageRow, UsageWriter, open_writer_db
+from flintproxy.store.ledger import Balances, UsageRow, UsageWriter, open_writer_db
 
 async def main(path, prefix, accounts):
     db = await open_writer_db(Path(path))
     cfg = BillingConfig()
-    billing = Billing({}, cfg, db)
+    billing = Billing({}, cfg, Balances(db))
     writer = UsageWriter(db, billing, cfg)
     writer.start()
     i = 0

@@ -39,7 +39,7 @@ from flintproxy.relay.routing import Router
 from flintproxy.store import retention, sqlite
 from flintproxy.store.accounts import Accounts, bootstrap_demo_account
 from flintproxy.store.changes import ChangeWatcher
-from flintproxy.store.ledger import UsageWriter, open_writer_db
+from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
 from flintproxy.tasks import TaskGroup
 
 __all__ = ["Components", "open_components"]
@@ -101,7 +101,7 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
     # -- ledger: balances and the usage writer, on a connection of their own
     writer_db = await open_writer_db(path)
     stack.push_async_callback(writer_db.close)
-    billing = Billing(config.models, config.billing, writer_db)
+    billing = Billing(config.models, config.billing, Balances(writer_db))
     watcher.subscribe(billing.on_change)
     usage = UsageWriter(writer_db, billing, config.billing)
     usage.start()

@@ -45,8 +45,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-
-import aiosqlite
+from typing import Protocol
 
 from flintproxy.config import BillingConfig, ModelPrice
 from flintproxy.errors import InsufficientQuota, ModelNotFound
@@ -98,14 +97,20 @@ class _Book:
         self.reserved = 0
 
 
+class BalanceSource(Protocol):
+    """Where balances are stored (``store.ledger.Balances`` embedded)."""
+
+    async def read(self, account_ids: list[int]) -> dict[int, int]: ...
+
+
 class Billing:
     """The in-memory balance book of this process; see the module docstring."""
 
     def __init__(self, prices: Mapping[str, ModelPrice], cfg: BillingConfig,
-                 db: aiosqlite.Connection) -> None:
+                 balances: BalanceSource) -> None:
         self._prices = prices
         self._default_max_tokens = cfg.default_max_tokens
-        self._db = db
+        self._balances = balances
         self._books: dict[int, _Book] = {}
         self._loads: dict[int, asyncio.Task[None]] = {}
         # Accounts whose load was running when a change event arrived: re-read.
@@ -142,19 +147,13 @@ class Billing:
     async def _read_first(self, account_id: int) -> None:
         while True:
             self._dirty_loads.discard(account_id)
-            balances = await self._read_balances([account_id])
+            balances = await self._balances.read([account_id])
             book = self._books.get(account_id)
             if book is None:
                 book = self._books[account_id] = _Book()
             book.balance = balances.get(account_id, 0)
             if account_id not in self._dirty_loads:
                 return
-
-    async def _read_balances(self, ids: list[int]) -> dict[int, int]:
-        marks = ",".join("?" * len(ids))
-        rows = await self._db.execute_fetchall(
-            f"SELECT id, balance_nano FROM accounts WHERE id IN ({marks})", ids)  # noqa: S608
-        return {int(r[0]): int(r[1]) for r in rows}
 
     def on_change(self, kind: str, account_id: int | None, key_id: int | None) -> None:
         """ChangeWatcher subscriber: re-read the balance after any account change.
@@ -185,7 +184,7 @@ class Billing:
         while self._stale:
             ids = [self._stale.pop() for _ in range(min(len(self._stale), _RELOAD_CHUNK))]
             try:
-                balances = await self._read_balances(ids)
+                balances = await self._balances.read(ids)
             except BaseException:
                 self._stale.update(ids)
                 raise

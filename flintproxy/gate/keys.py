@@ -19,8 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import orjson
+from typing import Protocol
 
 from flintproxy.errors import AuthenticationError, PermissionDenied
 from flintproxy.gate.gate import Principal
@@ -32,7 +31,7 @@ from flintproxy.store.accounts import (
     EV_KEY_CREATED,
     EV_PASSWORD_CHANGED,
     KEY_RE,
-    Accounts,
+    KeyRecord,
     hash_key,
 )
 
@@ -47,6 +46,14 @@ def _invalid_key() -> AuthenticationError:
     return AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
 
 
+class KeyStore(Protocol):
+    """Where keys live (``store.accounts.Accounts`` embedded; a shared database later)."""
+
+    async def find_key(self, key_hash: bytes) -> KeyRecord | None: ...
+
+    async def mark_keys_used(self, used: dict[int, int]) -> None: ...
+
+
 @dataclass(slots=True)
 class _Entry:
     principal: Principal
@@ -58,11 +65,11 @@ class _Entry:
 class KeyAuthenticator:
     """API key -> Principal, cached in memory; see the module docstring."""
 
-    def __init__(self, accounts: Accounts, *, cache_ttl_s: float = 300.0,
+    def __init__(self, store: KeyStore, *, cache_ttl_s: float = 300.0,
                  negative_ttl_s: float = 10.0, max_entries: int = 200_000,
                  clock: Callable[[], float] = time.monotonic,
                  wall_ms: Callable[[], int] = sqlite.now_ms) -> None:
-        self._accounts = accounts
+        self._store = store
         self._cache_ttl = cache_ttl_s
         self._negative_ttl = negative_ttl_s
         self._max = max_entries
@@ -116,23 +123,19 @@ class KeyAuthenticator:
     async def _load(self, h: bytes) -> _Entry | None:
         generation = self._generation
         self.db_lookups += 1
-        async with self._accounts.db.execute(
-                "SELECT k.id, k.account_id, k.expires_at, k.revoked_at, k.allowed_models, "
-                "k.rpm, k.tpm, k.max_concurrent, a.status, a.rpm, a.tpm, a.max_concurrent "
-                "FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
-                (h,)) as cur:
-            row = await cur.fetchone()
-        if row is None or row[3] is not None or row[8] == "deleted" or (
-                row[2] is not None and row[2] <= self._wall()):
+        rec = await self._store.find_key(h)
+        if rec is None or rec.revoked or rec.account_status == "deleted" or (
+                rec.expires_at is not None and rec.expires_at <= self._wall()):
             # Unknown, revoked or expired: none of these can become valid again.
             self._drop(h)
             self._remember_invalid(h)
             return None
-        models = None if row[4] is None else frozenset(orjson.loads(row[4]))
-        principal = Principal(key_id=int(row[0]), account_id=int(row[1]), allowed_models=models,
-                              rpm=row[5], tpm=row[6], max_concurrent=row[7],
-                              account_limits=(row[9], row[10], row[11]))
-        entry = _Entry(principal, row[2], self._clock() + self._cache_ttl, row[8] == "disabled")
+        principal = Principal(key_id=rec.key_id, account_id=rec.account_id,
+                              allowed_models=rec.allowed_models, rpm=rec.rpm, tpm=rec.tpm,
+                              max_concurrent=rec.max_concurrent,
+                              account_limits=rec.account_limits)
+        entry = _Entry(principal, rec.expires_at, self._clock() + self._cache_ttl,
+                       rec.account_status == "disabled")
         if generation == self._generation:
             if len(self._cache) >= self._max:
                 self._drop(next(iter(self._cache)))
@@ -201,11 +204,7 @@ class KeyAuthenticator:
             return 0
         batch, self._used = self._used, {}
         try:
-            async with self._accounts.transaction() as db:
-                await db.executemany(
-                    "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND "
-                    "(last_used_at IS NULL OR last_used_at < ?)",
-                    [(ts, kid, ts) for kid, ts in batch.items()])
+            await self._store.mark_keys_used(batch)
         except BaseException:
             for kid, ts in batch.items():  # retry next time; a newer mark wins
                 self._used.setdefault(kid, ts)

@@ -14,6 +14,7 @@ Nothing is held when ``admit`` raises: whatever was acquired is released first.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from flintproxy.config import Config
 from flintproxy.errors import AuthenticationError, FlintError
@@ -22,7 +23,7 @@ from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_tok
 from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.limiter import IpGuard, Limiter, Ticket, client_ip
 from flintproxy.http.exchange import Exchange
-from flintproxy.store.ledger import UsageRow, UsageWriter
+from flintproxy.store.ledger import UsageRow
 
 # Counts come from the upstream's usage: absurd values must not make a row unstorable.
 MAX_ROW_INT = 2**53
@@ -50,6 +51,16 @@ def usage_row(admission: Admission, outcome: Outcome, cost_nano: int) -> UsageRo
 FinishObserver = Callable[[Admission, Outcome, int], None]
 
 
+class UsageSink(Protocol):
+    """Where finished requests' rows go (``store.ledger.UsageWriter`` embedded)."""
+
+    def refuse_if_overloaded(self) -> None:
+        """Raise 503 while the backlog of unwritten rows is over its bound."""
+
+    def record(self, row: UsageRow) -> None:
+        """Queue one row: O(1), never awaits, never raises."""
+
+
 class ServiceGate:
     """Composes the components opened before it; see the module docstring.
 
@@ -58,7 +69,7 @@ class ServiceGate:
     """
 
     def __init__(self, config: Config, keys: KeyAuthenticator, guard: IpGuard,
-                 billing: Billing, usage: UsageWriter,
+                 billing: Billing, usage: UsageSink,
                  finish_observers: Sequence[FinishObserver] = ()) -> None:
         self._trusted = config.limits.trusted_proxies
         self._default_max_tokens = config.billing.default_max_tokens

@@ -244,6 +244,22 @@ class KeyInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What authentication needs of a key row and its account (``Accounts.find_key``)."""
+
+    key_id: int
+    account_id: int
+    expires_at: int | None  # unix ms
+    revoked: bool
+    allowed_models: frozenset[str] | None
+    rpm: int | None
+    tpm: int | None
+    max_concurrent: int | None
+    account_status: str  # "active" | "disabled" | "deleted"
+    account_limits: tuple[int | None, int | None, int | None]
+
+
+@dataclass(frozen=True, slots=True)
 class Session:
     token_hash: bytes
     account_id: int
@@ -502,6 +518,31 @@ class Accounts:
         info = KeyInfo(key_id, account_id, prefix, key[-4:], name, now, None, expires_at, None,
                        allowed_models)
         return info, key
+
+    async def find_key(self, key_hash: bytes) -> KeyRecord | None:
+        """The key with this SHA-256 and its account's status and limits (a cache miss)."""
+        async with self.db.execute(
+                "SELECT k.id, k.account_id, k.expires_at, k.revoked_at, k.allowed_models, "
+                "k.rpm, k.tpm, k.max_concurrent, a.status, a.rpm, a.tpm, a.max_concurrent "
+                "FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
+                (key_hash,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return KeyRecord(
+            key_id=int(row[0]), account_id=int(row[1]), expires_at=row[2],
+            revoked=row[3] is not None,
+            allowed_models=None if row[4] is None else frozenset(orjson.loads(row[4])),
+            rpm=row[5], tpm=row[6], max_concurrent=row[7], account_status=row[8],
+            account_limits=(row[9], row[10], row[11]))
+
+    async def mark_keys_used(self, used: dict[int, int]) -> None:
+        """Record last_used_at (unix ms) per key id; an older mark never overwrites."""
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND "
+                "(last_used_at IS NULL OR last_used_at < ?)",
+                [(ts, kid, ts) for kid, ts in used.items()])
 
     async def list_keys(self, account_id: int) -> list[KeyInfo]:
         sql = f"SELECT {_KEY_COLS} FROM api_keys WHERE account_id = ? ORDER BY id"  # noqa: S608

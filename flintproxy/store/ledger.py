@@ -401,3 +401,19 @@ async def open_writer_db(path: Path) -> aiosqlite.Connection:
     # runs on the writer's thread inside COMMIT, never on the event loop.
     await db.execute(f"PRAGMA wal_autocheckpoint = {WRITER_WAL_AUTOCHECKPOINT_PAGES}")
     return db
+
+
+class Balances:
+    """Account balances as stored: what ``gate.billing.Billing`` reads on first use and
+    after changes made elsewhere (the embedded implementation of its ``BalanceSource``)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def read(self, account_ids: list[int]) -> dict[int, int]:
+        """Balance in nano-USD per account id; an unknown id is left out."""
+        marks = ",".join("?" * len(account_ids))
+        rows = await self._db.execute_fetchall(
+            f"SELECT id, balance_nano FROM accounts WHERE id IN ({marks})",  # noqa: S608
+            account_ids)
+        return {int(r[0]): int(r[1]) for r in rows}
