@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 from flintproxy.config import LimitsConfig
-from flintproxy.errors import RateLimited
+from flintproxy.errors import LimitNeverFits, RateLimited
 from flintproxy.gate.gate import Principal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -246,11 +246,10 @@ class Limiter:
             wait = rt - now - lim * st.riv
         elif tt - now > st.tburst:
             if tokens > st.tlim:  # can never fit: OpenAI's "Request too large"
-                raise RateLimited(
+                raise LimitNeverFits(
                     f"Request too large for tokens per min (TPM){scope}: Limit {st.tlim}, "
                     f"Requested {tokens}. The input or output tokens must be reduced in "
-                    "order to run successfully.", retry_after_s=60.0, code="rate_limit_tokens",
-                    headers=hdrs)
+                    "order to run successfully.", code="rate_limit_tokens", headers=hdrs)
             what, lim, used, asked = "tokens", st.tlim, round((tt - now) / st.tiv) - tokens, tokens
             wait = tt - now - lim * st.tiv
         else:
