@@ -269,6 +269,13 @@ def test_third_party_records_lose_their_arguments_and_tracebacks() -> None:
     assert redact("from 2001:db8::1 and ::ffff:10.0.0.1 Bearer abc") .count("<redacted>") == 3
 
 
+def test_our_own_records_are_left_as_they_are() -> None:
+    record = logging.getLogger("flintproxy.web").makeRecord(
+        "flintproxy.web", logging.INFO, __file__, 1, "listening on %s:%d", ("127.0.0.1", 8081),
+        None)
+    assert scrub(record).getMessage() == "listening on 127.0.0.1:8081"
+
+
 @pytest.mark.slow
 async def test_flintproxy_serve_logs_nothing_of_a_malformed_request(
         tmp_path: Path, mock_upstream: MockServer) -> None:
