@@ -367,6 +367,10 @@ def nested(depth: int) -> bytes:
     + b"]" * 300 + b', "password": {"a": {"b": 1}}}',
     b'{"name": 1e999, "expires_in_days": 1e308}', b'{"allowed_models": [[[[["x"]]]]]}',
     b'{"expires_at": 99999999999999999999999999}', b"\xff\xfe{}", b'"just a string"',
+    b'{"email": 5, "password": 5}', b'{"email": null, "password": ["x"]}',
+    b'{"name": {"a": 1}}', b'{"allowed_models": "gpt-4o-mini"}',
+    b'{"new_email": ["a@b.c"], "password": null}', b'{"expires_in_days": true}',
+    b'{"current_password": 1, "new_password": {"x": 1}}',
 ])
 async def test_hostile_json_bodies_are_4xx(user: Browser, body: bytes) -> None:
     for path in ("/api/login", "/api/signup", "/api/keys", "/api/account/email",
