@@ -186,6 +186,25 @@ async def test_connections_over_the_global_cap_get_a_503(start: StartConsole) ->
         w.close()
 
 
+async def test_a_trusted_proxy_counts_towards_the_global_cap_only(start: StartConsole) -> None:
+    # Everyone behind a reverse proxy shares its address: a per-IP cap would be global.
+    gw = await start({"head_timeout_s": 30.0, "max_connections": 4,
+                      "max_connections_per_ip": 1},
+                     limits={"trusted_proxies": [f"{CLIENT_IP}/32"]})
+    port = console_port(gw)
+    held = [await connect(port) for _ in range(3)]
+    # The proxy's 4th connection is served, though the per-IP cap is 1...
+    reader, writer = await connect(port)
+    writer.write(b"GET /api/account HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(
+        b"HTTP/1.1 401 ")
+    # ...and counts towards the global cap: a 5th connection, from anyone, is refused.
+    status, _ = status_and_error(await exchange(port, b"", ip="127.0.0.4"))
+    assert status == 503
+    for _, w in [*held, (reader, writer)]:
+        w.close()
+
+
 async def test_a_hundred_and_ten_stalled_logins_do_not_starve_anyone(
         start: StartConsole) -> None:
     # The reported attack: 110 connections holding POST /api/login without a body.

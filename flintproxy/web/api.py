@@ -10,6 +10,10 @@ submit, compared with the token stored for the session), and is refused when an
 ``Origin`` header names another host. ``session_account`` enforces both for unsafe
 methods, so a route cannot forget the check.
 
+A disabled account cannot log in (403 ``account_disabled`` for the right password);
+a session opened before may read, export and delete its data and log out, but every
+other change is refused (``active_account``).
+
 Routes:
     POST   /api/signup            {email, password}            -> 201, logged in
     POST   /api/login             {email, password}            -> 200 {account, csrf_token}
