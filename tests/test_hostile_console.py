@@ -288,6 +288,16 @@ def test_third_party_records_lose_their_arguments_and_tracebacks() -> None:
     assert redact("from 2001:db8::1 and ::ffff:10.0.0.1 Bearer abc") .count("<redacted>") == 3
 
 
+def test_a_third_party_dump_keeps_only_its_first_line() -> None:
+    # asyncio's exception handler lists the context, exceptions' reprs included.
+    record = logging.getLogger("asyncio").makeRecord(
+        "asyncio", logging.ERROR, __file__, 1,
+        "Task exception was never retrieved\nfuture: <Task exception=ValueError(b'MARKER')>",
+        None, None)
+    text = scrub(record).getMessage()
+    assert text.startswith("Task exception was never retrieved") and "MARKER" not in text
+
+
 def test_our_own_records_are_left_as_they_are() -> None:
     record = logging.getLogger("flintproxy.web").makeRecord(
         "flintproxy.web", logging.INFO, __file__, 1, "listening on %s:%d", ("127.0.0.1", 8081),

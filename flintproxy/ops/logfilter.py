@@ -9,6 +9,8 @@ review, so their records are scrubbed as they are made:
   number replaced by ``<redacted>`` (arguments are where request data goes);
 - the traceback (``exc_info``) and stack are dropped: exception messages quote the
   bytes that caused them. The exception's type name is kept;
+- only the message's first line is kept, at most 300 characters (more is a dump of
+  context, e.g. asyncio's handler listing exceptions' reprs);
 - what remains (messages built with f-strings) has IP addresses, bearer tokens and
   key-like strings replaced.
 
@@ -28,6 +30,7 @@ __all__ = ["ScrubFilter", "install", "scrub"]
 
 OURS = "flintproxy"
 REDACTED = "<redacted>"
+MAX_MESSAGE = 300  # characters of a third-party message kept (its first line only)
 
 _IPV4 = r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])"
 # Any run of hex groups with two or more colons: over-redacts (a clock time too),
@@ -64,6 +67,11 @@ def scrub(record: logging.LogRecord) -> logging.LogRecord:
             msg = str(record.msg) + " " + REDACTED
     else:
         msg = str(record.msg)
+    first, newline, _ = msg.partition("\n")
+    if newline or len(first) > MAX_MESSAGE:
+        # A format string is one line; more is a dump (asyncio's handler lists
+        # futures and their exceptions' reprs, which quote the bytes).
+        msg = first[:MAX_MESSAGE] + " [details withheld]"
     exc = record.exc_info
     if exc and exc[0] is not None:
         msg += f" ({exc[0].__name__}; details withheld)"
