@@ -6,6 +6,7 @@ Every validation error names the offending key and value, e.g.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import tomllib
@@ -37,10 +38,26 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ConsoleConfig:
-    """The control plane's listener: /api, the console, /openapi.json, /metrics."""
+    """The control plane's listener: /api, the console, /openapi.json, /metrics.
+
+    Its deadlines and caps keep a slow or greedy client (slowloris) from holding
+    connections, and so descriptors, the data plane needs too.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8081
+    head_timeout_s: float = 10.0  # a request's line and headers must arrive within this
+    body_timeout_s: float = 30.0  # and its body within this, once the head is in
+    max_connections: int = 1024  # open console connections, all clients together
+    max_connections_per_ip: int = 32  # per client address (IPv6: per /64)
+
+
+class CookieSecurity(enum.Enum):
+    """``accounts.secure_cookies``: when the session cookies carry ``Secure``."""
+
+    AUTO = "auto"  # when the request came over TLS, or via a trusted proxy that says https
+    ALWAYS = "true"
+    NEVER = "false"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +121,7 @@ class BillingConfig:
 class AccountsConfig:
     bcrypt_cost: int = 12
     session_ttl_s: int = 14 * 24 * 3600
-    secure_cookies: bool = False
+    secure_cookies: CookieSecurity = CookieSecurity.AUTO
     # Create a funded demo account and key on first start (make run's quick start).
     bootstrap_demo: bool = False
     demo_email: str = "demo@flintproxy.local"
@@ -227,13 +244,30 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
 
 def _console(raw: Mapping[str, Any], env: Mapping[str, str]) -> ConsoleConfig:
     p = "console."
-    _check_keys(raw, {"host", "port"}, p)
+    _check_keys(raw, {"host", "port", "head_timeout_s", "body_timeout_s", "max_connections",
+                      "max_connections_per_ip"}, p)
+    total = _int(raw, "max_connections", p, 1024, 1, 1_000_000)
+    per_ip = _int(raw, "max_connections_per_ip", p, 32, 1, 1_000_000)
+    if per_ip > total:
+        raise _fail(f"{p}max_connections_per_ip", per_ip,
+                    f"must be at most console.max_connections ({total})")
     return ConsoleConfig(
         host=env.get("FLINTPROXY_CONSOLE_HOST") or _str(raw, "host", p, "127.0.0.1")
         or "127.0.0.1",
         port=_env_port(env["FLINTPROXY_CONSOLE_PORT"]) if env.get("FLINTPROXY_CONSOLE_PORT")
         else _int(raw, "port", p, 8081, 0, 65535),
+        head_timeout_s=_positive(raw, "head_timeout_s", p, 10.0),
+        body_timeout_s=_positive(raw, "body_timeout_s", p, 30.0),
+        max_connections=total,
+        max_connections_per_ip=per_ip,
     )
+
+
+def _positive(raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
+    v = _float(raw, key, path, default, 0.0)
+    if not 0.0 < v <= 3600.0:
+        raise _fail(f"{path}{key}", v, "must be a number of seconds in (0, 3600]")
+    return v
 
 
 def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
@@ -343,6 +377,16 @@ def _billing(raw: Mapping[str, Any]) -> BillingConfig:
     )
 
 
+def _cookie_security(v: object, key: str) -> CookieSecurity:
+    if v is True:
+        return CookieSecurity.ALWAYS
+    if v is False:
+        return CookieSecurity.NEVER
+    if v == "auto":
+        return CookieSecurity.AUTO
+    raise _fail(key, v, 'must be true, false or "auto"')
+
+
 def _accounts(raw: Mapping[str, Any]) -> AccountsConfig:
     p = "accounts."
     _check_keys(raw, {"bcrypt_cost", "session_ttl_s", "secure_cookies", "bootstrap_demo",
@@ -352,7 +396,8 @@ def _accounts(raw: Mapping[str, Any]) -> AccountsConfig:
     return AccountsConfig(
         bcrypt_cost=_int(raw, "bcrypt_cost", p, 12, 4, 31),
         session_ttl_s=_int(raw, "session_ttl_s", p, 14 * 24 * 3600, 60, 10**9),
-        secure_cookies=_bool(raw, "secure_cookies", p, False),
+        secure_cookies=_cookie_security(raw.get("secure_cookies", "auto"),
+                                        f"{p}secure_cookies"),
         bootstrap_demo=_bool(raw, "bootstrap_demo", p, False),
         demo_email=_str(raw, "demo_email", p, "demo@flintproxy.local") or "",
         demo_credit_usd=credit,

@@ -162,6 +162,18 @@ class RateLimited(FlintError):
         self.retry_after_s = retry_after_s
 
 
+class LimitNeverFits(RateLimited):
+    """A request larger than the limit itself (OpenAI's "Request too large"): 429 as
+    OpenAI answers it, but waiting cannot help, so no ``Retry-After`` and
+    ``x-should-retry: false``, which the openai SDKs honour (no retries for minutes)."""
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        FlintError.__init__(self, message, code=code,
+                            headers={**(headers or {}), "x-should-retry": "false"})
+        self.retry_after_s = 0.0
+
+
 class ServiceUnavailable(FlintError):
     status = 503
     type = "server_error"

@@ -142,7 +142,17 @@ ERRORS: dict[str, tuple[Callable[[Raw], None], tuple[str, ...]]] = {
     "bad timeout": (_set("upstreams", 0, "read_timeout_s", 0),
                     ("upstreams[0].read_timeout_s", "= 0")),
     "bad bool": (_set("accounts", "secure_cookies", "yes"),
-                 ("accounts.secure_cookies", "'yes'", "true or false")),
+                 ("accounts.secure_cookies", "'yes'", 'true, false or "auto"')),
+    "console head deadline 0": (_set("console", "head_timeout_s", 0),
+                                ("console.head_timeout_s", "0.0", "(0, 3600]")),
+    "console body deadline a string": (_set("console", "body_timeout_s", "5"),
+                                       ("console.body_timeout_s", "'5'", "number")),
+    "console cap 0": (_set("console", "max_connections", 0),
+                      ("console.max_connections", "= 0", "integer")),
+    "console per-ip cap above the cap": (
+        lambda raw: raw.__setitem__("console", {"max_connections": 10,
+                                                "max_connections_per_ip": 11}),
+        ("console.max_connections_per_ip", "= 11", "at most")),
     "bad demo credit": (_set("accounts", "demo_credit_usd", 5), ("accounts.demo_credit_usd",
                                                                  "= 5")),
 }

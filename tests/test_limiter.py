@@ -169,6 +169,9 @@ def test_request_larger_than_tpm_is_refused_as_openai_does() -> None:
     assert err.code == "rate_limit_tokens"
     assert err.message.startswith("Request too large for tokens per min (TPM): Limit 1000, "
                                   "Requested 1001.")
+    # Waiting cannot help: no Retry-After, and the SDKs are told not to retry.
+    assert "Retry-After" not in err.headers
+    assert err.headers["x-should-retry"] == "false"
 
 
 # --- concurrency ------------------------------------------------------------------

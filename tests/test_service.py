@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx2
 import openai
 import pytest
 
@@ -113,11 +114,50 @@ async def test_bad_key_flood_from_one_ip_is_blocked(tmp_path: Path, mock_upstrea
                 statuses.append(exc.status_code)
     assert statuses[:3] == [401, 401, 401]
     assert statuses[-1] == 429
-    # While the address backs off, it is refused whatever key it sends.
-    async with sdk(gw) as good:
+
+
+async def test_a_valid_key_authenticates_from_an_address_that_sent_bad_keys(
+        tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any) -> None:
+    # One client behind a NAT must not lock out everyone else behind it.
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["limits"] = {"ip_failures_before_block": 3}
+    gw = await gateway_factory(raw)
+    async with sdk(gw, key="sk-flint-" + "x" * 40) as bad:
+        for _ in range(5):
+            with pytest.raises(openai.APIStatusError):
+                await chat(bad)
         with pytest.raises(openai.RateLimitError) as info:
-            await chat(good)
-    assert info.value.code in ("too_many_failed_attempts", "rate_limit_ip")
+            await chat(bad)  # the failures are still slowed
+    assert info.value.code == "too_many_failed_attempts"
+    async with sdk(gw) as good:
+        raw_resp = await chat(good)
+    assert raw_resp.http_response.status_code == 200
+
+
+async def test_a_request_larger_than_the_tpm_limit_is_refused_without_retries(
+        gateway: Gateway) -> None:
+    repo = gateway.components.accounts
+    key_id = (await repo.list_keys(gateway.account_id))[0].id
+    await repo.set_limits(gateway.account_id, key_id, rpm=None, tpm=100, max_concurrent=None)
+    sent: list[str] = []
+
+    async def count(request: httpx2.Request) -> None:
+        sent.append(request.url.path)
+
+    async with httpx2.AsyncClient(event_hooks={"request": [count]}) as http, \
+            openai.AsyncOpenAI(base_url=gateway.base_url, api_key=gateway.key, max_retries=3,
+                               http_client=http) as client:
+        with pytest.raises(openai.RateLimitError) as info:
+            # Retry-After: 60 would make the SDK wait a minute per retry.
+            await asyncio.wait_for(client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                max_tokens=5000), 20)
+    headers = info.value.response.headers
+    assert info.value.code == "rate_limit_tokens"
+    assert headers["x-should-retry"] == "false"
+    assert "retry-after" not in headers
+    assert "x-ratelimit-limit-tokens" in headers
+    assert len(sent) == 1
 
 
 async def test_no_content_and_no_ip_reach_disk_or_logs(

@@ -29,11 +29,13 @@ from flintproxy.app.root import Components, open_components
 from flintproxy.config import Config
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.server import LeanServer
+from flintproxy.ops import logfilter
 from flintproxy.ops.accesslog import Sink
 from flintproxy.ops.health import ReadyEndpoint, healthz
 from flintproxy.ops.metrics import MetricsEndpoint
 from flintproxy.tasks import TaskGroup
 from flintproxy.web.app import create_console_app
+from flintproxy.web.console_server import ConsoleLimits, ConsoleRunner
 
 __all__ = ["Server", "serve"]
 
@@ -69,7 +71,7 @@ class Server:
         self._tasks = TaskGroup()
         self._components: Components | None = None
         self._lean: LeanServer | None = None
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[ConsoleRunner] = []
         self._sites: list[web.TCPSite] = []
 
     @property
@@ -104,6 +106,9 @@ class Server:
                       console_port: int | None = None) -> None:
         """Open every component, then both listeners; on failure, undo what was done."""
         cfg = self.config
+        # Before anything can log: no library's record may carry a client address, a
+        # header value or body bytes (ops.logfilter).
+        logfilter.install()
         try:
             c = self._components = await open_components(cfg, self._stack, self._tasks,
                                                          self._access_sink)
@@ -130,7 +135,10 @@ class Server:
     async def _listen(self, app: web.Application, host: str, port: int) -> None:
         # access_log=None: aiohttp's default access log records the client IP, which
         # the privacy promises forbid.
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+        # ConsoleRunner: deadlines for heads and bodies, connection caps, errors in the
+        # API's shape and never logged with the request's bytes or the client's address.
+        runner = ConsoleRunner(app, ConsoleLimits.from_config(self.config), access_log=None,
+                               handler_cancellation=True,
                                shutdown_timeout=self.config.server.shutdown_timeout_s,
                                keepalive_timeout=self.config.server.keepalive_timeout_s)
         await runner.setup()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 from flintproxy.config import LimitsConfig
-from flintproxy.errors import RateLimited
+from flintproxy.errors import LimitNeverFits, RateLimited
 from flintproxy.gate.gate import Principal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -246,11 +246,10 @@ class Limiter:
             wait = rt - now - lim * st.riv
         elif tt - now > st.tburst:
             if tokens > st.tlim:  # can never fit: OpenAI's "Request too large"
-                raise RateLimited(
+                raise LimitNeverFits(
                     f"Request too large for tokens per min (TPM){scope}: Limit {st.tlim}, "
                     f"Requested {tokens}. The input or output tokens must be reduced in "
-                    "order to run successfully.", retry_after_s=60.0, code="rate_limit_tokens",
-                    headers=hdrs)
+                    "order to run successfully.", code="rate_limit_tokens", headers=hdrs)
             what, lim, used, asked = "tokens", st.tlim, round((tt - now) / st.tiv) - tokens, tokens
             wait = tt - now - lim * st.tiv
         else:
@@ -329,7 +328,7 @@ class IpGuard:
     def check(self, ip: str) -> None:
         """Count one unauthenticated request from ``ip``; raise if blocked or over ip_rpm."""
         now = self._clock()
-        g = self._get(self._ips, _ip_key(ip), now)
+        g = self._get(self._ips, ip_bucket(ip), now)
         if g.until > now:
             _refuse_ip(g.until - now)
         t = (g.tat if g.tat > now else now) + self._iv
@@ -342,7 +341,7 @@ class IpGuard:
 
     def check_blocked(self, ip: str) -> None:
         """Raise if ``ip`` is in backoff or blocked; consumes nothing, creates nothing."""
-        g = self._ips.get(_ip_key(ip))
+        g = self._ips.get(ip_bucket(ip))
         if g is not None and g.until:
             now = self._clock()
             if g.until > now:
@@ -351,7 +350,7 @@ class IpGuard:
     def failure(self, ip: str) -> None:
         """A failed auth or login from ``ip``: escalating backoff, then a block."""
         now = self._clock()
-        g = self._get(self._ips, _ip_key(ip), now)
+        g = self._get(self._ips, ip_bucket(ip), now)
         n = _record_failure(g, now, self._block_s)
         if n >= self._threshold:
             g.until = now + self._block_s
@@ -360,7 +359,7 @@ class IpGuard:
 
     def success(self, ip: str) -> None:
         """Forget ``ip``'s failures (call after a successful login, not per request)."""
-        g = self._ips.get(_ip_key(ip))
+        g = self._ips.get(ip_bucket(ip))
         if g is not None:
             g.fails, g.until = 0, 0.0
 
@@ -406,7 +405,8 @@ def _refuse_ip(wait: float) -> None:
         f"{format_reset(wait)}.", retry_after_s=wait, code="too_many_failed_attempts")
 
 
-def _ip_key(ip: str) -> str:
+def ip_bucket(ip: str) -> str:
+    """What one client's address counts as: itself, or its /64 for IPv6."""
     if ":" not in ip:
         return ip
     try:
@@ -456,6 +456,11 @@ def _classify(text: str, trusted: tuple[Network, ...]) -> tuple[str | None, bool
         hit = known[text] = (None, False) if a is None else (
             str(a), any(a.version == n.version and a in n for n in trusted))
     return hit
+
+
+def is_trusted_proxy(peer: str, trusted: tuple[Network, ...]) -> bool:
+    """Whether the socket peer is one of ``limits.trusted_proxies``."""
+    return bool(trusted) and _classify(peer, trusted)[1]
 
 
 def client_ip(peer: str | None, forwarded_for: str | None,

@@ -2,7 +2,7 @@
 
 Per /v1 request, in memory only (see ``gate`` for the seam):
 
-    authenticate   IP block check -> key cache (a miss goes to the DB once)
+    authenticate   key cache (a miss goes to the DB once); a failure only -> IP guard
     admit          usage backlog bound (503) -> first use of an account loads its
                    balance (once) -> limiter acquire (429) -> balance reserve (402)
     finish         limiter true-up/release -> settle the reservation -> enqueue the
@@ -82,13 +82,16 @@ class ServiceGate:
 
     async def authenticate(self, exchange: Exchange) -> Principal:
         keys, guard = self.keys, self.guard
-        ip = client_ip(exchange.remote, exchange.header(b"x-forwarded-for"), self._trusted)
-        guard.check_blocked(ip)
         try:
             return await keys.authenticate(bearer_token(exchange))
         except AuthenticationError:
-            # Failed auth spends the IP's unauthenticated budget and counts towards
-            # its backoff and block.
+            # The guard slows failures only: a valid key always authenticates, or one
+            # client would lock out everyone behind its address (a NAT, an office).
+            # A failure spends the IP's unauthenticated budget and counts towards its
+            # backoff and block; while blocked, failures are 429, not 401.
+            ip = client_ip(exchange.remote, exchange.header(b"x-forwarded-for"),
+                           self._trusted)
+            guard.check_blocked(ip)
             guard.failure(ip)
             guard.check(ip)
             raise

@@ -265,6 +265,7 @@ class Session:
     account_id: int
     csrf_token: str
     expires_at: int
+    disabled: bool = False  # the account is disabled (read and data rights only)
 
 
 _ACCOUNT_COLS = "id, email, status, created_at, balance_nano, credited_nano, charged_nano"
@@ -383,16 +384,20 @@ class Accounts:
         return [(_account(r[:7]), int(r[7])) for r in rows]
 
     async def verify_login(self, email: str, password: bytes) -> int:
-        """The account id for a correct email + password, else the same 401 either way.
+        """The account id for a correct email + password, else the same 401 either way;
+        403 for the right password of a disabled account.
 
         An unknown email is checked against a dummy hash of the same cost, so both
         answers take one bcrypt verification.
         """
         async with self.db.execute(
-                "SELECT id, password_hash FROM accounts WHERE email = ?", (email,)) as cur:
+                "SELECT id, password_hash, status FROM accounts WHERE email = ?",
+                (email,)) as cur:
             row = await cur.fetchone()
         if row is not None and row[1] is not None:
             if await self._check(password, row[1]):
+                if row[2] == "disabled":  # told only to who knows the password
+                    raise PermissionDenied("This account is disabled.", code="account_disabled")
                 return int(row[0])
         else:
             await self.warm()
@@ -618,7 +623,8 @@ class Accounts:
             return None
         h = session_hash(token)
         async with self.db.execute(
-                "SELECT s.account_id, s.csrf_token, s.expires_at FROM sessions s JOIN accounts a "
+                "SELECT s.account_id, s.csrf_token, s.expires_at, a.status "
+                "FROM sessions s JOIN accounts a "
                 "ON a.id = s.account_id WHERE s.token_hash = ? AND a.status != 'deleted'",
                 (h,)) as cur:
             row = await cur.fetchone()
@@ -627,7 +633,7 @@ class Accounts:
         if row[2] <= self.clock():
             await self.delete_session(h)
             return None
-        return Session(h, int(row[0]), row[1], int(row[2]))
+        return Session(h, int(row[0]), row[1], int(row[2]), row[3] == "disabled")
 
     async def delete_session(self, token_hash: bytes) -> None:
         async with self.transaction() as db:

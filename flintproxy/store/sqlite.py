@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -107,14 +108,34 @@ def now_ms() -> int:
 
 
 async def connect(path: Path) -> aiosqlite.Connection:
-    """Open a connection with the pragmas every flintproxy connection uses."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = await aiosqlite.connect(path, isolation_level=None)
+    """Open a connection with the pragmas every flintproxy connection uses.
+
+    The database holds password hashes and key hashes: it and the directories made
+    for it are the owner's alone (0600 / 0700), -wal and -shm included (SQLite gives
+    them the database's mode; the umask covers them too while they are created).
+    """
+    old_umask = os.umask(0o077)
     try:
-        # First: the statements below may wait for another connection's lock (setting
-        # the journal mode does), and without a busy timeout they fail at once.
-        await db.execute("PRAGMA busy_timeout=5000")
-        await db.execute("PRAGMA journal_mode=WAL")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Never open and close a descriptor of the file here: closing any descriptor
+        # drops the process's POSIX locks on it, SQLite's included. SQLite creates the
+        # file itself, under the umask; one made before (older version, by hand) is
+        # tightened.
+        for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if f.exists() and f.stat().st_mode & 0o077:
+                f.chmod(0o600)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            # First: setting the journal mode may wait for another connection's lock,
+            # and without a busy timeout it fails at once.
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA journal_mode=WAL")
+        except BaseException:
+            await db.close()
+            raise
+    finally:
+        os.umask(old_umask)
+    try:
         # NORMAL is durable across process crashes in WAL mode; only an OS crash
         # can lose the last transactions.
         await db.execute("PRAGMA synchronous=NORMAL")

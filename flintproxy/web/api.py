@@ -1,12 +1,18 @@
 """Account self-service under /api/: JSON in, JSON out, cookie sessions.
 
 Login sets two cookies: ``flint_session`` (opaque, 256 random bits, HttpOnly,
-SameSite=Lax, Secure when ``accounts.secure_cookies``; only its SHA-256 is stored)
+SameSite=Lax, Secure as ``accounts.secure_cookies`` says: by default ("auto") when
+the request came over TLS or through a trusted proxy that says it did with
+``X-Forwarded-Proto: https``; only its SHA-256 is stored)
 and ``flint_csrf`` (readable by the page's script). Every state-changing call made
 with the session cookie must echo the CSRF token in ``X-CSRF-Token`` (double
 submit, compared with the token stored for the session), and is refused when an
 ``Origin`` header names another host. ``session_account`` enforces both for unsafe
 methods, so a route cannot forget the check.
+
+A disabled account cannot log in (403 ``account_disabled`` for the right password);
+a session opened before may read, export and delete its data and log out, but every
+other change is refused (``active_account``).
 
 Routes:
     POST   /api/signup            {email, password}            -> 201, logged in
@@ -31,6 +37,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from flintproxy.config import CookieSecurity
 from flintproxy.errors import (
     AuthenticationError,
     BadRequest,
@@ -40,7 +47,7 @@ from flintproxy.errors import (
     PermissionDenied,
     UnsupportedMediaType,
 )
-from flintproxy.gate.limiter import client_ip
+from flintproxy.gate.limiter import client_ip, is_trusted_proxy
 from flintproxy.store import accounts as acc
 from flintproxy.store.accounts import Session
 from flintproxy.web.keys import ACCOUNTS, LOGIN_GUARD, SETTINGS
@@ -74,6 +81,16 @@ async def session_account(request: web.Request) -> int:
     if request.method not in SAFE_METHODS:
         require_csrf(request)
     return session.account_id
+
+
+async def active_account(request: web.Request) -> int:
+    """``session_account`` for a change: a disabled account may read its data, export
+    and delete it (its data rights), and log out, but change nothing (403)."""
+    account_id = await session_account(request)
+    if request[_SESSION].disabled:
+        raise PermissionDenied("This account is disabled; you may still read, export and "
+                               "delete its data.", code="account_disabled")
+    return account_id
 
 
 def require_csrf(request: web.Request) -> None:
@@ -141,13 +158,27 @@ def _ip(request: web.Request) -> str:
                      request.app[SETTINGS].trusted_proxies)
 
 
+def _secure(request: web.Request) -> bool:
+    """Whether the session cookies carry ``Secure`` (``accounts.secure_cookies``)."""
+    s = request.app[SETTINGS]
+    if s.secure_cookies is not CookieSecurity.AUTO:
+        return s.secure_cookies is CookieSecurity.ALWAYS
+    if request.transport is not None and request.transport.get_extra_info("sslcontext"):
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "")
+    # Only a trusted proxy's word counts: the peer itself must be one.
+    return (proto.split(",")[-1].strip().lower() == "https" and request.remote is not None
+            and is_trusted_proxy(request.remote, s.trusted_proxies))
+
+
 def _set_session_cookies(request: web.Request, resp: web.Response, token: str,
                          session: Session) -> None:
     s = request.app[SETTINGS]
+    secure = _secure(request) or None
     resp.set_cookie(SESSION_COOKIE, token, max_age=s.session_ttl_s, path="/", httponly=True,
-                    samesite="Lax", secure=s.secure_cookies or None)
+                    samesite="Lax", secure=secure)
     resp.set_cookie(CSRF_COOKIE, session.csrf_token, max_age=s.session_ttl_s, path="/",
-                    samesite="Lax", secure=s.secure_cookies or None)
+                    samesite="Lax", secure=secure)
 
 
 def _clear_session_cookies(resp: web.Response) -> None:
@@ -234,7 +265,7 @@ async def get_account(request: web.Request) -> web.Response:
 
 
 async def change_email(request: web.Request) -> web.Response:
-    account_id = await session_account(request)
+    account_id = await active_account(request)
     body = await _body(request, frozenset({"new_email", "password"}))
     new_email = acc.normalize_email(body.get("new_email"), "new_email")
     await _confirm_password(request, account_id, body.get("password"), "password")
@@ -244,7 +275,7 @@ async def change_email(request: web.Request) -> web.Response:
 
 
 async def change_password(request: web.Request) -> web.Response:
-    account_id = await session_account(request)
+    account_id = await active_account(request)
     body = await _body(request, frozenset({"current_password", "new_password"}))
     new = acc.new_password(body.get("new_password"), "new_password")
     await _confirm_password(request, account_id, body.get("current_password"),
@@ -270,7 +301,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    account_id = await session_account(request)
+    account_id = await active_account(request)
     body = await _body(request, frozenset({"name", "expires_at", "expires_in_days",
                                            "allowed_models"}))
     repo = request.app[ACCOUNTS]
@@ -301,7 +332,7 @@ def _expiry(body: dict[str, Any], now_ms: int) -> int | None:
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    account_id = await session_account(request)
+    account_id = await active_account(request)
     raw = request.match_info["key_id"]
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         raise NotFound(f"No API key with id {raw[:32]!r}.")

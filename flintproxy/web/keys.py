@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import aiosqlite
 from aiohttp import web
 
-from flintproxy.config import Config
+from flintproxy.config import Config, CookieSecurity
 from flintproxy.errors import FlintError
 from flintproxy.gate.limiter import IpGuard, Network
 from flintproxy.http.exchange import Exchange
@@ -27,7 +27,7 @@ __all__ = ["ACCOUNTS", "LOGIN_GUARD", "REFUSAL_OBSERVERS", "SETTINGS", "USAGE", 
 class AuthSettings:
     """What the /api/ handlers need from the config."""
 
-    secure_cookies: bool
+    secure_cookies: CookieSecurity
     session_ttl_s: int
     trusted_proxies: tuple[Network, ...]
     models: frozenset[str]

@@ -43,7 +43,8 @@ MAX_PAGE = 1000
 EXPORT_CHUNK = 2000
 DELETE_CHUNK = 5000
 SYNC_TIMEOUT_S = 5.0
-_CURSOR_RE = re.compile(r"(\d{1,19})_(\d{1,19})")
+_CURSOR_RE = re.compile(r"([0-9]{1,18})_([0-9]{1,18})")  # < 2**63: a SQLite integer
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 # Rows are formatted by SQLite itself (C, not a Python dict per row): the export
 # of a million rows is bound by the disk and the socket, not the interpreter.
@@ -96,16 +97,22 @@ def _time_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    if raw.isdigit():
-        return int(raw)
-    try:
-        when = datetime.fromisoformat(raw)
-    except ValueError:
-        raise BadRequest(f"'{name}' must be an ISO 8601 time or unix milliseconds.",
-                         param=name) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
+    if raw.isascii() and raw.isdigit():
+        ms = int(raw) if len(raw) <= 16 else MAX_TIME_MS + 1
+    else:
+        try:
+            when = datetime.fromisoformat(raw)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            # Years 1 and 9999 with an offset leave datetime's range: OverflowError.
+            ms = int(when.timestamp() * 1000)
+        except (ValueError, OverflowError):
+            raise BadRequest(f"'{name}' must be an ISO 8601 time or unix milliseconds.",
+                             param=name) from None
+    if not 0 <= ms <= MAX_TIME_MS:
+        # SQLite integers are 64-bit: an unbounded value would be an OverflowError (500).
+        raise BadRequest(f"'{name}' must be a time between 1970 and 9999.", param=name)
+    return ms
 
 
 def _filters(request: web.Request) -> Filters:
@@ -130,10 +137,9 @@ def _where(account_id: int, f: Filters) -> tuple[str, list[Any]]:
 async def list_usage(request: web.Request) -> web.Response:
     account_id = await session_account(request)
     f = _filters(request)
-    try:
-        limit = int(request.query.get("limit", DEFAULT_PAGE))
-    except ValueError:
-        limit = -1
+    raw_limit = request.query.get("limit", str(DEFAULT_PAGE))
+    limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() and len(
+        raw_limit) <= 4 else -1
     if not 1 <= limit <= MAX_PAGE:
         raise BadRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}.", param="limit")
     where, args = _where(account_id, f)
