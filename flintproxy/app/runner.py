@@ -27,6 +27,7 @@ from aiohttp import web
 
 from flintproxy.app.root import Components, open_components
 from flintproxy.config import Config
+from flintproxy.errors import ListenError
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.server import LeanServer
 from flintproxy.ops.accesslog import Sink
@@ -120,7 +121,7 @@ class Server:
                 side.router.add_get("/metrics", MetricsEndpoint(
                     c.metrics, cfg.metrics.bearer_token).handle)
                 await self._listen(side, cfg.console.host, cfg.metrics.port)
-            self._lean = LeanServer(DataPlane(c), cfg.server)
+            self._lean = LeanServer(DataPlane(c), cfg.server, cfg.limits.trusted_proxies)
             await self._lean.start(host or cfg.server.host,
                                    cfg.server.port if port is None else port)
         except BaseException:
@@ -136,7 +137,10 @@ class Server:
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError.of(host, port, exc) from None
 
     async def serve(self, host: str | None = None, port: int | None = None) -> None:
         """Start, run until SIGINT/SIGTERM, then shut down gracefully."""
