@@ -204,5 +204,5 @@ class ListenError(OSError):
     def of(cls, host: str, port: int, exc: OSError) -> ListenError:
         """From the OSError of a bind; the reason as the OS says it ("Address already
         in use"), not the event loop's wording of it."""
-        reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+        reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
         return cls(host, port, reason)

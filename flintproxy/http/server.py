@@ -72,6 +72,7 @@ MAX_HEADER_LINES = 100
 LINGER_S = 2.0  # after a response that ends a connection, read and drop this long
 MAX_PIPELINED = 16  # queued requests before reading from the socket pauses
 MAX_QUEUED_BYTES = 1 << 20  # ... or queued request bodies
+FEED_SLICE = 8192  # a larger read is parsed a slice at a time (see data_received)
 SWEEP_S = 1.0
 
 Handler = Callable[[Exchange, Responder], Awaitable[None]]
@@ -119,11 +120,11 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: thousands live at once, and each would otherwise carry a dict for the
     # cyclic GC to walk.
-    __slots__ = ("body", "body_size", "busy", "closed", "closing", "continue_pending",
-                 "counted", "current", "deadline", "discarding", "ending", "flow", "head_done",
-                 "head_size", "in_message", "loop", "parser", "queue", "queued_bytes", "raw",
-                 "raw_left", "remote", "response", "server", "task", "transport", "url",
-                 "waiter")
+    __slots__ = ("backlog", "body", "body_size", "busy", "closed", "closing",
+                 "continue_pending", "counted", "current", "deadline", "discarding", "ending",
+                 "flow", "head_done", "head_size", "in_message", "loop", "parser", "queue",
+                 "queued_bytes", "raw", "raw_left", "remote", "response", "server", "task",
+                 "transport", "url", "waiter")
 
     def __init__(self, server: LeanServer) -> None:
         self.server = server
@@ -136,6 +137,7 @@ class HttpProtocol(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.flow: FlowControl  # from connection_made on
         self.queued_bytes = 0  # bodies of the requests in ``queue``
+        self.backlog = b""  # received, not yet parsed: the queue is full (data_received)
         self.closed = False
         self.closing = False  # no further requests: the server is shutting down
         self.discarding = False  # ignore further bytes (an error ended the connection)
@@ -190,18 +192,42 @@ class HttpProtocol(asyncio.Protocol):
         if self.raw_left:
             self._raw_body(data)
             return
+        if self.backlog:
+            data, self.backlog = self.backlog + data, b""
+        if len(data) <= FEED_SLICE:
+            self._feed(data, b"")  # a request or a few: the usual case, one call
+            return
+        # A large read: parsed a slice at a time, so that a flood of pipelined requests
+        # stops being parsed (and queued) once MAX_PIPELINED wait; the rest waits
+        # unparsed, with reading paused, until they have been answered.
+        queue = self.queue
+        while data:
+            part, data = data[:FEED_SLICE], data[FEED_SLICE:]
+            if not self._feed(part, data) or not data:
+                return
+            if len(queue) > MAX_PIPELINED or self.queued_bytes > MAX_QUEUED_BYTES:
+                self.backlog = data
+                self.flow.pause_reading()
+                return
+
+    def _feed(self, data: bytes, rest: bytes) -> bool:
+        """Parse ``data`` (``rest`` follows it); False once what follows is not to be
+        parsed (an error, an Upgrade, a body too large)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, _Refuse):
                 self._refuse(cause.error)
-            else:
-                raise
+                return False
+            raise
         except httptools.HttpParserUpgrade as exc:
-            self._ignore_upgrade(data[exc.args[0]:])
+            self._ignore_upgrade(data[exc.args[0]:] + rest)
+            return False
         except httptools.HttpParserError as exc:
             self._refuse(BadRequest(f"Malformed HTTP request: {exc}."))
+            return False
+        return not self.discarding
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -360,7 +386,11 @@ class HttpProtocol(asyncio.Protocol):
                     self.queued_bytes -= len(item.body)
                 if (flow.read_paused and len(queue) <= MAX_PIPELINED // 2
                         and self.queued_bytes <= MAX_QUEUED_BYTES // 2):
-                    flow.resume_reading()
+                    if self.backlog:
+                        backlog, self.backlog = self.backlog, b""
+                        self.data_received(backlog)  # may leave a backlog again
+                    if not self.backlog:
+                        flow.resume_reading()
                 self.busy = True
                 if isinstance(item, FlintError):
                     _Response(self, False, True).respond(item.status, item.head(), item.body())
