@@ -374,6 +374,8 @@ class HttpProtocol(asyncio.Protocol):
                         self.continue_pending = False
                         assert self.transport is not None
                         self.transport.write(_CONTINUE)
+                        # Its body comes only now: its time starts now.
+                        self.deadline = self.loop.time() + self.server.body_s
                     self.waiter = self.loop.create_future()
                     try:
                         await self.waiter
