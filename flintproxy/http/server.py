@@ -194,40 +194,36 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.backlog:
             data, self.backlog = self.backlog + data, b""
-        if len(data) <= FEED_SLICE:
-            self._feed(data, b"")  # a request or a few: the usual case, one call
-            return
-        # A large read: parsed a slice at a time, so that a flood of pipelined requests
-        # stops being parsed (and queued) once MAX_PIPELINED wait; the rest waits
-        # unparsed, with reading paused, until they have been answered.
-        queue = self.queue
-        while data:
-            part, data = data[:FEED_SLICE], data[FEED_SLICE:]
-            if not self._feed(part, data) or not data:
+        # A read larger than FEED_SLICE is parsed a slice at a time, so that a flood
+        # of pipelined requests stops being parsed (and queued) once MAX_PIPELINED
+        # wait: the rest waits unparsed, reading paused, until they are answered. The
+        # usual read (a request or a few) is one call, as before.
+        size = len(data)
+        start, stop = 0, min(size, FEED_SLICE)
+        view: bytes | memoryview = data if stop == size else memoryview(data)
+        parser = self.parser
+        while True:
+            try:
+                parser.feed_data(view if stop == size and not start else view[start:stop])
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, _Refuse):
+                    self._refuse(cause.error)
+                    return
+                raise
+            except httptools.HttpParserUpgrade as exc:
+                self._ignore_upgrade(bytes(view[start + exc.args[0]:]))
                 return
-            if len(queue) > MAX_PIPELINED or self.queued_bytes > MAX_QUEUED_BYTES:
-                self.backlog = data
+            except httptools.HttpParserError as exc:
+                self._refuse(BadRequest(f"Malformed HTTP request: {exc}."))
+                return
+            if stop == size or self.discarding:
+                return
+            if len(self.queue) > MAX_PIPELINED or self.queued_bytes > MAX_QUEUED_BYTES:
+                self.backlog = bytes(view[stop:])
                 self.flow.pause_reading()
                 return
-
-    def _feed(self, data: bytes, rest: bytes) -> bool:
-        """Parse ``data`` (``rest`` follows it); False once what follows is not to be
-        parsed (an error, an Upgrade, a body too large)."""
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, _Refuse):
-                self._refuse(cause.error)
-                return False
-            raise
-        except httptools.HttpParserUpgrade as exc:
-            self._ignore_upgrade(data[exc.args[0]:] + rest)
-            return False
-        except httptools.HttpParserError as exc:
-            self._refuse(BadRequest(f"Malformed HTTP request: {exc}."))
-            return False
-        return not self.discarding
+            start, stop = stop, min(stop + FEED_SLICE, size)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
