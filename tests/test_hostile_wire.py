@@ -248,6 +248,19 @@ async def test_connections_over_the_per_address_cap_are_refused_503(
     assert (await again.response()).status == 200
 
 
+async def test_a_trusted_proxy_is_never_capped_per_address(
+        tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any,
+        connect: Opener) -> None:
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["server"]["max_connections_per_ip"] = 1
+    raw["limits"] = {"trusted_proxies": ["127.0.0.0/8"]}
+    gw = await gateway_factory(raw)
+    conns = [await connect(gw) for _ in range(3)]  # every client behind the proxy
+    for conn in conns:
+        conn.send(get("/healthz"))
+        assert (await conn.response()).status == 200
+
+
 async def test_connections_over_the_global_cap_are_refused_503_and_zero_is_off(
         tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any,
         connect: Opener) -> None:
