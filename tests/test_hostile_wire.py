@@ -178,6 +178,23 @@ async def test_a_body_that_never_arrives_is_refused_408_after_the_body_timeout(
         lambda: not gw.server.data_plane.connections, 5)
 
 
+async def test_many_slow_heads_at_once_are_all_refused_while_others_are_served(
+        tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any,
+        connect: Opener) -> None:
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["server"].update(head_timeout_s=0.5, max_connections_per_ip=0)
+    gw = await gateway_factory(raw)
+    slow = [await connect(gw) for _ in range(60)]
+    for conn in slow:
+        conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+    fresh = await connect(gw)
+    fresh.send(post(gw))
+    assert (await fresh.response()).status == 200
+    answers = await asyncio.gather(*(conn.response() for conn in slow))
+    assert {resp.status for resp in answers} == {408}
+    assert await until(lambda: len(gw.server.data_plane.connections) == 1, 5)
+
+
 async def test_a_client_that_stops_reading_a_stream_is_cut_and_billed_for_what_was_relayed(
         tmp_path: Path, endless_upstream: MockServer, gateway_factory: Any) -> None:
     raw = raw_config(tmp_path, {"local": endless_upstream.base_url})
