@@ -47,7 +47,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from email.utils import formatdate
-from http import HTTPStatus
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
@@ -64,6 +63,7 @@ from flintproxy.errors import (
 )
 from flintproxy.http.exchange import Exchange, Responder, index_headers
 from flintproxy.http.flow import FlowControl
+from flintproxy.http.response import Response
 
 log = logging.getLogger("flintproxy")
 
@@ -77,21 +77,11 @@ SWEEP_S = 1.0
 
 Handler = Callable[[Exchange, Responder], Awaitable[None]]
 
-_STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii"))
-           for s in HTTPStatus}
-_CLOSE = b"Connection: close\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"  # said to HTTP/1.0 clients only
-_CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SHUTTING_DOWN = ServiceUnavailable("The server is shutting down; please retry.",
                                     code="server_shutting_down")
 _TOO_MANY = ServiceUnavailable("Too many connections; please retry later.",
                                code="too_many_connections")
-
-
-def _status_line(status: int) -> bytes:
-    return _STATUS.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
 
 
 class _Request(Exchange):
@@ -143,7 +133,7 @@ class HttpProtocol(asyncio.Protocol):
         self.discarding = False  # ignore further bytes (an error ended the connection)
         self.ending = False  # closing after what was written (_close)
         self.busy = False  # a request is being answered
-        self.response: _Response | None = None  # ... by this Responder
+        self.response: Response | None = None  # ... by this Responder
         self.counted = False  # in the server's per-address count
         # A new connection's first head must come within head_timeout_s.
         self.deadline = self.loop.time() + self.server.head_s
@@ -182,7 +172,7 @@ class HttpProtocol(asyncio.Protocol):
     def _turn_away(self) -> None:
         """Over a connection cap: a 503 in OpenAI's shape, then close."""
         self.discarding = True
-        _Response(self, False, True).respond(_TOO_MANY.status, _TOO_MANY.head(),
+        Response(self, False, True).respond(_TOO_MANY.status, _TOO_MANY.head(),
                                              _TOO_MANY.body())
         self._close()
 
@@ -391,10 +381,10 @@ class HttpProtocol(asyncio.Protocol):
                         flow.resume_reading()
                 self.busy = True
                 if isinstance(item, FlintError):
-                    _Response(self, False, True).respond(item.status, item.head(), item.body())
+                    Response(self, False, True).respond(item.status, item.head(), item.body())
                     self._close()
                     return
-                out = self.response = _Response(self, item.keep_alive and not self.closing,
+                out = self.response = Response(self, item.keep_alive and not self.closing,
                                                 item.http11)
                 await handler(item, out)
                 if flow.write_paused:
@@ -483,92 +473,6 @@ class HttpProtocol(asyncio.Protocol):
             if self.task is not None:
                 self.task.cancel()
             self._close()
-
-
-class _Response:
-    """The Responder of one request on a lean connection."""
-
-    __slots__ = ("chunked", "conn", "done", "http11", "keep_alive", "started")
-
-    def __init__(self, conn: HttpProtocol, keep_alive: bool, http11: bool) -> None:
-        self.conn = conn
-        self.keep_alive = keep_alive
-        self.http11 = http11
-        self.started = False
-        self.chunked = False
-        self.done = False
-
-    def _connection(self) -> bytes:
-        if not self.keep_alive:
-            return _CLOSE
-        return b"" if self.http11 else _KEEP_ALIVE
-
-    def respond(self, status: int, head: bytes, body: bytes) -> None:
-        self.done = True
-        transport = self.conn.transport
-        if transport is None or self.conn.closed:
-            return  # the client left; nothing to tell it
-        transport.write(b"".join((_status_line(status), head,
-                                  b"Content-Length: %d\r\n" % len(body),
-                                  self.conn.server.date(), self._connection(), b"\r\n",
-                                  body)))
-
-    async def stream(self, status: int, head: bytes, first: bytes = b"",
-                     end: bool = False) -> None:
-        conn = self.conn
-        if conn.closed or conn.transport is None:
-            raise ConnectionResetError("the client closed the connection")
-        self.started = True
-        if not self.http11:
-            self.keep_alive = False  # the end of the body is the end of the connection
-            conn.transport.write(b"".join((_status_line(status), head, conn.server.date(),
-                                           _CLOSE, b"\r\n", first)))
-        else:
-            self.chunked = True
-            conn.transport.write(b"".join((
-                _status_line(status), head, conn.server.date(), self._connection(),
-                _CHUNKED, b"%x\r\n%b\r\n" % (len(first), first) if first else b"",
-                _LAST_CHUNK if end else b"")))
-        self.done = end
-        if conn.flow.write_paused:
-            await conn.flow.drain()
-
-    async def write(self, data: bytes) -> None:
-        conn = self.conn
-        if conn.closed or conn.transport is None:
-            raise ConnectionResetError("the client closed the connection")
-        if not data:
-            return  # an empty chunk would end the body
-        conn.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        if conn.flow.write_paused:
-            await conn.flow.drain()
-
-    async def end(self, last: bytes = b"") -> None:
-        conn = self.conn
-        if conn.closed or conn.transport is None:
-            raise ConnectionResetError("the client closed the connection")
-        if self.chunked:
-            conn.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last
-                                 else _LAST_CHUNK)
-        elif last:
-            conn.transport.write(last)
-        self.done = True
-
-    def cut(self, error: FlintError) -> None:
-        """End what the server can no longer finish: a stream with ``error`` as its last
-        event (its chunked body properly ended), a response not begun with ``error``."""
-        conn = self.conn
-        transport = conn.transport
-        if self.done or conn.closed or transport is None:
-            return
-        if not self.started:
-            self.keep_alive = False
-            self.respond(error.status, error.head(), error.body())
-            return
-        event = error.sse_event()
-        transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event) if self.chunked
-                        else event)
-        self.done = True
 
 
 class LeanServer:
