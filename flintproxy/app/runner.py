@@ -7,8 +7,11 @@ Two listeners, two planes:
     control plane  [console] host:port  aiohttp: /api/*, /metrics (unless [metrics] port
                                         gives it a listener of its own), later the console
 
-Start-up opens the components (``root``), then the listeners; shutdown stops accepting,
-lets in-flight streams finish within ``server.shutdown_timeout_s``, stops the control
+Start-up opens the components (``root``), then the listeners; a listener that cannot
+open raises ``ListenError`` after what was opened is closed again (``flintproxy serve``
+then exits 1 naming the address). Shutdown stops accepting, lets in-flight streams
+finish within ``server.shutdown_timeout_s`` and ends those still open with a final SSE
+error event (``server_shutting_down``; their usage is recorded), stops the control
 plane, cancels the background jobs, then closes the components in reverse order (the
 usage writer drained before its connection closes).
 """
