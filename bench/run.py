@@ -398,6 +398,9 @@ class Bench:
 [server]
 host = "127.0.0.1"
 port = {self.gw_port}
+# The bench opens thousands of connections, all from 127.0.0.1.
+max_connections = 0
+max_connections_per_ip = 0
 {server}
 [storage]
 path = "{self.gw_db}"

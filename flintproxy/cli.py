@@ -16,6 +16,7 @@ from typing import Any
 from flintproxy import __version__
 from flintproxy.app import runner
 from flintproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from flintproxy.errors import ListenError
 from flintproxy.tools import admin, mock
 
 # File-descriptor slots reserved at start-up (at most RLIMIT_NOFILE's soft limit).
@@ -93,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 2
         # Only the process that owns stdout writes the access log there.
-        _run(runner.serve(config, host=args.host, port=args.port,
-                          access_sink=sys.stdout.buffer))
+        try:
+            _run(runner.serve(config, host=args.host, port=args.port,
+                              access_sink=sys.stdout.buffer))
+        except ListenError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "mock-upstream":
         settings = mock.MockSettings(chunks=args.chunks, delay_ms=args.delay_ms,

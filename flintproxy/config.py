@@ -32,8 +32,20 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     heartbeat_interval_s: float = 5.0
     shutdown_timeout_s: float = 10.0
-    # A client connection idle (or with a request still incomplete) this long closes.
+    # A client connection idle between requests this long closes.
     keepalive_timeout_s: float = 75.0
+    # Deadlines of a request on the data plane: its head must arrive within
+    # head_timeout_s of its first byte (a new connection's within head_timeout_s of
+    # opening), its body within body_timeout_s of the head (408 otherwise); a client
+    # that reads nothing of a response for write_timeout_s is cut (slowloris).
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    write_timeout_s: float = 30.0
+    # Open client connections, in all and from one address (0: no cap); over a cap a
+    # new connection is answered 503 and closed. Peers in limits.trusted_proxies are
+    # never capped per address.
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +242,9 @@ def _env_port(value: str) -> int:
 def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
     p = "server."
     _check_keys(raw, {"host", "port", "max_body_bytes", "heartbeat_interval_s",
-                      "shutdown_timeout_s", "keepalive_timeout_s"}, p)
+                      "shutdown_timeout_s", "keepalive_timeout_s", "head_timeout_s",
+                      "body_timeout_s", "write_timeout_s", "max_connections",
+                      "max_connections_per_ip"}, p)
     return ServerConfig(
         host=env.get("FLINTPROXY_HOST") or _str(raw, "host", p, "127.0.0.1") or "127.0.0.1",
         port=_env_port(env["FLINTPROXY_PORT"]) if env.get("FLINTPROXY_PORT")
@@ -239,6 +253,11 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
         heartbeat_interval_s=_float(raw, "heartbeat_interval_s", p, 5.0, 0.01),
         shutdown_timeout_s=_float(raw, "shutdown_timeout_s", p, 10.0, 0.0),
         keepalive_timeout_s=_float(raw, "keepalive_timeout_s", p, 75.0, 0.1),
+        head_timeout_s=_float(raw, "head_timeout_s", p, 10.0, 0.1),
+        body_timeout_s=_float(raw, "body_timeout_s", p, 60.0, 0.1),
+        write_timeout_s=_float(raw, "write_timeout_s", p, 30.0, 0.1),
+        max_connections=_int(raw, "max_connections", p, 10_000, 0, 1 << 24),
+        max_connections_per_ip=_int(raw, "max_connections_per_ip", p, 256, 0, 1 << 24),
     )
 
 

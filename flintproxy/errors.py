@@ -5,6 +5,7 @@
     │   ├── InvalidJSON             400 code=invalid_json
     │   ├── PayloadTooLarge         413 code=payload_too_large
     │   ├── HeadersTooLarge         431 code=request_header_fields_too_large
+    │   ├── RequestTimeout          408 code=request_timeout (head or body too slow)
     │   └── UnsupportedMediaType    415 code=unsupported_media_type
     ├── AuthenticationError         401 invalid_api_key / invalid_credentials
     ├── InsufficientQuota           402 insufficient_quota
@@ -18,6 +19,8 @@
     └── UpstreamError               502 upstream_error
         └── UpstreamTimeout         504 upstream_timeout
 
+Not a client's: ``ListenError``, a listener that cannot open (start-up fails).
+
 Third-party exceptions (aiohttp client errors, timeouts) are converted into
 UpstreamError/UpstreamTimeout in one place, ``relay.upstream_failure``.
 ``Relay.serve`` renders every FlintError of a /v1 route, whichever server parsed
@@ -27,6 +30,7 @@ route, and aiohttp's own HTTPExceptions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,6 +103,11 @@ class PayloadTooLarge(BadRequest):
 class HeadersTooLarge(BadRequest):
     status = 431
     code = "request_header_fields_too_large"
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+    code = "request_timeout"
 
 
 class UnsupportedMediaType(BadRequest):
@@ -189,3 +198,23 @@ class UpstreamError(FlintError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class ListenError(OSError):
+    """A listener cannot open (port taken, address not local, no permission).
+
+    Start-up stops, undoing what it opened; ``flintproxy serve`` says which and exits 1.
+    """
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port} ({reason})")
+        self.host = host
+        self.port = port
+        self.reason = reason
+
+    @classmethod
+    def of(cls, host: str, port: int, exc: OSError) -> ListenError:
+        """From the OSError of a bind; the reason as the OS says it ("Address already
+        in use"), not the event loop's wording of it."""
+        reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
+        return cls(host, port, reason)

@@ -155,6 +155,15 @@ ERRORS: dict[str, tuple[Callable[[Raw], None], tuple[str, ...]]] = {
         ("console.max_connections_per_ip", "= 11", "at most")),
     "bad demo credit": (_set("accounts", "demo_credit_usd", 5), ("accounts.demo_credit_usd",
                                                                  "= 5")),
+    "head timeout 0": (_set("server", "head_timeout_s", 0), ("server.head_timeout_s", "= 0")),
+    "body timeout text": (_set("server", "body_timeout_s", "1s"),
+                          ("server.body_timeout_s", "'1s'")),
+    "write timeout negative": (_set("server", "write_timeout_s", -1),
+                               ("server.write_timeout_s", "-1")),
+    "negative connection cap": (_set("server", "max_connections", -1),
+                                ("server.max_connections", "-1", "integer")),
+    "per-ip cap as float": (_set("server", "max_connections_per_ip", 2.5),
+                            ("server.max_connections_per_ip", "2.5")),
 }
 
 

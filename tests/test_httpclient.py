@@ -732,7 +732,8 @@ async def test_backpressure_pauses_the_upstream(client: UpstreamClient, raw: Sta
     resp = await post(client, srv.target())
     conn = resp._conn
     assert conn is not None
-    await until(lambda: conn.paused)  # > HIGH_WATER buffered: the socket is not read
+    # > HIGH_WATER buffered: the socket is not read
+    await until(lambda: conn.flow is not None and conn.flow.read_paused)
     assert conn.buffered > HIGH_WATER
     assert conn.buffered <= HIGH_WATER + (1 << 20)  # at most a read or so beyond it
     # The kernel buffers fill up, then the upstream's writes block for good: no
@@ -744,7 +745,8 @@ async def test_backpressure_pauses_the_upstream(client: UpstreamClient, raw: Sta
         stalled_at = sent
         await asyncio.sleep(0.05)
     assert stalled_at < total
-    assert conn.paused and conn.buffered <= HIGH_WATER + (1 << 20)
+    assert conn.flow is not None and conn.flow.read_paused
+    assert conn.buffered <= HIGH_WATER + (1 << 20)
     # Reading resumes the flow and everything arrives intact.
     parts = []
     while data := await resp.readany():
@@ -752,7 +754,8 @@ async def test_backpressure_pauses_the_upstream(client: UpstreamClient, raw: Sta
         parts.append(data)
     assert sent == total
     assert b"".join(parts) == body
-    assert (conn.paused, conn.buffered) == (False, 0)  # reading resumed for good
+    assert conn.flow is not None
+    assert (conn.flow.read_paused, conn.buffered) == (False, 0)  # reading resumed for good
     resp.release()
     assert idle(client, srv.target()) == 1
 

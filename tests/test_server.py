@@ -293,6 +293,7 @@ async def test_idle_connections_close_after_the_keepalive_timeout(
         tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any, connect: Opener) -> None:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["server"]["keepalive_timeout_s"] = 0.3
+    raw["server"]["head_timeout_s"] = 0.3
     gw = await gateway_factory(raw)
     conn = await connect(gw)
     conn.send(post(gw))
@@ -300,9 +301,11 @@ async def test_idle_connections_close_after_the_keepalive_timeout(
     started = time.monotonic()
     assert await conn.closed()
     assert time.monotonic() - started < 3.0
-    # A request head that never completes is cut off too.
+    # A request head that never completes is cut off too (head_timeout_s: a 408).
     conn = await connect(gw)
     conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    resp = await conn.response()
+    assert resp.status == 408 and resp.json()["error"]["code"] == "request_timeout"
     assert await conn.closed()
 
 
@@ -366,7 +369,7 @@ async def test_a_client_that_does_not_read_pauses_its_stream(gateway: Gateway) -
     lean = gateway.server.data_plane
     assert lean is not None
     for _ in range(500):
-        paused = [c for c in lean.connections if c.writing_paused]
+        paused = [c for c in lean.connections if c.flow.write_paused]
         if paused:
             break
         await asyncio.sleep(0.02)

@@ -7,8 +7,11 @@ Two listeners, two planes:
     control plane  [console] host:port  aiohttp: /api/*, /metrics (unless [metrics] port
                                         gives it a listener of its own), later the console
 
-Start-up opens the components (``root``), then the listeners; shutdown stops accepting,
-lets in-flight streams finish within ``server.shutdown_timeout_s``, stops the control
+Start-up opens the components (``root``), then the listeners; a listener that cannot
+open raises ``ListenError`` after what was opened is closed again (``flintproxy serve``
+then exits 1 naming the address). Shutdown stops accepting, lets in-flight streams
+finish within ``server.shutdown_timeout_s`` and ends those still open with a final SSE
+error event (``server_shutting_down``; their usage is recorded), stops the control
 plane, cancels the background jobs, then closes the components in reverse order (the
 usage writer drained before its connection closes).
 """
@@ -27,6 +30,7 @@ from aiohttp import web
 
 from flintproxy.app.root import Components, open_components
 from flintproxy.config import Config
+from flintproxy.errors import ListenError
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.server import LeanServer
 from flintproxy.ops import logfilter
@@ -125,7 +129,7 @@ class Server:
                 side.router.add_get("/metrics", MetricsEndpoint(
                     c.metrics, cfg.metrics.bearer_token).handle)
                 await self._listen(side, cfg.console.host, cfg.metrics.port)
-            self._lean = LeanServer(DataPlane(c), cfg.server)
+            self._lean = LeanServer(DataPlane(c), cfg.server, cfg.limits.trusted_proxies)
             await self._lean.start(host or cfg.server.host,
                                    cfg.server.port if port is None else port)
         except BaseException:
@@ -144,7 +148,10 @@ class Server:
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError.of(host, port, exc) from None
 
     async def serve(self, host: str | None = None, port: int | None = None) -> None:
         """Start, run until SIGINT/SIGTERM, then shut down gracefully."""

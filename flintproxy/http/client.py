@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from flintproxy.http.flow import FlowControl
+
 HIGH_WATER = 1 << 20
 
 
@@ -71,13 +73,14 @@ class _Connection(asyncio.Protocol):
     """One upstream socket and the response being read from it."""
 
     __slots__ = ("buffered", "chunks", "closed", "complete", "connection", "deadline",
-                 "error", "headers_done", "interim", "keep_alive", "limit_s", "loop",
-                 "parser", "paused", "raw_headers", "received", "status", "timer",
+                 "error", "flow", "headers_done", "interim", "keep_alive", "limit_s",
+                 "loop", "parser", "raw_headers", "received", "status", "timer",
                  "timer_at", "transport", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
         self.closed = False
         self.parser: Any = None
         # The read timeout: one timer per connection, re-armed lazily (see wait).
@@ -98,7 +101,6 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.complete = False
         self.received = False
-        self.paused = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
 
@@ -112,6 +114,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(self.transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         self.received = True
@@ -158,9 +161,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        if self.buffered > HIGH_WATER and self.flow is not None:
+            self.flow.pause_reading()
         self._wake()
 
     def on_message_complete(self) -> None:
@@ -221,9 +223,8 @@ class _Connection(asyncio.Protocol):
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
-        if self.paused and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
+        if self.flow is not None:
+            self.flow.resume_reading()
         return data
 
     def reusable(self) -> bool:

