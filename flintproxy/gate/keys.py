@@ -217,4 +217,11 @@ class KeyAuthenticator:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.flush_last_used()
+        try:
+            await self.flush_last_used()
+        except Exception as exc:
+            # Best-effort metadata: a store still locked by another process at exit
+            # ("database is locked" after the busy timeout) must not fail the shutdown
+            # (the usage writer, which holds money, has already drained by now).
+            log.warning("last_used_at: %d marks not written at shutdown (%s)",
+                        len(self._used), type(exc).__name__)
