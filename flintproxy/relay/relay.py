@@ -31,6 +31,7 @@ from flintproxy.errors import (
     UpstreamTimeout,
     header_lines,
 )
+from flintproxy.gate.bounds import with_limit
 from flintproxy.gate.gate import Admission, Gate, Outcome, parse_call
 from flintproxy.http.client import (
     UpstreamClient,
@@ -236,6 +237,7 @@ class Relay:
                 # When absent it is spliced in: re-encoding a long prompt costs far more.
                 body = _ask_for_usage(body) if absent else b""  # b"": re-encoded below
         admission = await self.gate.admit(exchange, call, principal, started, started_ms)
+        body = with_limit(data, body, admission.limit)  # held to what was reserved
         outcome = Outcome(status=500, outcome="error")
         try:
             head, _ = _filter(exchange.raw_headers, REQUEST_DROP,
