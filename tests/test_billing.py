@@ -333,7 +333,7 @@ async def test_change_for_unknown_or_all_accounts(db: aiosqlite.Connection,
 # --- end to end: the real server, the openai SDK -----------------------------------------
 
 
-async def test_200_concurrent_streams_for_an_account_that_affords_10(
+async def test_200_concurrent_streams_for_an_account_that_affords_10_in_full(
         tmp_path: Path, mock_upstream: MockServer,
         gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
@@ -349,10 +349,14 @@ async def test_200_concurrent_streams_for_an_account_that_affords_10(
             chunks = await client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                 stream=True, max_tokens=20, extra_headers={"x-mock-delay-ms": "5"})
-            text = "".join([c.choices[0].delta.content or "" async for c in chunks
-                            if c.choices])
+            finish = []
+            text = ""
+            async for c in chunks:
+                if c.choices:
+                    text += c.choices[0].delta.content or ""
+                    finish.append(c.choices[0].finish_reason)
             assert text.startswith("tok0 ")
-            return "ok"
+            return f"{len(text.split())} {finish[-1]}"
         except openai.APIStatusError as exc:
             assert exc.status_code == 402
             body = exc.body
@@ -361,13 +365,16 @@ async def test_200_concurrent_streams_for_an_account_that_affords_10(
 
     async with client:
         results = await asyncio.gather(*(stream() for _ in range(200)))
-    assert results.count("ok") == 10 and results.count("402") == 190
+    # Ten in full; the eleventh is held to the 19 tokens the rest of the balance buys.
+    assert results.count("20 stop") == 10 and results.count("402") == 189
+    assert results.count("19 length") == 1
     assert await gw.components.usage.sync(10)
     db = gw.components.usage_db
     credited, charged, balance = await db_totals(db, gw.account_id)
-    assert (credited, charged, balance) == (10 * one + one - 1, 10 * one, one - 1)
+    assert (credited, charged, balance) == (10 * one + one - 1, 10 * one + 19_000, 999)
     rows = await db.execute_fetchall(
         "SELECT cost_nano, stream, outcome, completion_tokens FROM usage WHERE account_id = ?",
         (gw.account_id,))
-    assert sorted(rows) == [(one, 1, "ok", 20)] * 10  # streams are billed, never zero
-    assert gw.components.billing.available(gw.account_id) == one - 1
+    # Streams are billed, never zero.
+    assert sorted(rows) == [(19_000, 1, "ok", 19)] + [(one, 1, "ok", 20)] * 10
+    assert gw.components.billing.available(gw.account_id) == 999
