@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from flintproxy.gate.bounds import measure
+from flintproxy.gate.bounds import measure, with_limit
 from flintproxy.money import NANO_PER_USD
 from flintproxy.tools.mock import MockSettings, expected_content
 from tests.conftest import Gateway, MockServer, raw_config, start_mock
@@ -255,8 +255,7 @@ async def test_an_embedding_reserves_its_input_bytes_only_and_goes_unchanged(
 
 @pytest.mark.parametrize(("extra", "param"), [
     ({"n": 0}, "n"), ({"n": "3"}, "n"), ({"n": True}, "n"), ({"n": 1.5}, "n"),
-    ({"best_of": -1}, "best_of"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"max_tokens": [5]}, "max_tokens"),
+    ({"best_of": -1}, "best_of"), ({"best_of": None, "n": [2]}, "n"),
 ])
 async def test_malformed_multipliers_and_limits_are_400s(
         gateway: Gateway, mock_upstream: MockServer, extra: dict[str, Any],
@@ -336,3 +335,17 @@ def test_the_prompt_bound_counts_bytes_and_each_media_part_once() -> None:
     assert (bound.media_parts, bound.choices, bound.requested) == (2, 2, 9)
     assert bound.text_bytes == len(body) - len(url) - 5000 - len("wav")
     assert bound.prompt_tokens(1000) == bound.text_bytes + 2000
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"m","messages":[]}', b'  \n{ "model" : "m" }\n', b'{"max_tokens":null,"model":"m"}',
+    b'{"model":"m","max_tokens":900,"max_tokens":90000}',
+])
+def test_the_limit_written_into_a_body_is_the_only_change(body: bytes) -> None:
+    data = orjson.loads(body)
+    before = dict(data)
+    bound = measure("chat/completions", data, len(body))
+    names = bound.params or ("max_tokens",)
+    sent = with_limit(data, body, (names, 77))
+    assert orjson.loads(sent) == {**before, "max_tokens": 77} == data
+    assert with_limit(data, body, None) is body

@@ -34,8 +34,7 @@ Everything here is a pure function of the parsed body; it runs once per request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -50,8 +49,7 @@ LIMIT_PARAMS = ("max_completion_tokens", "max_tokens")
 _TEXT_PARTS = frozenset(("text", "refusal"))
 
 
-@dataclass(frozen=True, slots=True)
-class Bound:
+class Bound(NamedTuple):
     """What one request can cost, measured from its body (before prices and balance)."""
 
     text_bytes: int  # bytes of the body outside media parts: >= their tokens
@@ -92,16 +90,15 @@ def _media_in(content: object) -> tuple[int, int]:
     return parts, skipped
 
 
-def _media(endpoint: str, data: dict[str, Any]) -> tuple[int, int]:
-    if endpoint != "chat/completions":
-        return 0, 0
+def _media(data: dict[str, Any]) -> tuple[int, int]:
     messages = data.get("messages")
-    if not isinstance(messages, list):
+    if type(messages) is not list:
         return 0, 0
     parts = skipped = 0
     for message in messages:
-        if isinstance(message, dict):
-            p, s = _media_in(message.get("content"))
+        # Plain-text messages (the usual case) cost one dict lookup and a type check.
+        if type(message) is dict and type(content := message.get("content")) is list:
+            p, s = _media_in(content)
             parts += p
             skipped += s
     return parts, skipped
@@ -124,27 +121,44 @@ def completion_choices(endpoint: str, data: dict[str, Any]) -> int:
 
 def measure(endpoint: str, data: dict[str, Any], body_len: int) -> Bound:
     """The request's Bound; raises 400 for a malformed ``n``, ``best_of`` or limit."""
-    sent = [(name, _positive_int(data, name)) for name in LIMIT_PARAMS]
-    given = tuple(name for name, value in sent if value is not None)
-    values = [v for _, v in sent if v is not None]
-    parts, skipped = _media(endpoint, data)
-    return Bound(text_bytes=max(body_len - skipped, 0), media_parts=parts,
-                 choices=completion_choices(endpoint, data),
-                 requested=min(values, default=None), largest=max(values, default=None),
-                 params=given)
+    mct = _positive_int(data, "max_completion_tokens")
+    mt = _positive_int(data, "max_tokens")
+    if mt is None and mct is None:
+        params: tuple[str, ...] = ()
+        least = most = None
+    elif mt is None or mct is None:
+        params = ("max_tokens",) if mct is None else ("max_completion_tokens",)
+        least = most = mct if mt is None else mt
+    else:
+        params, least, most = LIMIT_PARAMS, min(mt, mct), max(mt, mct)
+    parts, skipped = _media(data) if endpoint == "chat/completions" else (0, 0)
+    return Bound(body_len - skipped, parts, completion_choices(endpoint, data), least, most,
+                 params)
 
 
 def with_limit(data: dict[str, Any], body: bytes,
                limit: tuple[tuple[str, ...], int] | None) -> bytes:
-    """The body to send: ``body`` itself when ``limit`` is None, else ``data`` with
-    the named limit parameters set to the granted tokens, re-encoded once. ``data``
-    is updated too (a later model rename re-encodes it)."""
+    """The body to send: ``body`` itself when ``limit`` is None, else with the named
+    limit parameters set to the granted tokens. ``data`` is updated too (a model
+    rename re-encodes it later).
+
+    An absent limit (the common case) is spliced in after the opening brace, as
+    re-encoding a long prompt costs far more; a limit being lowered is re-encoded.
+    ``body`` is b"" when the caller already changed ``data``: always re-encoded.
+    """
     if limit is None:
         return body
     names, granted = limit
+    absent = all(name not in data for name in names)
     for name in names:
         data[name] = granted
-    return orjson.dumps(data)
+    if not (absent and body):
+        return orjson.dumps(data)
+    i = body.index(b"{") + 1  # a JSON object: parse_call checked it
+    rest = body[i:]
+    sep = b"" if rest.lstrip()[:1] == b"}" else b","
+    fields = b",".join(b'"%s":%d' % (name.encode(), granted) for name in names)
+    return body[:i] + fields + sep + rest
 
 
 def needs_limit(bound: Bound, granted: int) -> bool:
