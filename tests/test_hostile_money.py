@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -293,16 +294,24 @@ async def _greedy(request: web.Request) -> web.Response:
         "usage": {"prompt_tokens": 10, "completion_tokens": 16_000, "total_tokens": 16_010}})
 
 
-async def test_an_upstream_reporting_more_than_reserved_is_charged_the_reservation(
-        tmp_path: Path, gateway_factory: GatewayFactory) -> None:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _greedy)
+@contextlib.asynccontextmanager
+async def upstream(handler: Callable[[web.Request], Awaitable[web.Response]]
+                   ) -> AsyncIterator[str]:
+    """A one-route upstream of the test's own (a real HTTP server); yields its base URL."""
+    app = web.Application(client_max_size=8 << 20)
+    app.router.add_post("/v1/chat/completions", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_upstream_reporting_more_than_reserved_is_charged_the_reservation(
+        tmp_path: Path, gateway_factory: GatewayFactory) -> None:
+    async with upstream(_greedy) as url:
         raw = raw_config(tmp_path, {"greedy": url})
         raw["models"]["gpt-4o-mini"] = PER_TOKEN
         gw = await gateway_factory(raw, credit_nano=50 * TOKEN)
@@ -317,8 +326,35 @@ async def test_an_upstream_reporting_more_than_reserved_is_charged_the_reservati
         assert gw.components.billing.overruns == 3
         assert await metric(gw, "flintproxy_usage_over_reservation_total") \
             == "flintproxy_usage_over_reservation_total 3.0"
-    finally:
-        await runner.cleanup()
+
+
+async def _no_usage(request: web.Request) -> web.Response:
+    """An upstream that reports no usage: the gateway falls back to its own estimate."""
+    await request.read()
+    return web.json_response({
+        "id": "x", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "a cat"}}]})
+
+
+async def test_an_estimate_above_the_bound_is_capped_without_blaming_the_upstream(
+        tmp_path: Path, gateway_factory: GatewayFactory) -> None:
+    # A 400 KB inline image: the 4-bytes-a-token estimate says 100,000 prompt tokens,
+    # the bound says one media part (1,000) plus the text.
+    payload = base64.b64encode(bytes(300_000)).decode()
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload}}
+    async with upstream(_no_usage) as url:
+        raw = raw_config(tmp_path, {"blind": url})
+        raw["models"]["gpt-4o-mini"] = {"input_usd_per_mtok": "1.00",
+                                        "output_usd_per_mtok": "0"}
+        raw["billing"] = {"max_tokens_per_media_part": 1000}
+        gw = await gateway_factory(raw, credit_nano=2000 * TOKEN)
+        async with sdk(gw) as client:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": [part]}])
+        _, charged, balance = await totals(gw)
+        assert 1000 * TOKEN < charged < 1200 * TOKEN and balance > 0
+        assert gw.components.billing.overruns == 0
 
 
 def test_the_prompt_bound_counts_bytes_and_each_media_part_once() -> None:
