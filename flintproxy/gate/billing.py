@@ -51,7 +51,7 @@ import aiosqlite
 
 from flintproxy.config import BillingConfig, ModelPrice
 from flintproxy.errors import InsufficientQuota, ModelNotFound
-from flintproxy.gate.bounds import Bound, needs_limit
+from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Outcome
 from flintproxy.money import format_usd
 
@@ -236,30 +236,40 @@ class Billing:
         if book is None or book.balance is None:
             raise RuntimeError(f"Billing.reserve before Billing.load for account {account_id}")
         available = book.balance - book.pending - book.reserved
-        prompt = bound.prompt_tokens(self._per_media_part)
+        text, media, choices, requested, largest, _ = bound
+        prompt = text + media * self._per_media_part if media else text
+        per_prompt = price.input_nano_per_mtok
+        if price.cached_input_nano_per_mtok > per_prompt:
+            per_prompt = price.cached_input_nano_per_mtok
+        exact = prompt * per_prompt  # the maximum cost, x 1e6, before rounding up
         granted = 0
-        if bound.choices:
-            granted = self._default_max_tokens if bound.requested is None else bound.requested
-            if price.max_output_tokens is not None:
-                granted = min(granted, price.max_output_tokens)
-            if price.output_nano_per_mtok:
+        limit = None
+        if choices:
+            granted = self._default_max_tokens if requested is None else requested
+            cap = price.max_output_tokens
+            if cap is not None and cap < granted:
+                granted = cap
+            per_choice = choices * price.output_nano_per_mtok
+            if per_choice:
                 # The most tokens per choice whose cost, rounded up, fits the balance:
                 # ceil(x / 1e6) <= a  <=>  x <= a * 1e6 for an integer x.
-                room = max(available, 0) * TOKENS_PER_PRICE_UNIT - prompt * max(
-                    price.input_nano_per_mtok, price.cached_input_nano_per_mtok)
-                granted = min(granted, max(room, 0) // (
-                    bound.choices * price.output_nano_per_mtok))
-        amount = max_cost_nano(price, prompt, granted * bound.choices)
-        if amount > available or (bound.choices and granted < 1):
-            need = max_cost_nano(price, prompt, bound.choices)
+                room = available * TOKENS_PER_PRICE_UNIT - exact
+                affordable = room // per_choice if room > 0 else 0
+                if affordable < granted:
+                    granted = affordable
+                exact += granted * per_choice
+            if largest is None or largest > granted:
+                limit = granted  # the body must say it: it is absent or larger
+        amount = -(-exact // TOKENS_PER_PRICE_UNIT)
+        if amount > available or (choices and granted < 1):
+            need = max_cost_nano(price, prompt, choices)
             raise InsufficientQuota(
                 "You exceeded your current quota: this request may cost up to "
                 f"${format_usd(max(amount, need))} but the account has "
                 f"${format_usd(max(available, 0))} available. Add credit, or send a "
                 "shorter request.")
         book.reserved += amount
-        return Reservation(account_id, model, price, amount, granted,
-                           granted if needs_limit(bound, granted) else None)
+        return Reservation(account_id, model, price, amount, granted, limit)
 
     def settle(self, res: Reservation, outcome: Outcome) -> int:
         """Release the reservation; return the actual cost, never more than reserved.

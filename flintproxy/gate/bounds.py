@@ -40,11 +40,12 @@ import orjson
 
 from flintproxy.errors import BadRequest
 
-__all__ = ["LIMIT_PARAMS", "Bound", "completion_choices", "measure", "needs_limit",
-           "with_limit"]
+__all__ = ["LIMIT_PARAMS", "Bound", "completion_choices", "measure", "with_limit"]
 
 # The per-choice output limits a client may send, in the order they are rewritten.
 LIMIT_PARAMS = ("max_completion_tokens", "max_tokens")
+# The limit the client sent, by "max_completion_tokens is None".
+_ONE_PARAM = {False: ("max_completion_tokens",), True: ("max_tokens",)}
 # Chat content parts that are text: their bytes count; any other part type is media.
 _TEXT_PARTS = frozenset(("text", "refusal"))
 
@@ -121,19 +122,25 @@ def completion_choices(endpoint: str, data: dict[str, Any]) -> int:
 
 def measure(endpoint: str, data: dict[str, Any], body_len: int) -> Bound:
     """The request's Bound; raises 400 for a malformed ``n``, ``best_of`` or limit."""
-    mct = _positive_int(data, "max_completion_tokens")
-    mt = _positive_int(data, "max_tokens")
-    if mt is None and mct is None:
-        params: tuple[str, ...] = ()
-        least = most = None
-    elif mt is None or mct is None:
-        params = ("max_tokens",) if mct is None else ("max_completion_tokens",)
-        least = most = mct if mt is None else mt
+    get = data.get
+    mct, mt = get("max_completion_tokens"), get("max_tokens")
+    params: tuple[str, ...] = ()
+    least = most = None
+    if mct is not None or mt is not None:  # validated only when sent
+        mct = _positive_int(data, "max_completion_tokens")
+        mt = _positive_int(data, "max_tokens")
+        if mt is None or mct is None:
+            params = _ONE_PARAM[mct is None]
+            least = most = mct if mt is None else mt
+        else:
+            params, least, most = LIMIT_PARAMS, min(mt, mct), max(mt, mct)
+    skipped = parts = 0
+    if endpoint == "chat/completions":
+        parts, skipped = _media(data)
+        choices = 1 if get("n") is None else completion_choices(endpoint, data)
     else:
-        params, least, most = LIMIT_PARAMS, min(mt, mct), max(mt, mct)
-    parts, skipped = _media(data) if endpoint == "chat/completions" else (0, 0)
-    return Bound(body_len - skipped, parts, completion_choices(endpoint, data), least, most,
-                 params)
+        choices = completion_choices(endpoint, data)
+    return Bound(body_len - skipped, parts, choices, least, most, params)
 
 
 def with_limit(data: dict[str, Any], body: bytes,
@@ -149,18 +156,11 @@ def with_limit(data: dict[str, Any], body: bytes,
     if limit is None:
         return body
     names, granted = limit
-    absent = all(name not in data for name in names)
+    if body and len(names) == 1 and names[0] not in data:
+        data[names[0]] = granted
+        # A JSON object with at least "model" in it (parse_call checked): a comma fits.
+        i = body.index(b"{") + 1
+        return b"%s\"%s\":%d,%s" % (body[:i], names[0].encode(), granted, body[i:])
     for name in names:
         data[name] = granted
-    if not (absent and body):
-        return orjson.dumps(data)
-    i = body.index(b"{") + 1  # a JSON object: parse_call checked it
-    rest = body[i:]
-    sep = b"" if rest.lstrip()[:1] == b"}" else b","
-    fields = b",".join(b'"%s":%d' % (name.encode(), granted) for name in names)
-    return body[:i] + fields + sep + rest
-
-
-def needs_limit(bound: Bound, granted: int) -> bool:
-    """Whether the body must be rewritten for the upstream to stop at ``granted``."""
-    return bound.choices > 0 and (bound.largest is None or bound.largest > granted)
+    return orjson.dumps(data)
