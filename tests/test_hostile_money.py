@@ -385,3 +385,24 @@ def test_the_limit_written_into_a_body_is_the_only_change(body: bytes) -> None:
     sent = with_limit(data, body, (names, 77))
     assert orjson.loads(sent) == {**before, "max_tokens": 77} == data
     assert with_limit(data, body, None) is body
+
+
+async def test_a_body_too_deep_to_rewrite_is_a_400_and_holds_nothing(
+        tmp_path: Path, mock_upstream: MockServer, gateway_factory: GatewayFactory) -> None:
+    # Parsed at 300 levels, but orjson encodes at most 255: the lowered limit cannot
+    # be written back. A clear 400, and the reservation is released.
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["models"]["gpt-4o-mini"]["max_output_tokens"] = 100
+    gateway = await gateway_factory(raw)
+    deep = b"[" * 300 + b"]" * 300
+    body = b'{"model":"gpt-4o-mini","prompt":"x","max_tokens":99999,"x":' + deep + b"}"
+    headers = {"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.post(gateway.base_url + "/completions", data=body,
+                                 headers=headers) as resp:
+                assert resp.status == 400
+                assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    assert mock_upstream.stats.requests == 0
+    balance, _, reserved = gateway.components.billing.snapshot(gateway.account_id)
+    assert balance is not None and reserved == 0

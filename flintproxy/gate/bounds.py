@@ -163,4 +163,7 @@ def with_limit(data: dict[str, Any], body: bytes,
         return b"%s\"%s\":%d,%s" % (body[:i], names[0].encode(), granted, body[i:])
     for name in names:
         data[name] = granted
-    return orjson.dumps(data)
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:  # orjson encodes 255 levels deep, decodes 1024
+        raise BadRequest("The request body is nested too deeply.") from None

@@ -237,9 +237,9 @@ class Relay:
                 # When absent it is spliced in: re-encoding a long prompt costs far more.
                 body = _ask_for_usage(body) if absent else b""  # b"": re-encoded below
         admission = await self.gate.admit(exchange, call, principal, started, started_ms)
-        body = with_limit(data, body, admission.limit)  # held to what was reserved
         outcome = Outcome(status=500, outcome="error")
         try:
+            body = with_limit(data, body, admission.limit)  # held to what was reserved
             head, _ = _filter(exchange.raw_headers, REQUEST_DROP,
                               exchange.headers.get(b"connection"))
             head += b"X-Request-Id: " + call.trace_id.encode("ascii") + b"\r\n"
