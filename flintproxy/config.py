@@ -103,6 +103,11 @@ class ModelPrice:
     input_nano_per_mtok: int
     output_nano_per_mtok: int
     cached_input_nano_per_mtok: int
+    # The most output tokens one choice may produce: caps the client's max_tokens and
+    # the default (None: billing.default_max_tokens alone).
+    max_output_tokens: int | None = None
+    # The body parameter added when the client sent no limit (see gate.bounds).
+    limit_param: str = "max_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +127,9 @@ class LimitsConfig:
 class BillingConfig:
     # Completion-token ceiling reserved when a request sets no max_tokens.
     default_max_tokens: int = 4096
+    # Upper bound on the prompt tokens of one image, audio or file part (gate.bounds):
+    # gpt-4o-mini counts a high-detail image as up to ~36,835 tokens.
+    max_tokens_per_media_part: int = 40_000
     flush_interval_s: float = 0.2
     flush_batch_rows: int = 5000
     # Rows that may wait in memory before /v1 refuses with 503.
@@ -338,7 +346,7 @@ def _models(raw: Mapping[str, Any]) -> dict[str, ModelPrice]:
         if not isinstance(spec, Mapping):
             raise _fail(f'models."{name}"', spec, "must be a table")
         _check_keys(spec, {"input_usd_per_mtok", "output_usd_per_mtok",
-                           "cached_input_usd_per_mtok"}, p)
+                           "cached_input_usd_per_mtok", "max_output_tokens", "limit_param"}, p)
         for req in ("input_usd_per_mtok", "output_usd_per_mtok"):
             if req not in spec:
                 raise _fail(f"{p}{req}", None,
@@ -351,8 +359,19 @@ def _models(raw: Mapping[str, Any]) -> dict[str, ModelPrice]:
             cached_input_nano_per_mtok=usd_to_nano(spec["cached_input_usd_per_mtok"],
                                                    f"{p}cached_input_usd_per_mtok")
             if "cached_input_usd_per_mtok" in spec else inp,
+            max_output_tokens=_int(spec, "max_output_tokens", p, 0, 1, 10**7)
+            if "max_output_tokens" in spec else None,
+            limit_param=_limit_param(spec, p),
         )
     return out
+
+
+def _limit_param(spec: Mapping[str, Any], p: str) -> str:
+    value = spec.get("limit_param", "max_tokens")
+    if value not in ("max_tokens", "max_completion_tokens"):
+        raise _fail(f"{p}limit_param", value,
+                    'must be "max_tokens" or "max_completion_tokens"')
+    return str(value)
 
 
 def _limits(raw: Mapping[str, Any]) -> LimitsConfig:
@@ -385,10 +404,12 @@ def _limits(raw: Mapping[str, Any]) -> LimitsConfig:
 
 def _billing(raw: Mapping[str, Any]) -> BillingConfig:
     p = "billing."
-    _check_keys(raw, {"default_max_tokens", "flush_interval_s", "flush_batch_rows",
-                      "max_backlog_rows", "retention_days"}, p)
+    _check_keys(raw, {"default_max_tokens", "max_tokens_per_media_part", "flush_interval_s",
+                      "flush_batch_rows", "max_backlog_rows", "retention_days"}, p)
     return BillingConfig(
         default_max_tokens=_int(raw, "default_max_tokens", p, 4096, 1, 10**7),
+        max_tokens_per_media_part=_int(raw, "max_tokens_per_media_part", p, 40_000, 1,
+                                       10**7),
         flush_interval_s=_float(raw, "flush_interval_s", p, 0.2, 0.001),
         flush_batch_rows=_int(raw, "flush_batch_rows", p, 5000, 1, 10**7),
         max_backlog_rows=_int(raw, "max_backlog_rows", p, 200_000, 1, 10**9),

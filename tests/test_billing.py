@@ -15,6 +15,7 @@ import pytest
 from flintproxy.config import BillingConfig, ModelPrice, usd_to_nano
 from flintproxy.errors import InsufficientQuota, ModelNotFound
 from flintproxy.gate.billing import Billing, cost_nano, max_cost_nano
+from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Outcome
 from flintproxy.money import NANO_PER_USD, format_usd
 from flintproxy.store import sqlite
@@ -129,6 +130,12 @@ def outcome(prompt: int, completion: int, cached: int = 0) -> Outcome:
                    cached_tokens=cached)
 
 
+def bound(prompt: int, max_tokens: int | None = None, choices: int = 1) -> Bound:
+    """A measured request: ``prompt`` tokens at most, ``max_tokens`` per choice sent."""
+    sent = ("max_tokens",) if max_tokens is not None else ()
+    return Bound(prompt, 0, choices, max_tokens, max_tokens, sent)
+
+
 def row_for(request_id: str, account_id: int, cost: int) -> UsageRow:
     return UsageRow(request_id, account_id, 1, "gpt-4o-mini", "local", 10, 20, 0, 0, 0, cost,
                     200, "ok", 1, sqlite.now_ms(), 5, 1)
@@ -137,25 +144,28 @@ def row_for(request_id: str, account_id: int, cost: int) -> UsageRow:
 async def test_200_concurrent_reservations_for_10(db: aiosqlite.Connection) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     one = max_cost_nano(MINI, 100, 1000)
-    account = await add_account(db, 10 * one + one - 1)  # affords 10, not 11
+    account = await add_account(db, 10 * one + one - 1)  # affords 10 in full, not 11
 
-    async def attempt() -> bool:
+    async def attempt() -> int:
         if not billing.is_loaded(account):
             await billing.load(account)
         await asyncio.sleep(0)
         try:
-            billing.reserve(account, "gpt-4o-mini", 100, None)
+            return billing.reserve(account, "gpt-4o-mini", bound(100, 1000)).max_tokens
         except InsufficientQuota as exc:
             assert exc.status == 402 and exc.code == "insufficient_quota"
             assert exc.payload()["error"]["type"] == "insufficient_quota"
-            return False
-        return True
+            return 0
 
     results = await asyncio.gather(*(attempt() for _ in range(200)))
-    assert results.count(True) == 10
+    # Ten get their 1000 tokens, one gets what is left (less), the rest 402.
+    assert results.count(1000) == 10
+    lowered = [r for r in results if 0 < r < 1000]
+    assert len(lowered) == 1 and results.count(0) == 189
     balance, pending, reserved = billing.snapshot(account)
-    assert (balance, pending, reserved) == (11 * one - 1, 0, 10 * one)
-    assert billing.available(account) == one - 1
+    assert (balance, pending) == (11 * one - 1, 0)
+    assert reserved == 10 * one + max_cost_nano(MINI, 100, lowered[0]) <= balance
+    assert 0 <= billing.available(account) < max_cost_nano(MINI, 100, 1)
 
 
 async def test_settle_releases_and_charges_actual(db: aiosqlite.Connection) -> None:
@@ -163,8 +173,9 @@ async def test_settle_releases_and_charges_actual(db: aiosqlite.Connection) -> N
     writer = UsageWriter(db, billing, CFG)
     account = await add_account(db, NANO_PER_USD)
     await billing.load(account)
-    res = billing.reserve(account, "gpt-4o-mini", 100, 50)
+    res = billing.reserve(account, "gpt-4o-mini", bound(100, 50))
     assert res.amount == max_cost_nano(MINI, 100, 50)
+    assert (res.max_tokens, res.limit) == (50, None)  # the body already says 50
     cost = billing.settle(res, outcome(80, 40, cached=30))
     assert cost == cost_nano(MINI, 80, 40, 30)
     assert billing.settle(res, outcome(1, 1)) == cost  # idempotent
@@ -182,13 +193,15 @@ async def test_release_and_default_ceiling(db: aiosqlite.Connection) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     account = await add_account(db, NANO_PER_USD)
     await billing.load(account)
-    res = billing.reserve(account, "gpt-4o-mini", 10, None)
+    res = billing.reserve(account, "gpt-4o-mini", bound(10))
     assert res.amount == max_cost_nano(MINI, 10, CFG.default_max_tokens)
+    assert res.limit == CFG.default_max_tokens  # absent: the body gets the default
     billing.release(res)
     billing.release(res)
     assert billing.available(account) == NANO_PER_USD
-    emb = billing.reserve(account, "text-embedding-3-small", 1000, 0)
+    emb = billing.reserve(account, "text-embedding-3-small", bound(1000, choices=0))
     assert emb.amount == 20_000  # 1000 tokens x 0.02 USD/Mtok, no completion ceiling
+    assert (emb.max_tokens, emb.limit) == (0, None)
 
 
 async def test_unpriced_model_is_refused_not_free(db: aiosqlite.Connection) -> None:
@@ -196,30 +209,57 @@ async def test_unpriced_model_is_refused_not_free(db: aiosqlite.Connection) -> N
     account = await add_account(db, NANO_PER_USD)
     await billing.load(account)
     with pytest.raises(ModelNotFound) as info:
-        billing.reserve(account, "gpt-unpriced", 1, 1)
+        billing.reserve(account, "gpt-unpriced", bound(1, 1))
     assert info.value.status == 404 and info.value.code == "model_not_found"
     with pytest.raises(RuntimeError):
-        billing.reserve(account + 1, "gpt-4o-mini", 1, 1)  # never loaded
+        billing.reserve(account + 1, "gpt-4o-mini", bound(1, 1))  # never loaded
 
 
-async def test_overshoot_is_charged_then_blocks(db: aiosqlite.Connection) -> None:
+async def test_usage_above_the_reservation_is_charged_the_reservation_only(
+        db: aiosqlite.Connection, caplog: pytest.LogCaptureFixture) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     writer = UsageWriter(db, billing, CFG)
     writer.start()
     account = await add_account(db, 1000)
     await billing.load(account)
-    res = billing.reserve(account, "gpt-4o-mini", 1, 1)  # reserves 750
+    res = billing.reserve(account, "gpt-4o-mini", bound(1, 1))  # reserves 750
     assert res.amount == 750
-    # The model overran the estimate: the actual cost is charged in full.
+    # An upstream that ignored the limit reports more: the reservation is the promise.
     cost = billing.settle(res, outcome(5, 10))
-    assert cost == 6750
+    assert cost == 750 < cost_nano(MINI, 5, 10, 0)
+    assert billing.overruns == 1
+    assert "usage above reservation for model gpt-4o-mini" in caplog.text
     writer.record(row_for("over", account, cost))
-    assert billing.available(account) == 1000 - 6750
-    with pytest.raises(InsufficientQuota):
-        billing.reserve(account, "gpt-4o-mini", 0, 0)  # even a free request, while in debt
+    assert billing.available(account) == 250
     assert await writer.sync(5)
-    assert await db_totals(db, account) == (1000, 6750, -5750)
+    assert await db_totals(db, account) == (1000, 750, 250)  # never below zero
     await writer.drain(5)
+
+
+async def test_a_limit_larger_than_the_balance_affords_is_lowered(
+        db: aiosqlite.Connection) -> None:
+    price = ModelPrice(0, usd_to_nano("1.00", "out"), 0)  # 1,000 nano a completion token
+    billing = Billing({"m": price}, CFG, Balances(db))
+    account = await add_account(db, 123_456)
+    await billing.load(account)
+    res = billing.reserve(account, "m", bound(10, 1000))
+    assert (res.max_tokens, res.limit, res.amount) == (123, 123, 123_000)
+    with pytest.raises(InsufficientQuota):
+        billing.reserve(account, "m", bound(10, 1000))  # 456 nano: not one token
+    billing.release(res)
+    # Three choices share what the balance affords.
+    res = billing.reserve(account, "m", bound(10, 1000, choices=3))
+    assert (res.max_tokens, res.amount) == (41, 123_000)
+
+
+async def test_the_models_max_output_tokens_caps_the_limit(db: aiosqlite.Connection) -> None:
+    price = ModelPrice(0, usd_to_nano("1.00", "out"), 0, max_output_tokens=16)
+    billing = Billing({"m": price}, CFG, Balances(db))
+    account = await add_account(db, NANO_PER_USD)
+    await billing.load(account)
+    assert billing.reserve(account, "m", bound(10)).limit == 16  # default 1000 capped
+    assert billing.reserve(account, "m", bound(10, 100)).limit == 16
+    assert billing.reserve(account, "m", bound(10, 8)).limit is None  # already lower
 
 
 async def test_concurrent_loads_share_one_read(db: aiosqlite.Connection) -> None:
@@ -293,7 +333,7 @@ async def test_change_for_unknown_or_all_accounts(db: aiosqlite.Connection,
 # --- end to end: the real server, the openai SDK -----------------------------------------
 
 
-async def test_200_concurrent_streams_for_an_account_that_affords_10(
+async def test_200_concurrent_streams_for_an_account_that_affords_10_in_full(
         tmp_path: Path, mock_upstream: MockServer,
         gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
@@ -309,10 +349,14 @@ async def test_200_concurrent_streams_for_an_account_that_affords_10(
             chunks = await client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                 stream=True, max_tokens=20, extra_headers={"x-mock-delay-ms": "5"})
-            text = "".join([c.choices[0].delta.content or "" async for c in chunks
-                            if c.choices])
+            finish = []
+            text = ""
+            async for c in chunks:
+                if c.choices:
+                    text += c.choices[0].delta.content or ""
+                    finish.append(c.choices[0].finish_reason)
             assert text.startswith("tok0 ")
-            return "ok"
+            return f"{len(text.split())} {finish[-1]}"
         except openai.APIStatusError as exc:
             assert exc.status_code == 402
             body = exc.body
@@ -321,13 +365,16 @@ async def test_200_concurrent_streams_for_an_account_that_affords_10(
 
     async with client:
         results = await asyncio.gather(*(stream() for _ in range(200)))
-    assert results.count("ok") == 10 and results.count("402") == 190
+    # Ten in full; the eleventh is held to the 19 tokens the rest of the balance buys.
+    assert results.count("20 stop") == 10 and results.count("402") == 189
+    assert results.count("19 length") == 1
     assert await gw.components.usage.sync(10)
     db = gw.components.usage_db
     credited, charged, balance = await db_totals(db, gw.account_id)
-    assert (credited, charged, balance) == (10 * one + one - 1, 10 * one, one - 1)
+    assert (credited, charged, balance) == (10 * one + one - 1, 10 * one + 19_000, 999)
     rows = await db.execute_fetchall(
         "SELECT cost_nano, stream, outcome, completion_tokens FROM usage WHERE account_id = ?",
         (gw.account_id,))
-    assert sorted(rows) == [(one, 1, "ok", 20)] * 10  # streams are billed, never zero
-    assert gw.components.billing.available(gw.account_id) == one - 1
+    # Streams are billed, never zero.
+    assert sorted(rows) == [(19_000, 1, "ok", 19)] + [(one, 1, "ok", 20)] * 10
+    assert gw.components.billing.available(gw.account_id) == 999

@@ -46,7 +46,8 @@ def test_the_shipped_config_loads() -> None:
     assert local.name == "local"
     assert local.base_url == "http://127.0.0.1:9001/v1"
     assert local.api_key_env == "LOCAL_UPSTREAM_KEY" and local.api_key is None
-    assert cfg.models["gpt-4o-mini"] == ModelPrice(150_000_000, 600_000_000, 75_000_000)
+    assert cfg.models["gpt-4o-mini"] == ModelPrice(150_000_000, 600_000_000, 75_000_000,
+                                                   max_output_tokens=16384)
     # No cached price: cached input costs what input costs.
     assert cfg.models["text-embedding-3-small"] == ModelPrice(20_000_000, 0, 20_000_000)
     assert set(local.models) <= set(cfg.models)
@@ -59,9 +60,23 @@ def test_the_test_config_and_defaults(tmp_path: Path) -> None:
     assert cfg.server.port == 0
     assert cfg.limits.default_rpm == 600 and cfg.limits.trusted_proxies == ()
     assert cfg.billing.default_max_tokens == 4096
+    assert cfg.billing.max_tokens_per_media_part == 40_000
+    # Without max_output_tokens only billing.default_max_tokens bounds a request.
+    assert cfg.models["gpt-4o"].max_output_tokens is None
+    assert cfg.models["gpt-4o"].limit_param == "max_tokens"
     assert cfg.upstreams[0].weight == 1 and cfg.upstreams[0].priority == 0
     assert cfg.upstreams_for("gpt-4o") == cfg.upstreams
     assert cfg.upstreams_for("nope") == ()
+
+
+def test_a_models_output_limit_and_limit_param_are_read(tmp_path: Path) -> None:
+    raw = base(tmp_path)
+    raw["models"]["gpt-4o"] |= {"max_output_tokens": 100, "limit_param": "max_completion_tokens"}
+    raw["billing"] = {"max_tokens_per_media_part": 2000}
+    cfg = build_config(raw, {})
+    assert cfg.models["gpt-4o"].max_output_tokens == 100
+    assert cfg.models["gpt-4o"].limit_param == "max_completion_tokens"
+    assert cfg.billing.max_tokens_per_media_part == 2000
 
 
 def test_base_url_trailing_slash_is_dropped(tmp_path: Path) -> None:
@@ -131,6 +146,15 @@ ERRORS: dict[str, tuple[Callable[[Raw], None], tuple[str, ...]]] = {
                              ("upstreams[0].api_key", "unknown key", "api_key_env")),
     "unknown model key": (_set("models", "gpt-4o", "input_usd", "1"),
                           ('models."gpt-4o".input_usd', "unknown key")),
+    "zero max_output_tokens": (_set("models", "gpt-4o", "max_output_tokens", 0),
+                               ('models."gpt-4o".max_output_tokens', "= 0", "integer")),
+    "max_output_tokens as text": (_set("models", "gpt-4o", "max_output_tokens", "16k"),
+                                  ('models."gpt-4o".max_output_tokens', "'16k'")),
+    "bad limit_param": (_set("models", "gpt-4o", "limit_param", "max_output_tokens"),
+                        ('models."gpt-4o".limit_param', "'max_output_tokens'",
+                         "max_completion_tokens")),
+    "bad media part bound": (_set("billing", "max_tokens_per_media_part", -1),
+                             ("billing.max_tokens_per_media_part", "= -1")),
     "unknown storage key": (_set("storage", "file", "x.db"), ("storage.file", "unknown key")),
     "duplicate upstream names": (_dup_upstream, ("upstreams[].name", "'local'", "unique")),
     "bad trusted proxy": (_set("limits", "trusted_proxies", ["10.0.0.0/8", "not-an-ip"]),

@@ -202,7 +202,8 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_and_billed_for_what_w
     gw = await gateway_factory(raw)
     _, writer = await small_window(gw)
     writer.transport.pause_reading()  # type: ignore[attr-defined]
-    writer.write(post(gw, body=STREAM))
+    # A limit far above what fills the client's window (and under the TPM limit).
+    writer.write(post(gw, body=STREAM[:-1] + b', "max_tokens": 150000}'))
     lean = gw.server.data_plane
     assert await until(lambda: any(c.flow.write_paused for c in lean.connections))
     # Cut within the write timeout (plus the one-second sweep), not held for ever.

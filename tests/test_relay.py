@@ -57,7 +57,8 @@ async def test_chat_stream_with_usage(gateway: Gateway) -> None:
 async def test_completions_and_embeddings_and_models(gateway: Gateway) -> None:
     async with sdk(gateway) as client:
         comp = await client.completions.create(model="gpt-4o-mini", prompt="Once", max_tokens=5)
-        assert comp.choices[0].text == expected_content(20)
+        assert comp.choices[0].text == expected_content(5)  # the mock honours max_tokens
+        assert comp.choices[0].finish_reason == "length"
         stream = await client.completions.create(model="gpt-4o-mini", prompt="Once",
                                                  stream=True)
         text = "".join([c.choices[0].text async for c in stream if c.choices])
@@ -322,4 +323,5 @@ async def test_usage_is_asked_for_whatever_the_body_looks_like(
     assert sent.pop("stream_options") == sent_options
     expected = json.loads(body)
     expected.pop("stream_options", None)
-    assert sent == expected  # nothing else changed
+    # Nothing else changed but the limit the reservation holds the upstream to.
+    assert sent == {**expected, "max_tokens": gateway.config.billing.default_max_tokens}

@@ -365,7 +365,9 @@ async def test_a_client_that_does_not_read_pauses_its_stream(gateway: Gateway) -
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
     writer.transport.pause_reading()
-    writer.write(post(gateway, body=STREAM, extra=b"X-Mock-Chunks: 500000\r\n"))
+    # A long answer, and a max_tokens that allows it (the upstream is held to it).
+    long_stream = STREAM[:-1] + b', "max_tokens": 150000}'
+    writer.write(post(gateway, body=long_stream, extra=b"X-Mock-Chunks: 500000\r\n"))
     lean = gateway.server.data_plane
     assert lean is not None
     for _ in range(500):

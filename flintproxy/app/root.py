@@ -119,7 +119,7 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         access_log = AccessLog(config, access_sink)
         stack.push_async_callback(access_log.close)  # writes what is left, last
         tasks.every("access log flush", FLUSH_S, access_log.flush)
-    metrics = Metrics(config, router, streams, usage, access_log)
+    metrics = Metrics(config, router, streams, usage, access_log, billing)
     stack.callback(metrics.close)
     if metrics.multiprocess:
         tasks.every("metrics sync", MULTIPROCESS_SYNC_S, metrics.sync)

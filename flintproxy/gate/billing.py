@@ -23,12 +23,13 @@ available. ``settle`` releases the reservation and returns the actual cost; the
 caller then queues the usage row (``UsageWriter.record``), which moves the cost
 into ``pending`` until the writer's transaction debits it in the DB.
 
-Bounded overshoot (CONTRACT promise 5): the reservation is the maximum for the
-prompt *estimate* plus ``max_tokens`` (or ``billing.default_max_tokens``); if the
-upstream reports more tokens than that (a prompt larger than estimated, or a
-model that ignores max_tokens) the actual cost is still charged in full, so a
-balance can end below zero by at most that one request's excess. While any
-balance is at or below zero, every further request is refused with 402.
+No overshoot (CONTRACT promise 5): the reservation is the maximum cost of an
+upper bound on the prompt plus the completion limit times the number of choices
+(``gate.bounds``), and the upstream is sent that very limit, so a request can never
+cost more than it reserved. Should an upstream still report more (one that ignores
+``max_tokens``), ``settle`` charges the reservation and no more, and counts the
+overrun (``Billing.overruns``, a log line without content). A balance never goes
+below zero.
 
 Consistency with the DB. All reads of ``balance_nano`` run on the usage
 writer's own connection, and the writer sets the balances of the accounts a
@@ -49,6 +50,7 @@ from typing import Protocol
 
 from flintproxy.config import BillingConfig, ModelPrice
 from flintproxy.errors import InsufficientQuota, ModelNotFound
+from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Outcome
 from flintproxy.money import format_usd
 
@@ -84,6 +86,10 @@ class Reservation:
     model: str
     price: ModelPrice
     amount: int
+    # The per-choice completion limit granted, and the one to write into the body
+    # (None: the body already holds the upstream to it).
+    max_tokens: int = 0
+    limit: int | None = None
     done: bool = False
     cost: int = 0
 
@@ -110,6 +116,10 @@ class Billing:
                  balances: BalanceSource) -> None:
         self._prices = prices
         self._default_max_tokens = cfg.default_max_tokens
+        self._per_media_part = cfg.max_tokens_per_media_part
+        # Requests whose upstream reported more than was reserved (charged the
+        # reservation); read by metrics.
+        self.overruns = 0
         self._balances = balances
         self._books: dict[int, _Book] = {}
         self._loads: dict[int, asyncio.Task[None]] = {}
@@ -211,31 +221,57 @@ class Billing:
             return None
         return book.balance - book.pending - book.reserved
 
-    def reserve(self, account_id: int, model: str, prompt_estimate: int,
-                max_tokens: int | None) -> Reservation:
+    def reserve(self, account_id: int, model: str, bound: Bound) -> Reservation:
         """Book the request's maximum cost, or raise 402 insufficient_quota.
 
-        ``max_tokens`` None reserves ``billing.default_max_tokens`` completion tokens;
-        pass 0 for endpoints without completion tokens (embeddings). The account must
-        be loaded (``await load``) first.
+        The completion limit per choice is the client's (else
+        ``billing.default_max_tokens``), capped by the model's ``max_output_tokens``
+        and lowered to what the available balance affords; the result is in
+        ``Reservation.max_tokens`` / ``.limit``. The account must be loaded
+        (``await load``) first.
         """
         price = self.price(model)
         book = self._books.get(account_id)
         if book is None or book.balance is None:
             raise RuntimeError(f"Billing.reserve before Billing.load for account {account_id}")
-        completion = self._default_max_tokens if max_tokens is None else max_tokens
-        amount = max_cost_nano(price, prompt_estimate, completion)
         available = book.balance - book.pending - book.reserved
-        if amount > available:
+        text, media, choices, requested, largest, _ = bound
+        prompt = text + media * self._per_media_part if media else text
+        per_prompt = price.input_nano_per_mtok
+        if price.cached_input_nano_per_mtok > per_prompt:
+            per_prompt = price.cached_input_nano_per_mtok
+        exact = prompt * per_prompt  # the maximum cost, x 1e6, before rounding up
+        granted = 0
+        limit = None
+        if choices:
+            granted = self._default_max_tokens if requested is None else requested
+            cap = price.max_output_tokens
+            if cap is not None and cap < granted:
+                granted = cap
+            per_choice = choices * price.output_nano_per_mtok
+            if per_choice:
+                # The most tokens per choice whose cost, rounded up, fits the balance:
+                # ceil(x / 1e6) <= a  <=>  x <= a * 1e6 for an integer x.
+                room = available * TOKENS_PER_PRICE_UNIT - exact
+                affordable = room // per_choice if room > 0 else 0
+                if affordable < granted:
+                    granted = affordable
+                exact += granted * per_choice
+            if largest is None or largest > granted:
+                limit = granted  # the body must say it: it is absent or larger
+        amount = -(-exact // TOKENS_PER_PRICE_UNIT)
+        if amount > available or (choices and granted < 1):
+            need = max_cost_nano(price, prompt, choices)
             raise InsufficientQuota(
                 "You exceeded your current quota: this request may cost up to "
-                f"${format_usd(amount)} but the account has ${format_usd(max(available, 0))} "
-                "available. Add credit, or lower max_tokens.")
+                f"${format_usd(max(amount, need))} but the account has "
+                f"${format_usd(max(available, 0))} available. Add credit, or send a "
+                "shorter request.")
         book.reserved += amount
-        return Reservation(account_id, model, price, amount)
+        return Reservation(account_id, model, price, amount, granted, limit)
 
     def settle(self, res: Reservation, outcome: Outcome) -> int:
-        """Release the reservation; return the actual cost (charged in full, even above it).
+        """Release the reservation; return the actual cost, never more than reserved.
 
         Idempotent. The cost becomes a debit when the caller records the usage row
         with ``cost_nano`` set to the returned value.
@@ -243,9 +279,21 @@ class Billing:
         if res.done:
             return res.cost
         self.release(res)
-        res.cost = cost_nano(res.price, outcome.prompt_tokens, outcome.completion_tokens,
-                             outcome.cached_tokens)
-        return res.cost
+        cost = cost_nano(res.price, outcome.prompt_tokens, outcome.completion_tokens,
+                         outcome.cached_tokens)
+        if cost > res.amount:
+            # The promise is the reservation. An upstream that ignored the limit (or a
+            # prompt above its bound) is counted, never with content or account; our
+            # own estimate (no usage reported, 4 bytes a token) can exceed the bound of
+            # an image-heavy body without anyone misbehaving.
+            if not outcome.estimated:
+                self.overruns += 1
+                log.warning("usage above reservation for model %s: %d prompt + %d "
+                            "completion tokens reported; charged the reservation",
+                            res.model, outcome.prompt_tokens, outcome.completion_tokens)
+            cost = res.amount
+        res.cost = cost
+        return cost
 
     def release(self, res: Reservation) -> None:
         """Drop a reservation that will not be charged (refused before the upstream call)."""

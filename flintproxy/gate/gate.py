@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import orjson
 
 from flintproxy.errors import AuthenticationError, BadRequest, InvalidJSON
+from flintproxy.gate.bounds import Bound, measure
 from flintproxy.http.exchange import Exchange
 
 
@@ -60,15 +61,8 @@ class Call:
     # Set by the gate once admitted: from then on ``finish`` accounts for the request,
     # and the error rendering must not count it a second time.
     admitted: bool = False
-
-
-def _optional_int(data: dict[str, Any], name: str) -> int | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"'{name}' must be a positive integer.", param=name)
-    return value
+    # The money bound measured from the body (gate.bounds); None: made without one.
+    bound: Bound | None = None
 
 
 def parse_call(endpoint: str, body: bytes, request_id: str,
@@ -91,12 +85,12 @@ def parse_call(endpoint: str, body: bytes, request_id: str,
         raise BadRequest("'stream' must be a boolean.", param="stream")
     if endpoint == "embeddings":
         stream = False
-    max_tokens = _optional_int(data, "max_completion_tokens") or _optional_int(data, "max_tokens")
-    # Roughly 4 bytes of JSON per token; an over-estimate, which is the safe side
-    # for a reservation. The upstream's own count replaces it after the call.
+    bound = measure(endpoint, data, len(body))
+    # Roughly 4 bytes of JSON per token: the rate limiter's estimate (money uses the
+    # upper bound in ``bound``). The upstream's own count replaces it after the call.
     call = Call(endpoint=endpoint, model=model, stream=stream,
-                prompt_tokens_estimate=len(body) // 4 + 1, max_tokens=max_tokens,
-                request_id=request_id, trace_id=trace_id or request_id)
+                prompt_tokens_estimate=len(body) // 4 + 1, max_tokens=bound.requested,
+                request_id=request_id, trace_id=trace_id or request_id, bound=bound)
     return call, data
 
 
@@ -120,7 +114,8 @@ class Outcome:
 class Admission:
     """Everything held for one admitted request until ``finish``."""
 
-    __slots__ = ("call", "exchange", "headers", "principal", "started", "started_ms", "state")
+    __slots__ = ("call", "exchange", "headers", "limit", "principal", "started", "started_ms",
+                 "state")
 
     def __init__(self, call: Call, principal: Principal, started: float, started_ms: int,
                  exchange: Exchange | None = None) -> None:
@@ -133,6 +128,9 @@ class Admission:
         self.state: object = None
         # Response headers to add (the x-ratelimit-* family).
         self.headers: dict[str, str] = {}
+        # The output limit the upstream body must carry (parameter names, tokens per
+        # choice); None when the body already holds the upstream to the reservation.
+        self.limit: tuple[tuple[str, ...], int] | None = None
 
 
 class Gate(Protocol):

@@ -19,6 +19,7 @@ from typing import Protocol
 from flintproxy.config import Config
 from flintproxy.errors import AuthenticationError, FlintError
 from flintproxy.gate.billing import Billing, Reservation
+from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_token
 from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.limiter import IpGuard, Limiter, Ticket, client_ip
@@ -105,6 +106,8 @@ class ServiceGate:
             await billing.load(account_id)  # once per account per process
         # Embeddings produce no completion tokens: reserve only the prompt.
         max_tokens = 0 if call.endpoint == "embeddings" else call.max_tokens
+        bound = call.bound or Bound(call.prompt_tokens_estimate, 0, 0 if max_tokens == 0 else 1,
+                                    max_tokens, max_tokens, ())
         if not principal.limits_applied:  # a freshly loaded key: sync account overrides
             self.limiter.set_account_limits(account_id, *principal.account_limits)
             principal.limits_applied = True
@@ -112,8 +115,7 @@ class ServiceGate:
         ticket = self.limiter.acquire(principal, call.prompt_tokens_estimate + completion)
         headers = self.limiter.headers(ticket)
         try:
-            reservation = billing.reserve(account_id, call.model, call.prompt_tokens_estimate,
-                                          max_tokens)
+            reservation = billing.reserve(account_id, call.model, bound)
         except FlintError as exc:
             exc.headers = {**headers, **exc.headers}
             self.limiter.release(ticket, 0)
@@ -123,6 +125,9 @@ class ServiceGate:
             raise
         admission = Admission(call, principal, started, started_ms, exchange)
         admission.state = (ticket, reservation)
+        if reservation.limit is not None:
+            admission.limit = (bound.params or (reservation.price.limit_param,),
+                               reservation.limit)
         call.admitted = True
         admission.headers = headers
         return admission

@@ -56,6 +56,7 @@ from prometheus_client import (
 
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, ModelNotFound
+from flintproxy.gate.billing import Billing
 from flintproxy.gate.gate import Admission, Outcome
 from flintproxy.http.exchange import Exchange
 from flintproxy.ops.accesslog import AccessLog
@@ -127,8 +128,10 @@ class Metrics:
     """Every flintproxy metric, for one app (its own registry: tests run several apps)."""
 
     def __init__(self, config: Config, router: Router, streams: StreamGauge,
-                 usage: UsageWriter, access_log: AccessLog | None) -> None:
+                 usage: UsageWriter, access_log: AccessLog | None,
+                 billing: Billing | None = None) -> None:
         self.router = router
+        self.billing = billing
         self.streams = streams
         self.usage = usage
         self.access_log = access_log  # None with [metrics] access_log = false
@@ -181,6 +184,9 @@ class Metrics:
                                     registry=reg)
         self.flush_errors = Counter("flintproxy_usage_flush_errors", "Failed usage batch "
                                     "commits (each is retried).", registry=reg)
+        self.over_reservation = Counter("flintproxy_usage_over_reservation", "Requests whose "
+                                        "upstream reported more usage than was reserved "
+                                        "(each charged the reservation).", registry=reg)
         self.access_dropped = Counter("flintproxy_access_log_dropped_lines", "Access log "
                                       "lines lost: stdout not keeping up, failing, or "
                                       "still blocked at shutdown.", registry=reg)
@@ -211,7 +217,7 @@ class Metrics:
         self._scopes: dict[str, int] = {}
         self._reasons: dict[str, int] = {}
         self._seen: dict[tuple[str, str], int] = {}  # cumulative counters already pushed
-        self._seen_rows = self._seen_errors = self._seen_dropped = 0
+        self._seen_rows = self._seen_errors = self._seen_dropped = self._seen_overruns = 0
 
     # --- the hot path -----------------------------------------------------------------
 
@@ -315,6 +321,10 @@ class Metrics:
         self.rows_written.inc(usage.rows_written - self._seen_rows)
         self.flush_errors.inc(usage.flush_errors - self._seen_errors)
         self._seen_rows, self._seen_errors = usage.rows_written, usage.flush_errors
+        billing = self.billing
+        if billing is not None:
+            self.over_reservation.inc(billing.overruns - self._seen_overruns)
+            self._seen_overruns = billing.overruns
         access = self.access_log
         if access is not None:
             # AccessLog.dropped only grows, and only on the loop, like this sync.

@@ -31,6 +31,7 @@ from flintproxy.errors import (
     UpstreamTimeout,
     header_lines,
 )
+from flintproxy.gate.bounds import with_limit
 from flintproxy.gate.gate import Admission, Gate, Outcome, parse_call
 from flintproxy.http.client import (
     UpstreamClient,
@@ -238,6 +239,7 @@ class Relay:
         admission = await self.gate.admit(exchange, call, principal, started, started_ms)
         outcome = Outcome(status=500, outcome="error")
         try:
+            body = with_limit(data, body, admission.limit)  # held to what was reserved
             head, _ = _filter(exchange.raw_headers, REQUEST_DROP,
                               exchange.headers.get(b"connection"))
             head += b"X-Request-Id: " + call.trace_id.encode("ascii") + b"\r\n"

@@ -1,9 +1,14 @@
 """A fast, deterministic OpenAI-compatible upstream for tests, `make run` and the bench.
 
-Content is predictable (chunk i is ``f"tok{i} "``), usage is computed from the request,
-and ``x-mock-*`` request headers tune or break single responses: ``x-mock-chunks``,
-``x-mock-delay-ms``, ``x-mock-first-delay-ms`` and ``x-mock-fault`` (``http500``,
+Content is predictable (chunk i is ``f"tok{i} "``, one token each), usage is computed
+from the request, and ``x-mock-*`` request headers tune or break single responses:
+``x-mock-chunks``, ``x-mock-delay-ms``, ``x-mock-first-delay-ms`` and ``x-mock-fault`` (``http500``,
 ``http429``, ``hang``, ``reset:N``, ``malformed``, ``endless``).
+
+Like a real provider, it honours ``max_tokens`` / ``max_completion_tokens``: a
+completion stops at the limit with ``finish_reason: "length"``. It returns one
+choice, but bills (reports usage for) every completion the request asks for:
+``n``, and on /v1/completions ``best_of`` and each prompt of a prompt array.
 """
 
 from __future__ import annotations
@@ -103,6 +108,28 @@ def _tokens(value: object) -> int:
             return len(value)  # already token ids
         return sum(_tokens(v) for v in value)
     return _tokens(value.get("text", "")) if isinstance(value, dict) else 0
+
+
+def completion_limit(body: Mapping[str, Any]) -> int | None:
+    """The per-choice output limit a provider applies: the least one sent, if any."""
+    sent = [v for v in (body.get("max_tokens"), body.get("max_completion_tokens"))
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(sent, default=None)
+
+
+def choices_billed(kind: str, body: Mapping[str, Any]) -> int:
+    """Completions generated (and billed) for a body: ``n``, ``best_of``, prompt arrays."""
+    def count(name: str) -> int:
+        v = body.get(name)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
+
+    if kind == "chat":
+        return count("n")
+    prompt = body.get("prompt")
+    batch = 1  # a string, or one token-id list
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        batch = len(prompt)  # strings or token-id lists: one set of choices each
+    return max(count("n"), count("best_of")) * batch
 
 
 def prompt_tokens_for(body: Mapping[str, Any]) -> int:
@@ -230,8 +257,8 @@ class _Mock:
         self.ids = itertools.count(1)
         delay, first = settings.delay_ms / 1000, settings.first_chunk_delay_ms / 1000
         self.default = _Overrides(settings.chunks, delay, first, None, 0)
-        self.streams: dict[tuple[str, str, int, bool], _Stream] = {}
-        self.bodies: dict[tuple[str, str, int], bytes] = {}
+        self.streams: dict[tuple[str, str, int, bool, str], _Stream] = {}
+        self.bodies: dict[tuple[str, str, int, str], bytes] = {}
         listing = [
             {"id": m, "object": "model", "created": self.created, "owned_by": "flintproxy-mock"}
             for m in settings.models
@@ -304,7 +331,8 @@ class _Mock:
         return {"object": obj, "created": self.created, "model": model, "system_fingerprint": None}
 
     def _chunk(
-        self, kind: str, model: str, text: str | None, usage: bool, role: bool = False
+        self, kind: str, model: str, text: str | None, usage: bool, role: bool = False,
+        finish: str = "stop",
     ) -> bytes:
         choice: dict[str, Any]
         if kind == "chat":
@@ -314,26 +342,27 @@ class _Mock:
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"text": text or "", "index": 0}
-        choice |= {"logprobs": None, "finish_reason": None if text is not None or role else "stop"}
+        choice |= {"logprobs": None, "finish_reason": None if text is not None or role else finish}
         event = self._head(kind, model, True) | {"choices": [choice]}
         return _after_id(event | {"usage": None} if usage else event, b"}\n\n")
 
-    def _stream(self, kind: str, model: str, chunks: int, usage: bool) -> _Stream:
-        key = (kind, model, chunks, usage)
+    def _stream(self, kind: str, model: str, chunks: int, usage: bool,
+                finish: str = "stop") -> _Stream:
+        key = (kind, model, chunks, usage, finish)
         if (cached := self.streams.get(key)) is not None:
             return cached
         tails = [self._chunk(kind, model, None, usage, role=True)] if kind == "chat" else []
         start = len(tails)
         tails += [self._chunk(kind, model, f"tok{i} ", usage) for i in range(chunks)]
-        tails.append(self._chunk(kind, model, None, usage))
+        tails.append(self._chunk(kind, model, None, usage, finish=finish))
         prefix = _after_id(self._head(kind, model, True) | {"choices": []}, b',"usage":')
         plan = _Stream(tuple(tails), start, prefix)
         if len(self.streams) < _CACHE_MAX:
             self.streams[key] = plan
         return plan
 
-    def _body_tail(self, kind: str, model: str, chunks: int) -> bytes:
-        key = (kind, model, chunks)
+    def _body_tail(self, kind: str, model: str, chunks: int, finish: str = "stop") -> bytes:
+        key = (kind, model, chunks, finish)
         if (cached := self.bodies.get(key)) is not None:
             return cached
         text = expected_content(chunks)
@@ -343,7 +372,7 @@ class _Mock:
             choice["message"]["annotations"] = []
         else:
             choice["text"] = text
-        choice |= {"logprobs": None, "finish_reason": "stop"}
+        choice |= {"logprobs": None, "finish_reason": finish}
         tail = _after_id(self._head(kind, model, False) | {"choices": [choice]}, b',"usage":')
         if len(self.bodies) < _CACHE_MAX:
             self.bodies[key] = tail
@@ -354,16 +383,22 @@ class _Mock:
         model: str = body["model"]
         prompt = prompt_tokens_for(body)
         idb = (b"chatcmpl-mock-%d" if kind == "chat" else b"cmpl-mock-%d") % next(self.ids)
+        limit = completion_limit(body)
+        finish = "stop"
+        if limit is not None and limit < ov.chunks:
+            ov, finish = ov._replace(chunks=limit), "length"
+        billed = ov.chunks * choices_billed(kind, body)
         if body.get("stream"):
             opts = body.get("stream_options")
             usage = isinstance(opts, dict) and opts.get("include_usage") is True
-            return await self._stream_out(request, kind, model, idb, ov, usage, prompt)
+            return await self._stream_out(request, kind, model, idb, ov, usage, prompt,
+                                          finish, billed)
         wait = ov.first + ov.delay * ov.chunks  # as long as the stream would have taken
         if wait and not await self._wait(request, wait):
             raise _Gone()
-        parts = (b'{"id":"', idb, self._body_tail(kind, model, ov.chunks))
+        parts = (b'{"id":"', idb, self._body_tail(kind, model, ov.chunks, finish))
         return await self._plain(
-            request, b"".join((*parts, _usage_json(prompt, ov.chunks), b"}")), ov
+            request, b"".join((*parts, _usage_json(prompt, billed), b"}")), ov
         )
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
@@ -432,9 +467,11 @@ class _Mock:
         ov: _Overrides,
         usage: bool,
         prompt: int,
+        finish: str = "stop",
+        billed: int | None = None,
     ) -> web.StreamResponse:
         head = b'data: {"id":"' + idb
-        plan = self._stream(kind, model, ov.chunks, usage)
+        plan = self._stream(kind, model, ov.chunks, usage, finish)
         tails: Iterable[bytes] = plan.tails
         stop, gap = float(plan.start + ov.chunks), ov.delay
         if ov.fault == "endless":
@@ -458,7 +495,9 @@ class _Mock:
                 await resp.write(head + tail)  # one event per write, as a real upstream
             if usage and ov.fault is None:
                 await resp.write(
-                    b"".join((head, plan.usage_prefix, _usage_json(prompt, ov.chunks), b"}\n\n"))
+                    b"".join((head, plan.usage_prefix,
+                              _usage_json(prompt, ov.chunks if billed is None else billed),
+                              b"}\n\n"))
                 )
             await resp.write(_DONE)
             self.stats.completed_streams += 1
