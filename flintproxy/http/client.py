@@ -14,6 +14,9 @@ is handed to the relay as the socket delivers it. No task is created per request
 - Flow control: a response body buffered beyond HIGH_WATER pauses reading from the
   socket until the relay has taken it (backpressure all the way to the upstream).
 - Timeouts: connect, and read (headers, and each wait for more body).
+- Bounds: a response head larger than MAX_HEAD fails as UpstreamTooLarge (checked
+  once per socket read, before llhttp's buffer can grow further); ``read`` takes a
+  bound for a whole body. A hostile upstream cannot make us hold more than that.
 - Errors: UpstreamConnectError (could not connect), UpstreamDisconnected (closed,
   reset or unparsable mid-response), UpstreamReadTimeout. ``relay.upstream_failure``
   turns them into the client-visible errors.
@@ -30,6 +33,10 @@ from urllib.parse import urlsplit
 import httptools
 
 HIGH_WATER = 1 << 20
+# An upstream's status line and headers together; real ones send a few KiB.
+MAX_HEAD = 64 * 1024
+# ``read``'s bound when the caller names none (the relay passes its configured one).
+MAX_BODY = 32 * 1024 * 1024
 
 
 class UpstreamConnectError(ConnectionError):
@@ -38,6 +45,11 @@ class UpstreamConnectError(ConnectionError):
 
 class UpstreamDisconnected(ConnectionError):
     """The upstream closed, reset or garbled the connection before the response ended."""
+
+
+class UpstreamTooLarge(UpstreamDisconnected):
+    """The upstream's head, body or one SSE event exceeded its bound; the connection
+    is abandoned (a subclass of UpstreamDisconnected: it is handled as one)."""
 
 
 class UpstreamReadTimeout(TimeoutError):
@@ -71,7 +83,8 @@ class _Connection(asyncio.Protocol):
     """One upstream socket and the response being read from it."""
 
     __slots__ = ("buffered", "chunks", "closed", "complete", "connection", "deadline",
-                 "error", "headers_done", "interim", "keep_alive", "limit_s", "loop",
+                 "error", "head_bytes", "headers_done", "interim", "keep_alive", "limit_s",
+                 "loop",
                  "parser", "paused", "raw_headers", "received", "status", "timer",
                  "timer_at", "transport", "waiter")
 
@@ -92,6 +105,7 @@ class _Connection(asyncio.Protocol):
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.connection: bytes | None = None
         self.headers_done = False
+        self.head_bytes = 0
         self.interim = False
         self.keep_alive = False
         self.chunks: deque[bytes] = deque()
@@ -120,6 +134,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamDisconnected(f"invalid HTTP response: {exc}"))
             self.abort()
+            return
+        if not self.headers_done:  # once per read: llhttp holds a partial head itself
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self._fail(UpstreamTooLarge(f"response head over {MAX_HEAD} bytes"))
+                self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -273,10 +293,16 @@ class UpstreamResponse:
         conn = self._conn
         return conn is None or (conn.complete and not conn.chunks)
 
-    async def read(self) -> bytes:
-        """The whole remaining body."""
+    async def read(self, limit: int = MAX_BODY) -> bytes:
+        """The whole remaining body; UpstreamTooLarge once it exceeds ``limit`` bytes
+        (the connection is then abandoned)."""
         parts = []
+        size = 0
         while data := await self.readany():
+            size += len(data)
+            if size > limit:
+                self.close()
+                raise UpstreamTooLarge(f"response body over {limit} bytes")
             parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -6,6 +6,25 @@ before the first byte reached the client (connect errors, timeouts, 429, 5xx, a
 stream that dies before its first chunk) are retried on the next candidate; after
 that, a stream ends with a final SSE error event and the usage seen so far is
 still handed off.
+
+Headers cross in both directions through allow-lists, never deny-lists: whatever a
+client or an upstream invents (its IP under a new name, an org selector, a proxy's
+internals) stays on its side unless it is named here.
+
+- To the upstream: ``REQUEST_ALLOW`` (what a provider needs to serve the request),
+  plus the upstream's ``forward_headers`` names and "prefix*" globs; never anything
+  in ``NEVER_FORWARD`` (credentials, cookies, client addresses, framing), whatever
+  the config says. We add our X-Request-Id, Accept-Encoding and the upstream's key.
+  Not forwarded: User-Agent and the SDK's x-stainless-* (they describe the client's
+  machine), OpenAI-Organization / OpenAI-Project (they would let a client pick the
+  operator's org or project).
+- To the client: ``RESPONSE_ALLOW`` (content type, caching, the upstream's retry
+  advice on its errors). Our x-ratelimit-* and X-Request-Id are added by us; the
+  upstream's rate limits, org, cookies and proxy headers (x-litellm-*) are not.
+
+Bounds: the upstream head (http.client.MAX_HEAD), a non-streaming body
+(``server.max_upstream_body_bytes``) and one SSE event (``server.max_sse_event_bytes``);
+a breach is a 502, or mid-stream a final error event, with failure reason too_large.
 """
 
 from __future__ import annotations
@@ -21,6 +40,7 @@ import orjson
 
 from flintproxy.config import Config
 from flintproxy.errors import (
+    BadRequest,
     FlintError,
     MethodNotAllowed,
     NotFound,
@@ -31,17 +51,18 @@ from flintproxy.errors import (
     UpstreamTimeout,
     header_lines,
 )
-from flintproxy.gate.gate import Admission, Gate, Outcome, parse_call
+from flintproxy.gate.gate import CLIENT_CLOSED, Admission, Ending, Gate, Outcome, parse_call
 from flintproxy.http.client import (
     UpstreamClient,
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamReadTimeout,
     UpstreamResponse,
+    UpstreamTooLarge,
 )
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.heartbeat import Heartbeat, Heartbeats
-from flintproxy.http.sse import SSE_HEAD, StreamScanner, extract_usage
+from flintproxy.http.sse import SSE_HEAD, StreamScanner, parse_body
 from flintproxy.relay.routes import PATHS, ROUTES, new_request_id
 from flintproxy.relay.routing import Router, Upstream
 
@@ -52,22 +73,32 @@ HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
      b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
-# Never sent upstream: the client's credentials, cookies, its IP, and what we set.
-REQUEST_DROP = HOP_BY_HOP | frozenset(
+# The client's request headers a provider needs (names lower-cased).
+REQUEST_ALLOW = frozenset((b"content-type", b"accept", b"openai-beta"))
+# Never sent upstream, even when an upstream's forward_headers names or globs them:
+# credentials, cookies, the client's address in any of its spellings, framing, and
+# what we set ourselves.
+NEVER_FORWARD = HOP_BY_HOP | frozenset(
     (b"host", b"content-length", b"authorization", b"cookie", b"api-key",
-     b"accept-encoding", b"expect", b"x-forwarded-for", b"x-forwarded-host",
-     b"x-forwarded-proto", b"forwarded", b"x-real-ip", b"x-request-id")
+     b"accept-encoding", b"expect", b"x-request-id", b"forwarded", b"x-forwarded-for",
+     b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-port", b"x-forwarded-server",
+     b"x-real-ip", b"x-client-ip", b"x-cluster-client-ip", b"client-ip",
+     b"cf-connecting-ip", b"cf-connecting-ipv6", b"true-client-ip", b"fastly-client-ip",
+     b"x-original-forwarded-for", b"x-appengine-user-ip", b"openai-organization",
+     b"openai-project")
 )
-# Never sent to the client: framing we redo, the upstream's cookies and rate limits.
-RESPONSE_DROP = HOP_BY_HOP | frozenset(
-    (b"content-length", b"content-encoding", b"set-cookie", b"date", b"server",
-     b"x-request-id", b"authorization")
+# The upstream's response headers a client may see; we add our own x-ratelimit-*,
+# X-Request-Id and the framing.
+RESPONSE_ALLOW = frozenset(
+    (b"content-type", b"cache-control", b"retry-after", b"retry-after-ms",
+     b"x-should-retry")
 )
 JSON_HEAD = b"Content-Type: application/json\r\n"
 MAX_REQUEST_ID = 128
 
 # The upstream client's errors: what the client sees, and the metrics reason.
 _FAILURES: tuple[tuple[type[Exception], type[UpstreamError], str, str], ...] = (
+    (UpstreamTooLarge, UpstreamError, "too_large", "Upstream '{}' sent a response too large."),
     (UpstreamReadTimeout, UpstreamTimeout, "timeout", "Upstream '{}' timed out."),
     (UpstreamConnectError, UpstreamError, "connect", "Could not connect to upstream '{}'."),
     (UpstreamDisconnected, UpstreamError, "reset", "Upstream '{}' failed: {}."),
@@ -92,22 +123,40 @@ def failure_reason(exc: BaseException) -> str:
     return _classify(exc)[1]
 
 
-def _filter(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes],
-            connection: bytes | None) -> tuple[bytes, bool]:
-    """Serialized header lines minus ``drop``, those the Connection header names and
-    any x-ratelimit-*; and whether a Content-Type was among them."""
-    extra = (frozenset(t.strip().lower() for t in connection.split(b","))
-             if connection else frozenset())
+def _request_head(raw: list[tuple[bytes, bytes]], up: Upstream) -> bytes:
+    """The client's header lines this upstream may see (see the module docstring)."""
+    names, prefixes = up.forward_names, up.forward_prefixes
+    lines = []
+    for name, value in raw:
+        lname = name.lower()
+        if lname in REQUEST_ALLOW or (
+            (lname in names or (prefixes and lname.startswith(prefixes)))
+            and lname not in NEVER_FORWARD
+        ):
+            lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines)
+
+
+def _response_filter(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    """The upstream's header lines a client may see; and whether a Content-Type was
+    among them."""
     lines = []
     content_type = False
     for name, value in raw:
         lname = name.lower()
-        if lname in drop or lname in extra or lname.startswith(b"x-ratelimit-"):
-            continue
-        if lname == b"content-type":
-            content_type = True
-        lines.append(name + b": " + value + b"\r\n")
+        if lname in RESPONSE_ALLOW:
+            if lname == b"content-type":
+                content_type = True
+            lines.append(name + b": " + value + b"\r\n")
     return b"".join(lines), content_type
+
+
+def _encode(data: dict[str, Any]) -> bytes:
+    """The request body re-encoded; a nesting orjson cannot write is the client's 400."""
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        raise BadRequest("The request body is nested too deeply.") from None
 
 
 def _client_request_id(exchange: Exchange) -> str | None:
@@ -156,6 +205,8 @@ class Relay:
         self.gate = gate
         self.client = client
         self.max_body = config.server.max_body_bytes
+        self.max_upstream_body = config.server.max_upstream_body_bytes
+        self.max_sse_event = config.server.max_sse_event_bytes
         self.heartbeats = heartbeats
         self.streams = streams
         # Told of every error response of a request the gate did not admit (metrics,
@@ -234,24 +285,26 @@ class Relay:
                 data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                           "include_usage": True}
                 # When absent it is spliced in: re-encoding a long prompt costs far more.
-                body = _ask_for_usage(body) if absent else b""  # b"": re-encoded below
+                body = _ask_for_usage(body) if absent else _encode(data)
         admission = await self.gate.admit(exchange, call, principal, started, started_ms)
-        outcome = Outcome(status=500, outcome="error")
+        outcome = Outcome(status=500, outcome=Ending.ERROR)
         try:
-            head, _ = _filter(exchange.raw_headers, REQUEST_DROP,
-                              exchange.headers.get(b"connection"))
-            head += b"X-Request-Id: " + call.trace_id.encode("ascii") + b"\r\n"
-            await self._forward(out, admission, candidates, data, body, head,
+            head = b"X-Request-Id: " + call.trace_id.encode("ascii") + b"\r\n"
+            await self._forward(out, exchange, admission, candidates, data, body, head,
                                 client_wants_usage, outcome)
         except asyncio.CancelledError:
-            outcome.outcome = "client_disconnect"
+            if outcome.outcome is not Ending.OK:  # [DONE] relayed: it read it all
+                outcome.outcome = Ending.CLIENT_DISCONNECT
+                if not out.started:  # as nginx: 499 unless a status was sent
+                    outcome.status = CLIENT_CLOSED
             if not outcome.prompt_tokens:  # gone before any usage: charge the estimate
                 outcome.prompt_tokens = call.prompt_tokens_estimate
                 outcome.estimated = True
             raise
         except FlintError as exc:
             outcome.status = exc.status
-            outcome.outcome = "upstream_error" if isinstance(exc, UpstreamError) else "error"
+            outcome.outcome = (Ending.UPSTREAM_ERROR if isinstance(exc, UpstreamError)
+                               else Ending.ERROR)
             # Admitted: the error carries the limits and the id, as a success would.
             exc.headers = {**admission.headers, **exc.headers, "x-request-id": call.trace_id}
             raise
@@ -262,8 +315,8 @@ class Relay:
     def _body_for(self, up: Upstream, data: dict[str, Any], body: bytes, model: str) -> bytes:
         mapped = up.upstream_model(model)
         if mapped != model:
-            return orjson.dumps({**data, "model": mapped})
-        return body or orjson.dumps(data)
+            return _encode({**data, "model": mapped})
+        return body
 
     async def _attempt(self, up: Upstream, endpoint: str, body: bytes, head: bytes,
                        stream: bool) -> tuple[UpstreamResponse, bytes]:
@@ -273,9 +326,9 @@ class Relay:
         resp = await self.client.post(up.targets[endpoint], head + up.head, body,
                                       up.cfg.connect_timeout_s, up.cfg.read_timeout_s)
         try:
-            if resp.status != 200:
-                return resp, await resp.read()
-            first = await (resp.readany() if stream else resp.read())
+            if resp.status != 200 or not stream:
+                return resp, await resp.read(self.max_upstream_body)
+            first = await resp.readany()
             if stream and not first:
                 raise UpstreamDisconnected("stream ended before its first byte")
             return resp, first
@@ -283,7 +336,7 @@ class Relay:
             resp.close()
             raise
 
-    async def _forward(self, out: Responder, admission: Admission,
+    async def _forward(self, out: Responder, exchange: Exchange, admission: Admission,
                        candidates: list[Upstream], data: dict[str, Any], body: bytes,
                        head: bytes, client_wants_usage: bool, outcome: Outcome) -> None:
         call = admission.call
@@ -301,7 +354,7 @@ class Relay:
                 try:
                     resp, first = await self._attempt(
                         up, call.endpoint, self._body_for(up, data, body, call.model),
-                        head, call.stream)
+                        _request_head(exchange.raw_headers, up) + head, call.stream)
                 except (UpstreamConnectError, UpstreamDisconnected, UpstreamReadTimeout) as exc:
                     self.router.failure(up, failure_reason(exc))
                     error = upstream_failure(exc, up)
@@ -327,14 +380,14 @@ class Relay:
             assert error is not None
             if not out.started:
                 raise error
-            outcome.status, outcome.outcome = error.status, "upstream_error"
+            outcome.status, outcome.outcome = error.status, Ending.UPSTREAM_ERROR
             await out.end(error.sse_event())
             return
         try:
             if resp.status != 200:
                 await self._upstream_error(out, resp, first, admission, outcome)
             elif not call.stream:
-                self._plain(out, resp, first, admission, outcome)
+                self._plain(out, up, resp, first, admission, outcome)
             else:
                 await self._stream(out, up, resp, first, admission, outcome,
                                    client_wants_usage)
@@ -342,7 +395,7 @@ class Relay:
             resp.release()
 
     def _response_head(self, resp: UpstreamResponse, admission: Admission) -> tuple[bytes, bool]:
-        head, content_type = _filter(resp.raw_headers, RESPONSE_DROP, resp.connection)
+        head, content_type = _response_filter(resp.raw_headers)
         if admission.headers:
             head += header_lines(admission.headers)
         return (head + b"X-Request-Id: " + admission.call.trace_id.encode("ascii") + b"\r\n",
@@ -353,7 +406,7 @@ class Relay:
         # 4xx are the client's own errors and an upstream 429 is passed through
         # (ours say "rate_limit_requests/tokens/concurrency"); 5xx become 502.
         outcome.status = resp.status if resp.status < 500 else 502
-        outcome.outcome = "upstream_error"
+        outcome.outcome = Ending.UPSTREAM_ERROR
         if resp.status >= 500:
             err = UpstreamError(f"Upstream '{outcome.upstream}' returned HTTP {resp.status}.")
             if not out.started:
@@ -364,10 +417,13 @@ class Relay:
             return
         out.respond(resp.status, self._response_head(resp, admission)[0], body)
 
-    def _plain(self, out: Responder, resp: UpstreamResponse, body: bytes,
+    def _plain(self, out: Responder, up: Upstream, resp: UpstreamResponse, body: bytes,
                admission: Admission, outcome: Outcome) -> None:
-        usage = extract_usage(body)
-        outcome.status, outcome.outcome = 200, "ok"
+        well_formed, usage = parse_body(body, admission.call.endpoint)
+        if not well_formed:
+            # Charged as any upstream error is (nothing known, nothing used).
+            raise UpstreamError(f"Upstream '{up.name}' sent a malformed response.")
+        outcome.status, outcome.outcome = 200, Ending.OK
         outcome.ttfb_s = time.perf_counter() - admission.started
         if usage is not None:
             _apply_usage(outcome, usage)
@@ -379,18 +435,20 @@ class Relay:
     async def _stream(self, out: Responder, up: Upstream, resp: UpstreamResponse,
                       first: bytes, admission: Admission, outcome: Outcome,
                       client_wants_usage: bool) -> None:
-        scanner = StreamScanner(strip_usage=not client_wants_usage)
+        scanner = StreamScanner(strip_usage=not client_wants_usage,
+                                max_event=self.max_sse_event)
         outcome.status = 200
         self.streams.open += 1
         read = resp.readany
         try:
             # What has arrived is sent at once; when it is the upstream's last piece it
-            # goes out with the end of the stream, in the same write.
+            # goes out with the end of the stream, in the same write. Once ``[DONE]``
+            # has been relayed the client has it all: the stream ends there, whatever
+            # the upstream still sends (its lingering bytes are dropped with it).
             chunk = scanner.feed(first)
-            done = resp.at_eof
-            if done:
+            done = resp.at_eof or scanner.done
+            if done and not scanner.done:
                 chunk += scanner.flush()
-                outcome.outcome = "ok"
             if not out.started:
                 head, content_type = self._response_head(resp, admission)
                 await out.stream(200, head if content_type else head + SSE_HEAD, chunk,
@@ -399,29 +457,43 @@ class Relay:
                 await out.end(chunk)
             elif chunk:
                 await out.write(chunk)
+            if done:
+                outcome.outcome = Ending.OK
             outcome.ttfb_s = time.perf_counter() - admission.started
             while not done:
                 data = await read()
                 chunk = scanner.feed(data) if data else b""
-                done = not data or resp.at_eof
-                if done:
-                    outcome.outcome = "ok"
+                done = not data or resp.at_eof or scanner.done
+                if scanner.done:
+                    await out.write(chunk)  # [DONE] reached the client: it is whole
+                    outcome.outcome = Ending.OK
+                    await out.end()
+                elif done:
                     await out.end(chunk + scanner.flush())
+                    outcome.outcome = Ending.OK
                 elif chunk:
                     await out.write(chunk)
-        except (UpstreamDisconnected, UpstreamReadTimeout) as exc:
+        except (UpstreamDisconnected, UpstreamReadTimeout) as exc:  # incl. UpstreamTooLarge
             self.router.failure(up, failure_reason(exc))
-            outcome.outcome = "upstream_error"
+            outcome.outcome = Ending.UPSTREAM_ERROR
+            if not out.started:  # its first bytes were already too much: a plain 502
+                raise upstream_failure(exc, up) from None
             with contextlib.suppress(ConnectionError):
                 await out.end(upstream_failure(exc, up).sse_event())
         except ConnectionError:
-            outcome.outcome = "client_disconnect"  # our write failed: the client left
+            if outcome.outcome is not Ending.OK:  # our write failed: the client left
+                outcome.outcome = Ending.CLIENT_DISCONNECT
+                if not out.started:  # as nginx: 499 unless a status was sent
+                    outcome.status = CLIENT_CLOSED
         except asyncio.CancelledError:
-            outcome.outcome = "client_disconnect"  # the handler was cancelled: it left
+            if outcome.outcome is not Ending.OK:  # the handler was cancelled: it left
+                outcome.outcome = Ending.CLIENT_DISCONNECT
+                if not out.started:
+                    outcome.status = CLIENT_CLOSED
             raise
         finally:
             self.streams.open -= 1
-            if outcome.outcome != "ok":
+            if outcome.outcome is not Ending.OK or not resp.at_eof:
                 resp.close()
             if scanner.usage is not None:
                 _apply_usage(outcome, scanner.usage)
@@ -429,7 +501,6 @@ class Relay:
                 outcome.prompt_tokens = admission.call.prompt_tokens_estimate
                 outcome.completion_tokens = scanner.estimated_completion_tokens()
                 outcome.estimated = True
-
 
 def _apply_usage(outcome: Outcome, usage: Any) -> None:
     outcome.prompt_tokens = usage.prompt_tokens
