@@ -32,10 +32,11 @@ SSE_HEAD = b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
 USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
 # The default bound on one held (partial) event; config: server.max_sse_event_bytes.
 MAX_PENDING = 4 << 20
-# The stream's end as upstreams send it. JSON text holds no raw newline, so after a
-# newline (or at the start of a block, which is an event boundary) it is the event.
+# The stream's end as upstreams send it: the last event of a block (or its first: a
+# block starts on an event boundary). JSON text holds no raw newline, so after one it
+# is the event itself, never content. Two suffix checks, no search: this runs per block.
 DONE = b"data: [DONE]"
-_NL_DONE = b"\n" + DONE
+_DONE_ENDS = (b"\ndata: [DONE]\n\n", b"\ndata: [DONE]\r\n\r\n")
 # Complete bodies up to this size are parsed whole for their usage (see extract_usage).
 SMALL_BODY = 4096
 
@@ -220,7 +221,7 @@ class StreamScanner:
             if len(self.pending) > self.max_event:
                 raise UpstreamTooLarge(f"an SSE event over {self.max_event} bytes")
         self.events += complete.count(b"data:")
-        if not self.done and (complete.startswith(DONE) or _NL_DONE in complete):
+        if complete.endswith(_DONE_ENDS) or complete.startswith(DONE):
             self.done = True
         first = USAGE_RE.search(complete)
         if first is None:
