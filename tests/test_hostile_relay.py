@@ -93,6 +93,39 @@ async def test_a_client_gone_before_the_first_byte_is_recorded_as_499(
     await still_serves(gateway)
 
 
+async def test_a_client_gone_after_heartbeats_sent_its_200_is_recorded_as_200(
+        tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any) -> None:
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["server"]["heartbeat_interval_s"] = 0.05
+    gw = await gateway_factory(raw)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.base_url + "/chat/completions", json={**CHAT, "stream": True},
+                             headers=auth(gw, **{"x-mock-fault": "hang"})) as resp:
+            assert resp.status == 200
+            assert await resp.content.readline() == b": keep-alive\n"
+            resp.close()
+    for _ in range(200):
+        if rows := await usage_rows(gw):
+            break
+        await asyncio.sleep(0.01)
+    assert [(r[0], r[1]) for r in rows] == [(200, "client_disconnect")]
+
+
+async def test_an_upstream_error_after_heartbeats_is_one_event_whatever_its_lines(
+        tmp_path: Path, mock_upstream: MockServer, gateway_factory: Any) -> None:
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["server"]["heartbeat_interval_s"] = 0.05
+    gw = await gateway_factory(raw)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.base_url + "/chat/completions", json={**CHAT, "stream": True},
+                             headers=auth(gw, **{"x-mock-fault": "http400_lines",
+                                                 "x-mock-first-delay-ms": "300"})) as resp:
+            body = await resp.read()
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data:")]
+    assert len(events) == 1 and b"forged" in events[0]  # inside the one error event
+    assert events[0].startswith(b'data: {"error": {"message": "bad"')
+
+
 # --- 4. header allow-lists in both directions -----------------------------------------
 
 SPOOFED = {

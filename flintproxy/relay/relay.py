@@ -297,6 +297,8 @@ class Relay:
                 outcome.outcome = Ending.CLIENT_DISCONNECT
                 if not out.started:  # as nginx: 499 unless a status was sent
                     outcome.status = CLIENT_CLOSED
+                elif outcome.status == 500:  # heartbeats had sent its 200
+                    outcome.status = 200
             if not outcome.prompt_tokens:  # gone before any usage: charge the estimate
                 outcome.prompt_tokens = call.prompt_tokens_estimate
                 outcome.estimated = True
@@ -412,8 +414,9 @@ class Relay:
             if not out.started:
                 raise err
             body = err.body()
-        if out.started:
-            await out.end(b"data: " + body.strip() + b"\n\n")
+        if out.started:  # one event: the upstream's line breaks cannot start another
+            await out.end(b"data: " + body.strip().replace(b"\r", b" ").replace(b"\n", b" ")
+                          + b"\n\n")
             return
         out.respond(resp.status, self._response_head(resp, admission)[0], body)
 

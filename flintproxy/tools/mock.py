@@ -7,6 +7,8 @@ and ``x-mock-*`` request headers tune or break single responses: ``x-mock-chunks
 - ``http500``, ``http429``, ``hang``, ``reset:N``, ``malformed``, ``endless``: the
   upstream fails, slowly or at once;
 - ``shapeless``: a 200 whose JSON is not a completion;
+- ``http400_lines``: after ``x-mock-first-delay-ms``, a 400 whose body has blank lines
+  and an SSE event in it;
 - ``leaky_headers``: a proxy's internals in the response headers (x-litellm-*,
   the upstream's org, rate limits, cookie, server);
 - ``huge_head:N``, ``huge_body:N``, ``huge_event:N``: a response header, a
@@ -43,7 +45,11 @@ _MAX_CHUNKS = 1_000_000
 IDLE_COLLECT_S = 1.0
 _CACHE_MAX = 512  # bound on cached (kind, model, chunks) shapes, as headers vary chunks
 _FAULTS = frozenset({"http500", "http429", "hang", "malformed", "endless", "shapeless",
-                     "leaky_headers", "usage_in_content"})
+                     "leaky_headers", "usage_in_content", "http400_lines"})
+# An error body that would forge a stream event if relayed with its line breaks.
+LINES_BODY = (b'{"error": {"message": "bad", "type": "invalid_request_error"}}'
+              b'\n\ndata: {"forged": 1}\n\n')
+
 # Faults that take a number: x-mock-fault: NAME:N.
 _ARG_FAULTS = frozenset({"reset", "huge_head", "huge_body", "huge_event", "linger"})
 _MAX_FAULT_BYTES = 1 << 30
@@ -315,6 +321,10 @@ class _Mock:
         if ov.fault == "hang":
             await self._wait(request, math.inf)
             raise _Gone()
+        if ov.fault == "http400_lines":
+            if not await self._wait(request, ov.first):
+                raise _Gone()
+            raise web.HTTPBadRequest(text=LINES_BODY.decode(), content_type="application/json")
         return body, ov
 
     async def _wait(self, request: web.BaseRequest, seconds: float) -> bool:
