@@ -73,6 +73,24 @@ async def test_a_stream_read_to_done_is_ok_whatever_the_upstream_sends_after(
     assert [(r[0], r[1], r[3]) for r in rows] == [(200, "ok", 0), (200, "ok", 0)]
 
 
+async def test_after_done_the_upstream_connection_is_kept_when_its_end_comes_soon(
+        gateway: Gateway, mock_upstream: MockServer) -> None:
+    peers = []
+    for linger in ("linger:50", "linger:50", "linger:2500", None):
+        fault = {"x-mock-fault": linger} if linger else {}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(gateway.base_url + "/chat/completions",
+                                 json={**CHAT, "stream": True},
+                                 headers=auth(gateway, **fault)) as resp:
+                assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.2)  # the first two ended 50 ms after [DONE]: pooled
+        peers.append(mock_upstream.stats.last_peer)
+    # The third's end came too late: its connection was closed, the fourth is new.
+    assert peers[0] == peers[1] == peers[2] != peers[3]
+    rows = await usage_rows(gateway)
+    assert [(r[0], r[1]) for r in rows] == [(200, "ok")] * 4
+
+
 async def test_a_client_gone_before_the_first_byte_is_recorded_as_499(
         gateway: Gateway, mock_upstream: MockServer) -> None:
     async with aiohttp.ClientSession() as http:

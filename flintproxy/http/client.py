@@ -84,9 +84,8 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = ("buffered", "chunks", "closed", "complete", "connection", "deadline",
                  "error", "head_bytes", "headers_done", "interim", "keep_alive", "limit_s",
-                 "loop",
-                 "parser", "paused", "raw_headers", "received", "status", "timer",
-                 "timer_at", "transport", "waiter")
+                 "loop", "parser", "paused", "pool", "pool_timer", "raw_headers", "received",
+                 "status", "timer", "timer_at", "transport", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -98,6 +97,9 @@ class _Connection(asyncio.Protocol):
         self.timer_at = 0.0
         self.deadline = 0.0
         self.limit_s = 0.0
+        # Set by release_at_end: where to go once the response ends, and until when.
+        self.pool: list[_Connection] | None = None
+        self.pool_timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -144,6 +146,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._stop_timer()
+        if self.pool_timer is not None:
+            self.pool_timer.cancel()
+            self.pool_timer = None
+        self.pool = None
         self.parser = None  # it holds us: freed at once, not by the cyclic GC
         if self.complete:
             return
@@ -176,6 +182,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.pool is not None:
+            return  # released at end: the rest is discarded
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -188,9 +196,21 @@ class _Connection(asyncio.Protocol):
             self.interim = False
             return
         self.complete = True
+        if self.pool is not None:
+            self._pool_now()
         self._wake()
 
     # helpers
+    def _pool_now(self) -> None:
+        pool, self.pool = self.pool, None
+        if self.pool_timer is not None:
+            self.pool_timer.cancel()
+            self.pool_timer = None
+        if pool is not None and self.keep_alive and not self.closed and self.error is None:
+            pool.append(self)
+        else:
+            self.abort()
+
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
@@ -315,6 +335,27 @@ class UpstreamResponse:
             self._client._idle.setdefault(self._key, []).append(conn)
         else:
             conn.abort()
+
+    def release_at_end(self, grace_s: float) -> None:
+        """Done with a response whose end has not arrived yet (a stream's ``[DONE]``
+        came before its terminator): the rest of its body is discarded, and the
+        connection joins the pool when the end comes within ``grace_s``, else closes."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.chunks.clear()
+        conn.buffered = 0
+        if conn.closed or conn.error is not None or not conn.keep_alive:
+            conn.abort()
+            return
+        conn.pool = self._client._idle.setdefault(self._key, [])
+        if conn.complete:
+            conn._pool_now()
+            return
+        conn.pool_timer = conn.loop.call_later(grace_s, conn.abort)
+        if conn.paused and conn.transport is not None:
+            conn.paused = False
+            conn.transport.resume_reading()
 
     def close(self) -> None:
         """Abandon the response: the upstream sees its connection closed at once."""

@@ -94,6 +94,9 @@ RESPONSE_ALLOW = frozenset(
      b"x-should-retry")
 )
 JSON_HEAD = b"Content-Type: application/json\r\n"
+# After a stream's [DONE], how long its upstream connection may take to end the
+# response and go back to the pool (it is closed otherwise).
+DONE_GRACE_S = 1.0
 MAX_REQUEST_ID = 128
 
 # The upstream client's errors: what the client sees, and the metrics reason.
@@ -496,8 +499,10 @@ class Relay:
             raise
         finally:
             self.streams.open -= 1
-            if outcome.outcome is not Ending.OK or not resp.at_eof:
+            if outcome.outcome is not Ending.OK:
                 resp.close()
+            elif not resp.at_eof:  # [DONE] before the upstream's end: keep its connection
+                resp.release_at_end(DONE_GRACE_S)
             if scanner.usage is not None:
                 _apply_usage(outcome, scanner.usage)
             else:

@@ -95,6 +95,16 @@ class MockStats:
     # The last request's own immutable header proxy, copied only when read: the bench's
     # hot path pays nothing for it.
     _headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The last request's connection (its peer is read only when asked for).
+    _transport: Any = field(default=None, repr=False)
+
+    @property
+    def last_peer(self) -> tuple[str, int] | None:
+        """The (host, port) the most recent /v1 request came from: the same for two
+        requests on one kept-alive connection."""
+        t = self._transport
+        peer = None if t is None else t.get_extra_info("peername")
+        return None if peer is None else (peer[0], peer[1])
 
     @property
     def last_headers(self) -> dict[str, str]:
@@ -295,6 +305,7 @@ class _Mock:
         stats = self.stats
         stats.requests += 1
         stats._headers = request.headers
+        stats._transport = request.transport
         ov = self._overrides(request)
         body: dict[str, Any] = {}
         if request.method == "POST":
