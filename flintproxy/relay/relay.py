@@ -7,20 +7,7 @@ stream that dies before its first chunk) are retried on the next candidate; afte
 that, a stream ends with a final SSE error event and the usage seen so far is
 still handed off.
 
-Headers cross in both directions through allow-lists, never deny-lists: whatever a
-client or an upstream invents (its IP under a new name, an org selector, a proxy's
-internals) stays on its side unless it is named here.
-
-- To the upstream: ``REQUEST_ALLOW`` (what a provider needs to serve the request),
-  plus the upstream's ``forward_headers`` names and "prefix*" globs; never anything
-  in ``NEVER_FORWARD`` (credentials, cookies, client addresses, framing), whatever
-  the config says. We add our X-Request-Id, Accept-Encoding and the upstream's key.
-  Not forwarded: User-Agent and the SDK's x-stainless-* (they describe the client's
-  machine), OpenAI-Organization / OpenAI-Project (they would let a client pick the
-  operator's org or project).
-- To the client: ``RESPONSE_ALLOW`` (content type, caching, the upstream's retry
-  advice on its errors). Our x-ratelimit-* and X-Request-Id are added by us; the
-  upstream's rate limits, org, cookies and proxy headers (x-litellm-*) are not.
+Headers cross in both directions through allow-lists (relay.headers).
 
 Bounds: the upstream head (http.client.MAX_HEAD), a non-streaming body
 (``server.max_upstream_body_bytes``) and one SSE event (``server.max_sse_event_bytes``);
@@ -63,36 +50,12 @@ from flintproxy.http.client import (
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.heartbeat import Heartbeat, Heartbeats
 from flintproxy.http.sse import SSE_HEAD, StreamScanner, parse_body
+from flintproxy.relay.headers import request_head, response_head
 from flintproxy.relay.routes import PATHS, ROUTES, new_request_id
 from flintproxy.relay.routing import Router, Upstream
 
 log = logging.getLogger("flintproxy")
 
-# RFC 9110 §7.6.1: connection-specific fields are never forwarded (names lower-cased).
-HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade")
-)
-# The client's request headers a provider needs (names lower-cased).
-REQUEST_ALLOW = frozenset((b"content-type", b"accept", b"openai-beta"))
-# Never sent upstream, even when an upstream's forward_headers names or globs them:
-# credentials, cookies, the client's address in any of its spellings, framing, and
-# what we set ourselves.
-NEVER_FORWARD = HOP_BY_HOP | frozenset(
-    (b"host", b"content-length", b"authorization", b"cookie", b"api-key",
-     b"accept-encoding", b"expect", b"x-request-id", b"forwarded", b"x-forwarded-for",
-     b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-port", b"x-forwarded-server",
-     b"x-real-ip", b"x-client-ip", b"x-cluster-client-ip", b"client-ip",
-     b"cf-connecting-ip", b"cf-connecting-ipv6", b"true-client-ip", b"fastly-client-ip",
-     b"x-original-forwarded-for", b"x-appengine-user-ip", b"openai-organization",
-     b"openai-project")
-)
-# The upstream's response headers a client may see; we add our own x-ratelimit-*,
-# X-Request-Id and the framing.
-RESPONSE_ALLOW = frozenset(
-    (b"content-type", b"cache-control", b"retry-after", b"retry-after-ms",
-     b"x-should-retry")
-)
 JSON_HEAD = b"Content-Type: application/json\r\n"
 # After a stream's [DONE], how long its upstream connection may take to end the
 # response and go back to the pool (it is closed otherwise).
@@ -125,33 +88,6 @@ def failure_reason(exc: BaseException) -> str:
     """The ``routing.FAILURE_REASONS`` entry (a metrics label) for a failed attempt."""
     return _classify(exc)[1]
 
-
-def _request_head(raw: list[tuple[bytes, bytes]], up: Upstream) -> bytes:
-    """The client's header lines this upstream may see (see the module docstring)."""
-    names, prefixes = up.forward_names, up.forward_prefixes
-    lines = []
-    for name, value in raw:
-        lname = name.lower()
-        if lname in REQUEST_ALLOW or (
-            (lname in names or (prefixes and lname.startswith(prefixes)))
-            and lname not in NEVER_FORWARD
-        ):
-            lines.append(name + b": " + value + b"\r\n")
-    return b"".join(lines)
-
-
-def _response_filter(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
-    """The upstream's header lines a client may see; and whether a Content-Type was
-    among them."""
-    lines = []
-    content_type = False
-    for name, value in raw:
-        lname = name.lower()
-        if lname in RESPONSE_ALLOW:
-            if lname == b"content-type":
-                content_type = True
-            lines.append(name + b": " + value + b"\r\n")
-    return b"".join(lines), content_type
 
 
 def _encode(data: dict[str, Any]) -> bytes:
@@ -359,7 +295,7 @@ class Relay:
                 try:
                     resp, first = await self._attempt(
                         up, call.endpoint, self._body_for(up, data, body, call.model),
-                        _request_head(exchange.raw_headers, up) + head, call.stream)
+                        request_head(exchange.raw_headers, up) + head, call.stream)
                 except (UpstreamConnectError, UpstreamDisconnected, UpstreamReadTimeout) as exc:
                     self.router.failure(up, failure_reason(exc))
                     error = upstream_failure(exc, up)
@@ -400,7 +336,7 @@ class Relay:
             resp.release()
 
     def _response_head(self, resp: UpstreamResponse, admission: Admission) -> tuple[bytes, bool]:
-        head, content_type = _response_filter(resp.raw_headers)
+        head, content_type = response_head(resp.raw_headers)
         if admission.headers:
             head += header_lines(admission.headers)
         return (head + b"X-Request-Id: " + admission.call.trace_id.encode("ascii") + b"\r\n",
@@ -509,6 +445,7 @@ class Relay:
                 outcome.prompt_tokens = admission.call.prompt_tokens_estimate
                 outcome.completion_tokens = scanner.estimated_completion_tokens()
                 outcome.estimated = True
+
 
 def _apply_usage(outcome: Outcome, usage: Any) -> None:
     outcome.prompt_tokens = usage.prompt_tokens
