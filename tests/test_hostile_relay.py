@@ -183,6 +183,20 @@ async def test_client_addresses_and_org_selectors_never_reach_the_upstream(
     assert gw.key not in " ".join(seen.values())
 
 
+async def test_headers_the_clients_connection_header_names_are_not_forwarded(
+        gateway: Gateway, mock_upstream: MockServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.base_url + "/chat/completions", json=CHAT,
+                             headers=auth(gateway, **{
+                                 "Connection": "keep-alive, OpenAI-Beta, x-mock-hop",
+                                 "OpenAI-Beta": "hop", "x-mock-hop": "1",
+                                 "x-mock-chunks": "2"})) as resp:
+            assert resp.status == 200
+    seen = mock_upstream.stats.last_headers
+    assert "openai-beta" not in seen and "x-mock-hop" not in seen
+    assert seen["x-mock-chunks"] == "2"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_upstream_internals_never_reach_the_client(gateway: Gateway, stream: bool) -> None:
     async with aiohttp.ClientSession() as http:

@@ -42,22 +42,30 @@ NEVER_FORWARD = HOP_BY_HOP | frozenset(
 )
 # The upstream's response headers a client may see; we add our own x-ratelimit-*,
 # X-Request-Id and the framing.
+# Connection values that name no other header (the usual ones): nothing more to drop.
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))
+_NONE: frozenset[bytes] = frozenset()
 RESPONSE_ALLOW = frozenset(
     (b"content-type", b"cache-control", b"retry-after", b"retry-after-ms",
      b"x-should-retry")
 )
 
 
-def request_head(raw: list[tuple[bytes, bytes]], up: Upstream) -> bytes:
-    """The client's header lines this upstream may see (see the module docstring)."""
+def request_head(raw: list[tuple[bytes, bytes]], up: Upstream,
+                 connection: bytes | None = None) -> bytes:
+    """The client's header lines this upstream may see (see the module docstring);
+    ``connection``: the client's Connection value, whose names are hop-by-hop too."""
     names, prefixes = up.forward_names, up.forward_prefixes
+    hop: frozenset[bytes] = _NONE
+    if connection is not None and connection not in _PLAIN_CONNECTION:  # names headers
+        hop = frozenset(t.strip().lower() for t in connection.split(b","))
     lines = []
     for name, value in raw:
         lname = name.lower()
-        if lname in REQUEST_ALLOW or (
+        if (lname in REQUEST_ALLOW or (
             (lname in names or (prefixes and lname.startswith(prefixes)))
             and lname not in NEVER_FORWARD
-        ):
+        )) and lname not in hop:
             lines.append(name + b": " + value + b"\r\n")
     return b"".join(lines)
 

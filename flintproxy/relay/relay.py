@@ -288,6 +288,7 @@ class Relay:
         resp: UpstreamResponse | None = None
         first = b""
         up = candidates[0]
+        connection = exchange.headers.get(b"connection")
         wait_started = time.perf_counter()
         try:
             for i, up in enumerate(candidates):
@@ -295,7 +296,7 @@ class Relay:
                 try:
                     resp, first = await self._attempt(
                         up, call.endpoint, self._body_for(up, data, body, call.model),
-                        request_head(exchange.raw_headers, up) + head, call.stream)
+                        request_head(exchange.raw_headers, up, connection) + head, call.stream)
                 except (UpstreamConnectError, UpstreamDisconnected, UpstreamReadTimeout) as exc:
                     self.router.failure(up, failure_reason(exc))
                     error = upstream_failure(exc, up)
