@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ class ServerConfig:
     # never capped per address.
     max_connections: int = 10_000
     max_connections_per_ip: int = 256
+    # Bounds on what one upstream response may make us hold: a whole non-streaming
+    # body, and one SSE event of a stream. A breach is a 502 (mid-stream: a final
+    # error event). The upstream's head is bounded too, at http.client.MAX_HEAD.
+    max_upstream_body_bytes: int = 32 * 1024 * 1024
+    max_sse_event_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,9 @@ class UpstreamConfig:
     # Consecutive failures before the circuit opens, and how long it stays open.
     failure_threshold: int = 3
     cooldown_s: float = 10.0
+    # Client request headers forwarded to this upstream besides the built-in
+    # allow-list (relay.REQUEST_ALLOW): lower-case names, or prefixes ending in "*".
+    forward_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +261,8 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
     _check_keys(raw, {"host", "port", "max_body_bytes", "heartbeat_interval_s",
                       "shutdown_timeout_s", "keepalive_timeout_s", "head_timeout_s",
                       "body_timeout_s", "write_timeout_s", "max_connections",
-                      "max_connections_per_ip"}, p)
+                      "max_connections_per_ip", "max_upstream_body_bytes",
+                      "max_sse_event_bytes"}, p)
     return ServerConfig(
         host=env.get("FLINTPROXY_HOST") or _str(raw, "host", p, "127.0.0.1") or "127.0.0.1",
         port=_env_port(env["FLINTPROXY_PORT"]) if env.get("FLINTPROXY_PORT")
@@ -266,6 +276,10 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str]) -> ServerConfig:
         write_timeout_s=_float(raw, "write_timeout_s", p, 30.0, 0.1),
         max_connections=_int(raw, "max_connections", p, 10_000, 0, 1 << 24),
         max_connections_per_ip=_int(raw, "max_connections_per_ip", p, 256, 0, 1 << 24),
+        max_upstream_body_bytes=_int(raw, "max_upstream_body_bytes", p, 32 * 1024 * 1024,
+                                     1024, 1 << 32),
+        max_sse_event_bytes=_int(raw, "max_sse_event_bytes", p, 4 * 1024 * 1024,
+                                 1024, 1 << 30),
     )
 
 
@@ -303,7 +317,7 @@ def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
         raise _fail(f"upstreams[{i}]", raw, "must be a table")
     _check_keys(raw, {"name", "base_url", "api_key_env", "models", "model_map", "weight",
                       "priority", "connect_timeout_s", "read_timeout_s", "failure_threshold",
-                      "cooldown_s"}, p)
+                      "cooldown_s", "forward_headers"}, p)
     name = _str(raw, "name", p, None)
     if name is None:
         raise _fail(f"{p}name", None, "is required")
@@ -324,6 +338,7 @@ def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
         raise _fail(f"{p}model_map", model_map, "must be a table of model = \"upstream name\"")
     key_env = _str(raw, "api_key_env", p, None)
     return UpstreamConfig(
+        forward_headers=_forward_headers(raw.get("forward_headers", []), f"{p}forward_headers"),
         name=name,
         base_url=base_url.rstrip("/"),
         models=tuple(models),
@@ -337,6 +352,17 @@ def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
         failure_threshold=_int(raw, "failure_threshold", p, 3, 1, 1000),
         cooldown_s=_float(raw, "cooldown_s", p, 10.0, 0.0),
     )
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'+.^_`|~0-9a-z-]+\*?")
+
+
+def _forward_headers(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and _HEADER_NAME.fullmatch(v.lower()) for v in value
+    ):
+        raise _fail(key, value, 'must be a list of header names or prefixes such as "x-mock-*"')
+    return tuple(v.lower() for v in value)
 
 
 def _models(raw: Mapping[str, Any]) -> dict[str, ModelPrice]:

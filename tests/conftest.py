@@ -95,7 +95,7 @@ def raw_config(tmp_path: Path, upstream_urls: Mapping[str, str]) -> dict[str, An
         "storage": {"path": str(tmp_path / "flintproxy.db")},
         "upstreams": [
             {"name": name, "base_url": url, "models": list(MODELS),
-             "failure_threshold": 3, "cooldown_s": 30.0}
+             "failure_threshold": 3, "cooldown_s": 30.0, "forward_headers": ["x-mock-*"]}
             for name, url in upstream_urls.items()
         ],
         "models": {

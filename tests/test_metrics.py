@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flintproxy.gate.gate import Admission, Call, Outcome, Principal
+from flintproxy.gate.gate import Admission, Call, Ending, Outcome, Principal
 from flintproxy.ops.metrics import (
     OTHER,
     OUTCOMES,
@@ -387,10 +387,10 @@ async def test_status_classes_at_the_edges(gateway: Gateway) -> None:
     call = Call("chat/completions", "gpt-4o", False, 1, None, "req_x")
     admission = Admission(call, Principal(key_id=1, account_id=1), 0.0, 0)
     before = await scrape(gateway)
-    # Gone before any status was chosen (the relay's default 500): nginx's 499, a 4xx.
-    metrics.finished(admission, Outcome(status=500, outcome="client_disconnect"), 0)
-    metrics.finished(admission, Outcome(status=302, outcome="upstream_error"), 0)
-    metrics.finished(admission, Outcome(status=999, outcome="error"), 0)
+    # Gone before any status was sent: the relay records nginx's 499, a 4xx.
+    metrics.finished(admission, Outcome(status=499, outcome=Ending.CLIENT_DISCONNECT), 0)
+    metrics.finished(admission, Outcome(status=302, outcome=Ending.UPSTREAM_ERROR), 0)
+    metrics.finished(admission, Outcome(status=999, outcome=Ending.ERROR), 0)
     text = await scrape_text(gateway)
     after = parse(text)
     assert_bounded(text, gateway.key)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from flintproxy.http.client import UpstreamTooLarge
 from flintproxy.http.sse import (
     MAX_PENDING,
     SMALL_BODY,
@@ -85,7 +86,7 @@ def relay(scanner: StreamScanner, blocks: Iterable[bytes]) -> bytes:
     out = []
     for block in blocks:
         forwarded = scanner.feed(block)
-        if forwarded and not scanner.passthrough:
+        if forwarded:
             assert forwarded.endswith((b"\n\n", b"\r\n\r\n")), "forwarded on an event boundary"
         out.append(forwarded)
     out.append(scanner.flush())
@@ -116,7 +117,7 @@ def test_any_split_forwards_the_same_bytes_and_finds_the_usage(split: str) -> No
     assert relay(scanner, SPLITS[split](STREAM)) == STREAM
     assert scanner.usage == EXPECTED_USAGE
     assert scanner.estimated_completion_tokens() == DATA_EVENTS
-    assert not scanner.passthrough
+    assert scanner.done
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -157,14 +158,17 @@ def test_usage_text_inside_content_is_not_usage(strip: bool) -> None:
         assert scanner.estimated_completion_tokens() == DATA_EVENTS - 1
 
 
-def test_usage_on_a_content_chunk_is_read_but_never_stripped() -> None:
+def test_usage_on_content_chunks_is_read_and_kept_only_for_a_client_that_asked() -> None:
     # Upstreams with continuous usage stats put usage on chunks that carry choices.
     with_usage = {**chunk({"content": "hi"}), "usage": {"prompt_tokens": 3,
                                                         "completion_tokens": 1}}
     last = {**chunk({"content": "!"}), "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
     stream = event(with_usage) + event(last) + DONE
+    asked = StreamScanner(strip_usage=False)
+    assert relay(asked, pieces(stream, 5)) == stream
     scanner = StreamScanner(strip_usage=True)
-    assert relay(scanner, pieces(stream, 5)) == stream
+    out = relay(scanner, pieces(stream, 5))
+    assert b'"usage":{' not in out and out.count(b"data:") == 3
     assert scanner.usage == Usage(prompt_tokens=3, completion_tokens=2)
 
 
@@ -224,21 +228,49 @@ def test_estimated_completion_tokens_counts_forwarded_data_events() -> None:
     assert scanner.estimated_completion_tokens() == 2
 
 
-def test_an_oversized_event_switches_to_passthrough_without_losing_bytes() -> None:
+def test_an_oversized_event_is_the_upstreams_fault_and_never_buffered_past_its_bound() -> None:
     head = event(chunk({"content": "a"}))
     huge = b"data: " + b"x" * (MAX_PENDING + 100_000)  # no blank line in sight
     stream = head + huge + b"\n\n" + event(chunk({"content": "b"})) + usage_event() + DONE
     scanner = StreamScanner(strip_usage=True)
     out = []
-    for block in pieces(stream, 64 * 1024):
-        out.append(scanner.feed(block))
-        assert len(scanner.pending) <= MAX_PENDING  # bounded while framing
-    out.append(scanner.flush())
-    assert scanner.passthrough
-    assert b"".join(out) == stream  # everything, in order; nothing is stripped any more
+    with pytest.raises(UpstreamTooLarge):
+        for block in pieces(stream, 64 * 1024):
+            out.append(scanner.feed(block))
+            assert len(scanner.pending) <= MAX_PENDING  # bounded while framing
     assert out[0] == head  # framed up to the oversized event
-    # Once passing through, a block is returned as is.
-    assert scanner.feed(b"data: tail") == b"data: tail"
+
+
+def test_an_event_up_to_the_bound_is_relayed_whole() -> None:
+    scanner = StreamScanner(strip_usage=False, max_event=2048)
+    big = b"data: " + b"x" * 2000 + b"\n\n"
+    assert b"".join(scanner.feed(b) for b in pieces(big, 100)) == big
+    with pytest.raises(UpstreamTooLarge):
+        scanner.feed(b"data: " + b"y" * 2100)
+
+
+def test_usage_on_a_content_chunk_is_removed_from_that_event_only() -> None:
+    content = chunk({"content": "a"})
+    with_usage = {**chunk({}, "stop"), "usage": USAGE}
+    stream = event(content) + event(with_usage) + DONE
+    scanner = StreamScanner(strip_usage=True)
+    out = b"".join(scanner.feed(b) for b in pieces(stream, 13)) + scanner.flush()
+    assert scanner.usage == EXPECTED_USAGE
+    assert b'"usage":{' not in out and b'"usage": {' not in out
+    assert out.startswith(event(content))  # the others, byte for byte
+    assert out.endswith(DONE)
+    rewritten = orjson.loads(out[len(event(content)):-len(DONE)].removeprefix(b"data: "))
+    assert rewritten == {k: v for k, v in with_usage.items() if k != "usage"}
+    kept = StreamScanner(strip_usage=False)
+    assert b"".join(kept.feed(b) for b in pieces(stream, 13)) + kept.flush() == stream
+
+
+def test_a_done_event_is_noticed_only_as_an_event() -> None:
+    scanner = StreamScanner(strip_usage=False)
+    scanner.feed(event(chunk({"content": "data: [DONE] spelled in content"})))
+    assert not scanner.done
+    scanner.feed(DONE)
+    assert scanner.done
 
 
 # --- \r\n framing -------------------------------------------------------------------

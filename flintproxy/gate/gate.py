@@ -19,6 +19,7 @@ SQLite-plus-memory implementations can later be swapped for PostgreSQL/Redis one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
@@ -94,12 +95,29 @@ def parse_call(endpoint: str, body: bytes, request_id: str,
     return call, data
 
 
+class Ending(StrEnum):
+    """How an admitted request ended. The values are stored in usage rows and used as
+    metric and access-log labels: never change them."""
+
+    OK = "ok"  # answered in full (a stream: once its ``data: [DONE]`` was relayed)
+    # The client left first: status 499 if it left before a status was sent.
+    CLIENT_DISCONNECT = "client_disconnect"
+    UPSTREAM_ERROR = "upstream_error"  # no upstream answered well
+    ERROR = "error"  # refused or failed on our side after admission
+    REJECTED = "rejected"  # never admitted: a label of metrics and the access log only
+
+
+# nginx's "client closed request": the status of a request whose client left before
+# any status was sent (after a 200 began a stream, 200 it stays, as nginx logs it).
+CLIENT_CLOSED = 499
+
+
 @dataclass(slots=True)
 class Outcome:
     """What happened, for usage, billing, limits and metrics."""
 
     status: int
-    outcome: str  # "ok" | "client_disconnect" | "upstream_error" | "error"
+    outcome: Ending
     upstream: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -44,7 +44,7 @@ def usage_row(admission: Admission, outcome: Outcome, cost_nano: int) -> UsageRo
         call.model, outcome.upstream, _bounded(outcome.prompt_tokens),
         _bounded(outcome.completion_tokens), _bounded(outcome.cached_tokens),
         _bounded(outcome.reasoning_tokens), int(outcome.estimated), _bounded(cost_nano),
-        outcome.status, outcome.outcome, int(call.stream), admission.started_ms,
+        outcome.status, str(outcome.outcome), int(call.stream), admission.started_ms,
         round(outcome.duration_s * 1000),
         None if outcome.ttfb_s is None else round(outcome.ttfb_s * 1000))
 

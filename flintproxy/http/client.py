@@ -14,6 +14,9 @@ is handed to the relay as the socket delivers it. No task is created per request
 - Flow control: a response body buffered beyond HIGH_WATER pauses reading from the
   socket until the relay has taken it (backpressure all the way to the upstream).
 - Timeouts: connect, and read (headers, and each wait for more body).
+- Bounds: a response head larger than MAX_HEAD fails as UpstreamTooLarge (checked
+  once per socket read, before llhttp's buffer can grow further); ``read`` takes a
+  bound for a whole body. A hostile upstream cannot make us hold more than that.
 - Errors: UpstreamConnectError (could not connect), UpstreamDisconnected (closed,
   reset or unparsable mid-response), UpstreamReadTimeout. ``relay.upstream_failure``
   turns them into the client-visible errors.
@@ -32,6 +35,10 @@ import httptools
 from flintproxy.http.flow import FlowControl
 
 HIGH_WATER = 1 << 20
+# An upstream's status line and headers together; real ones send a few KiB.
+MAX_HEAD = 64 * 1024
+# ``read``'s bound when the caller names none (the relay passes its configured one).
+MAX_BODY = 32 * 1024 * 1024
 
 
 class UpstreamConnectError(ConnectionError):
@@ -40,6 +47,11 @@ class UpstreamConnectError(ConnectionError):
 
 class UpstreamDisconnected(ConnectionError):
     """The upstream closed, reset or garbled the connection before the response ended."""
+
+
+class UpstreamTooLarge(UpstreamDisconnected):
+    """The upstream's head, body or one SSE event exceeded its bound; the connection
+    is abandoned (a subclass of UpstreamDisconnected: it is handled as one)."""
 
 
 class UpstreamReadTimeout(TimeoutError):
@@ -73,9 +85,9 @@ class _Connection(asyncio.Protocol):
     """One upstream socket and the response being read from it."""
 
     __slots__ = ("buffered", "chunks", "closed", "complete", "connection", "deadline",
-                 "error", "flow", "headers_done", "interim", "keep_alive", "limit_s",
-                 "loop", "parser", "raw_headers", "received", "status", "timer",
-                 "timer_at", "transport", "waiter")
+                 "error", "flow", "head_bytes", "headers_done", "interim", "keep_alive",
+                 "limit_s", "loop", "parser", "pool", "pool_timer", "raw_headers", "received",
+                 "status", "timer", "timer_at", "transport", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -88,6 +100,9 @@ class _Connection(asyncio.Protocol):
         self.timer_at = 0.0
         self.deadline = 0.0
         self.limit_s = 0.0
+        # Set by release_at_end: where to go once the response ends, and until when.
+        self.pool: list[_Connection] | None = None
+        self.pool_timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -95,6 +110,7 @@ class _Connection(asyncio.Protocol):
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.connection: bytes | None = None
         self.headers_done = False
+        self.head_bytes = 0
         self.interim = False
         self.keep_alive = False
         self.chunks: deque[bytes] = deque()
@@ -123,10 +139,20 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamDisconnected(f"invalid HTTP response: {exc}"))
             self.abort()
+            return
+        if not self.headers_done:  # once per read: llhttp holds a partial head itself
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self._fail(UpstreamTooLarge(f"response head over {MAX_HEAD} bytes"))
+                self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._stop_timer()
+        if self.pool_timer is not None:
+            self.pool_timer.cancel()
+            self.pool_timer = None
+        self.pool = None
         self.parser = None  # it holds us: freed at once, not by the cyclic GC
         if self.complete:
             return
@@ -159,6 +185,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.pool is not None:
+            return  # released at end: the rest is discarded
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.flow is not None:
@@ -170,9 +198,21 @@ class _Connection(asyncio.Protocol):
             self.interim = False
             return
         self.complete = True
+        if self.pool is not None:
+            self._pool_now()
         self._wake()
 
     # helpers
+    def _pool_now(self) -> None:
+        pool, self.pool = self.pool, None
+        if self.pool_timer is not None:
+            self.pool_timer.cancel()
+            self.pool_timer = None
+        if pool is not None and self.keep_alive and not self.closed and self.error is None:
+            pool.append(self)
+        else:
+            self.abort()
+
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
@@ -274,10 +314,16 @@ class UpstreamResponse:
         conn = self._conn
         return conn is None or (conn.complete and not conn.chunks)
 
-    async def read(self) -> bytes:
-        """The whole remaining body."""
+    async def read(self, limit: int = MAX_BODY) -> bytes:
+        """The whole remaining body; UpstreamTooLarge once it exceeds ``limit`` bytes
+        (the connection is then abandoned)."""
         parts = []
+        size = 0
         while data := await self.readany():
+            size += len(data)
+            if size > limit:
+                self.close()
+                raise UpstreamTooLarge(f"response body over {limit} bytes")
             parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -290,6 +336,26 @@ class UpstreamResponse:
             self._client._idle.setdefault(self._key, []).append(conn)
         else:
             conn.abort()
+
+    def release_at_end(self, grace_s: float) -> None:
+        """Done with a response whose end has not arrived yet (a stream's ``[DONE]``
+        came before its terminator): the rest of its body is discarded, and the
+        connection joins the pool when the end comes within ``grace_s``, else closes."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.chunks.clear()
+        conn.buffered = 0
+        if conn.closed or conn.error is not None or not conn.keep_alive:
+            conn.abort()
+            return
+        conn.pool = self._client._idle.setdefault(self._key, [])
+        if conn.complete:
+            conn._pool_now()
+            return
+        conn.pool_timer = conn.loop.call_later(grace_s, conn.abort)
+        if conn.flow is not None:
+            conn.flow.resume_reading()
 
     def close(self) -> None:
         """Abandon the response: the upstream sees its connection closed at once."""

@@ -9,7 +9,13 @@ event that matches is parsed.
 
 Blocks are forwarded on SSE event boundaries: a trailing partial event is held
 until its terminating blank line arrives, because a client cannot act on half an
-event anyway, and because stripping the usage-only chunk needs whole events.
+event anyway, and because stripping the usage-only chunk needs whole events. A held
+event larger than the configured bound is the upstream's fault (UpstreamTooLarge):
+we never buffer without bound.
+
+Usage the client did not ask for is removed: the usage-only chunk is cut out, and a
+chunk that carries usage next to its choices (LiteLLM sends one) is re-encoded
+without it. Every other event is forwarded byte for byte.
 """
 
 from __future__ import annotations
@@ -19,12 +25,18 @@ from dataclasses import dataclass
 
 import orjson
 
+from flintproxy.http.client import UpstreamTooLarge
+
 # The head lines of a stream whose upstream named no Content-Type.
 SSE_HEAD = b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
 USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
-# A held partial event larger than this means the stream is not SSE as we know it;
-# stop framing and pass bytes through rather than buffer without bound.
-MAX_PENDING = 1 << 20
+# The default bound on one held (partial) event; config: server.max_sse_event_bytes.
+MAX_PENDING = 4 << 20
+# The stream's end as upstreams send it: the last event of a block (or its first: a
+# block starts on an event boundary). JSON text holds no raw newline, so after one it
+# is the event itself, never content. Two suffix checks, no search: this runs per block.
+DONE = b"data: [DONE]"
+_DONE_ENDS = (b"\ndata: [DONE]\n\n", b"\ndata: [DONE]\r\n\r\n")
 # Complete bodies up to this size are parsed whole for their usage (see extract_usage).
 SMALL_BODY = 4096
 
@@ -120,6 +132,26 @@ def extract_usage(body: bytes) -> Usage | None:
     return None if match is None else _usage_at(body, match)
 
 
+# What a well-formed 200 body of each endpoint holds: a list under this key.
+_BODY_LIST = {"chat/completions": "choices", "completions": "choices", "embeddings": "data"}
+
+
+def parse_body(body: bytes, endpoint: str) -> tuple[bool, Usage | None]:
+    """Whether a complete 200 body is what ``endpoint`` answers (a JSON object with its
+    ``choices`` or ``data`` list), and the usage it reports.
+
+    One orjson parse of the whole body: an upstream's 200 is relayed only once it is
+    known to be a response, never its garbage (nor a nesting orjson refuses).
+    """
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False, None
+    if not isinstance(obj, dict) or not isinstance(obj.get(_BODY_LIST.get(endpoint, "")), list):
+        return False, None
+    return True, usage_from_dict(obj.get("usage"))
+
+
 def _last_boundary(buf: bytes, end: int) -> int:
     """Offset just past the last blank line (LF or CRLF) before ``end``, or 0."""
     lf = buf.rfind(b"\n\n", 0, end)
@@ -155,21 +187,23 @@ def _event_data(event: bytes) -> bytes:
 
 
 class StreamScanner:
-    """Per-stream state: framing, usage, and a count of events relayed."""
+    """Per-stream state: framing, usage, whether [DONE] went by, events relayed."""
 
-    __slots__ = ("events", "passthrough", "pending", "strip_usage", "usage")
+    __slots__ = ("done", "events", "max_event", "pending", "strip_usage", "usage")
 
-    def __init__(self, strip_usage: bool) -> None:
+    def __init__(self, strip_usage: bool, max_event: int = MAX_PENDING) -> None:
         self.strip_usage = strip_usage
+        self.max_event = max_event
         self.pending = b""
         self.usage: Usage | None = None
         self.events = 0  # data events forwarded, the basis of the token estimate
-        self.passthrough = False
+        self.done = False  # a ``data: [DONE]`` event is among the bytes returned
 
     def feed(self, data: bytes) -> bytes:
-        """Take an upstream block; return the bytes to forward now (maybe empty)."""
-        if self.passthrough:
-            return data
+        """Take an upstream block; return the bytes to forward now (maybe empty).
+
+        Raises UpstreamTooLarge when a partial event grows past ``max_event``.
+        """
         if self.pending:
             data = self.pending + data
             self.pending = b""
@@ -179,23 +213,26 @@ class StreamScanner:
             # SSE allows CRLF line ends: "\r\n\r\n" ends an event too.
             cut = _last_boundary(data, len(data))
             if cut == 0:
-                if len(data) > MAX_PENDING:
-                    self.passthrough = True
-                    return data
+                if len(data) > self.max_event:
+                    raise UpstreamTooLarge(f"an SSE event over {self.max_event} bytes")
                 self.pending = data
                 return b""
             complete, self.pending = data[:cut], data[cut:]
+            if len(self.pending) > self.max_event:
+                raise UpstreamTooLarge(f"an SSE event over {self.max_event} bytes")
         self.events += complete.count(b"data:")
+        if complete.endswith(_DONE_ENDS) or complete.startswith(DONE):
+            self.done = True
         first = USAGE_RE.search(complete)
         if first is None:
             return complete
         return self._take_usage(complete, first.start())
 
     def _take_usage(self, complete: bytes, pos: int) -> bytes:
-        # Slow path, normally once per stream: parse only the events holding usage,
-        # and cut out the usage-only one when the client did not ask for usage.
-        # Matches (from the first, at pos) are handled last to first so earlier
-        # offsets stay valid.
+        # Slow path, normally once per stream: parse only the events holding usage;
+        # when the client did not ask for usage, cut out the usage-only one and
+        # re-encode one that also has choices without its usage. Matches (from the
+        # first, at pos) are handled last to first so earlier offsets stay valid.
         latest: Usage | None = None
         for match in reversed(list(USAGE_RE.finditer(complete, pos))):
             start = _event_start(complete, match.start())
@@ -209,9 +246,14 @@ class StreamScanner:
             usage = usage_from_dict(obj.get("usage"))
             if usage is not None and latest is None:
                 latest = usage  # the stream's last usage is its total
-            if self.strip_usage and obj.get("choices") == []:
-                self.events -= 1
-                complete = complete[:start] + complete[end:]
+            if self.strip_usage and usage is not None:
+                if obj.get("choices") == []:
+                    self.events -= 1
+                    complete = complete[:start] + complete[end:]
+                else:
+                    del obj["usage"]
+                    event = b"data: " + orjson.dumps(obj) + b"\n\n"
+                    complete = complete[:start] + event + complete[end:]
         if latest is not None:
             self.usage = latest
         return complete

@@ -40,7 +40,7 @@ import orjson
 
 from flintproxy.config import Config
 from flintproxy.errors import FlintError
-from flintproxy.gate.gate import Admission, Outcome
+from flintproxy.gate.gate import Admission, Ending, Outcome
 from flintproxy.gate.limiter import client_ip
 from flintproxy.http.exchange import Exchange
 from flintproxy.relay.routes import ENDPOINT_PATHS
@@ -186,7 +186,7 @@ class AccessLog:
                 "ttfb_ms": None,
                 "prompt_tokens": 0,
                 "completion_tokens": 0,
-                "outcome": "rejected",
+                "outcome": Ending.REJECTED,
                 "error": err.code,
             }
             if self._log_ip:

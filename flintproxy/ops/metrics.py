@@ -57,7 +57,7 @@ from prometheus_client import (
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, ModelNotFound
 from flintproxy.gate.billing import Billing
-from flintproxy.gate.gate import Admission, Outcome
+from flintproxy.gate.gate import Admission, Ending, Outcome
 from flintproxy.http.exchange import Exchange
 from flintproxy.ops.accesslog import AccessLog
 from flintproxy.relay.relay import StreamGauge
@@ -69,7 +69,7 @@ log = logging.getLogger("flintproxy.ops.metrics")
 
 OTHER = "other"
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-OUTCOMES = ("ok", "client_disconnect", "upstream_error", "error", "rejected")
+OUTCOMES = tuple(e.value for e in Ending)
 SCOPES = {
     "rate_limit_requests": "requests",
     "rate_limit_tokens": "tokens",
@@ -225,9 +225,7 @@ class Metrics:
         """One admitted request ended (a ServiceGate finish observer)."""
         s = self._slots.get(admission.call.model) or self._other
         i = outcome.status // 100
-        if i == 5 and outcome.outcome == "client_disconnect":
-            i = 4
-        elif not 0 < i < 6:
+        if not 0 < i < 6:
             i = 5
         s.status[i] += 1
         o = outcome.outcome
@@ -261,7 +259,7 @@ class Metrics:
         s = (self._slots.get(call.model) if call is not None else None) or self._other
         i = err.status // 100
         s.status[i if 0 < i < 6 else 5] += 1
-        s.outcomes["rejected"] = s.outcomes.get("rejected", 0) + 1
+        s.outcomes[Ending.REJECTED] = s.outcomes.get(Ending.REJECTED, 0) + 1
         reason = ("model_not_found" if isinstance(err, ModelNotFound)
                   else REJECT_REASONS.get(err.status, OTHER))
         self._reasons[reason] = self._reasons.get(reason, 0) + 1

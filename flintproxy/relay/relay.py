@@ -6,6 +6,12 @@ before the first byte reached the client (connect errors, timeouts, 429, 5xx, a
 stream that dies before its first chunk) are retried on the next candidate; after
 that, a stream ends with a final SSE error event and the usage seen so far is
 still handed off.
+
+Headers cross in both directions through allow-lists (relay.headers).
+
+Bounds: the upstream head (http.client.MAX_HEAD), a non-streaming body
+(``server.max_upstream_body_bytes``) and one SSE event (``server.max_sse_event_bytes``);
+a breach is a 502, or mid-stream a final error event, with failure reason too_large.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import orjson
 
 from flintproxy.config import Config
 from flintproxy.errors import (
+    BadRequest,
     FlintError,
     MethodNotAllowed,
     NotFound,
@@ -32,43 +39,33 @@ from flintproxy.errors import (
     header_lines,
 )
 from flintproxy.gate.bounds import with_limit
-from flintproxy.gate.gate import Admission, Gate, Outcome, parse_call
+from flintproxy.gate.gate import CLIENT_CLOSED, Admission, Ending, Gate, Outcome, parse_call
 from flintproxy.http.client import (
     UpstreamClient,
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamReadTimeout,
     UpstreamResponse,
+    UpstreamTooLarge,
 )
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.heartbeat import Heartbeat, Heartbeats
-from flintproxy.http.sse import SSE_HEAD, StreamScanner, extract_usage
+from flintproxy.http.sse import SSE_HEAD, StreamScanner, parse_body
+from flintproxy.relay.headers import request_head, response_head
 from flintproxy.relay.routes import PATHS, ROUTES, new_request_id
 from flintproxy.relay.routing import Router, Upstream
 
 log = logging.getLogger("flintproxy")
 
-# RFC 9110 §7.6.1: connection-specific fields are never forwarded (names lower-cased).
-HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade")
-)
-# Never sent upstream: the client's credentials, cookies, its IP, and what we set.
-REQUEST_DROP = HOP_BY_HOP | frozenset(
-    (b"host", b"content-length", b"authorization", b"cookie", b"api-key",
-     b"accept-encoding", b"expect", b"x-forwarded-for", b"x-forwarded-host",
-     b"x-forwarded-proto", b"forwarded", b"x-real-ip", b"x-request-id")
-)
-# Never sent to the client: framing we redo, the upstream's cookies and rate limits.
-RESPONSE_DROP = HOP_BY_HOP | frozenset(
-    (b"content-length", b"content-encoding", b"set-cookie", b"date", b"server",
-     b"x-request-id", b"authorization")
-)
 JSON_HEAD = b"Content-Type: application/json\r\n"
+# After a stream's [DONE], how long its upstream connection may take to end the
+# response and go back to the pool (it is closed otherwise).
+DONE_GRACE_S = 1.0
 MAX_REQUEST_ID = 128
 
 # The upstream client's errors: what the client sees, and the metrics reason.
 _FAILURES: tuple[tuple[type[Exception], type[UpstreamError], str, str], ...] = (
+    (UpstreamTooLarge, UpstreamError, "too_large", "Upstream '{}' sent a response too large."),
     (UpstreamReadTimeout, UpstreamTimeout, "timeout", "Upstream '{}' timed out."),
     (UpstreamConnectError, UpstreamError, "connect", "Could not connect to upstream '{}'."),
     (UpstreamDisconnected, UpstreamError, "reset", "Upstream '{}' failed: {}."),
@@ -93,22 +90,13 @@ def failure_reason(exc: BaseException) -> str:
     return _classify(exc)[1]
 
 
-def _filter(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes],
-            connection: bytes | None) -> tuple[bytes, bool]:
-    """Serialized header lines minus ``drop``, those the Connection header names and
-    any x-ratelimit-*; and whether a Content-Type was among them."""
-    extra = (frozenset(t.strip().lower() for t in connection.split(b","))
-             if connection else frozenset())
-    lines = []
-    content_type = False
-    for name, value in raw:
-        lname = name.lower()
-        if lname in drop or lname in extra or lname.startswith(b"x-ratelimit-"):
-            continue
-        if lname == b"content-type":
-            content_type = True
-        lines.append(name + b": " + value + b"\r\n")
-    return b"".join(lines), content_type
+
+def _encode(data: dict[str, Any]) -> bytes:
+    """The request body re-encoded; a nesting orjson cannot write is the client's 400."""
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        raise BadRequest("The request body is nested too deeply.") from None
 
 
 def _client_request_id(exchange: Exchange) -> str | None:
@@ -157,6 +145,8 @@ class Relay:
         self.gate = gate
         self.client = client
         self.max_body = config.server.max_body_bytes
+        self.max_upstream_body = config.server.max_upstream_body_bytes
+        self.max_sse_event = config.server.max_sse_event_bytes
         self.heartbeats = heartbeats
         self.streams = streams
         # Told of every error response of a request the gate did not admit (metrics,
@@ -235,25 +225,29 @@ class Relay:
                 data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                           "include_usage": True}
                 # When absent it is spliced in: re-encoding a long prompt costs far more.
-                body = _ask_for_usage(body) if absent else b""  # b"": re-encoded below
+                body = _ask_for_usage(body) if absent else _encode(data)
         admission = await self.gate.admit(exchange, call, principal, started, started_ms)
-        outcome = Outcome(status=500, outcome="error")
+        outcome = Outcome(status=500, outcome=Ending.ERROR)
         try:
             body = with_limit(data, body, admission.limit)  # held to what was reserved
-            head, _ = _filter(exchange.raw_headers, REQUEST_DROP,
-                              exchange.headers.get(b"connection"))
-            head += b"X-Request-Id: " + call.trace_id.encode("ascii") + b"\r\n"
-            await self._forward(out, admission, candidates, data, body, head,
+            head = b"X-Request-Id: " + call.trace_id.encode("ascii") + b"\r\n"
+            await self._forward(out, exchange, admission, candidates, data, body, head,
                                 client_wants_usage, outcome)
         except asyncio.CancelledError:
-            outcome.outcome = "client_disconnect"
+            if outcome.outcome is not Ending.OK:  # [DONE] relayed: it read it all
+                outcome.outcome = Ending.CLIENT_DISCONNECT
+                if not out.started:  # as nginx: 499 unless a status was sent
+                    outcome.status = CLIENT_CLOSED
+                elif outcome.status == 500:  # heartbeats had sent its 200
+                    outcome.status = 200
             if not outcome.prompt_tokens:  # gone before any usage: charge the estimate
                 outcome.prompt_tokens = call.prompt_tokens_estimate
                 outcome.estimated = True
             raise
         except FlintError as exc:
             outcome.status = exc.status
-            outcome.outcome = "upstream_error" if isinstance(exc, UpstreamError) else "error"
+            outcome.outcome = (Ending.UPSTREAM_ERROR if isinstance(exc, UpstreamError)
+                               else Ending.ERROR)
             # Admitted: the error carries the limits and the id, as a success would.
             exc.headers = {**admission.headers, **exc.headers, "x-request-id": call.trace_id}
             raise
@@ -264,8 +258,8 @@ class Relay:
     def _body_for(self, up: Upstream, data: dict[str, Any], body: bytes, model: str) -> bytes:
         mapped = up.upstream_model(model)
         if mapped != model:
-            return orjson.dumps({**data, "model": mapped})
-        return body or orjson.dumps(data)
+            return _encode({**data, "model": mapped})
+        return body
 
     async def _attempt(self, up: Upstream, endpoint: str, body: bytes, head: bytes,
                        stream: bool) -> tuple[UpstreamResponse, bytes]:
@@ -275,9 +269,9 @@ class Relay:
         resp = await self.client.post(up.targets[endpoint], head + up.head, body,
                                       up.cfg.connect_timeout_s, up.cfg.read_timeout_s)
         try:
-            if resp.status != 200:
-                return resp, await resp.read()
-            first = await (resp.readany() if stream else resp.read())
+            if resp.status != 200 or not stream:
+                return resp, await resp.read(self.max_upstream_body)
+            first = await resp.readany()
             if stream and not first:
                 raise UpstreamDisconnected("stream ended before its first byte")
             return resp, first
@@ -285,7 +279,7 @@ class Relay:
             resp.close()
             raise
 
-    async def _forward(self, out: Responder, admission: Admission,
+    async def _forward(self, out: Responder, exchange: Exchange, admission: Admission,
                        candidates: list[Upstream], data: dict[str, Any], body: bytes,
                        head: bytes, client_wants_usage: bool, outcome: Outcome) -> None:
         call = admission.call
@@ -296,6 +290,7 @@ class Relay:
         resp: UpstreamResponse | None = None
         first = b""
         up = candidates[0]
+        connection = exchange.headers.get(b"connection")
         wait_started = time.perf_counter()
         try:
             for i, up in enumerate(candidates):
@@ -303,7 +298,7 @@ class Relay:
                 try:
                     resp, first = await self._attempt(
                         up, call.endpoint, self._body_for(up, data, body, call.model),
-                        head, call.stream)
+                        request_head(exchange.raw_headers, up, connection) + head, call.stream)
                 except (UpstreamConnectError, UpstreamDisconnected, UpstreamReadTimeout) as exc:
                     self.router.failure(up, failure_reason(exc))
                     error = upstream_failure(exc, up)
@@ -329,14 +324,14 @@ class Relay:
             assert error is not None
             if not out.started:
                 raise error
-            outcome.status, outcome.outcome = error.status, "upstream_error"
+            outcome.status, outcome.outcome = error.status, Ending.UPSTREAM_ERROR
             await out.end(error.sse_event())
             return
         try:
             if resp.status != 200:
                 await self._upstream_error(out, resp, first, admission, outcome)
             elif not call.stream:
-                self._plain(out, resp, first, admission, outcome)
+                self._plain(out, up, resp, first, admission, outcome)
             else:
                 await self._stream(out, up, resp, first, admission, outcome,
                                    client_wants_usage)
@@ -344,7 +339,7 @@ class Relay:
             resp.release()
 
     def _response_head(self, resp: UpstreamResponse, admission: Admission) -> tuple[bytes, bool]:
-        head, content_type = _filter(resp.raw_headers, RESPONSE_DROP, resp.connection)
+        head, content_type = response_head(resp.raw_headers)
         if admission.headers:
             head += header_lines(admission.headers)
         return (head + b"X-Request-Id: " + admission.call.trace_id.encode("ascii") + b"\r\n",
@@ -355,21 +350,25 @@ class Relay:
         # 4xx are the client's own errors and an upstream 429 is passed through
         # (ours say "rate_limit_requests/tokens/concurrency"); 5xx become 502.
         outcome.status = resp.status if resp.status < 500 else 502
-        outcome.outcome = "upstream_error"
+        outcome.outcome = Ending.UPSTREAM_ERROR
         if resp.status >= 500:
             err = UpstreamError(f"Upstream '{outcome.upstream}' returned HTTP {resp.status}.")
             if not out.started:
                 raise err
             body = err.body()
-        if out.started:
-            await out.end(b"data: " + body.strip() + b"\n\n")
+        if out.started:  # one event: the upstream's line breaks cannot start another
+            await out.end(b"data: " + body.strip().replace(b"\r", b" ").replace(b"\n", b" ")
+                          + b"\n\n")
             return
         out.respond(resp.status, self._response_head(resp, admission)[0], body)
 
-    def _plain(self, out: Responder, resp: UpstreamResponse, body: bytes,
+    def _plain(self, out: Responder, up: Upstream, resp: UpstreamResponse, body: bytes,
                admission: Admission, outcome: Outcome) -> None:
-        usage = extract_usage(body)
-        outcome.status, outcome.outcome = 200, "ok"
+        well_formed, usage = parse_body(body, admission.call.endpoint)
+        if not well_formed:
+            # Charged as any upstream error is (nothing known, nothing used).
+            raise UpstreamError(f"Upstream '{up.name}' sent a malformed response.")
+        outcome.status, outcome.outcome = 200, Ending.OK
         outcome.ttfb_s = time.perf_counter() - admission.started
         if usage is not None:
             _apply_usage(outcome, usage)
@@ -381,18 +380,20 @@ class Relay:
     async def _stream(self, out: Responder, up: Upstream, resp: UpstreamResponse,
                       first: bytes, admission: Admission, outcome: Outcome,
                       client_wants_usage: bool) -> None:
-        scanner = StreamScanner(strip_usage=not client_wants_usage)
+        scanner = StreamScanner(strip_usage=not client_wants_usage,
+                                max_event=self.max_sse_event)
         outcome.status = 200
         self.streams.open += 1
         read = resp.readany
         try:
             # What has arrived is sent at once; when it is the upstream's last piece it
-            # goes out with the end of the stream, in the same write.
+            # goes out with the end of the stream, in the same write. Once ``[DONE]``
+            # has been relayed the client has it all: the stream ends there, whatever
+            # the upstream still sends (its lingering bytes are dropped with it).
             chunk = scanner.feed(first)
-            done = resp.at_eof
-            if done:
+            done = resp.at_eof or scanner.done
+            if done and not scanner.done:
                 chunk += scanner.flush()
-                outcome.outcome = "ok"
             if not out.started:
                 head, content_type = self._response_head(resp, admission)
                 await out.stream(200, head if content_type else head + SSE_HEAD, chunk,
@@ -401,30 +402,46 @@ class Relay:
                 await out.end(chunk)
             elif chunk:
                 await out.write(chunk)
+            if done:
+                outcome.outcome = Ending.OK
             outcome.ttfb_s = time.perf_counter() - admission.started
             while not done:
                 data = await read()
                 chunk = scanner.feed(data) if data else b""
-                done = not data or resp.at_eof
-                if done:
-                    outcome.outcome = "ok"
+                done = not data or resp.at_eof or scanner.done
+                if scanner.done:
+                    await out.write(chunk)  # [DONE] reached the client: it is whole
+                    outcome.outcome = Ending.OK
+                    await out.end()
+                elif done:
                     await out.end(chunk + scanner.flush())
+                    outcome.outcome = Ending.OK
                 elif chunk:
                     await out.write(chunk)
-        except (UpstreamDisconnected, UpstreamReadTimeout) as exc:
+        except (UpstreamDisconnected, UpstreamReadTimeout) as exc:  # incl. UpstreamTooLarge
             self.router.failure(up, failure_reason(exc))
-            outcome.outcome = "upstream_error"
+            outcome.outcome = Ending.UPSTREAM_ERROR
+            if not out.started:  # its first bytes were already too much: a plain 502
+                raise upstream_failure(exc, up) from None
             with contextlib.suppress(ConnectionError):
                 await out.end(upstream_failure(exc, up).sse_event())
         except ConnectionError:
-            outcome.outcome = "client_disconnect"  # our write failed: the client left
+            if outcome.outcome is not Ending.OK:  # our write failed: the client left
+                outcome.outcome = Ending.CLIENT_DISCONNECT
+                if not out.started:  # as nginx: 499 unless a status was sent
+                    outcome.status = CLIENT_CLOSED
         except asyncio.CancelledError:
-            outcome.outcome = "client_disconnect"  # the handler was cancelled: it left
+            if outcome.outcome is not Ending.OK:  # the handler was cancelled: it left
+                outcome.outcome = Ending.CLIENT_DISCONNECT
+                if not out.started:
+                    outcome.status = CLIENT_CLOSED
             raise
         finally:
             self.streams.open -= 1
-            if outcome.outcome != "ok":
+            if outcome.outcome is not Ending.OK:
                 resp.close()
+            elif not resp.at_eof:  # [DONE] before the upstream's end: keep its connection
+                resp.release_at_end(DONE_GRACE_S)
             if scanner.usage is not None:
                 _apply_usage(outcome, scanner.usage)
             else:

@@ -21,14 +21,14 @@ from flintproxy.http.client import Target
 from flintproxy.relay.routes import ENDPOINTS
 
 # Why an upstream attempt failed: a closed set, used as a metrics label.
-FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "other")
+FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "too_large", "other")
 
 
 class Upstream:
     """One configured upstream with its circuit-breaker state."""
 
-    __slots__ = ("cfg", "consecutive_failures", "failures", "head", "name", "open_until",
-                 "probing", "targets")
+    __slots__ = ("cfg", "consecutive_failures", "failures", "forward_names",
+                 "forward_prefixes", "head", "name", "open_until", "probing", "targets")
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
@@ -41,6 +41,11 @@ class Upstream:
             key = cfg.api_key.encode("utf-8", "surrogateescape")
             head += b"Authorization: Bearer " + key + b"\r\n"
         self.head = head
+        # The operator's extra request headers for this upstream (``forward_headers``):
+        # exact names and "prefix*" globs, lower-cased, as bytes for the relay's filter.
+        globs = [h.encode("ascii") for h in cfg.forward_headers]
+        self.forward_names = frozenset(g for g in globs if not g.endswith(b"*"))
+        self.forward_prefixes = tuple(g[:-1] for g in globs if g.endswith(b"*"))
         self.consecutive_failures = 0
         self.open_until = 0.0
         self.probing = False

@@ -76,7 +76,7 @@ class UsageRow(NamedTuple):
     estimated: int  # 0/1 (ints bind faster than bools)
     cost_nano: int
     status: int
-    outcome: str
+    outcome: str  # a gate.gate.Ending value (this layer sits below the gate)
     stream: int  # 0/1
     started_at: int  # unix ms
     duration_ms: int

@@ -2,8 +2,21 @@
 
 Content is predictable (chunk i is ``f"tok{i} "``, one token each), usage is computed
 from the request, and ``x-mock-*`` request headers tune or break single responses:
-``x-mock-chunks``, ``x-mock-delay-ms``, ``x-mock-first-delay-ms`` and ``x-mock-fault`` (``http500``,
-``http429``, ``hang``, ``reset:N``, ``malformed``, ``endless``).
+``x-mock-chunks``, ``x-mock-delay-ms``, ``x-mock-first-delay-ms`` and ``x-mock-fault``:
+
+- ``http500``, ``http429``, ``hang``, ``reset:N``, ``malformed``, ``endless``: the
+  upstream fails, slowly or at once;
+- ``shapeless``: a 200 whose JSON is not a completion;
+- ``http400_lines``: after ``x-mock-first-delay-ms``, a 400 whose body has blank lines
+  and an SSE event in it;
+- ``leaky_headers``: a proxy's internals in the response headers (x-litellm-*,
+  the upstream's org, rate limits, cookie, server);
+- ``huge_head:N``, ``huge_body:N``, ``huge_event:N``: a response header, a
+  non-streaming body or one SSE event of N bytes;
+- ``usage_in_content``: the stream's usage rides on its last content chunk (choices
+  not empty), as LiteLLM sends it;
+- ``linger:MS``: after ``data: [DONE]`` the stream stays open MS milliseconds, then
+  sends a comment and ends.
 
 Like a real provider, it honours ``max_tokens`` / ``max_completion_tokens``: a
 completion stops at the limit with ``finish_reason: "length"``. It returns one
@@ -36,7 +49,25 @@ _POLL_S = 0.5
 _MAX_CHUNKS = 1_000_000
 IDLE_COLLECT_S = 1.0
 _CACHE_MAX = 512  # bound on cached (kind, model, chunks) shapes, as headers vary chunks
-_FAULTS = frozenset({"http500", "http429", "hang", "malformed", "endless"})
+_FAULTS = frozenset({"http500", "http429", "hang", "malformed", "endless", "shapeless",
+                     "leaky_headers", "usage_in_content", "http400_lines"})
+# An error body that would forge a stream event if relayed with its line breaks.
+LINES_BODY = (b'{"error": {"message": "bad", "type": "invalid_request_error"}}'
+              b'\n\ndata: {"forged": 1}\n\n')
+
+# Faults that take a number: x-mock-fault: NAME:N.
+_ARG_FAULTS = frozenset({"reset", "huge_head", "huge_body", "huge_event", "linger"})
+_MAX_FAULT_BYTES = 1 << 30
+# What a LiteLLM proxy (and a provider) put in response headers that clients must not see.
+LEAKY_HEADERS = {
+    "x-litellm-api-base": "https://secret-upstream.internal/v1",
+    "x-litellm-key-spend": "12.3456",
+    "x-litellm-model-id": "mock-deployment-7",
+    "openai-organization": "org-operator-secret",
+    "x-ratelimit-remaining-requests": "4999",
+    "set-cookie": "upstream_session=s3cr3t; Path=/",
+    "x-mock-leak": "leaked",
+}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 _ERRORS: dict[int, type[web.HTTPException]] = {
@@ -69,6 +100,16 @@ class MockStats:
     # The last request's own immutable header proxy, copied only when read: the bench's
     # hot path pays nothing for it.
     _headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The last request's connection (its peer is read only when asked for).
+    _transport: Any = field(default=None, repr=False)
+
+    @property
+    def last_peer(self) -> tuple[str, int] | None:
+        """The (host, port) the most recent /v1 request came from: the same for two
+        requests on one kept-alive connection."""
+        t = self._transport
+        peer = None if t is None else t.get_extra_info("peername")
+        return None if peer is None else (peer[0], peer[1])
 
     @property
     def last_headers(self) -> dict[str, str]:
@@ -187,7 +228,7 @@ class _Overrides(NamedTuple):
     delay: float  # seconds
     first: float  # seconds
     fault: str | None
-    reset_after: int
+    arg: int  # the N of reset:N, huge_*:N, linger:MS
 
 
 class _Stream(NamedTuple):
@@ -271,26 +312,27 @@ class _Mock:
         timed = "x-mock-delay-ms" in h or "x-mock-first-delay-ms" in h
         if chunks_raw is None and fault is None and not timed:
             return self.default  # the bench's path: no parsing at all
-        chunks, reset_after = self.default.chunks, 0
+        chunks, arg = self.default.chunks, 0
         if chunks_raw is not None:
             if not (chunks_raw.isdigit() and int(chunks_raw) <= _MAX_CHUNKS):
                 raise _error(400, "invalid x-mock-chunks header", param="x-mock-chunks")
             chunks = int(chunks_raw)
         if fault is not None:
-            name, _, arg = fault.partition(":")
-            if name == "reset" and arg.isdigit():
-                fault, reset_after = name, int(arg)
+            name, _, number = fault.partition(":")
+            if name in _ARG_FAULTS and number.isdigit() and int(number) <= _MAX_FAULT_BYTES:
+                fault, arg = name, int(number)
             elif fault not in _FAULTS:
                 raise _error(400, f"unknown x-mock-fault {fault!r}", param="x-mock-fault")
         delay = _ms_header(request, "x-mock-delay-ms", self.default.delay)
         first = _ms_header(request, "x-mock-first-delay-ms", self.default.first)
-        return _Overrides(chunks, delay, first, fault, reset_after)
+        return _Overrides(chunks, delay, first, fault, arg)
 
     async def _intake(self, request: web.Request) -> tuple[dict[str, Any], _Overrides]:
         """Count and record the request, validate it, apply the faults that need no body."""
         stats = self.stats
         stats.requests += 1
         stats._headers = request.headers
+        stats._transport = request.transport
         ov = self._overrides(request)
         body: dict[str, Any] = {}
         if request.method == "POST":
@@ -317,6 +359,10 @@ class _Mock:
         if ov.fault == "hang":
             await self._wait(request, math.inf)
             raise _Gone()
+        if ov.fault == "http400_lines":
+            if not await self._wait(request, ov.first):
+                raise _Gone()
+            raise web.HTTPBadRequest(text=LINES_BODY.decode(), content_type="application/json")
         return body, ov
 
     async def _wait(self, request: web.BaseRequest, seconds: float) -> bool:
@@ -444,6 +490,16 @@ class _Mock:
             return web.Response(body=data, content_type="application/json")
         if ov.fault == "malformed":
             return web.Response(body=b'{"id": not json', content_type="application/json")
+        if ov.fault == "shapeless":
+            return web.Response(body=b'{"object": "nothing", "usage": {"prompt_tokens": 1}}',
+                                content_type="application/json")
+        if ov.fault in ("leaky_headers", "huge_head"):
+            return web.Response(body=data, content_type="application/json",
+                                headers=_fault_headers(ov))
+        if ov.fault == "huge_body":
+            return await _huge_body(request, ov.arg)
+        if ov.fault not in ("reset", "endless"):  # the stream-only faults
+            return web.Response(body=data, content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         if ov.fault == "reset":
             resp.content_length = len(data)
@@ -478,14 +534,21 @@ class _Mock:
             more = (self._chunk(kind, model, f"tok{i} ", usage) for i in itertools.count())
             tails = itertools.chain(plan.tails[: plan.start], more)
             stop, gap = math.inf, max(gap, 0.001)
-        cut = plan.start + min(ov.reset_after, ov.chunks) if ov.fault == "reset" else -1
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        cut = plan.start + min(ov.arg, ov.chunks) if ov.fault == "reset" else -1
+        resp = web.StreamResponse(headers=_SSE_HEADERS | _fault_headers(ov))
+        if ov.fault == "usage_in_content" and usage:  # usage rides on the last chunk
+            last = self._head(kind, model, True) | {
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+                "usage": orjson.loads(_usage_json(prompt, ov.chunks))}
+            tails = (*plan.tails[:-1], _after_id(last, b"}\n\n"))
         with _Watch(self.stats, stream=True):
             await resp.prepare(request)  # sends the headers now, before the first chunk
             await _pause(request, ov.first)
             if ov.fault == "malformed":
                 tails = ()
                 await resp.write(b"data: {not json\n\n")
+            if ov.fault == "huge_event":  # one event of arg bytes, in 64 KiB writes
+                await _write_padded(resp, b'data: {"pad":"', ov.arg, b'"}\n\n')
             for i, tail in enumerate(tails):
                 if i == cut:
                     _abort(request)
@@ -493,15 +556,53 @@ class _Mock:
                 if gap and plan.start <= i < stop:
                     await _pause(request, gap)
                 await resp.write(head + tail)  # one event per write, as a real upstream
-            if usage and ov.fault is None:
+            if usage and ov.fault in _USAGE_CHUNK:
                 await resp.write(
                     b"".join((head, plan.usage_prefix,
                               _usage_json(prompt, ov.chunks if billed is None else billed),
                               b"}\n\n"))
                 )
             await resp.write(_DONE)
+            if ov.fault == "linger":  # the upstream's last bytes come late
+                await _pause(request, ov.arg / 1000)
+                await resp.write(b": bye\n\n")
             self.stats.completed_streams += 1
         return resp
+
+
+# The faults after which a stream still ends with its usage-only chunk.
+_USAGE_CHUNK = frozenset({None, "leaky_headers", "huge_head", "huge_event", "linger"})
+_PAD_PIECE = 64 * 1024
+
+
+def _fault_headers(ov: _Overrides) -> dict[str, str]:
+    if ov.fault == "leaky_headers":
+        return LEAKY_HEADERS
+    if ov.fault == "huge_head":
+        return {"x-mock-padding": "a" * ov.arg}
+    return {}
+
+
+async def _write_padded(resp: web.StreamResponse, start: bytes, size: int,
+                        end: bytes) -> None:
+    """Write ``start``, then "a"s up to ``size`` bytes in all, then ``end``."""
+    await resp.write(start)
+    left = max(size - len(start) - len(end), 0)
+    piece = b"a" * _PAD_PIECE
+    while left > 0:
+        await resp.write(piece[:left])
+        left -= _PAD_PIECE
+    await resp.write(end)
+
+
+async def _huge_body(request: web.Request, size: int) -> web.StreamResponse:
+    """A JSON completion-like body of ``size`` bytes, sent in pieces."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    resp.content_length = max(size, 40)
+    start, end = b'{"choices": [], "pad": "', b'"}'
+    await resp.prepare(request)
+    await _write_padded(resp, start, max(size, 40), end)
+    return resp
 
 
 def create_mock_app(settings: MockSettings = MockSettings()) -> web.Application:
