@@ -16,7 +16,8 @@ from microbench import bench
 
 from flintproxy.config import LimitsConfig
 from flintproxy.gate.gate import Principal
-from flintproxy.gate.limiter import IpGuard, Limiter, client_ip
+from flintproxy.gate.ipguard import IpGuard, client_ip
+from flintproxy.gate.limiter import Limiter
 
 
 def main() -> None:

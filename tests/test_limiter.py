@@ -11,7 +11,8 @@ import pytest
 from flintproxy.config import LimitsConfig
 from flintproxy.errors import RateLimited
 from flintproxy.gate.gate import Principal
-from flintproxy.gate.limiter import IpGuard, Limiter, Ticket, client_ip, format_reset
+from flintproxy.gate.ipguard import IpGuard, client_ip
+from flintproxy.gate.limiter import Limiter, Ticket, format_reset
 
 HEADER_NAMES = {
     "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",

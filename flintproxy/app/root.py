@@ -26,8 +26,8 @@ import aiosqlite
 
 from flintproxy.config import Config
 from flintproxy.gate.billing import Billing
+from flintproxy.gate.ipguard import IpGuard
 from flintproxy.gate.keys import KeyAuthenticator
-from flintproxy.gate.limiter import IpGuard
 from flintproxy.gate.service import ServiceGate
 from flintproxy.http.client import UpstreamClient
 from flintproxy.http.heartbeat import Heartbeats

@@ -7,7 +7,7 @@ there are no timers or tasks; a bucket whose ``tat`` is past is full.
 
 Tables are LRU-bounded OrderedDicts of at most ``cfg.max_tracked`` entries each,
 so a flood of distinct keys, emails or IPs cannot grow memory without limit.
-Source IPs live only here: never logged, never persisted (contract promise 4).
+Source IPs are kept by ``gate.ipguard``, never here.
 Not thread-safe: call from the event loop thread only.
 """
 
@@ -29,14 +29,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
-_TOL = 1e-6  # in units: float noise must never turn an exact fit into a 429
+TOL = 1e-6  # in units: float noise must never turn an exact fit into a 429
 _UNLIMITED = sys.maxsize
-# IpGuard: failures allowed before any backoff, then 1 s, 2 s, 4 s... per failure.
-_IP_FREE_FAILURES = 3
-# Per-account login backoff has no hard block and a low cap: a stranger could
-# otherwise lock a user out of their own account.
-_LOGIN_FREE_FAILURES = 5
-_LOGIN_BACKOFF_CAP_S = 60.0
 
 # Formatting costs ~0.7 µs and the same few thousand values recur on a busy server.
 _RESETS: dict[int, str] = {}
@@ -62,7 +56,7 @@ def format_reset(seconds: float) -> str:
     return text
 
 
-def _touch(table: OrderedDict[_K, _V], k: _K, new: Callable[[], _V], cap: int,
+def touch(table: OrderedDict[_K, _V], k: _K, new: Callable[[], _V], cap: int,
            keep: Callable[[_V], bool]) -> _V:
     """Get-or-create ``k`` as most recently used, evicting the least recently used."""
     v = table.get(k)
@@ -114,12 +108,12 @@ class _State:
 def _retime(tat: float, iv: float, limit: int | None,
             now: float) -> tuple[float, float, float, int]:
     if limit is None:
-        return 0.0, 0.0, _TOL, 0
+        return 0.0, 0.0, TOL, 0
     limit = max(1, limit)
     new_iv = 60.0 / limit
     # A limit change keeps the units in use, not the seconds.
     used = (tat - now) / iv if iv and tat > now else 0.0
-    return now + used * new_iv if used else tat, new_iv, (limit + _TOL) * new_iv, limit
+    return now + used * new_iv if used else tat, new_iv, (limit + TOL) * new_iv, limit
 
 
 def _first(*values: int | None) -> int | None:
@@ -182,7 +176,7 @@ class Limiter:
         keys = self._keys
         st = keys.get(kid)  # _touch inlined: this is the hot path
         if st is None:
-            st = _touch(keys, kid, _State, self._max, _busy)
+            st = touch(keys, kid, _State, self._max, _busy)
         else:
             keys.move_to_end(kid)
         if (st.krpm != principal.rpm or st.ktpm != principal.tpm
@@ -196,7 +190,7 @@ class Limiter:
             self._deny(st, None, tokens, now, "")
         ast = None
         if al is not None:
-            ast = _touch(self._accts, principal.account_id, _State, self._max, _busy)
+            ast = touch(self._accts, principal.account_id, _State, self._max, _busy)
             if ast.acct is not al:
                 ast.tune(al.rpm, al.tpm, al.max_concurrent, now)
                 ast.acct = al
@@ -267,18 +261,18 @@ class Limiter:
 def _headers(key: _State, acct: _State | None, now: float) -> dict[str, str]:
     # Written out flat: this runs for every successful response.
     rl, rs = key.rlim, key.rtat - now
-    rr = int(rl - rs / key.riv + _TOL) if rs > 0 else rl
+    rr = int(rl - rs / key.riv + TOL) if rs > 0 else rl
     tl, ts = key.tlim, key.ttat - now
-    tr = int(tl - ts / key.tiv + _TOL) if ts > 0 else tl
+    tr = int(tl - ts / key.tiv + TOL) if ts > 0 else tl
     if acct is not None:
         if acct.rlim:
             ars = acct.rtat - now
-            arr = int(acct.rlim - ars / acct.riv + _TOL) if ars > 0 else acct.rlim
+            arr = int(acct.rlim - ars / acct.riv + TOL) if ars > 0 else acct.rlim
             if arr < rr:
                 rl, rr, rs = acct.rlim, arr, ars
         if acct.tlim:
             ats = acct.ttat - now
-            atr = int(acct.tlim - ats / acct.tiv + _TOL) if ats > 0 else acct.tlim
+            atr = int(acct.tlim - ats / acct.tiv + TOL) if ats > 0 else acct.tlim
             if atr < tr:
                 tl, tr, ts = acct.tlim, atr, ats
     return {
@@ -289,198 +283,3 @@ def _headers(key: _State, acct: _State | None, now: float) -> dict[str, str]:
         "x-ratelimit-remaining-tokens": str(tr) if tr > 0 else "0",
         "x-ratelimit-reset-tokens": format_reset(ts),
     }
-
-
-# --- source IPs and logins ------------------------------------------------------
-
-
-class _Guarded:
-    """One IP (or login account): its request bucket and its failure record."""
-
-    __slots__ = ("fails", "tat", "until")
-
-    def __init__(self) -> None:
-        self.tat = 0.0
-        self.fails = 0
-        self.until = 0.0  # refused until then (backoff or block); forgotten block_s later
-
-
-class IpGuard:
-    """Unauthenticated / failed-auth traffic per source IP, and login throttling per account.
-
-    IPv6 clients are tracked per /64 (one subscriber's usual allocation), so one
-    host cannot dodge its bucket or its block by rotating addresses.
-    """
-
-    def __init__(self, cfg: LimitsConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._max = cfg.max_tracked
-        self._iv = 60.0 / cfg.ip_rpm
-        self._burst = (cfg.ip_rpm + _TOL) * self._iv
-        self._threshold = cfg.ip_failures_before_block
-        self._block_s = cfg.ip_block_s
-        self._ips: OrderedDict[str, _Guarded] = OrderedDict()
-        self._logins: OrderedDict[str, _Guarded] = OrderedDict()
-
-    def tracked(self) -> int:
-        return len(self._ips) + len(self._logins)
-
-    def check(self, ip: str) -> None:
-        """Count one unauthenticated request from ``ip``; raise if blocked or over ip_rpm."""
-        now = self._clock()
-        g = self._get(self._ips, ip_bucket(ip), now)
-        if g.until > now:
-            _refuse_ip(g.until - now)
-        t = (g.tat if g.tat > now else now) + self._iv
-        if t - now > self._burst:
-            wait = t - now - self._burst
-            raise RateLimited(
-                "Too many unauthenticated requests from your address. Please try again in "
-                f"{format_reset(wait)}.", retry_after_s=wait, code="rate_limit_ip")
-        g.tat = t
-
-    def check_blocked(self, ip: str) -> None:
-        """Raise if ``ip`` is in backoff or blocked; consumes nothing, creates nothing."""
-        g = self._ips.get(ip_bucket(ip))
-        if g is not None and g.until:
-            now = self._clock()
-            if g.until > now:
-                _refuse_ip(g.until - now)
-
-    def failure(self, ip: str) -> None:
-        """A failed auth or login from ``ip``: escalating backoff, then a block."""
-        now = self._clock()
-        g = self._get(self._ips, ip_bucket(ip), now)
-        n = _record_failure(g, now, self._block_s)
-        if n >= self._threshold:
-            g.until = now + self._block_s
-        elif n > _IP_FREE_FAILURES:
-            g.until = now + min(2.0 ** (n - _IP_FREE_FAILURES - 1), self._block_s)
-
-    def success(self, ip: str) -> None:
-        """Forget ``ip``'s failures (call after a successful login, not per request)."""
-        g = self._ips.get(ip_bucket(ip))
-        if g is not None:
-            g.fails, g.until = 0, 0.0
-
-    def check_login(self, account: str) -> None:
-        """Raise if logins to ``account`` (its normalised email) are in backoff."""
-        g = self._logins.get(account)
-        if g is not None and g.until:
-            wait = g.until - self._clock()
-            if wait > 0:
-                raise RateLimited(
-                    "Too many failed login attempts for this account. Please try again in "
-                    f"{format_reset(wait)}.", retry_after_s=wait, code="too_many_login_attempts")
-
-    def login_failure(self, account: str) -> None:
-        now = self._clock()
-        g = self._get(self._logins, account, now)
-        n = _record_failure(g, now, self._block_s)
-        if n > _LOGIN_FREE_FAILURES:
-            g.until = now + min(2.0 ** (n - _LOGIN_FREE_FAILURES - 1), _LOGIN_BACKOFF_CAP_S)
-
-    def login_success(self, account: str) -> None:
-        self._logins.pop(account, None)
-
-    def _get(self, table: OrderedDict[str, _Guarded], k: str, now: float) -> _Guarded:
-        g = table.get(k)
-        if g is None:
-            return _touch(table, k, _Guarded, self._max, lambda g: g.until > now)
-        table.move_to_end(k)
-        return g
-
-
-def _record_failure(g: _Guarded, now: float, forget_s: float) -> int:
-    if g.fails and now >= g.until + forget_s:
-        g.fails = 0  # quiet long enough since the last failure or block: start over
-    g.fails += 1
-    g.until = now
-    return g.fails
-
-
-def _refuse_ip(wait: float) -> None:
-    raise RateLimited(
-        "Too many failed authentication attempts from your address. Please try again in "
-        f"{format_reset(wait)}.", retry_after_s=wait, code="too_many_failed_attempts")
-
-
-def ip_bucket(ip: str) -> str:
-    """What one client's address counts as: itself, or its /64 for IPv6."""
-    if ":" not in ip:
-        return ip
-    try:
-        a = ipaddress.IPv6Address(ip)
-    except ValueError:
-        return ip
-    if a.ipv4_mapped is not None:
-        return str(a.ipv4_mapped)
-    return f"{int(a) >> 64:x}::/64"
-
-
-# --- client address --------------------------------------------------------------
-
-
-def _addr(text: str) -> IPAddress | None:
-    text = text.strip()
-    if text.startswith("["):  # "[v6]:port"
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:  # "v4:port"
-        text = text.partition(":")[0]
-    try:
-        a = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
-    return (a.ipv4_mapped or a) if isinstance(a, ipaddress.IPv6Address) else a
-
-
-# id(trusted) -> (trusted, {text: (canonical address or None if garbled, trusted?)}).
-# Peers and proxy hops are mostly the same few addresses and parsing costs ~2 µs;
-# keyed by identity because hashing network objects is slow too. Memory only.
-_SEEN: dict[int, tuple[tuple[Network, ...], dict[str, tuple[str | None, bool]]]] = {}
-
-
-def _classify(text: str, trusted: tuple[Network, ...]) -> tuple[str | None, bool]:
-    entry = _SEEN.get(id(trusted))
-    if entry is None or entry[0] is not trusted:
-        if len(_SEEN) >= 8:
-            _SEEN.clear()
-        entry = _SEEN[id(trusted)] = (trusted, {})
-    known = entry[1]
-    hit = known.get(text)
-    if hit is None:
-        if len(known) >= 4096:
-            known.clear()
-        a = _addr(text)
-        hit = known[text] = (None, False) if a is None else (
-            str(a), any(a.version == n.version and a in n for n in trusted))
-    return hit
-
-
-def is_trusted_proxy(peer: str, trusted: tuple[Network, ...]) -> bool:
-    """Whether the socket peer is one of ``limits.trusted_proxies``."""
-    return bool(trusted) and _classify(peer, trusted)[1]
-
-
-def client_ip(peer: str | None, forwarded_for: str | None,
-              trusted: tuple[Network, ...]) -> str:
-    """The client address: the socket peer or, when the peer is a trusted proxy, the
-    right-most X-Forwarded-For entry that is not itself a trusted proxy.
-
-    Join repeated X-Forwarded-For headers with "," first. Entries left of the first
-    untrusted one are client-supplied and ignored, so they cannot spoof anything.
-    """
-    if peer is None:  # e.g. a unix socket
-        return "unknown"
-    if not trusted or not forwarded_for or not _classify(peer, trusted)[1]:
-        return peer
-    hop = peer
-    for entry in reversed(forwarded_for.split(",")):
-        addr, is_proxy = _classify(entry, trusted)
-        if addr is None:  # garbled: stop at the last hop we can vouch for
-            return hop
-        hop = addr
-        if not is_proxy:
-            return hop
-    return hop  # every hop is a trusted proxy: the left-most is the origin

@@ -21,8 +21,9 @@ from flintproxy.errors import AuthenticationError, FlintError
 from flintproxy.gate.billing import Billing, Reservation
 from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_token
+from flintproxy.gate.ipguard import IpGuard, client_ip
 from flintproxy.gate.keys import KeyAuthenticator
-from flintproxy.gate.limiter import IpGuard, Limiter, Ticket, client_ip
+from flintproxy.gate.limiter import Limiter, Ticket
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.ledger import UsageRow
 

@@ -41,7 +41,7 @@ import orjson
 from flintproxy.config import Config
 from flintproxy.errors import FlintError
 from flintproxy.gate.gate import Admission, Ending, Outcome
-from flintproxy.gate.limiter import client_ip
+from flintproxy.gate.ipguard import client_ip
 from flintproxy.http.exchange import Exchange
 from flintproxy.relay.routes import ENDPOINT_PATHS
 

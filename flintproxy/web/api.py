@@ -47,7 +47,7 @@ from flintproxy.errors import (
     PermissionDenied,
     UnsupportedMediaType,
 )
-from flintproxy.gate.limiter import client_ip, is_trusted_proxy
+from flintproxy.gate.ipguard import client_ip, is_trusted_proxy
 from flintproxy.store import accounts as acc
 from flintproxy.store.accounts import Session
 from flintproxy.web.keys import ACCOUNTS, LOGIN_GUARD, SETTINGS

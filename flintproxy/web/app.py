@@ -21,7 +21,7 @@ from aiohttp import web
 
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadTooLarge
-from flintproxy.gate.limiter import IpGuard
+from flintproxy.gate.ipguard import IpGuard
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.ledger import UsageWriter

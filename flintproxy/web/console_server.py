@@ -33,7 +33,7 @@ from aiohttp.web_request import BaseRequest
 
 from flintproxy.config import Config
 from flintproxy.errors import BadRequest, FlintError, ServiceUnavailable
-from flintproxy.gate.limiter import Network, ip_bucket, is_trusted_proxy
+from flintproxy.gate.ipguard import Network, ip_bucket, is_trusted_proxy
 
 __all__ = ["SERVER_HEADER", "ConsoleLimits", "ConsoleRunner", "GuardedHandler"]
 

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from flintproxy.config import Config, CookieSecurity
 from flintproxy.errors import FlintError
-from flintproxy.gate.limiter import IpGuard, Network
+from flintproxy.gate.ipguard import IpGuard, Network
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.ledger import UsageWriter
