@@ -2,6 +2,9 @@
 
 Every validation error names the offending key and value, e.g.
 ``config error: upstreams[0].weight = -1: must be an integer >= 1``.
+
+Why one module of this size: the config is one frozen object; its sections, their
+validation and their defaults are read together, and no other module may hold any.
 """
 
 from __future__ import annotations

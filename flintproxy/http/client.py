@@ -20,6 +20,9 @@ is handed to the relay as the socket delivers it. No task is created per request
 - Errors: UpstreamConnectError (could not connect), UpstreamDisconnected (closed,
   reset or unparsable mid-response), UpstreamReadTimeout. ``relay.upstream_failure``
   turns them into the client-visible errors.
+
+Why one module of this size: the protocol, the pool and the response reader share one
+connection object whose life (pooled, reading, released at end) they hand between them.
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ period, then ends each stream still open with a final SSE error event
 
 An ``Upgrade`` (h2c from ``curl --http2``) is ignored, as RFC 9110 §7.8
 allows: the request is answered over HTTP/1.1 and the connection then closes.
+
+Why one module of this size: ``HttpProtocol`` is one state machine (parser callbacks,
+the request queue, deadlines, the sweep); its response side is ``http.response`` and
+its flow control ``http.flow``. What remains reads best in one place.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Headers cross in both directions through allow-lists (relay.headers).
 Bounds: the upstream head (http.client.MAX_HEAD), a non-streaming body
 (``server.max_upstream_body_bytes``) and one SSE event (``server.max_sse_event_bytes``);
 a breach is a 502, or mid-stream a final error event, with failure reason too_large.
+
+Why one module of this size: it is the hot path, kept in one reading order (parse,
+admit, forward, relay, settle); its header filters are ``relay.headers`` and its route
+table ``relay.routes``.
 """
 
 from __future__ import annotations

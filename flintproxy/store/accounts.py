@@ -10,8 +10,13 @@ Privacy rules this module enforces (CONTRACT.md promises 1, 2, 6, 7):
 
 Every change another process must see (key revoked, account disabled, credit...)
 writes an ``events`` row in the same transaction as the change itself; servers poll
-that table (``auth.ChangeWatcher``) and drop what they cached. That is how
+that table (``store.changes.ChangeWatcher``) and drop what they cached. That is how
 ``flintproxy admin`` reaches a running server, within ``accounts.change_poll_s``.
+
+Why one module of this size: every method is one transaction on the same connection,
+under the same lock, writing the same events; split by entity (accounts, keys,
+sessions), each part would need all three, and the change feed's guarantee (a change
+and its event commit together) would live in several places.
 """
 
 from __future__ import annotations

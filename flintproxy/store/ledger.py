@@ -30,6 +30,9 @@ the queue. /v1 keeps serving while the backlog is below
 ``overloaded()`` is true and the gate refuses new requests with 503 until the
 rows land. If a drain at shutdown cannot finish, every unwritten row is logged
 at ERROR as JSON (counts and costs only), so no charge disappears silently.
+
+Why one module of this size: the queue, the batch transaction and the balances it
+returns are one mechanism; money must not cross a module seam half-written.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ Like a real provider, it honours ``max_tokens`` / ``max_completion_tokens``: a
 completion stops at the limit with ``finish_reason: "length"``. It returns one
 choice, but bills (reports usage for) every completion the request asks for:
 ``n``, and on /v1/completions ``best_of`` and each prompt of a prompt array.
+
+Why one module of this size: it is a tool, read as one description of an upstream
+(its routes, its faults, its CLI); each fault is a few lines in the one response path.
 """
 
 from __future__ import annotations
