@@ -43,7 +43,7 @@ from flintproxy.money import NANO_PER_USD, format_usd
 from flintproxy.store import sqlite
 from flintproxy.store.sqlite import now_ms
 
-# events.kind values; subscribers of auth.ChangeWatcher receive these.
+# events.kind values; subscribers of store.changes.ChangeWatcher receive these.
 EV_ACCOUNT_CREATED = "account_created"
 EV_ACCOUNT_DISABLED = "account_disabled"
 EV_ACCOUNT_ENABLED = "account_enabled"
@@ -663,8 +663,8 @@ async def bootstrap_demo(db: aiosqlite.Connection, cfg: Config) -> str | None:
 
     Returns None when ``accounts.bootstrap_demo`` is off or the demo account already
     exists (its key was shown at creation and cannot be recovered). ``db`` must not
-    be in use by other coroutines meanwhile; a running app does this in
-    ``auth.accounts_ctx`` and keeps the result in ``app[auth.DEMO_KEY]``.
+    be in use by other coroutines meanwhile; a running server does this in
+    ``app.root.open_components`` (``Components.demo_key``).
     """
     return await bootstrap_demo_account(
         Accounts(db, cfg.accounts.bcrypt_cost, cfg.accounts.session_ttl_s), cfg)
