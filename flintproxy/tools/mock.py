@@ -50,6 +50,16 @@ class MockSettings:
     delay_ms: float = 0.0
     first_chunk_delay_ms: float = 0.0
     models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
+    # Keep every request's headers and body in ``MockStats.received`` (the leak
+    # scanner reads them); off by default, so the bench pays nothing for it.
+    record: bool = False
+
+
+class Received(NamedTuple):
+    """One request as the upstream received it (``MockSettings.record``)."""
+
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +74,8 @@ class MockStats:
     # The last request's own immutable header proxy, copied only when read: the bench's
     # hot path pays nothing for it.
     _headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # With ``MockSettings.record``: each /v1 request's raw headers and body, in order.
+    received: list[Received] = field(default_factory=list, repr=False)
 
     @property
     def last_headers(self) -> dict[str, str]:
@@ -74,6 +86,7 @@ class MockStats:
         """Zero the counters (``active_streams`` is live state, so it is kept)."""
         self.requests = self.completed_streams = self.disconnects = 0
         self.last_body, self._headers = {}, {}
+        self.received.clear()
 
     def snapshot(self) -> dict[str, Any]:
         """Everything above as a JSON-ready dict."""
@@ -230,6 +243,7 @@ class _Mock:
         self.ids = itertools.count(1)
         delay, first = settings.delay_ms / 1000, settings.first_chunk_delay_ms / 1000
         self.default = _Overrides(settings.chunks, delay, first, None, 0)
+        self.record = settings.record
         self.streams: dict[tuple[str, str, int, bool], _Stream] = {}
         self.bodies: dict[tuple[str, str, int], bytes] = {}
         listing = [
@@ -264,6 +278,10 @@ class _Mock:
         stats = self.stats
         stats.requests += 1
         stats._headers = request.headers
+        if self.record:
+            raw_headers = [(k.decode("latin-1"), v.decode("latin-1"))
+                           for k, v in request.raw_headers]
+            stats.received.append(Received(raw_headers, await request.read()))
         ov = self._overrides(request)
         body: dict[str, Any] = {}
         if request.method == "POST":
