@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Leak", "LeakScanner", "LiveGateway", "marker", "to_toml"]
+__all__ = ["Leak", "LeakScanner", "LiveGateway", "LiveMock", "marker", "to_toml"]
 
 _LISTEN = re.compile(r"flintproxy (data|control) plane .* listening on (http://\S+)")
 _START_TIMEOUT_S = 20.0
@@ -272,3 +272,39 @@ class LiveGateway:
 
     def logs(self) -> dict[str, str]:
         return {"gateway stdout": self.stdout, "gateway stderr": self.stderr}
+
+
+@dataclass
+class LiveMock:
+    """``python -m flintproxy mock-upstream`` in a subprocess, on an ephemeral port."""
+
+    tmp: Path
+    args: Sequence[str] = ()
+    base_url: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LiveMock:
+        log = self.tmp / "mock.log"
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flintproxy", "mock-upstream", "--port", "0",
+                 *self.args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not self.base_url:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("mock upstream did not start:\n" + log.read_text())
+            found = re.search(r"listening on (http://\S+)", log.read_text())
+            if found:
+                self.base_url = found.group(1)
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
