@@ -172,6 +172,12 @@ async def test_malformed_requests_on_the_data_plane_leak_nothing(
         b"GARBAGE " + body.encode() + b" HTTP/9.9\r\n" + auth + b"\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth
         + b"Content-Length: 30\r\n\r\n{\"model\": [\"" + body.encode() + b"\"]}",
+        # Oversized: refused before it is read.
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth
+        + b"Content-Length: 99999999\r\n\r\n" + body.encode() * 1000,
+        # The client leaves halfway through its upload.
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth
+        + b"Content-Length: 500\r\n\r\n{\"model\": \"gpt-4o-mini\", \"x\": \"" + body.encode(),
     ]
     for data in hostile:
         answer = await raw_exchange(port, data, wait=2.0)
@@ -213,10 +219,11 @@ async def test_malformed_requests_on_the_control_plane_leak_nothing(
 
 async def test_forwarding_headers_and_client_address_stay_off_disk_and_logs(
         live: LiveGateway, scanner: LeakScanner) -> None:
-    scanner.add(SPOOFED_IP)
+    note, agent = marker("header"), marker("agent")
+    scanner.add(SPOOFED_IP, note, agent)
     spoof = {"X-Forwarded-For": SPOOFED_IP, "X-Real-IP": SPOOFED_IP,
              "CF-Connecting-IP": SPOOFED_IP, "True-Client-IP": SPOOFED_IP,
-             "Forwarded": f"for={SPOOFED_IP}"}
+             "Forwarded": f"for={SPOOFED_IP}", "X-Note": note, "User-Agent": agent}
     async with sdk(live, **spoof) as client:
         await client.chat.completions.create(model="gpt-4o-mini",
                                              messages=[{"role": "user", "content": "hi"}])
