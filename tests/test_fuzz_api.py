@@ -27,7 +27,7 @@ from flintproxy.web.openapi import SPEC
 from tests.conftest import raw_config
 from tests.support import LeakScanner, LiveGateway, LiveMock
 
-EXAMPLES = 12  # per operation and generation mode
+EXAMPLES = 20  # per operation and generation mode
 TIMEOUT_S = 15.0
 UPSTREAM_STATUSES = frozenset({502, 504})
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from tests.conftest import raw_config
 from tests.support import LeakScanner, LiveGateway, LiveMock
 
-EXAMPLES = 500
+EXAMPLES = 1500
 DEADLINE_S = 5.0  # for an answer to a complete or half-closed request
 IDLE_S = 2.0  # [server] keepalive_timeout_s of the gateway under test
 KEY_MARK = "sk-fuzzkeymarker"  # a key-shaped secret planted in the mutated requests
@@ -148,11 +148,13 @@ def _still_serving(gw: LiveGateway) -> None:
 def test_mutated_requests_get_a_response_or_a_close_in_time(live: LiveGateway) -> None:
     port = int(live.url.rsplit(":", 1)[1])
     seen: dict[int, int] = {}
+    sent: list[int] = []
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(data=mutated(_seeds(live.key)))
     def run(data: bytes) -> None:
+        sent.append(len(data))
         answer, closed = exchange(port, data)
         assert closed, f"no close within {DEADLINE_S}s for {data[:300]!r}: {answer[:300]!r}"
         for status in statuses(answer):
@@ -162,7 +164,9 @@ def test_mutated_requests_get_a_response_or_a_close_in_time(live: LiveGateway) -
         assert b"Traceback" not in answer and b'File "' not in answer
 
     run()
+    assert len(sent) >= EXAMPLES // 2, len(sent)
     assert seen.get(400), f"the fuzzer never reached the parser's refusals: {seen}"
+    print(f"{len(sent)} mutated requests, {sum(sent)} bytes; statuses {sorted(seen.items())}")
     _still_serving(live)
     scanner = LeakScanner()
     scanner.add(live.key, KEY_MARK, "10.9.8.7")
