@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -81,8 +82,10 @@ def port_of(url: str) -> int:
 
 
 async def settle(gw: LiveGateway) -> None:
-    """Let the usage writer flush and the logs reach their files."""
-    await asyncio.sleep(1.5)
+    """Stop the gateway as an operator does (SIGTERM): the usage writer drains and the
+    logs are complete, so the scan sees everything it will ever write."""
+    assert gw.alive(), gw.stderr[-3000:]
+    assert await asyncio.to_thread(gw.stop) == 0, gw.stderr[-3000:]
 
 
 def everywhere_but_upstream(gw: LiveGateway) -> dict[str, object]:
@@ -150,7 +153,6 @@ async def test_upstream_failures_and_disconnects_leak_nothing(
             break
         await chunks.close()
     await settle(live)
-    assert live.alive()
     scanner.assert_clean(**everywhere_but_upstream(live))
 
 
@@ -182,9 +184,9 @@ async def test_malformed_requests_on_the_data_plane_leak_nothing(
     for data in hostile:
         answer = await raw_exchange(port, data, wait=2.0)
         assert body.encode() not in answer
-    await settle(live)
     async with http(live.url) as client:
         assert (await client.get("/healthz")).status_code == 200
+    await settle(live)
     scanner.assert_clean(**everywhere_but_upstream(live))
 
 
@@ -211,9 +213,9 @@ async def test_malformed_requests_on_the_control_plane_leak_nothing(
     ]
     for data in hostile:
         await raw_exchange(port, data, wait=2.0)
-    await settle(live)
     async with http(live.console_url) as client:
         assert (await client.get("/api/account")).status_code == 401
+    await settle(live)
     scanner.assert_clean(**everywhere_but_upstream(live))
 
 
@@ -264,3 +266,27 @@ async def test_the_upstream_never_sees_the_clients_key_or_address(
     assert len(received) == 2
     scanner.assert_clean(upstream_headers=[r.headers for r in received],
                          upstream_bodies=[r.body for r in received])
+
+
+def test_the_scanner_finds_what_was_planted_in_the_wal_logs_and_upstream(
+        tmp_path: Path) -> None:
+    secret, ip = marker("planted"), "192.0.2.55"
+    scanner = LeakScanner()
+    scanner.add(secret, ip)
+    con = sqlite3.connect(tmp_path / "x.db")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA wal_autocheckpoint=0")
+    con.execute("CREATE TABLE t (v TEXT)")
+    con.execute("INSERT INTO t VALUES (?)", (secret,))
+    con.commit()
+    try:
+        leaks = scanner.scan(data_dirs=[tmp_path], logs={"stderr": f"from {ip}\n"},
+                             upstream_headers=[[("X-Real-IP", ip)]],
+                             upstream_bodies=[secret.lower().encode()])
+    finally:
+        con.close()
+    where = {leak.where.rsplit("/", 1)[-1] for leak in leaks}
+    assert {"x.db-wal", "stderr", "upstream request headers #0",
+            "upstream request body #0"} <= where
+    with pytest.raises(AssertionError, match="leaked"):
+        scanner.assert_clean(logs={"stderr": secret})
