@@ -1,6 +1,6 @@
 """The soak (bench/soak.py), short: mixed hostile traffic, then the books balance.
 
-``make soak MINUTES=N`` runs it for long; here it runs ~20 s in ``make test`` so a
+``make soak MINUTES=N`` runs it for long; here it runs 15 s in ``make test`` so a
 lost usage row, a nano-dollar off, a 5xx or a traceback under mixed traffic fails CI.
 The RSS bound is loose here (a short run's slope is mostly warm-up noise); the long
 run holds it to 1 MiB/min.
@@ -21,7 +21,7 @@ SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 @pytest.mark.slow
 def test_a_short_soak_loses_no_request_and_no_nano_dollar() -> None:
     done = subprocess.run(
-        [sys.executable, str(SOAK), "--seconds", "20", "--concurrency", "8", "--warmup", "6",
+        [sys.executable, str(SOAK), "--seconds", "15", "--concurrency", "8", "--warmup", "5",
          "--sample-s", "1", "--max-slope", "60"],
         capture_output=True, timeout=55, check=False)
     lines = done.stdout.decode().strip().splitlines()
