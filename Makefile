@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config/flintproxy.toml
 
-.PHONY: install run test lint bench bench-micro clean
+.PHONY: install run test lint bench bench-micro soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Mixed hostile traffic for MINUTES, then the books must balance (bench/soak.py).
+MINUTES ?= 10
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --minutes $(MINUTES)
 
 bench-micro: $(STAMP)
 	@for f in bench/micro_*.py; do $(BIN)/python $$f || exit 1; done

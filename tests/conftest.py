@@ -78,6 +78,7 @@ class Gateway:
 
 
 async def start_mock(settings: MockSettings | None = None) -> MockServer:
+    """The mock upstream in this process, on an ephemeral loopback port."""
     app = create_mock_app(settings or MockSettings())
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()

@@ -221,6 +221,17 @@ class _Connection(asyncio.Protocol):
             self.error = exc
         self._wake()
 
+    def failure(self) -> BaseException:
+        """A fresh copy of ``error``, to raise.
+
+        Raising the stored exception would tie its traceback (the raising frames,
+        which hold this connection) to the connection that holds it: a reference
+        cycle per failed response, which the server's GC tuning keeps alive for long
+        (tests/test_fault_cycles.py).
+        """
+        assert self.error is not None
+        return type(self.error)(*self.error.args)
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -308,7 +319,7 @@ class UpstreamResponse:
             if conn.complete:
                 return b""
             if conn.error is not None:
-                raise conn.error
+                raise conn.failure()
             await conn.wait(self._read_timeout)
 
     @property
@@ -416,7 +427,7 @@ class UpstreamClient:
             try:
                 while not conn.headers_done:
                     if conn.error is not None:
-                        raise conn.error
+                        raise conn.failure()
                     await conn.wait(read_timeout)
             except UpstreamDisconnected:
                 conn.abort()

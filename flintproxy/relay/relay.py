@@ -327,7 +327,10 @@ class Relay:
         if resp is None:
             assert error is not None
             if not out.started:
-                raise error
+                try:
+                    raise error
+                finally:
+                    error = None  # the frame in its traceback must not hold it: a cycle
             outcome.status, outcome.outcome = error.status, Ending.UPSTREAM_ERROR
             await out.end(error.sse_event())
             return
@@ -356,10 +359,10 @@ class Relay:
         outcome.status = resp.status if resp.status < 500 else 502
         outcome.outcome = Ending.UPSTREAM_ERROR
         if resp.status >= 500:
-            err = UpstreamError(f"Upstream '{outcome.upstream}' returned HTTP {resp.status}.")
+            message = f"Upstream '{outcome.upstream}' returned HTTP {resp.status}."
             if not out.started:
-                raise err
-            body = err.body()
+                raise UpstreamError(message)  # no local holds it: no cycle via this frame
+            body = UpstreamError(message).body()
         if out.started:  # one event: the upstream's line breaks cannot start another
             await out.end(b"data: " + body.strip().replace(b"\r", b" ").replace(b"\n", b" ")
                           + b"\n\n")

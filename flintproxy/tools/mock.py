@@ -89,6 +89,16 @@ class MockSettings:
     delay_ms: float = 0.0
     first_chunk_delay_ms: float = 0.0
     models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
+    # Keep every request's headers and body in ``MockStats.received`` (the leak
+    # scanner reads them); off by default, so the bench pays nothing for it.
+    record: bool = False
+
+
+class Received(NamedTuple):
+    """One request as the upstream received it (``MockSettings.record``)."""
+
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
 @dataclass(slots=True, eq=False)
@@ -105,6 +115,8 @@ class MockStats:
     _headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # The last request's connection (its peer is read only when asked for).
     _transport: Any = field(default=None, repr=False)
+    # With ``MockSettings.record``: each /v1 request's raw headers and body, in order.
+    received: list[Received] = field(default_factory=list, repr=False)
 
     @property
     def last_peer(self) -> tuple[str, int] | None:
@@ -123,6 +135,7 @@ class MockStats:
         """Zero the counters (``active_streams`` is live state, so it is kept)."""
         self.requests = self.completed_streams = self.disconnects = 0
         self.last_body, self._headers = {}, {}
+        self.received.clear()
 
     def snapshot(self) -> dict[str, Any]:
         """Everything above as a JSON-ready dict."""
@@ -301,6 +314,7 @@ class _Mock:
         self.ids = itertools.count(1)
         delay, first = settings.delay_ms / 1000, settings.first_chunk_delay_ms / 1000
         self.default = _Overrides(settings.chunks, delay, first, None, 0)
+        self.record = settings.record
         self.streams: dict[tuple[str, str, int, bool, str], _Stream] = {}
         self.bodies: dict[tuple[str, str, int, str], bytes] = {}
         listing = [
@@ -336,6 +350,10 @@ class _Mock:
         stats.requests += 1
         stats._headers = request.headers
         stats._transport = request.transport
+        if self.record:
+            raw_headers = [(k.decode("latin-1"), v.decode("latin-1"))
+                           for k, v in request.raw_headers]
+            stats.received.append(Received(raw_headers, await request.read()))
         ov = self._overrides(request)
         body: dict[str, Any] = {}
         if request.method == "POST":

@@ -1,9 +1,9 @@
 """The control plane: one aiohttp application on the console port.
 
-``/api/*`` (account self-service), ``/metrics`` (unless it has a port of its own) and,
-as they come, ``/openapi.json`` and the web console. The data plane (/v1, health) is
-never served here: it has its own port and its own lean server. The session cookie
-therefore lives on this origin only.
+``/api/*`` (account self-service), ``/openapi.json`` (the API's description),
+``/metrics`` (unless it has a port of its own) and, as it comes, the web console. The
+data plane (/v1, health) is never served here: it has its own port and its own lean
+server. The session cookie therefore lives on this origin only.
 
 Every error is rendered OpenAI-shaped (``errors_middleware``), every refusal told to
 the observers (metrics), and the application is built complete: every key a handler
@@ -35,6 +35,7 @@ from flintproxy.web.keys import (
     USAGE_DB,
     AuthSettings,
 )
+from flintproxy.web.openapi import openapi
 
 __all__ = ["ROUTES", "create_console_app", "errors_middleware"]
 
@@ -61,6 +62,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/usage/export", usage_api.export_usage),
     ("DELETE", "/api/usage", usage_api.delete_usage),
     ("POST", "/api/usage/delete", usage_api.delete_usage),
+    ("GET", "/openapi.json", openapi),
 )
 
 
