@@ -285,6 +285,7 @@ class Bench:
         self.mock_port = 0
         self.gw_config = self.work / "flintproxy.toml"
         self.gw_port = 0
+        self.gw_console_port = 0
         self.gw_db = self.work / "flintproxy.db"
         self.auth_mode = "?"
         self.nginx_bin = procs.have("nginx")
@@ -355,6 +356,7 @@ class Bench:
                 f"http://127.0.0.1:{port}", "/json/v1/chat/completions",
                 "/sse/v1/chat/completions", "/v1/chat/completions", child=child)
         self.gw_port = procs.free_port()
+        self.gw_console_port = procs.free_port()  # the control plane: /metrics
         key = self.provision(canned_port, mock_port)
         child = self.start_flintproxy()
         self.targets["flintproxy"] = Target(
@@ -402,6 +404,10 @@ port = {self.gw_port}
 max_connections = 0
 max_connections_per_ip = 0
 {server}
+[console]
+host = "127.0.0.1"
+port = {self.gw_console_port}
+
 [storage]
 path = "{self.gw_db}"
 
@@ -492,7 +498,7 @@ bcrypt_cost = 4
             if status != 200:
                 raise RuntimeError(f"flintproxy answered {status} to a {kind} request: "
                                    f"{body[:300]!r}\n{t.child.tail() if t.child else ''}")
-        status, _ = procs.http("GET", f"{t.base}/metrics")
+        status, _ = procs.http("GET", f"http://127.0.0.1:{self.gw_console_port}/metrics")
         self.data["metrics_status_before"] = status
         if status != 200:
             self.note(f"GET /metrics answered {status}: the metrics endpoint is not on")
@@ -792,7 +798,7 @@ bcrypt_cost = 4
     def finish_features(self) -> None:
         """Stop the gateway gracefully (the usage queue drains) and read what it recorded."""
         t = self.targets["flintproxy"]
-        status, body = procs.http("GET", f"{t.base}/metrics")
+        status, body = procs.http("GET", f"http://127.0.0.1:{self.gw_console_port}/metrics")
         metrics = body.decode(errors="replace") if status == 200 else ""
         names = sorted({ln.split("{")[0].split(" ")[0] for ln in metrics.splitlines()
                         if ln.startswith("flintproxy_")})

@@ -160,7 +160,7 @@ class Server:
         # cyclic GC's generations so its pauses stay short under load.
         gc.freeze()
         # The cyclic GC's pauses are the streams' latency tail, and the hot path leaves
-        # no cycles for it to find (tests/test_server.py checks). A full collection walks
+        # no cycles for it to find (tests/http/test_server.py checks). A full collection walks
         # every live object (100-300 ms with 5,000 streams open): it comes after about
         # 10,000 young collections instead of 100. A middle-generation collection walks
         # what survived the young ones since the last (2-7 ms while 1,000 streams open):

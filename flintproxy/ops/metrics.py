@@ -115,7 +115,7 @@ class _Slot:
 def _push_histogram(child: Histogram, counts: list[int], total: float) -> None:
     # prometheus_client offers observe() one value at a time only; its per-bucket
     # values (_buckets, non-cumulative, +Inf last) and _sum take whole deltas.
-    # tests/test_metrics.py checks the exposition against real traffic.
+    # tests/ops/test_metrics.py checks the exposition against real traffic.
     buckets = child._buckets
     for i, n in enumerate(counts):
         if n:

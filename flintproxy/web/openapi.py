@@ -1,7 +1,7 @@
 """``GET /openapi.json``: the OpenAPI 3.1 description of /v1 and /api.
 
 Shipped as package data (``openapi.json`` beside this module) so clients, docs and
-the adversarial suite's fuzzers (tests/test_fuzz_api.py) read the same contract.
+the adversarial suite's fuzzers (tests/web/test_fuzz_api.py) read the same contract.
 The bytes are read once, at import, and served as they are: no per-request work.
 """
 

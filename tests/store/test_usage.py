@@ -32,7 +32,7 @@ from flintproxy.store import sqlite
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter, open_writer_db
 from flintproxy.store.retention import DAY_MS, PURGE_CHUNK, RetentionJob, purge
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}
 CLOCK0 = 1_700_000_000_000
 

@@ -10,7 +10,7 @@ import aiohttp
 
 from flintproxy.tools.mock import expected_content
 from tests.conftest import Gateway, MockServer, raw_config
-from tests.test_relay import MESSAGES, sdk
+from tests.relay.test_relay import MESSAGES, sdk
 
 
 async def post_stream(http: aiohttp.ClientSession, gw: Gateway, **mock: str) -> bytes:

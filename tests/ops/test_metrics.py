@@ -30,7 +30,7 @@ from flintproxy.relay.routing import FAILURE_REASONS
 from tests.conftest import MODELS, Gateway, MockServer, raw_config
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 # Every label and the values it may take (model: configured names or "other").
 BOUNDED = {

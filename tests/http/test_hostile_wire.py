@@ -29,11 +29,11 @@ from flintproxy.http.exchange import index_headers
 from flintproxy.http.server import FEED_SLICE, MAX_HEADER_LINES, MAX_PIPELINED
 from flintproxy.tools.mock import MockSettings
 from tests.conftest import Gateway, MockServer, raw_config, start_mock
-from tests.test_server import CHAT, STREAM, Conn, Opener, Response, connect, get, post
+from tests.http.test_server import CHAT, STREAM, Conn, Opener, Response, connect, get, post
 
 __all__ = ["connect"]  # the fixture, imported to be used here
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import pytest
 
 from flintproxy.ops.logfilter import redact, scrub
 from tests.conftest import Gateway, MockServer, raw_config, start_gateway
-from tests.test_api import PASSWORD, Browser
+from tests.web.test_api import PASSWORD, Browser
 
 # Clients connect from this loopback address, so it appearing anywhere in a log means
 # a client address was logged (the server's own addresses are 127.0.0.1).

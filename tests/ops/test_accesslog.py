@@ -29,7 +29,7 @@ import pytest
 from flintproxy.ops.accesslog import DRAIN_TIMEOUT_S, LOGGER, _Clock
 from tests.conftest import Gateway, MockServer, raw_config, start_gateway
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MARKER = "CONTENT-MARKER-7f3a9c"
 MESSAGES: list[Any] = [{"role": "user", "content": f"Say hello {MARKER}"}]
 FIELDS = {"ts", "request_id", "method", "path", "status", "model", "upstream", "duration_ms",
