@@ -28,6 +28,7 @@ import pytest
 
 from flintproxy.ops.accesslog import DRAIN_TIMEOUT_S, LOGGER, _Clock
 from tests.conftest import Gateway, MockServer, raw_config, start_gateway
+from tests.support import to_toml
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "CONTENT-MARKER-7f3a9c"
@@ -384,25 +385,6 @@ async def test_one_daemon_writer_thread_started_by_the_first_write_ended_by_clos
     assert not thread.is_alive()  # close() ended it: nothing left behind by a clean exit
 
 
-def _toml(raw: dict[str, Any]) -> str:
-    """``raw_config``'s dict as TOML (its shape only: tables, arrays of tables, scalars)."""
-    def value(v: Any) -> str:
-        return json.dumps(v)  # strings, numbers, lists of strings: TOML reads JSON's
-
-    out: list[str] = []
-    for name, section in raw.items():
-        if isinstance(section, list):
-            for item in section:
-                out.append(f"[[{name}]]")
-                out += [f"{k} = {value(v)}" for k, v in item.items()]
-        elif name == "models":
-            for model, prices in section.items():
-                out.append(f'[models."{model}"]')
-                out += [f"{k} = {value(v)}" for k, v in prices.items()]
-        else:
-            out.append(f"[{name}]")
-            out += [f"{k} = {value(v)}" for k, v in section.items()]
-    return "\n".join(out) + "\n"
 
 
 @pytest.mark.slow
@@ -414,7 +396,7 @@ async def test_serve_writes_lines_to_stdout_and_exits_though_stdout_is_blocked(
     import termios
 
     config = tmp_path / "flintproxy.toml"
-    config.write_text(_toml(raw_config(tmp_path, {"local": mock_upstream.base_url})))
+    config.write_text(to_toml(raw_config(tmp_path, {"local": mock_upstream.base_url})))
     read_end, write_end = os.pipe()
     capacity = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
     proc = await asyncio.create_subprocess_exec(

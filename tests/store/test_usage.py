@@ -31,6 +31,7 @@ from flintproxy.gate.billing import Billing
 from flintproxy.store import sqlite
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter, open_writer_db
 from flintproxy.store.retention import DAY_MS, PURGE_CHUNK, RetentionJob, purge
+from tests.support import to_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}
@@ -652,22 +653,6 @@ def test_admin_purge_verb(tmp_path: Path) -> None:
 # --- SIGKILL of the real server under load ----------------------------------------------------
 
 
-def toml_config(raw: dict[str, Any]) -> str:
-    """Enough TOML for a test config (JSON strings and numbers are valid TOML)."""
-    out: list[str] = []
-    for section, body in raw.items():
-        if isinstance(body, list):
-            for item in body:
-                out.append(f"[[{section}]]")
-                out += [f"{k} = {orjson.dumps(v).decode()}" for k, v in item.items()]
-        elif section == "models":
-            for name, spec in body.items():
-                out.append(f'[models."{name}"]')
-                out += [f"{k} = {orjson.dumps(v).decode()}" for k, v in spec.items()]
-        else:
-            out.append(f"[{section}]")
-            out += [f"{k} = {orjson.dumps(v).decode()}" for k, v in body.items()]
-    return "\n".join(out) + "\n"
 
 
 class ServerProcess:
@@ -740,7 +725,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
     raw["billing"] = {"flush_interval_s": 0.2}
     raw["limits"] = {"default_rpm": 10**7, "default_tpm": 10**10, "default_max_concurrent": 1000}
     config = tmp_path / "flintproxy.toml"
-    config.write_text(toml_config(raw))
+    config.write_text(to_toml(raw))
     db = await sqlite.open_store(tmp_path / "flintproxy.db")
     repo = Accounts(db, 4, 3600)
     account = await repo.create_account("load@example.com", None)

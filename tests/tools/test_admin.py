@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -19,31 +18,11 @@ from flintproxy.app.runner import Server as GatewayServer
 from flintproxy.config import load_config
 from flintproxy.tools import admin
 from tests.conftest import Gateway, MockServer, raw_config
+from tests.support import to_toml
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
 
 
-def to_toml(raw: dict[str, Any]) -> str:
-    """Just enough TOML for the test configs (JSON strings are valid TOML strings)."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        return json.dumps(v)
-
-    out: list[str] = []
-    for section, body in raw.items():
-        if isinstance(body, list):
-            for item in body:
-                out.append(f"[[{section}]]")
-                out += [f"{k} = {value(v)}" for k, v in item.items()]
-        elif section == "models":
-            for name, spec in body.items():
-                out.append(f'[models."{name}"]')
-                out += [f"{k} = {value(v)}" for k, v in spec.items()]
-        else:
-            out.append(f"[{section}]")
-            out += [f"{k} = {value(v)}" for k, v in body.items()]
-    return "\n".join(out) + "\n"
 
 
 @pytest.fixture
