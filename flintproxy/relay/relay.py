@@ -417,9 +417,8 @@ class Relay:
                 chunk = scanner.feed(data) if data else b""
                 done = not data or resp.at_eof or scanner.done
                 if scanner.done:
-                    await out.write(chunk)  # [DONE] reached the client: it is whole
+                    await out.end(chunk)  # with [DONE], in one write: the client has it all
                     outcome.outcome = Ending.OK
-                    await out.end()
                 elif done:
                     await out.end(chunk + scanner.flush())
                     outcome.outcome = Ending.OK
