@@ -3,7 +3,8 @@
 Every background job of the gateway (the change poll, last-used flushes, the access
 log's writes, retention, the multiprocess metrics sync, the session janitor) is a
 ``TaskGroup.every`` of the composition root, which cancels and awaits them all at
-shutdown, in one place. A job that raises is logged by name and runs again at its
+shutdown, in one place; the lean server's once-a-second connection sweep is one of its
+own. A job that raises is logged by name and runs again at its
 next tick: one failed flush must not silently end the job for the process's life.
 """
 

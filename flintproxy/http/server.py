@@ -45,7 +45,6 @@ its flow control ``http.flow``. What remains reads best in one place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -68,6 +67,7 @@ from flintproxy.errors import (
 from flintproxy.http.exchange import Exchange, Responder, index_headers
 from flintproxy.http.flow import FlowControl
 from flintproxy.http.response import Response
+from flintproxy.tasks import TaskGroup
 
 log = logging.getLogger("flintproxy")
 
@@ -501,7 +501,7 @@ class LeanServer:
         self._date = b""
         self._date_at = 0
         self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks = TaskGroup()  # the sweep
 
     def date(self) -> bytes:
         """The Date header line, remade once a second."""
@@ -528,38 +528,33 @@ class LeanServer:
                 lambda: HttpProtocol(self), host, port, backlog=4096, reuse_address=True)
         except OSError as exc:
             raise ListenError.of(host, port, exc) from None
-        self._sweeper = self.loop.create_task(self._sweep())
+        self._tasks.every("connection sweep", SWEEP_S, self._sweep)
 
     @property
     def addresses(self) -> list[Any]:
         assert self._server is not None
         return [sock.getsockname() for sock in self._server.sockets]
 
-    async def _sweep(self) -> None:
+    def _sweep(self) -> None:
         # One pass a second instead of a timer per request.
-        while True:
-            await asyncio.sleep(SWEEP_S)
-            now = self.loop.time()
-            write_s = self.write_s
-            for conn in list(self.connections):
-                if conn.flow.stalled(now, write_s):
-                    conn._abort()  # reads nothing of what we write: cut (slowloris)
-                elif conn.busy or conn.queue or conn.ending or conn.deadline >= now:
-                    continue
-                elif conn.in_message and not conn.discarding:
-                    # A head or body still incomplete at its deadline.
-                    conn._refuse(RequestTimeout("The request was not received in time."))
-                else:
-                    conn.shut_down()
+        now = self.loop.time()
+        write_s = self.write_s
+        for conn in list(self.connections):
+            if conn.flow.stalled(now, write_s):
+                conn._abort()  # reads nothing of what we write: cut (slowloris)
+            elif conn.busy or conn.queue or conn.ending or conn.deadline >= now:
+                continue
+            elif conn.in_message and not conn.discarding:
+                # A head or body still incomplete at its deadline.
+                conn._refuse(RequestTimeout("The request was not received in time."))
+            else:
+                conn.shut_down()
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop accepting, let requests being answered finish (up to ``grace_s``), close."""
         if self._server is not None:
             self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self._tasks.close()
         for conn in list(self.connections):
             conn.shut_down()
         tasks = [c.task for c in self.connections if c.task is not None]
