@@ -51,7 +51,7 @@ class Response:
     def respond(self, status: int, head: bytes, body: bytes) -> None:
         self.done = True
         transport = self.conn.transport
-        if transport is None or self.conn.closed:
+        if transport is None or self.conn.flow.closed:
             return  # the client left; nothing to tell it
         transport.write(b"".join((_status_line(status), head,
                                   b"Content-Length: %d\r\n" % len(body),
@@ -61,7 +61,7 @@ class Response:
     async def stream(self, status: int, head: bytes, first: bytes = b"",
                      end: bool = False) -> None:
         conn = self.conn
-        if conn.closed or conn.transport is None:
+        if conn.flow.closed or conn.transport is None:
             raise ConnectionResetError("the client closed the connection")
         self.started = True
         if not self.http11:
@@ -80,7 +80,7 @@ class Response:
 
     async def write(self, data: bytes) -> None:
         conn = self.conn
-        if conn.closed or conn.transport is None:
+        if conn.flow.closed or conn.transport is None:
             raise ConnectionResetError("the client closed the connection")
         if not data:
             return  # an empty chunk would end the body
@@ -90,7 +90,7 @@ class Response:
 
     async def end(self, last: bytes = b"") -> None:
         conn = self.conn
-        if conn.closed or conn.transport is None:
+        if conn.flow.closed or conn.transport is None:
             raise ConnectionResetError("the client closed the connection")
         if self.chunked:
             conn.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last
@@ -104,7 +104,7 @@ class Response:
         event (its chunked body properly ended), a response not begun with ``error``."""
         conn = self.conn
         transport = conn.transport
-        if self.done or conn.closed or transport is None:
+        if self.done or conn.flow.closed or transport is None:
             return
         if not self.started:
             self.keep_alive = False

@@ -45,6 +45,7 @@ its flow control ``http.flow``. What remains reads best in one place.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections import deque
@@ -101,6 +102,15 @@ class _Request(Exchange):
         self.http11 = http11
 
 
+class ConnectionState(enum.IntEnum):
+    """A client connection's life, in order: it only ever moves forward."""
+
+    ACTIVE = 0  # reading requests and answering them
+    LAST = 1  # the server is stopping: answer what is queued, take no more
+    ENDING = 2  # closing after what was written (write_eof, then a short linger)
+    CLOSED = 3  # the transport is gone
+
+
 class _Refuse(Exception):
     """Raised in a parser callback: answer ``error`` and close."""
 
@@ -114,11 +124,11 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: thousands live at once, and each would otherwise carry a dict for the
     # cyclic GC to walk.
-    __slots__ = ("backlog", "body", "body_size", "busy", "closed", "closing",
-                 "continue_pending", "counted", "current", "deadline", "discarding", "ending",
-                 "flow", "head_done", "head_size", "in_message", "loop", "parser", "queue",
-                 "queued_bytes", "raw", "raw_left", "remote", "response", "server", "task",
-                 "transport", "url", "waiter")
+    __slots__ = ("backlog", "body", "body_size", "busy", "continue_pending", "counted",
+                 "current", "deadline", "discarding", "flow", "head_done", "head_size",
+                 "in_message", "loop", "parser", "queue", "queued_bytes", "raw", "raw_left",
+                 "remote", "response", "server", "state", "task", "transport", "url",
+                 "waiter")
 
     def __init__(self, server: LeanServer) -> None:
         self.server = server
@@ -132,10 +142,8 @@ class HttpProtocol(asyncio.Protocol):
         self.flow: FlowControl  # from connection_made on
         self.queued_bytes = 0  # bodies of the requests in ``queue``
         self.backlog = b""  # received, not yet parsed: the queue is full (data_received)
-        self.closed = False
-        self.closing = False  # no further requests: the server is shutting down
+        self.state = ConnectionState.ACTIVE
         self.discarding = False  # ignore further bytes (an error ended the connection)
-        self.ending = False  # closing after what was written (_close)
         self.busy = False  # a request is being answered
         self.response: Response | None = None  # ... by this Responder
         self.counted = False  # in the server's per-address count
@@ -220,7 +228,7 @@ class HttpProtocol(asyncio.Protocol):
             start, stop = stop, min(stop + FEED_SLICE, size)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.state = ConnectionState.CLOSED
         self.parser = None  # it holds us: freed at once, not by the cyclic GC
         server = self.server
         server.connections.discard(self)
@@ -356,7 +364,7 @@ class HttpProtocol(asyncio.Protocol):
         try:
             while True:
                 if not queue:
-                    if self.closing:
+                    if self.state >= ConnectionState.LAST:
                         self._close()
                         return
                     if self.continue_pending:
@@ -388,8 +396,8 @@ class HttpProtocol(asyncio.Protocol):
                     Response(self, False, True).respond(item.status, item.head(), item.body())
                     self._close()
                     return
-                out = self.response = Response(self, item.keep_alive and not self.closing,
-                                                item.http11)
+                keep_alive = item.keep_alive and self.state is ConnectionState.ACTIVE
+                out = self.response = Response(self, keep_alive, item.http11)
                 await handler(item, out)
                 if flow.write_paused:
                     # A whole response was written without waiting: the next one waits
@@ -430,9 +438,9 @@ class HttpProtocol(asyncio.Protocol):
         """Close after what was written, reading (and dropping) a little longer, so a
         client still sending its body sees our answer, not a reset."""
         transport = self.transport
-        if transport is None or transport.is_closing() or self.ending:
+        if transport is None or transport.is_closing() or self.state >= ConnectionState.ENDING:
             return
-        self.ending = True
+        self.state = ConnectionState.ENDING
         self.discarding = True
         if transport.can_write_eof():
             transport.write_eof()
@@ -472,7 +480,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def shut_down(self) -> None:
         """The server stops: close now if idle, else after the current response."""
-        self.closing = True
+        self.state = max(self.state, ConnectionState.LAST)
         if not self.busy and not self.queue:  # a request still arriving is dropped
             if self.task is not None:
                 self.task.cancel()
@@ -542,7 +550,8 @@ class LeanServer:
         for conn in list(self.connections):
             if conn.flow.stalled(now, write_s):
                 conn._abort()  # reads nothing of what we write: cut (slowloris)
-            elif conn.busy or conn.queue or conn.ending or conn.deadline >= now:
+            elif (conn.busy or conn.queue or conn.state >= ConnectionState.ENDING
+                  or conn.deadline >= now):
                 continue
             elif conn.in_message and not conn.discarding:
                 # A head or body still incomplete at its deadline.
@@ -566,7 +575,7 @@ class LeanServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         for conn in list(self.connections):
             out = conn.response
-            if out is not None and not out.done and not conn.closed:
+            if out is not None and not out.done and conn.state is not ConnectionState.CLOSED:
                 # A stream still open ends with an error event, properly framed.
                 out.cut(_SHUTTING_DOWN)
                 assert conn.transport is not None
