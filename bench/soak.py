@@ -57,6 +57,7 @@ models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
 read_timeout_s = 10.0
 failure_threshold = 1000  # faults are the traffic here, not a reason to stop
 cooldown_s = 0.01
+forward_headers = ["x-mock-*"]  # the traffic's faults and paces must reach the mock
 
 [models."gpt-4o-mini"]
 input_usd_per_mtok = "0.15"
@@ -304,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         "no 5xx but upstream failures (502, 504)": all(
             s < 500 or s in (502, 504) for s in tally.statuses),
         "valid keys never refused with 429": tally.refused_valid == 0,
+        # Faults that never reach the mock would make every check above pass vacuously.
+        "upstream faults took effect (502s seen)": not tally.sent.get("fault")
+        or tally.statuses.get(502, 0) > 0,
     }
     summary = {
         "seconds": seconds, "concurrency": args.concurrency,
