@@ -8,15 +8,14 @@ socket is full. ``cut`` ends what the server can no longer finish (shutdown).
 
 from __future__ import annotations
 
+import asyncio
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from flintproxy.errors import FlintError
+from flintproxy.http.flow import FlowControl
 
-if TYPE_CHECKING:
-    from flintproxy.http.server import HttpProtocol
-
-__all__ = ["Response"]
+__all__ = ["Connection", "Response"]
 
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii"))
            for s in HTTPStatus}
@@ -30,12 +29,30 @@ def _status_line(status: int) -> bytes:
     return _STATUS.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
 
 
+class _DateLine(Protocol):
+    def date(self) -> bytes:
+        """The ``Date:`` header line, with its CRLF."""
+
+
+class Connection(Protocol):
+    """What a Response needs of its connection (``server.HttpProtocol``), read-only."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    @property
+    def flow(self) -> FlowControl: ...
+
+    @property
+    def server(self) -> _DateLine: ...
+
+
 class Response:
-    """The Responder of one request on a lean connection (``HttpProtocol``)."""
+    """The Responder of one request on a lean connection."""
 
     __slots__ = ("chunked", "conn", "done", "http11", "keep_alive", "started")
 
-    def __init__(self, conn: HttpProtocol, keep_alive: bool, http11: bool) -> None:
+    def __init__(self, conn: Connection, keep_alive: bool, http11: bool) -> None:
         self.conn = conn
         self.keep_alive = keep_alive
         self.http11 = http11
