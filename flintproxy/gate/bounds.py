@@ -151,12 +151,11 @@ def with_limit(data: dict[str, Any], body: bytes,
 
     An absent limit (the common case) is spliced in after the opening brace, as
     re-encoding a long prompt costs far more; a limit being lowered is re-encoded.
-    ``body`` is b"" when the caller already changed ``data``: always re-encoded.
     """
     if limit is None:
         return body
     names, granted = limit
-    if body and len(names) == 1 and names[0] not in data:
+    if len(names) == 1 and names[0] not in data:
         data[names[0]] = granted
         # A JSON object with at least "model" in it (parse_call checked): a comma fits.
         i = body.index(b"{") + 1

@@ -238,12 +238,7 @@ class Relay:
             await self._forward(out, exchange, admission, candidates, data, body, head,
                                 client_wants_usage, outcome)
         except asyncio.CancelledError:
-            if outcome.outcome is not Ending.OK:  # [DONE] relayed: it read it all
-                outcome.outcome = Ending.CLIENT_DISCONNECT
-                if not out.started:  # as nginx: 499 unless a status was sent
-                    outcome.status = CLIENT_CLOSED
-                elif outcome.status == 500:  # heartbeats had sent its 200
-                    outcome.status = 200
+            _client_left(outcome, out)
             if not outcome.prompt_tokens:  # gone before any usage: charge the estimate
                 outcome.prompt_tokens = call.prompt_tokens_estimate
                 outcome.estimated = True
@@ -431,16 +426,10 @@ class Relay:
                 raise upstream_failure(exc, up) from None
             with contextlib.suppress(ConnectionError):
                 await out.end(upstream_failure(exc, up).sse_event())
-        except ConnectionError:
-            if outcome.outcome is not Ending.OK:  # our write failed: the client left
-                outcome.outcome = Ending.CLIENT_DISCONNECT
-                if not out.started:  # as nginx: 499 unless a status was sent
-                    outcome.status = CLIENT_CLOSED
-        except asyncio.CancelledError:
-            if outcome.outcome is not Ending.OK:  # the handler was cancelled: it left
-                outcome.outcome = Ending.CLIENT_DISCONNECT
-                if not out.started:
-                    outcome.status = CLIENT_CLOSED
+        except ConnectionError:  # our write failed: the client left
+            _client_left(outcome, out)
+        except asyncio.CancelledError:  # the handler was cancelled: the client left
+            _client_left(outcome, out)
             raise
         finally:
             self.streams.open -= 1
@@ -454,6 +443,17 @@ class Relay:
                 outcome.prompt_tokens = admission.call.prompt_tokens_estimate
                 outcome.completion_tokens = scanner.estimated_completion_tokens()
                 outcome.estimated = True
+
+
+def _client_left(outcome: Outcome, out: Responder) -> None:
+    """The client went away: say so, unless it already had the whole answer ([DONE])."""
+    if outcome.outcome is Ending.OK:
+        return
+    outcome.outcome = Ending.CLIENT_DISCONNECT
+    if not out.started:  # as nginx: 499 unless a status was sent
+        outcome.status = CLIENT_CLOSED
+    elif outcome.status == 500:  # heartbeats had sent its 200
+        outcome.status = 200
 
 
 def _apply_usage(outcome: Outcome, usage: Any) -> None:
