@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from flintproxy.app.root import Components
 from flintproxy.app.runner import Server as GatewayServer
 from flintproxy.config import Config, build_config
 from flintproxy.tools.mock import MOCK_STATS, MockSettings, MockStats, create_mock_app
+from tests.engines import PostgresServer, RedisServer
 
 TEST_EMAIL = "owner-{}@example.com"  # one account per gateway started
 TEST_CREDIT_NANO = 1_000 * 1_000_000_000  # $1,000: tests are never short of funds
@@ -151,3 +152,31 @@ async def gateway(tmp_path: Path, mock_upstream: MockServer) -> AsyncIterator[Ga
     gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
     yield gw
     await gw.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session, started on first use."""
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database for this test."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One throwaway redis-server for the session, started on first use."""
+    server = RedisServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A Redis database number no other test uses."""
+    return redis_server.new_url()
