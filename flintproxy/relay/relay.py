@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -34,6 +35,7 @@ from flintproxy.errors import (
     BadRequest,
     FlintError,
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
@@ -56,7 +58,7 @@ from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.heartbeat import Heartbeat, Heartbeats
 from flintproxy.http.sse import SSE_HEAD, StreamScanner, parse_body
 from flintproxy.relay.headers import request_head, response_head
-from flintproxy.relay.routes import PATHS, ROUTES, new_request_id
+from flintproxy.relay.routes import MODEL_ROUTE, PATHS, ROUTES, match_route, new_request_id
 from flintproxy.relay.routing import Router, Upstream
 
 log = logging.getLogger("flintproxy")
@@ -162,6 +164,11 @@ class Relay:
         try:
             route = exchange.method, exchange.path
             if route not in ROUTES:
+                named = match_route(exchange.method, exchange.path)
+                if named == MODEL_ROUTE:
+                    exchange.route = named
+                    await self.model(exchange, out)
+                    return
                 if exchange.path in PATHS:
                     raise MethodNotAllowed(
                         f"Method {exchange.method} is not allowed for {exchange.path}.")
@@ -195,12 +202,20 @@ class Relay:
     async def models(self, exchange: Exchange, out: Responder) -> None:
         principal = await self.gate.authenticate(exchange)
         allowed = self.gate.allowed_models(principal)
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "flintproxy"}
-            for m in self.router.models
-            if allowed is None or m in allowed
-        ]
+        data = [_model_object(m) for m in self.router.models if allowed is None or m in allowed]
         out.respond(200, JSON_HEAD, orjson.dumps({"object": "list", "data": data}))
+
+    async def model(self, exchange: Exchange, out: Responder) -> None:
+        """``GET /v1/models/{id}``: one model, as OpenAI answers it; 404 if this key
+        cannot use it (an unknown model and a forbidden one look alike)."""
+        principal = await self.gate.authenticate(exchange)
+        model = unquote(exchange.path[len("/v1/models/"):])
+        allowed = self.gate.allowed_models(principal)
+        if model not in self.router.by_model or (allowed is not None and model not in allowed):
+            raise ModelNotFound(
+                f"The model `{model[:256]}` does not exist or you do not have access to it.",
+                param="model")
+        out.respond(200, JSON_HEAD, orjson.dumps(_model_object(model)))
 
     # -- the relay ----------------------------------------------------------------
 
@@ -443,6 +458,10 @@ class Relay:
                 outcome.prompt_tokens = admission.call.prompt_tokens_estimate
                 outcome.completion_tokens = scanner.estimated_completion_tokens()
                 outcome.estimated = True
+
+
+def _model_object(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "flintproxy"}
 
 
 def _client_left(outcome: Outcome, out: Responder) -> None:

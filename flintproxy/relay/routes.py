@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 import time
 
-__all__ = ["ENDPOINTS", "ENDPOINT_PATHS", "HEALTH_ROUTES", "PATHS", "ROUTES", "new_request_id"]
+__all__ = ["ENDPOINTS", "ENDPOINT_PATHS", "HEALTH_ROUTES", "MODEL_ROUTE", "PATHS", "PREFIX_ROUTES",
+           "ROUTES", "match_route", "new_request_id"]
 
 # The routes the relay serves, and the upstream endpoint each relays to (None: answered
 # locally, without an upstream).
@@ -24,8 +25,22 @@ ENDPOINT_PATHS = {endpoint: path for (_, path), endpoint in ROUTES.items() if en
 ENDPOINTS = tuple(ENDPOINT_PATHS)
 # Answered by ops.health, beside the relay, on the same port.
 HEALTH_ROUTES = (("GET", "/healthz"), ("GET", "/readyz"))
+# Routes with an id in their last segment: (method, prefix) -> the route's name, which
+# is what logs and metrics see (the id is the client's text).
+MODEL_ROUTE = "/v1/models/{id}"
+PREFIX_ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/v1/models/"): MODEL_ROUTE,
+}
 # Every path of the data plane: another method on one of them is a 405, not a 404.
 PATHS = frozenset(path for _, path in (*ROUTES, *HEALTH_ROUTES))
+
+
+def match_route(method: str, path: str) -> str | None:
+    """The name of the prefix route ``path`` is on (``MODEL_ROUTE``), or None."""
+    for (m, prefix), name in PREFIX_ROUTES.items():
+        if m == method and path.startswith(prefix) and len(path) > len(prefix):
+            return name
+    return None
 
 
 def new_request_id() -> str:
