@@ -86,11 +86,21 @@ class StorageConfig:
     path: Path = Path("var/flintproxy.db")
 
 
+class UpstreamKind(enum.StrEnum):
+    """The API an upstream speaks (``upstreams[].kind``)."""
+
+    OPENAI = "openai"  # /chat/completions, /completions, /embeddings, /responses
+    ANTHROPIC = "anthropic"  # /messages, /messages/count_tokens (x-api-key, anthropic-version)
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     base_url: str
     models: tuple[str, ...]
+    kind: UpstreamKind = UpstreamKind.OPENAI
+    # Sent as anthropic-version to a kind = "anthropic" upstream when the client sent none.
+    anthropic_version: str = "2023-06-01"
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
     # Client-facing model name -> the upstream's own name for it.
@@ -120,6 +130,13 @@ class ModelPrice:
     max_output_tokens: int | None = None
     # The body parameter added when the client sent no limit (see gate.bounds).
     limit_param: str = "max_tokens"
+    # Anthropic's prompt-cache writes (cache_creation_input_tokens); cache reads are
+    # billed at ``cached_input_nano_per_mtok``. Both default to the input price
+    # (None here: the input price).
+    cache_write_nano_per_mtok: int | None = None
+    # CONTRACT promise 10: the provider is sent ``store: false`` (and stored state such
+    # as previous_response_id is refused) unless the operator allows storage here.
+    allow_provider_storage: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,9 +335,13 @@ def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
     p = f"upstreams[{i}]."
     if not isinstance(raw, Mapping):
         raise _fail(f"upstreams[{i}]", raw, "must be a table")
-    _check_keys(raw, {"name", "base_url", "api_key_env", "models", "model_map", "weight",
-                      "priority", "connect_timeout_s", "read_timeout_s", "failure_threshold",
-                      "cooldown_s", "forward_headers"}, p)
+    _check_keys(raw, {"name", "kind", "base_url", "api_key_env", "models", "model_map",
+                      "weight", "priority", "connect_timeout_s", "read_timeout_s",
+                      "failure_threshold", "cooldown_s", "forward_headers",
+                      "anthropic_version"}, p)
+    kind = raw.get("kind", "openai")
+    if kind not in tuple(UpstreamKind):
+        raise _fail(f"{p}kind", kind, 'must be "openai" or "anthropic"')
     name = _str(raw, "name", p, None)
     if name is None:
         raise _fail(f"{p}name", None, "is required")
@@ -343,6 +364,8 @@ def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
     return UpstreamConfig(
         forward_headers=_forward_headers(raw.get("forward_headers", []), f"{p}forward_headers"),
         name=name,
+        kind=UpstreamKind(kind),
+        anthropic_version=_str(raw, "anthropic_version", p, "2023-06-01") or "",
         base_url=base_url.rstrip("/"),
         models=tuple(models),
         api_key_env=key_env,
@@ -375,7 +398,8 @@ def _models(raw: Mapping[str, Any]) -> dict[str, ModelPrice]:
         if not isinstance(spec, Mapping):
             raise _fail(f'models."{name}"', spec, "must be a table")
         _check_keys(spec, {"input_usd_per_mtok", "output_usd_per_mtok",
-                           "cached_input_usd_per_mtok", "max_output_tokens", "limit_param"}, p)
+                           "cached_input_usd_per_mtok", "cache_write_usd_per_mtok",
+                           "max_output_tokens", "limit_param", "allow_provider_storage"}, p)
         for req in ("input_usd_per_mtok", "output_usd_per_mtok"):
             if req not in spec:
                 raise _fail(f"{p}{req}", None,
@@ -391,6 +415,10 @@ def _models(raw: Mapping[str, Any]) -> dict[str, ModelPrice]:
             max_output_tokens=_int(spec, "max_output_tokens", p, 0, 1, 10**7)
             if "max_output_tokens" in spec else None,
             limit_param=_limit_param(spec, p),
+            cache_write_nano_per_mtok=usd_to_nano(spec["cache_write_usd_per_mtok"],
+                                                  f"{p}cache_write_usd_per_mtok")
+            if "cache_write_usd_per_mtok" in spec else None,
+            allow_provider_storage=_bool(spec, "allow_provider_storage", p, False),
         )
     return out
 

@@ -60,21 +60,38 @@ TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per million tokens
 _RELOAD_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's variable limit
 
 
-def cost_nano(price: ModelPrice, prompt: int, completion: int, cached: int) -> int:
-    """Exact cost of one request in nano-dollars, rounded up to a whole nano-dollar."""
+def cost_nano(price: ModelPrice, prompt: int, completion: int, cached: int,
+              cache_write: int = 0) -> int:
+    """Exact cost of one request in nano-dollars, rounded up to a whole nano-dollar.
+
+    ``cached`` (cache reads) and ``cache_write`` (Anthropic's cache creation) are parts
+    of ``prompt``, each billed at its own rate, the rest at the input price.
+    """
     prompt = max(prompt, 0)
     completion = max(completion, 0)
     cached = min(max(cached, 0), prompt)
-    exact = ((prompt - cached) * price.input_nano_per_mtok
+    cache_write = min(max(cache_write, 0), prompt - cached)
+    exact = ((prompt - cached - cache_write) * price.input_nano_per_mtok
              + cached * price.cached_input_nano_per_mtok
+             + cache_write * _cache_write_rate(price)
              + completion * price.output_nano_per_mtok)
     return -(-exact // TOKENS_PER_PRICE_UNIT)
 
 
+def _cache_write_rate(price: ModelPrice) -> int:
+    rate = price.cache_write_nano_per_mtok
+    return price.input_nano_per_mtok if rate is None else rate
+
+
+def prompt_rate(price: ModelPrice) -> int:
+    """The dearest price a prompt token can have (input, cache read or cache write)."""
+    return max(price.input_nano_per_mtok, price.cached_input_nano_per_mtok,
+               _cache_write_rate(price))
+
+
 def max_cost_nano(price: ModelPrice, prompt: int, completion: int) -> int:
     """The most ``cost_nano`` can return for at most these token counts."""
-    per_prompt = max(price.input_nano_per_mtok, price.cached_input_nano_per_mtok)
-    exact = max(prompt, 0) * per_prompt + max(completion, 0) * price.output_nano_per_mtok
+    exact = max(prompt, 0) * prompt_rate(price) + max(completion, 0) * price.output_nano_per_mtok
     return -(-exact // TOKENS_PER_PRICE_UNIT)
 
 
@@ -237,10 +254,7 @@ class Billing:
         available = book.balance - book.pending - book.reserved
         text, media, choices, requested, largest, _ = bound
         prompt = text + media * self._per_media_part if media else text
-        per_prompt = price.input_nano_per_mtok
-        if price.cached_input_nano_per_mtok > per_prompt:
-            per_prompt = price.cached_input_nano_per_mtok
-        exact = prompt * per_prompt  # the maximum cost, x 1e6, before rounding up
+        exact = prompt * prompt_rate(price)  # the maximum cost, x 1e6, before rounding up
         granted = 0
         limit = None
         if choices:
@@ -270,6 +284,13 @@ class Billing:
         book.reserved += amount
         return Reservation(account_id, model, price, amount, granted, limit)
 
+    def unbilled(self, account_id: int, model: str) -> Reservation:
+        """A reservation of nothing, for a request that is not billed (count_tokens)."""
+        price = self._prices.get(model)
+        if price is None:
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        return Reservation(account_id, model, price, 0)
+
     def settle(self, res: Reservation, outcome: Outcome) -> int:
         """Release the reservation; return the actual cost, never more than reserved.
 
@@ -280,7 +301,7 @@ class Billing:
             return res.cost
         self.release(res)
         cost = cost_nano(res.price, outcome.prompt_tokens, outcome.completion_tokens,
-                         outcome.cached_tokens)
+                         outcome.cached_tokens, outcome.cache_write_tokens)
         if cost > res.amount:
             # The promise is the reservation. An upstream that ignored the limit (or a
             # prompt above its bound) is counted, never with content or account; our

@@ -40,14 +40,24 @@ import orjson
 
 from flintproxy.errors import BadRequest
 
-__all__ = ["LIMIT_PARAMS", "Bound", "completion_choices", "measure", "with_limit"]
+__all__ = ["LIMIT_PARAMS", "UNBILLED", "Bound", "completion_choices", "default_limit_param",
+           "measure", "with_limit"]
 
 # The per-choice output limits a client may send, in the order they are rewritten.
 LIMIT_PARAMS = ("max_completion_tokens", "max_tokens")
-# The limit the client sent, by "max_completion_tokens is None".
-_ONE_PARAM = {False: ("max_completion_tokens",), True: ("max_tokens",)}
-# Chat content parts that are text: their bytes count; any other part type is media.
-_TEXT_PARTS = frozenset(("text", "refusal"))
+# Other APIs name their one limit otherwise: the Responses API max_output_tokens, and
+# Anthropic's Messages max_tokens (which it requires).
+_LIMIT_NAMES = {"responses": ("max_output_tokens",), "messages": ("max_tokens",)}
+# Endpoints that generate nothing and are not billed (authenticated and counted by the
+# rate limiter's requests only).
+UNBILLED = frozenset(("messages/count_tokens",))
+# Content parts that are text (their bytes count), in chat, Responses and Messages
+# bodies; any other part type is media. Tool calls and results are JSON text too.
+_TEXT_PARTS = frozenset(("text", "refusal", "input_text", "output_text", "tool_use",
+                         "tool_result", "thinking", "redacted_thinking", "function_call",
+                         "function_call_output", "reasoning", "message"))
+# Where a body keeps its messages (each with a ``content`` list of parts).
+_MESSAGE_LISTS = ("messages", "input")
 
 
 class Bound(NamedTuple):
@@ -74,41 +84,61 @@ def _positive_int(data: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def _media_in(content: object) -> tuple[int, int]:
+def _media_in(content: object, depth: int = 0) -> tuple[int, int]:
     """(media parts, length of their strings) in one message's ``content``."""
     if not isinstance(content, list):
         return 0, 0
     parts = skipped = 0
     for part in content:
-        if not isinstance(part, dict) or part.get("type") in _TEXT_PARTS:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind in _TEXT_PARTS:
+            if kind == "tool_result" and depth < 4:  # its content may hold images
+                p, s = _media_in(part.get("content"), depth + 1)
+                parts += p
+                skipped += s
             continue
         parts += 1
-        # The payload: {"type": "image_url", "image_url": {"url": ...}} and kin. A
-        # str's length never exceeds the bytes it took in the JSON body.
-        for value in part.values():
+        # The payload: {"type": "image_url", "image_url": {"url": ...}}, Responses'
+        # {"type": "input_image", "image_url": "..."}, Anthropic's {"type": "image",
+        # "source": {...}} and kin. A str's length never exceeds its bytes in the body.
+        for name, value in part.items():
             if isinstance(value, dict):
                 skipped += sum(len(v) for v in value.values() if isinstance(v, str))
+            elif isinstance(value, str) and name != "type":
+                skipped += len(value)
     return parts, skipped
 
 
 def _media(data: dict[str, Any]) -> tuple[int, int]:
-    messages = data.get("messages")
-    if type(messages) is not list:
-        return 0, 0
     parts = skipped = 0
-    for message in messages:
-        # Plain-text messages (the usual case) cost one dict lookup and a type check.
-        if type(message) is dict and type(content := message.get("content")) is list:
-            p, s = _media_in(content)
-            parts += p
-            skipped += s
+    for name in _MESSAGE_LISTS:
+        messages = data.get(name)
+        if type(messages) is not list:
+            continue
+        for message in messages:
+            # Plain-text messages (the usual case) cost one dict lookup and a type check.
+            if type(message) is dict and type(content := message.get("content")) is list:
+                p, s = _media_in(content)
+                parts += p
+                skipped += s
     return parts, skipped
+
+
+def default_limit_param(endpoint: str, configured: str) -> str:
+    """The limit parameter to add to a body that sent none (the model's ``limit_param``
+    for chat and completions)."""
+    names = _LIMIT_NAMES.get(endpoint)
+    return configured if names is None else names[0]
 
 
 def completion_choices(endpoint: str, data: dict[str, Any]) -> int:
     """How many completions the upstream generates (and bills) for this body."""
-    if endpoint == "embeddings":
+    if endpoint == "embeddings" or endpoint in UNBILLED:
         return 0
+    if endpoint in _LIMIT_NAMES:  # one output per request
+        return 1
     n = _positive_int(data, "n") or 1
     if endpoint != "completions":
         return n
@@ -123,22 +153,20 @@ def completion_choices(endpoint: str, data: dict[str, Any]) -> int:
 def measure(endpoint: str, data: dict[str, Any], body_len: int) -> Bound:
     """The request's Bound; raises 400 for a malformed ``n``, ``best_of`` or limit."""
     get = data.get
-    mct, mt = get("max_completion_tokens"), get("max_tokens")
     params: tuple[str, ...] = ()
     least = most = None
-    if mct is not None or mt is not None:  # validated only when sent
-        mct = _positive_int(data, "max_completion_tokens")
-        mt = _positive_int(data, "max_tokens")
-        if mt is None or mct is None:
-            params = _ONE_PARAM[mct is None]
-            least = most = mct if mt is None else mt
-        else:
-            params, least, most = LIMIT_PARAMS, min(mt, mct), max(mt, mct)
+    names = _LIMIT_NAMES.get(endpoint, LIMIT_PARAMS)
+    sent = [name for name in names if get(name) is not None]
+    if sent:  # validated only when sent
+        limits = [_positive_int(data, name) or 0 for name in sent]
+        params, least, most = tuple(sent), min(limits), max(limits)
     skipped = parts = 0
     if endpoint == "chat/completions":
         parts, skipped = _media(data)
         choices = 1 if get("n") is None else completion_choices(endpoint, data)
     else:
+        if endpoint != "completions" and endpoint != "embeddings":
+            parts, skipped = _media(data)
         choices = completion_choices(endpoint, data)
     return Bound(body_len - skipped, parts, choices, least, most, params)
 

@@ -50,7 +50,7 @@ class Principal:
 class Call:
     """What admission needs to know of the request (parsed once by relay)."""
 
-    endpoint: str  # "chat/completions" | "completions" | "embeddings"
+    endpoint: str  # a relay.routes endpoint: "chat/completions", "messages", ...
     model: str
     stream: bool
     prompt_tokens_estimate: int
@@ -84,7 +84,7 @@ def parse_call(endpoint: str, body: bytes, request_id: str,
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean.", param="stream")
-    if endpoint == "embeddings":
+    if endpoint == "embeddings" or endpoint == "messages/count_tokens":
         stream = False
     bound = measure(endpoint, data, len(body))
     # Roughly 4 bytes of JSON per token: the rate limiter's estimate (money uses the
@@ -121,8 +121,9 @@ class Outcome:
     upstream: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # part of prompt_tokens: cache reads
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0  # part of prompt_tokens: Anthropic's cache creation
     estimated: bool = False
     ttfb_s: float | None = None
     duration_s: float = 0.0
@@ -165,11 +166,16 @@ class Gate(Protocol):
 
 
 def bearer_token(exchange: Exchange) -> str:
-    """The API key from ``Authorization: Bearer ...``; raises 401 when absent."""
+    """The API key from ``Authorization: Bearer ...``, else from ``x-api-key`` (how
+    Anthropic's SDKs send it); raises 401 when absent."""
     header = exchange.header(b"authorization")
     if not header:
+        key = exchange.header(b"x-api-key")
+        if key and key.strip():
+            return key.strip()
         raise AuthenticationError(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'"
+            " (or 'x-api-key: YOUR_KEY').",
             code="missing_api_key",
         )
     scheme, _, token = header.partition(" ")

@@ -19,7 +19,7 @@ from typing import Protocol
 from flintproxy.config import Config
 from flintproxy.errors import AuthenticationError, FlintError
 from flintproxy.gate.billing import Billing, Reservation
-from flintproxy.gate.bounds import Bound
+from flintproxy.gate.bounds import UNBILLED, Bound, default_limit_param
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_token
 from flintproxy.gate.ipguard import IpGuard, client_ip
 from flintproxy.gate.keys import KeyAuthenticator
@@ -47,7 +47,7 @@ def usage_row(admission: Admission, outcome: Outcome, cost_nano: int) -> UsageRo
         _bounded(outcome.reasoning_tokens), int(outcome.estimated), _bounded(cost_nano),
         outcome.status, str(outcome.outcome), int(call.stream), admission.started_ms,
         round(outcome.duration_s * 1000),
-        None if outcome.ttfb_s is None else round(outcome.ttfb_s * 1000))
+        None if outcome.ttfb_s is None else round(outcome.ttfb_s * 1000), call.endpoint)
 
 
 FinishObserver = Callable[[Admission, Outcome, int], None]
@@ -107,16 +107,19 @@ class ServiceGate:
             await billing.load(account_id)  # once per account per process
         # Embeddings produce no completion tokens: reserve only the prompt.
         max_tokens = 0 if call.endpoint == "embeddings" else call.max_tokens
+        unbilled = call.endpoint in UNBILLED
         bound = call.bound or Bound(call.prompt_tokens_estimate, 0, 0 if max_tokens == 0 else 1,
                                     max_tokens, max_tokens, ())
         if not principal.limits_applied:  # a freshly loaded key: sync account overrides
             self.limiter.set_account_limits(account_id, *principal.account_limits)
             principal.limits_applied = True
         completion = self._default_max_tokens if max_tokens is None else max_tokens
-        ticket = self.limiter.acquire(principal, call.prompt_tokens_estimate + completion)
+        tokens = 0 if unbilled else call.prompt_tokens_estimate + completion
+        ticket = self.limiter.acquire(principal, tokens)
         headers = self.limiter.headers(ticket)
         try:
-            reservation = billing.reserve(account_id, call.model, bound)
+            reservation = (billing.unbilled(account_id, call.model) if unbilled
+                           else billing.reserve(account_id, call.model, bound))
         except FlintError as exc:
             exc.headers = {**headers, **exc.headers}
             self.limiter.release(ticket, 0)
@@ -127,8 +130,10 @@ class ServiceGate:
         admission = Admission(call, principal, started, started_ms, exchange)
         admission.state = (ticket, reservation)
         if reservation.limit is not None:
-            admission.limit = (bound.params or (reservation.price.limit_param,),
-                               reservation.limit)
+            admission.limit = (
+                bound.params or (default_limit_param(call.endpoint,
+                                                     reservation.price.limit_param),),
+                reservation.limit)
         call.admitted = True
         admission.headers = headers
         return admission

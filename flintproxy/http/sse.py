@@ -16,12 +16,21 @@ we never buffer without bound.
 Usage the client did not ask for is removed: the usage-only chunk is cut out, and a
 chunk that carries usage next to its choices (LiteLLM sends one) is re-encoded
 without it. Every other event is forwarded byte for byte.
+
+Three stream styles (``StreamStyle``), one scan. Chat and completions: usage in the
+last chunk, the end is ``[DONE]``. The Responses API: usage once, in
+``response.completed`` (whose response repeats the whole output: only its usage
+object is parsed, never the event), the end is that event. Anthropic's Messages:
+input and cache tokens in ``message_start``, output in ``message_delta`` (both small
+events, parsed whole), the end is ``message_stop``. Their usage is never stripped:
+it is part of those protocols.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 import orjson
 
@@ -41,30 +50,63 @@ _DONE_ENDS = (b"\ndata: [DONE]\n\n", b"\ndata: [DONE]\r\n\r\n")
 SMALL_BODY = 4096
 
 
+class StreamStyle(StrEnum):
+    """Where a stream carries its usage and its end (see the module docstring)."""
+
+    CHAT = "chat"  # chat/completions and completions
+    RESPONSES = "responses"
+    ANTHROPIC = "anthropic"
+
+
 @dataclass(slots=True)
 class Usage:
+    """Token counts, OpenAI's way: cached (cache reads) and cache_write are parts of prompt."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    def merge(self, other: Usage) -> None:
+        """Counts reported in pieces (Anthropic's stream): the largest of each."""
+        self.prompt_tokens = max(self.prompt_tokens, other.prompt_tokens)
+        self.completion_tokens = max(self.completion_tokens, other.completion_tokens)
+        self.cached_tokens = max(self.cached_tokens, other.cached_tokens)
+        self.reasoning_tokens = max(self.reasoning_tokens, other.reasoning_tokens)
+        self.cache_write_tokens = max(self.cache_write_tokens, other.cache_write_tokens)
 
 
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def _detail(obj: dict[str, object], name: str, key: str) -> int:
+    details = obj.get(name)
+    return _int(details.get(key)) if isinstance(details, dict) else 0
+
+
 def usage_from_dict(obj: object) -> Usage | None:
+    """Usage in any of the three shapes: OpenAI's chat (prompt_tokens, ...), the Responses
+    API's (input_tokens with input_tokens_details) and Anthropic's (input_tokens, which
+    excludes its cache_creation_input_tokens and cache_read_input_tokens)."""
     if not isinstance(obj, dict):
         return None
-    prompt_details = obj.get("prompt_tokens_details")
-    completion_details = obj.get("completion_tokens_details")
+    if "input_tokens" in obj or "output_tokens" in obj:
+        written = _int(obj.get("cache_creation_input_tokens"))
+        read = _int(obj.get("cache_read_input_tokens"))
+        return Usage(
+            prompt_tokens=_int(obj.get("input_tokens")) + written + read,
+            completion_tokens=_int(obj.get("output_tokens")),
+            cached_tokens=read + _detail(obj, "input_tokens_details", "cached_tokens"),
+            reasoning_tokens=_detail(obj, "output_tokens_details", "reasoning_tokens"),
+            cache_write_tokens=written,
+        )
     return Usage(
         prompt_tokens=_int(obj.get("prompt_tokens")),
         completion_tokens=_int(obj.get("completion_tokens")),
-        cached_tokens=_int(prompt_details.get("cached_tokens"))
-        if isinstance(prompt_details, dict) else 0,
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
-        if isinstance(completion_details, dict) else 0,
+        cached_tokens=_detail(obj, "prompt_tokens_details", "cached_tokens"),
+        reasoning_tokens=_detail(obj, "completion_tokens_details", "reasoning_tokens"),
     )
 
 
@@ -133,12 +175,14 @@ def extract_usage(body: bytes) -> Usage | None:
 
 
 # What a well-formed 200 body of each endpoint holds: a list under this key.
-_BODY_LIST = {"chat/completions": "choices", "completions": "choices", "embeddings": "data"}
+_BODY_LIST = {"chat/completions": "choices", "completions": "choices", "embeddings": "data",
+              "responses": "output", "messages": "content"}
 
 
 def parse_body(body: bytes, endpoint: str) -> tuple[bool, Usage | None]:
     """Whether a complete 200 body is what ``endpoint`` answers (a JSON object with its
-    ``choices`` or ``data`` list), and the usage it reports.
+    ``choices``, ``data``, ``output`` or ``content`` list; count_tokens: its
+    ``input_tokens``), and the usage it reports.
 
     One orjson parse of the whole body: an upstream's 200 is relayed only once it is
     known to be a response, never its garbage (nor a nesting orjson refuses).
@@ -147,7 +191,11 @@ def parse_body(body: bytes, endpoint: str) -> tuple[bool, Usage | None]:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return False, None
-    if not isinstance(obj, dict) or not isinstance(obj.get(_BODY_LIST.get(endpoint, "")), list):
+    if not isinstance(obj, dict):
+        return False, None
+    if endpoint == "messages/count_tokens":
+        return isinstance(obj.get("input_tokens"), int), None
+    if not isinstance(obj.get(_BODY_LIST.get(endpoint, "")), list):
         return False, None
     return True, usage_from_dict(obj.get("usage"))
 
@@ -186,18 +234,37 @@ def _event_data(event: bytes) -> bytes:
     return b"\n".join(data)
 
 
+# The events that end a stream of each style, as an event line: at the start of a
+# block or after a raw newline (which JSON text never holds), so never content.
+_LAST_EVENTS = {
+    StreamStyle.RESPONSES: (b"event: response.completed", b"event: response.incomplete",
+                            b"event: response.failed"),
+    StreamStyle.ANTHROPIC: (b"event: message_stop",),
+}
+
+
+def _ends_with_event(block: bytes, names: tuple[bytes, ...]) -> bool:
+    return any(block.startswith(name) or b"\n" + name in block for name in names)
+
+
 class StreamScanner:
-    """Per-stream state: framing, usage, whether [DONE] went by, events relayed."""
+    """Per-stream state: framing, usage, whether the stream's end went by, events relayed."""
 
-    __slots__ = ("done", "events", "max_event", "pending", "strip_usage", "usage")
+    __slots__ = ("done", "events", "final", "max_event", "pending", "strip_usage", "style",
+                 "usage")
 
-    def __init__(self, strip_usage: bool, max_event: int = MAX_PENDING) -> None:
-        self.strip_usage = strip_usage
+    def __init__(self, strip_usage: bool, max_event: int = MAX_PENDING,
+                 style: StreamStyle = StreamStyle.CHAT) -> None:
+        self.strip_usage = strip_usage and style is StreamStyle.CHAT
         self.max_event = max_event
+        self.style = style
         self.pending = b""
         self.usage: Usage | None = None
+        # The usage is the stream's total (chat: any usage; Responses: response.completed;
+        # Anthropic: message_delta's). Otherwise it is what was known when it broke off.
+        self.final = False
         self.events = 0  # data events forwarded, the basis of the token estimate
-        self.done = False  # a ``data: [DONE]`` event is among the bytes returned
+        self.done = False  # the stream's last event is among the bytes returned
 
     def feed(self, data: bytes) -> bytes:
         """Take an upstream block; return the bytes to forward now (maybe empty).
@@ -221,12 +288,60 @@ class StreamScanner:
             if len(self.pending) > self.max_event:
                 raise UpstreamTooLarge(f"an SSE event over {self.max_event} bytes")
         self.events += complete.count(b"data:")
-        if complete.endswith(_DONE_ENDS) or complete.startswith(DONE):
+        if self.style is StreamStyle.CHAT:
+            if complete.endswith(_DONE_ENDS) or complete.startswith(DONE):
+                self.done = True
+        elif _ends_with_event(complete, _LAST_EVENTS[self.style]):
             self.done = True
         first = USAGE_RE.search(complete)
         if first is None:
             return complete
+        if self.style is not StreamStyle.CHAT:
+            self._note_usage(complete, first.start())
+            return complete
         return self._take_usage(complete, first.start())
+
+    def _note_usage(self, complete: bytes, pos: int) -> None:
+        """Usage of a Responses or Anthropic stream, which is never stripped."""
+        anthropic = self.style is StreamStyle.ANTHROPIC
+        seen: set[int] = set()
+        for match in USAGE_RE.finditer(complete, pos):
+            start = _event_start(complete, match.start())
+            if start in seen:
+                continue
+            seen.add(start)
+            end = _event_end(complete, match.end())
+            if anthropic:  # small events: parse whole, to know which one it is
+                try:
+                    obj = orjson.loads(_event_data(complete[start:end]))
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                kind = obj.get("type")
+                if kind == "message_start":
+                    message = obj.get("message")
+                    usage = usage_from_dict(message.get("usage")
+                                            if isinstance(message, dict) else None)
+                elif kind == "message_delta":
+                    usage = usage_from_dict(obj.get("usage"))
+                    self.final = usage is not None or self.final
+                else:
+                    continue
+            else:
+                # response.completed repeats the whole output: parse only the last
+                # usage object of the event (the response's own; it follows "tools").
+                last = match
+                for later in USAGE_RE.finditer(complete, match.end(), end):
+                    last = later
+                usage = _usage_at(complete, last)
+                self.final = usage is not None or self.final
+            if usage is None:
+                continue
+            if self.usage is None:
+                self.usage = usage
+            else:
+                self.usage.merge(usage)
 
     def _take_usage(self, complete: bytes, pos: int) -> bytes:
         # Slow path, normally once per stream: parse only the events holding usage;
@@ -256,6 +371,7 @@ class StreamScanner:
                     complete = complete[:start] + event + complete[end:]
         if latest is not None:
             self.usage = latest
+            self.final = True
         return complete
 
     def flush(self) -> bytes:

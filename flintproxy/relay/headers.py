@@ -5,7 +5,8 @@ under a new name (CF-Connecting-IP, True-Client-IP, ...), an org selector, a pro
 internals. With allow-lists, everything stays on its side unless it is named here.
 Cost: one frozenset lookup per header, as the deny-list was.
 
-- To the upstream: ``REQUEST_ALLOW`` (what a provider needs to serve the request),
+- To the upstream: ``Upstream.allow`` (what a provider of its kind needs to serve the
+  request: Content-Type, Accept, and OpenAI-Beta or Anthropic-Version/-Beta),
   plus the upstream's ``forward_headers`` names and "prefix*" globs; never anything
   in ``NEVER_FORWARD`` (credentials, cookies, client addresses, framing), whatever
   the config says. We add our X-Request-Id, Accept-Encoding and the upstream's key.
@@ -19,15 +20,16 @@ Cost: one frozenset lookup per header, as the deny-list was.
 
 from __future__ import annotations
 
-from flintproxy.relay.routing import Upstream
+from flintproxy.relay.routing import OPENAI_ALLOW, Upstream
 
 # RFC 9110 §7.6.1: connection-specific fields are never forwarded (names lower-cased).
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
      b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
-# The client's request headers a provider needs (names lower-cased).
-REQUEST_ALLOW = frozenset((b"content-type", b"accept", b"openai-beta"))
+# The client's request headers an OpenAI-compatible provider needs (names lower-cased);
+# an Anthropic one's: routing.ANTHROPIC_ALLOW.
+REQUEST_ALLOW = OPENAI_ALLOW
 # Never sent upstream, even when an upstream's forward_headers names or globs them:
 # credentials, cookies, the client's address in any of its spellings, framing, and
 # what we set ourselves.
@@ -38,7 +40,7 @@ NEVER_FORWARD = HOP_BY_HOP | frozenset(
      b"x-real-ip", b"x-client-ip", b"x-cluster-client-ip", b"client-ip",
      b"cf-connecting-ip", b"cf-connecting-ipv6", b"true-client-ip", b"fastly-client-ip",
      b"x-original-forwarded-for", b"x-appengine-user-ip", b"openai-organization",
-     b"openai-project")
+     b"openai-project", b"x-api-key", b"anthropic-version")
 )
 # The upstream's response headers a client may see; we add our own x-ratelimit-*,
 # X-Request-Id and the framing.
@@ -55,14 +57,14 @@ def request_head(raw: list[tuple[bytes, bytes]], up: Upstream,
                  connection: bytes | None = None) -> bytes:
     """The client's header lines this upstream may see (see the module docstring);
     ``connection``: the client's Connection value, whose names are hop-by-hop too."""
-    names, prefixes = up.forward_names, up.forward_prefixes
+    names, prefixes, allow = up.forward_names, up.forward_prefixes, up.allow
     hop: frozenset[bytes] = _NONE
     if connection is not None and connection not in _PLAIN_CONNECTION:  # names headers
         hop = frozenset(t.strip().lower() for t in connection.split(b","))
     lines = []
     for name, value in raw:
         lname = name.lower()
-        if (lname in REQUEST_ALLOW or (
+        if (lname in allow or (
             (lname in names or (prefixes and lname.startswith(prefixes)))
             and lname not in NEVER_FORWARD
         )) and lname not in hop:

@@ -44,7 +44,7 @@ from flintproxy.errors import (
     UpstreamTimeout,
     header_lines,
 )
-from flintproxy.gate.bounds import with_limit
+from flintproxy.gate.bounds import UNBILLED, with_limit
 from flintproxy.gate.gate import CLIENT_CLOSED, Admission, Ending, Gate, Outcome, parse_call
 from flintproxy.http.client import (
     UpstreamClient,
@@ -56,10 +56,26 @@ from flintproxy.http.client import (
 )
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.heartbeat import Heartbeat, Heartbeats
-from flintproxy.http.sse import SSE_HEAD, StreamScanner, parse_body
+from flintproxy.http.sse import SSE_HEAD, StreamScanner, Usage, parse_body
+from flintproxy.relay.formats import (
+    STORED_STATE,
+    error_body,
+    error_event,
+    provider_storage,
+    stream_style,
+    upstream_endpoint,
+)
 from flintproxy.relay.headers import request_head, response_head
-from flintproxy.relay.routes import MODEL_ROUTE, PATHS, ROUTES, match_route, new_request_id
+from flintproxy.relay.routes import (
+    MODEL_ROUTE,
+    PATHS,
+    ROUTES,
+    STORED_RESPONSE_ROUTE,
+    match_route,
+    new_request_id,
+)
 from flintproxy.relay.routing import Router, Upstream
+from flintproxy.relay.translate import Translation, translation
 
 log = logging.getLogger("flintproxy")
 
@@ -124,6 +140,9 @@ def _json_content_type(value: bytes | None) -> bool:
     return value is not None and value.partition(b";")[0].strip().lower() == b"application/json"
 
 
+# Endpoints whose streams report usage only when asked (stream_options.include_usage).
+_USAGE_OPTION = frozenset(("chat/completions", "completions"))
+
 RefusalObserver = Callable[[Exchange, FlintError], None]
 
 
@@ -169,6 +188,10 @@ class Relay:
                     exchange.route = named
                     await self.model(exchange, out)
                     return
+                if named == STORED_RESPONSE_ROUTE:
+                    exchange.route = named
+                    await self.gate.authenticate(exchange)
+                    raise BadRequest(STORED_STATE, code="provider_storage_disabled")
                 if exchange.path in PATHS:
                     raise MethodNotAllowed(
                         f"Method {exchange.method} is not allowed for {exchange.path}.")
@@ -197,7 +220,7 @@ class Relay:
                 observe(exchange, err)
         if out.started:
             raise ConnectionAbortedError("an error after the response began")
-        out.respond(err.status, err.head(), err.body())
+        out.respond(err.status, err.head(), error_body(exchange.route, err))
 
     async def models(self, exchange: Exchange, out: Responder) -> None:
         principal = await self.gate.authenticate(exchange)
@@ -234,9 +257,12 @@ class Relay:
         if allowed is not None and call.model not in allowed:
             raise PermissionDenied(f"This API key may not use the model `{call.model}`.",
                                    param="model", code="model_not_allowed")
-        candidates = self.router.candidates(call.model)
+        candidates = self._serving(self.router.candidates(call.model), endpoint, call.model)
+        price = self.config.models.get(call.model)
+        body = provider_storage(endpoint, data, body,
+                                price is not None and price.allow_provider_storage)
         client_wants_usage = False
-        if call.stream:
+        if call.stream and endpoint in _USAGE_OPTION:
             opts = data.get("stream_options")
             client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
             if not client_wants_usage:
@@ -269,18 +295,31 @@ class Relay:
             outcome.duration_s = time.perf_counter() - started
             self.gate.finish(admission, outcome)
 
-    def _body_for(self, up: Upstream, data: dict[str, Any], body: bytes, model: str) -> bytes:
+    @staticmethod
+    def _serving(candidates: list[Upstream], endpoint: str, model: str) -> list[Upstream]:
+        """The candidates whose kind serves ``endpoint`` (natively or translated)."""
+        serving = [up for up in candidates if upstream_endpoint(endpoint, up.kind) is not None]
+        if not serving:
+            raise BadRequest(f"The model `{model}` is not served on this endpoint: its "
+                             f"upstreams speak another API ({candidates[0].kind}).",
+                             param="model", code="unsupported_endpoint")
+        return serving
+
+    def _body_for(self, up: Upstream, data: dict[str, Any], body: bytes, model: str,
+                  conv: Translation | None) -> bytes:
         mapped = up.upstream_model(model)
+        if conv is not None:
+            return conv.request(data, mapped)
         if mapped != model:
             return _encode({**data, "model": mapped})
         return body
 
-    async def _attempt(self, up: Upstream, endpoint: str, body: bytes, head: bytes,
+    async def _attempt(self, up: Upstream, endpoint: str, body: bytes, head: bytes, own: bytes,
                        stream: bool) -> tuple[UpstreamResponse, bytes]:
         """One upstream call up to its first byte (stream) or whole body (non-stream)."""
         # The upstream's own headers (its key) after the client's: per attempt, so a
         # retry never carries the previous upstream's key.
-        resp = await self.client.post(up.targets[endpoint], head + up.head, body,
+        resp = await self.client.post(up.targets[endpoint], head + own, body,
                                       up.cfg.connect_timeout_s, up.cfg.read_timeout_s)
         try:
             if resp.status != 200 or not stream:
@@ -302,17 +341,22 @@ class Relay:
             beat = self.heartbeats.watch(out)
         error: UpstreamError | None = None
         resp: UpstreamResponse | None = None
+        conv: Translation | None = None
         first = b""
         up = candidates[0]
         connection = exchange.headers.get(b"connection")
         wait_started = time.perf_counter()
         try:
             for i, up in enumerate(candidates):
+                conv = translation(call.endpoint, up.kind, call.model, client_wants_usage)
+                send = self._body_for(up, data, body, call.model, conv)  # before begin
                 self.router.begin(up)
+                own = up.bare_head if b"anthropic-version" in exchange.headers else up.head
                 try:
                     resp, first = await self._attempt(
-                        up, call.endpoint, self._body_for(up, data, body, call.model),
-                        request_head(exchange.raw_headers, up, connection) + head, call.stream)
+                        up, conv.upstream_endpoint if conv else call.endpoint, send,
+                        request_head(exchange.raw_headers, up, connection) + head, own,
+                        call.stream)
                 except (UpstreamConnectError, UpstreamDisconnected, UpstreamReadTimeout) as exc:
                     self.router.failure(up, failure_reason(exc))
                     error = upstream_failure(exc, up)
@@ -342,16 +386,16 @@ class Relay:
                 finally:
                     error = None  # the frame in its traceback must not hold it: a cycle
             outcome.status, outcome.outcome = error.status, Ending.UPSTREAM_ERROR
-            await out.end(error.sse_event())
+            await out.end(error_event(call.endpoint, error))
             return
         try:
             if resp.status != 200:
-                await self._upstream_error(out, resp, first, admission, outcome)
+                await self._upstream_error(out, resp, first, admission, outcome, conv)
             elif not call.stream:
-                self._plain(out, up, resp, first, admission, outcome)
+                self._plain(out, up, resp, first, admission, outcome, conv)
             else:
                 await self._stream(out, up, resp, first, admission, outcome,
-                                   client_wants_usage)
+                                   client_wants_usage, conv)
         finally:
             resp.release()
 
@@ -363,25 +407,35 @@ class Relay:
                 content_type)
 
     async def _upstream_error(self, out: Responder, resp: UpstreamResponse, body: bytes,
-                              admission: Admission, outcome: Outcome) -> None:
+                              admission: Admission, outcome: Outcome,
+                              conv: Translation | None) -> None:
         # 4xx are the client's own errors and an upstream 429 is passed through
         # (ours say "rate_limit_requests/tokens/concurrency"); 5xx become 502.
         outcome.status = resp.status if resp.status < 500 else 502
         outcome.outcome = Ending.UPSTREAM_ERROR
+        endpoint = admission.call.endpoint
         if resp.status >= 500:
             message = f"Upstream '{outcome.upstream}' returned HTTP {resp.status}."
             if not out.started:
                 raise UpstreamError(message)  # no local holds it: no cycle via this frame
-            body = UpstreamError(message).body()
+            await out.end(error_event(endpoint, UpstreamError(message)))
+            return
+        if conv is not None:
+            body = conv.error(resp.status, body)
         if out.started:  # one event: the upstream's line breaks cannot start another
-            await out.end(b"data: " + body.strip().replace(b"\r", b" ").replace(b"\n", b" ")
-                          + b"\n\n")
+            flat = body.strip().replace(b"\r", b" ").replace(b"\n", b" ")
+            named = b"event: error\n" if endpoint != "chat/completions" else b""
+            await out.end(named + b"data: " + flat + b"\n\n")
             return
         out.respond(resp.status, self._response_head(resp, admission)[0], body)
 
     def _plain(self, out: Responder, up: Upstream, resp: UpstreamResponse, body: bytes,
-               admission: Admission, outcome: Outcome) -> None:
-        well_formed, usage = parse_body(body, admission.call.endpoint)
+               admission: Admission, outcome: Outcome, conv: Translation | None) -> None:
+        call = admission.call
+        well_formed, usage = parse_body(body, conv.upstream_endpoint if conv else call.endpoint)
+        if well_formed and conv is not None:
+            translated = conv.response(body)
+            well_formed, body = translated is not None, translated or b""
         if not well_formed:
             # Charged as any upstream error is (nothing known, nothing used).
             raise UpstreamError(f"Upstream '{up.name}' sent a malformed response.")
@@ -389,28 +443,35 @@ class Relay:
         outcome.ttfb_s = time.perf_counter() - admission.started
         if usage is not None:
             _apply_usage(outcome, usage)
-        else:
-            outcome.prompt_tokens = admission.call.prompt_tokens_estimate
+        elif call.endpoint not in UNBILLED:
+            outcome.prompt_tokens = call.prompt_tokens_estimate
             outcome.estimated = True
         out.respond(200, self._response_head(resp, admission)[0], body)
 
     async def _stream(self, out: Responder, up: Upstream, resp: UpstreamResponse,
                       first: bytes, admission: Admission, outcome: Outcome,
-                      client_wants_usage: bool) -> None:
-        scanner = StreamScanner(strip_usage=not client_wants_usage,
-                                max_event=self.max_sse_event)
+                      client_wants_usage: bool, conv: Translation | None) -> None:
+        call = admission.call
+        # Usage is read from the upstream's own events; a translation needs them all.
+        scanner = StreamScanner(strip_usage=not client_wants_usage and conv is None,
+                                max_event=self.max_sse_event,
+                                style=stream_style(conv.upstream_endpoint if conv
+                                                   else call.endpoint))
         outcome.status = 200
         self.streams.open += 1
         read = resp.readany
         try:
             # What has arrived is sent at once; when it is the upstream's last piece it
-            # goes out with the end of the stream, in the same write. Once ``[DONE]``
-            # has been relayed the client has it all: the stream ends there, whatever
-            # the upstream still sends (its lingering bytes are dropped with it).
+            # goes out with the end of the stream, in the same write. Once the stream's
+            # last event ([DONE], message_stop, response.completed) has been relayed the
+            # client has it all: the stream ends there, whatever the upstream still
+            # sends (its lingering bytes are dropped with it).
             chunk = scanner.feed(first)
             done = resp.at_eof or scanner.done
             if done and not scanner.done:
                 chunk += scanner.flush()
+            if conv is not None:
+                chunk = conv.stream(chunk) + (conv.finish() if done else b"")
             if not out.started:
                 head, content_type = self._response_head(resp, admission)
                 await out.stream(200, head if content_type else head + SSE_HEAD, chunk,
@@ -426,11 +487,12 @@ class Relay:
                 data = await read()
                 chunk = scanner.feed(data) if data else b""
                 done = not data or resp.at_eof or scanner.done
-                if scanner.done:
-                    await out.end(chunk)  # with [DONE], in one write: the client has it all
-                    outcome.outcome = Ending.OK
-                elif done:
-                    await out.end(chunk + scanner.flush())
+                if done and not scanner.done:
+                    chunk += scanner.flush()
+                if conv is not None:
+                    chunk = conv.stream(chunk) + (conv.finish() if done else b"")
+                if done:  # the last event goes out with the end, in one write
+                    await out.end(chunk)
                     outcome.outcome = Ending.OK
                 elif chunk:
                     await out.write(chunk)
@@ -440,7 +502,7 @@ class Relay:
             if not out.started:  # its first bytes were already too much: a plain 502
                 raise upstream_failure(exc, up) from None
             with contextlib.suppress(ConnectionError):
-                await out.end(upstream_failure(exc, up).sse_event())
+                await out.end(error_event(call.endpoint, upstream_failure(exc, up)))
         except ConnectionError:  # our write failed: the client left
             _client_left(outcome, out)
         except asyncio.CancelledError:  # the handler was cancelled: the client left
@@ -450,14 +512,9 @@ class Relay:
             self.streams.open -= 1
             if outcome.outcome is not Ending.OK:
                 resp.close()
-            elif not resp.at_eof:  # [DONE] before the upstream's end: keep its connection
+            elif not resp.at_eof:  # the last event before the upstream's end: keep it
                 resp.release_at_end(DONE_GRACE_S)
-            if scanner.usage is not None:
-                _apply_usage(outcome, scanner.usage)
-            else:
-                outcome.prompt_tokens = admission.call.prompt_tokens_estimate
-                outcome.completion_tokens = scanner.estimated_completion_tokens()
-                outcome.estimated = True
+            _stream_usage(outcome, scanner, call.prompt_tokens_estimate)
 
 
 def _model_object(model: str) -> dict[str, Any]:
@@ -475,8 +532,26 @@ def _client_left(outcome: Outcome, out: Responder) -> None:
         outcome.status = 200
 
 
-def _apply_usage(outcome: Outcome, usage: Any) -> None:
+def _apply_usage(outcome: Outcome, usage: Usage) -> None:
     outcome.prompt_tokens = usage.prompt_tokens
     outcome.completion_tokens = usage.completion_tokens
     outcome.cached_tokens = usage.cached_tokens
     outcome.reasoning_tokens = usage.reasoning_tokens
+    outcome.cache_write_tokens = usage.cache_write_tokens
+
+
+def _stream_usage(outcome: Outcome, scanner: StreamScanner, prompt_estimate: int) -> None:
+    """A stream's usage: the upstream's total, or, when it broke off before reporting
+    one, what it had reported (Anthropic's prompt in message_start) with the relayed
+    events as the completion estimate."""
+    usage = scanner.usage
+    if usage is not None and scanner.final:
+        _apply_usage(outcome, usage)
+        return
+    if usage is not None:
+        _apply_usage(outcome, usage)
+    if not outcome.prompt_tokens:
+        outcome.prompt_tokens = prompt_estimate
+    outcome.completion_tokens = max(outcome.completion_tokens,
+                                    scanner.estimated_completion_tokens())
+    outcome.estimated = True

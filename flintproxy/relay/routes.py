@@ -10,7 +10,7 @@ import random
 import time
 
 __all__ = ["ENDPOINTS", "ENDPOINT_PATHS", "HEALTH_ROUTES", "MODEL_ROUTE", "PATHS", "PREFIX_ROUTES",
-           "ROUTES", "match_route", "new_request_id"]
+           "ROUTES", "STORED_RESPONSE_ROUTE", "match_route", "new_request_id"]
 
 # The routes the relay serves, and the upstream endpoint each relays to (None: answered
 # locally, without an upstream).
@@ -18,6 +18,9 @@ ROUTES: dict[tuple[str, str], str | None] = {
     ("POST", "/v1/chat/completions"): "chat/completions",
     ("POST", "/v1/completions"): "completions",
     ("POST", "/v1/embeddings"): "embeddings",
+    ("POST", "/v1/responses"): "responses",
+    ("POST", "/v1/messages"): "messages",
+    ("POST", "/v1/messages/count_tokens"): "messages/count_tokens",
     ("GET", "/v1/models"): None,
 }
 # The relayed endpoints, and the path of each ("chat/completions": "/v1/chat/completions").
@@ -28,8 +31,14 @@ HEALTH_ROUTES = (("GET", "/healthz"), ("GET", "/readyz"))
 # Routes with an id in their last segment: (method, prefix) -> the route's name, which
 # is what logs and metrics see (the id is the client's text).
 MODEL_ROUTE = "/v1/models/{id}"
+# A stored response: the gateway keeps none and asks providers to keep none (a 400
+# that says so, relay.formats.STORED_STATE).
+STORED_RESPONSE_ROUTE = "/v1/responses/{id}"
 PREFIX_ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/models/"): MODEL_ROUTE,
+    ("GET", "/v1/responses/"): STORED_RESPONSE_ROUTE,
+    ("DELETE", "/v1/responses/"): STORED_RESPONSE_ROUTE,
+    ("POST", "/v1/responses/"): STORED_RESPONSE_ROUTE,
 }
 # Every path of the data plane: another method on one of them is a 405, not a 404.
 PATHS = frozenset(path for _, path in (*ROUTES, *HEALTH_ROUTES))

@@ -15,10 +15,15 @@ import random
 import time
 from collections.abc import Callable, Mapping
 
-from flintproxy.config import Config, UpstreamConfig
+from flintproxy.config import Config, UpstreamConfig, UpstreamKind
 from flintproxy.errors import ModelNotFound
 from flintproxy.http.client import Target
 from flintproxy.relay.routes import ENDPOINTS
+
+# The client's request headers a provider of each kind needs (names lower-cased).
+OPENAI_ALLOW = frozenset((b"content-type", b"accept", b"openai-beta"))
+ANTHROPIC_ALLOW = frozenset((b"content-type", b"accept", b"anthropic-version",
+                             b"anthropic-beta"))
 
 # Why an upstream attempt failed: a closed set, used as a metrics label.
 FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "too_large", "other")
@@ -27,8 +32,9 @@ FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "too_l
 class Upstream:
     """One configured upstream with its circuit-breaker state."""
 
-    __slots__ = ("cfg", "consecutive_failures", "failures", "forward_names",
-                 "forward_prefixes", "head", "name", "open_until", "probing", "targets")
+    __slots__ = ("allow", "bare_head", "cfg", "consecutive_failures", "failures",
+                 "forward_names", "forward_prefixes", "head", "kind", "name", "open_until",
+                 "probing", "targets")
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
@@ -37,10 +43,18 @@ class Upstream:
         # Header lines sent to this upstream after the client's. identity: usage is
         # scanned in the bytes we relay, so they must be plain.
         head = b"Accept-Encoding: identity\r\n"
+        self.kind = cfg.kind
+        anthropic = cfg.kind is UpstreamKind.ANTHROPIC
         if cfg.api_key:
             key = cfg.api_key.encode("utf-8", "surrogateescape")
-            head += b"Authorization: Bearer " + key + b"\r\n"
+            head += (b"x-api-key: " if anthropic else b"Authorization: Bearer ") + key + b"\r\n"
+        # ``bare_head`` when the client sent its own anthropic-version (forwarded).
+        self.bare_head = head
+        if anthropic:
+            head += b"anthropic-version: " + cfg.anthropic_version.encode("ascii") + b"\r\n"
         self.head = head
+        # The client's request headers this kind of API needs (relay.headers).
+        self.allow = ANTHROPIC_ALLOW if anthropic else OPENAI_ALLOW
         # The operator's extra request headers for this upstream (``forward_headers``):
         # exact names and "prefix*" globs, lower-cased, as bytes for the relay's filter.
         globs = [h.encode("ascii") for h in cfg.forward_headers]

@@ -84,6 +84,8 @@ class UsageRow(NamedTuple):
     started_at: int  # unix ms
     duration_ms: int
     ttfb_ms: int | None
+    # The API called (a relay.routes endpoint); None in rows written before it was kept.
+    endpoint: str | None = None
 
 
 _ACCOUNT = UsageRow._fields.index("account_id")

@@ -100,6 +100,8 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  INTEGER NOT NULL
     );
     """,
+    # 2: which API a usage row's request called ("chat/completions", "messages", ...)
+    "ALTER TABLE usage ADD COLUMN endpoint TEXT",
 )
 
 

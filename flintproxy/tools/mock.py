@@ -23,6 +23,10 @@ completion stops at the limit with ``finish_reason: "length"``. It returns one
 choice, but bills (reports usage for) every completion the request asks for:
 ``n``, and on /v1/completions ``best_of`` and each prompt of a prompt array.
 
+It speaks Anthropic's Messages (``/v1/messages``, ``/v1/messages/count_tokens``:
+tools.mock_anthropic) and OpenAI's Responses API (``/v1/responses``:
+tools.mock_responses) too, with the same faults and limits.
+
 Why one module of this size: it is a tool, read as one description of an upstream
 (its routes, its faults, its CLI); each fault is a few lines in the one response path.
 """
@@ -44,6 +48,8 @@ from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
+
+from flintproxy.tools import mock_anthropic, mock_responses
 
 # How often a long sleep checks that the client is still there. Only needed when
 # the runner does not cancel handlers (run_mock does): slow enough that thousands of
@@ -88,7 +94,8 @@ class MockSettings:
     chunks: int = 20
     delay_ms: float = 0.0
     first_chunk_delay_ms: float = 0.0
-    models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
+    models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small",
+                               "claude-sonnet-4-5")
     # Keep every request's headers and body in ``MockStats.received`` (the leak
     # scanner reads them); off by default, so the bench pays nothing for it.
     record: bool = False
@@ -498,6 +505,36 @@ class _Mock:
             raise _Gone()
         return await self._plain(request, self.models_body, ov)
 
+    # --- what the other formats use (tools.mock_events.MockCore) ---------------------
+
+    async def intake(self, request: web.Request) -> tuple[dict[str, Any], _Overrides]:
+        return await self._intake(request)
+
+    async def wait(self, request: web.BaseRequest, seconds: float) -> bool:
+        return await self._wait(request, seconds)
+
+    async def pause(self, request: web.BaseRequest, seconds: float) -> None:
+        await _pause(request, seconds)
+
+    def watch(self, stream: bool) -> _Watch:
+        return _Watch(self.stats, stream)
+
+    def abort(self, request: web.BaseRequest) -> None:
+        _abort(request)
+
+    def gone(self) -> web.HTTPException:
+        return _Gone()
+
+    def completed(self) -> None:
+        self.stats.completed_streams += 1
+
+    async def plain(self, request: web.Request, data: bytes, ov: _Overrides
+                    ) -> web.StreamResponse:
+        return await self._plain(request, data, ov)
+
+    def fault_headers(self, ov: _Overrides) -> dict[str, str]:
+        return _fault_headers(ov)
+
     async def stats_view(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.snapshot(), dumps=lambda o: orjson.dumps(o).decode())
 
@@ -635,6 +672,10 @@ def create_mock_app(settings: MockSettings = MockSettings()) -> web.Application:
     app.router.add_post("/v1/completions", functools.partial(mock.generate, "completions"))
     app.router.add_post("/v1/embeddings", mock.embeddings)
     app.router.add_get("/v1/models", mock.list_models)
+    app.router.add_post("/v1/responses", functools.partial(mock_responses.responses, mock))
+    app.router.add_post("/v1/messages", functools.partial(mock_anthropic.messages, mock))
+    app.router.add_post("/v1/messages/count_tokens",
+                        functools.partial(mock_anthropic.count_tokens, mock))
     app.router.add_get("/_mock/stats", mock.stats_view)
     app.router.add_post("/_mock/reset", mock.reset_stats)
     return app

@@ -58,6 +58,7 @@ _USD = (f"printf('%d.', cost_nano / 1000000000) || CASE WHEN length({_FRAC}) < 2
 _FIELDS = (
     ("request_id", "request_id", "text"), ("started_at", _ISO, "plain"),
     ("started_at_ms", "started_at", "int"), ("model", "model", "text"),
+    ("endpoint", "endpoint", "text"),
     ("upstream", "upstream", "text"), ("key_id", "key_id", "int"),
     ("prompt_tokens", "prompt_tokens", "int"), ("completion_tokens", "completion_tokens", "int"),
     ("cached_tokens", "cached_tokens", "int"), ("reasoning_tokens", "reasoning_tokens", "int"),

@@ -108,7 +108,8 @@ def test_usage_row_maps_outcome_and_bounds_absurd_counts() -> None:
                   duration_s=1.2344)
     r = usage_row(adm, out, 10**40)
     assert r == UsageRow(call.request_id, 9, 5, "gpt-4o-mini", "local", 12, MAX_ROW_INT, 0, 0,
-                         1, MAX_ROW_INT, 200, "client_disconnect", 1, CLOCK0, 1234, 42)
+                         1, MAX_ROW_INT, 200, "client_disconnect", 1, CLOCK0, 1234, 42,
+                         "chat/completions")
     a, b = new_request_id(), new_request_id()
     assert a != b and len(a) == 28 and a[:16] <= b[:16]  # time-ordered prefix
 
