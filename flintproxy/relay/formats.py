@@ -26,8 +26,8 @@ from flintproxy.config import UpstreamKind
 from flintproxy.errors import BadRequest, FlintError
 from flintproxy.http.sse import StreamStyle
 
-__all__ = ["ANTHROPIC_ENDPOINTS", "STORED_STATE", "error_body", "error_event", "provider_storage",
-           "stream_style", "upstream_endpoint"]
+__all__ = ["ANTHROPIC_ENDPOINTS", "STORED_STATE", "error_event", "error_response",
+           "provider_storage", "stream_style", "upstream_endpoint"]
 
 # What each kind answers natively.
 NATIVE: dict[UpstreamKind, frozenset[str]] = {
@@ -76,11 +76,13 @@ def _anthropic_payload(err: FlintError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": err.message}}
 
 
-def error_body(route: str | None, err: FlintError) -> bytes:
-    """The body of an error response on ``route`` (a ROUTES path), in its API's shape."""
+def error_response(route: str | None, err: FlintError) -> tuple[int, bytes]:
+    """The status and body of an error response on ``route`` (a ROUTES path), in its
+    API's shape: on Anthropic's routes, our overload (503) is its 529."""
     if route in _ANTHROPIC_ROUTES:
-        return orjson.dumps(_anthropic_payload(err))
-    return err.body()
+        return (529 if err.status == 503 else err.status,
+                orjson.dumps(_anthropic_payload(err)))
+    return err.status, err.body()
 
 
 def error_event(endpoint: str, err: FlintError) -> bytes:

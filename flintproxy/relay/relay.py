@@ -59,8 +59,8 @@ from flintproxy.http.heartbeat import Heartbeat, Heartbeats
 from flintproxy.http.sse import SSE_HEAD, StreamScanner, Usage, parse_body
 from flintproxy.relay.formats import (
     STORED_STATE,
-    error_body,
     error_event,
+    error_response,
     provider_storage,
     stream_style,
     upstream_endpoint,
@@ -220,7 +220,8 @@ class Relay:
                 observe(exchange, err)
         if out.started:
             raise ConnectionAbortedError("an error after the response began")
-        out.respond(err.status, err.head(), error_body(exchange.route, err))
+        status, body = error_response(exchange.route, err)
+        out.respond(status, err.head(), body)
 
     async def models(self, exchange: Exchange, out: Responder) -> None:
         principal = await self.gate.authenticate(exchange)

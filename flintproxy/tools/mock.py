@@ -25,7 +25,8 @@ choice, but bills (reports usage for) every completion the request asks for:
 
 It speaks Anthropic's Messages (``/v1/messages``, ``/v1/messages/count_tokens``:
 tools.mock_anthropic) and OpenAI's Responses API (``/v1/responses``:
-tools.mock_responses) too, with the same faults and limits.
+tools.mock_responses) too, with the same faults and limits, and answers chat requests
+that force a tool with a tool call (tools.mock_chat_tools).
 
 Why one module of this size: it is a tool, read as one description of an upstream
 (its routes, its faults, its CLI); each fault is a few lines in the one response path.
@@ -49,7 +50,7 @@ from typing import Any, NamedTuple
 import orjson
 from aiohttp import web
 
-from flintproxy.tools import mock_anthropic, mock_responses
+from flintproxy.tools import mock_anthropic, mock_chat_tools, mock_responses
 
 # How often a long sleep checks that the client is still there. Only needed when
 # the runner does not cancel handlers (run_mock does): slow enough that thousands of
@@ -462,6 +463,11 @@ class _Mock:
         if limit is not None and limit < ov.chunks:
             ov, finish = ov._replace(chunks=limit), "length"
         billed = ov.chunks * choices_billed(kind, body)
+        tool = mock_chat_tools.forced_tool(body) if kind == "chat" else None
+        if tool is not None:
+            return await mock_chat_tools.tool_call(
+                self, request, body, ov, tool, ov.chunks, finish,
+                orjson.loads(_usage_json(prompt, billed)))
         if body.get("stream"):
             opts = body.get("stream_options")
             usage = isinstance(opts, dict) and opts.get("include_usage") is True

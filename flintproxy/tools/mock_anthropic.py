@@ -31,12 +31,17 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
 
 
+class _Error(web.HTTPException):
+    """An error of any status (aiohttp has no class for Anthropic's 529)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        self.status_code = status
+        super().__init__(text=text, content_type="application/json")
+
+
 def anthropic_error(status: int, message: str) -> web.HTTPException:
-    body = orjson.dumps({"type": "error", "error": {"type": _TYPES.get(status, "api_error"),
-                                                    "message": message}})
-    exc = web.HTTPException(body=body, content_type="application/json")
-    exc.set_status(status)
-    return exc
+    return _Error(status, orjson.dumps({"type": "error", "error": {
+        "type": _TYPES.get(status, "api_error"), "message": message}}).decode())
 
 
 async def _intake(core: MockCore, request: web.Request) -> tuple[dict[str, Any], Any]:
