@@ -25,9 +25,12 @@ import orjson
 from flintproxy.config import UpstreamKind
 from flintproxy.errors import BadRequest, FlintError
 from flintproxy.http.sse import StreamStyle
+from flintproxy.relay.translate import Translation
+from flintproxy.relay.via_chat import MessagesViaChat
+from flintproxy.relay.via_messages import ChatViaMessages
 
 __all__ = ["ANTHROPIC_ENDPOINTS", "STORED_STATE", "error_event", "error_response",
-           "provider_storage", "stream_style", "upstream_endpoint"]
+           "provider_storage", "stream_style", "translation", "upstream_endpoint"]
 
 # What each kind answers natively.
 NATIVE: dict[UpstreamKind, frozenset[str]] = {
@@ -64,6 +67,17 @@ def upstream_endpoint(endpoint: str, kind: UpstreamKind) -> str | None:
     if endpoint in NATIVE[kind]:
         return endpoint
     return TRANSLATED.get((endpoint, kind))
+
+
+def translation(endpoint: str, kind: UpstreamKind, model: str,
+                wants_usage: bool) -> Translation | None:
+    """The translation a client's ``endpoint`` needs to an upstream of ``kind``, if any
+    (``model``: the client's name for it, echoed back)."""
+    if endpoint == "messages" and kind is UpstreamKind.OPENAI:
+        return MessagesViaChat(model, wants_usage)
+    if endpoint == "chat/completions" and kind is UpstreamKind.ANTHROPIC:
+        return ChatViaMessages(model, wants_usage)
+    return None
 
 
 def stream_style(upstream_ep: str) -> StreamStyle:

@@ -63,6 +63,7 @@ from flintproxy.relay.formats import (
     error_response,
     provider_storage,
     stream_style,
+    translation,
     upstream_endpoint,
 )
 from flintproxy.relay.headers import request_head, response_head
@@ -75,7 +76,7 @@ from flintproxy.relay.routes import (
     new_request_id,
 )
 from flintproxy.relay.routing import Router, Upstream
-from flintproxy.relay.translate import Translation, translation
+from flintproxy.relay.translate import Translation
 
 log = logging.getLogger("flintproxy")
 

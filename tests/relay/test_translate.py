@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from flintproxy.gate.billing import cost_nano
-from flintproxy.relay.translate import ChatViaMessages, MessagesViaChat
+from flintproxy.relay.via_chat import MessagesViaChat
+from flintproxy.relay.via_messages import ChatViaMessages
 from flintproxy.tools.mock import MockSettings, expected_content
 from tests.conftest import Gateway, MockServer, start_mock
 from tests.relay.test_messages import CLAUDE, MESSAGES, TOOLS, anthropic_config, rows
