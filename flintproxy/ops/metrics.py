@@ -61,7 +61,7 @@ from flintproxy.gate.gate import Admission, Ending, Outcome
 from flintproxy.http.exchange import Exchange
 from flintproxy.ops.accesslog import AccessLog
 from flintproxy.relay.relay import StreamGauge
-from flintproxy.relay.routes import ENDPOINT_PATHS
+from flintproxy.relay.routes import ENDPOINT_PATHS, ENDPOINTS
 from flintproxy.relay.routing import FAILURE_REASONS, Router
 from flintproxy.store.ledger import UsageWriter
 
@@ -148,6 +148,10 @@ class Metrics:
         m = "model"
         self.requests = Counter("flintproxy_requests", "Relay requests by model and status "
                                 "class.", [m, "status"], registry=reg)
+        self.endpoint_requests = Counter("flintproxy_endpoint_requests", "Relay requests by "
+                                         "API endpoint (chat/completions, responses, "
+                                         "messages, ...) and status class.",
+                                         ["endpoint", "status"], registry=reg)
         self.outcomes = Counter("flintproxy_request_outcomes", "Relay requests by outcome.",
                                 [m, "outcome"], registry=reg)
         self.duration = Histogram("flintproxy_request_duration_seconds", "Arrival to last "
@@ -200,6 +204,9 @@ class Metrics:
         # 1xx/3xx hardly ever occur (an upstream's 3xx passed through): created on first use.
         self._c_requests = {(mo, s): self.requests.labels(mo, s)
                             for mo in self.models for s in ("2xx", "4xx", "5xx")}
+        self._c_endpoints = {(ep, s): self.endpoint_requests.labels(ep, s)
+                             for ep in ENDPOINTS for s in ("2xx", "4xx", "5xx")}
+        self._endpoints: dict[tuple[str, int], int] = {}  # (endpoint, status // 100): count
         self._c_outcomes = {(mo, o): self.outcomes.labels(mo, o)
                             for mo in self.models for o in OUTCOMES}
         self._c_tokens = {(mo, k): self.tokens.labels(mo, k)
@@ -228,6 +235,8 @@ class Metrics:
         if not 0 < i < 6:
             i = 5
         s.status[i] += 1
+        key = (admission.call.endpoint, i)
+        self._endpoints[key] = self._endpoints.get(key, 0) + 1
         o = outcome.outcome
         oc = s.outcomes
         oc[o] = oc.get(o, 0) + 1
@@ -258,7 +267,11 @@ class Metrics:
         call = exchange.call
         s = (self._slots.get(call.model) if call is not None else None) or self._other
         i = err.status // 100
-        s.status[i if 0 < i < 6 else 5] += 1
+        i = i if 0 < i < 6 else 5
+        s.status[i] += 1
+        if call is not None:
+            key = (call.endpoint, i)
+            self._endpoints[key] = self._endpoints.get(key, 0) + 1
         s.outcomes[Ending.REJECTED] = s.outcomes.get(Ending.REJECTED, 0) + 1
         reason = ("model_not_found" if isinstance(err, ModelNotFound)
                   else REJECT_REASONS.get(err.status, OTHER))
@@ -302,6 +315,13 @@ class Metrics:
         if any(self._overhead):
             _push_histogram(self.overhead, self._overhead, self._overhead_sum)
             self._overhead_sum = 0.0
+        for (endpoint, i), n in self._endpoints.items():
+            child = self._c_endpoints.get((endpoint, STATUS_CLASSES[i - 1]))
+            if child is None:
+                child = self._c_endpoints[(endpoint, STATUS_CLASSES[i - 1])] = \
+                    self.endpoint_requests.labels(endpoint, STATUS_CLASSES[i - 1])
+            child.inc(n)
+        self._endpoints.clear()
         self._drain(self._scopes, self._c_scopes)
         self._drain(self._reasons, self._c_reasons)
         for up in self.router.upstreams:

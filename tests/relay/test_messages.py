@@ -238,3 +238,42 @@ async def test_hostile_bodies_and_upstream_events_on_the_messages_routes(
     async with sdk(gw) as client:
         msg = await client.messages.create(model=CLAUDE, max_tokens=10, messages=MESSAGES)
     assert msg.content[0].type == "text"
+
+
+async def test_metrics_count_requests_by_endpoint(gw: Gateway) -> None:
+    async with sdk(gw) as client:
+        await client.messages.create(model=CLAUDE, max_tokens=3, messages=MESSAGES)
+        await client.messages.count_tokens(model=CLAUDE, messages=MESSAGES)
+        with pytest.raises(anthropic.NotFoundError):
+            await client.messages.create(model="nope", max_tokens=3, messages=MESSAGES)
+    async with aiohttp.ClientSession() as http, \
+            http.get(gw.console_url + "/metrics") as resp:
+        text = await resp.text()
+    for line in ('flintproxy_endpoint_requests_total{endpoint="messages",status="2xx"} 1.0',
+                 'flintproxy_endpoint_requests_total{endpoint="messages",status="4xx"} 1.0',
+                 'flintproxy_endpoint_requests_total{endpoint="messages/count_tokens",'
+                 'status="2xx"} 1.0'):
+        assert line in text.splitlines(), line
+
+
+async def test_an_unreachable_upstream_fails_over_before_the_first_byte_even_across_kinds(
+        tmp_path: Path, recording: MockServer, gateway_factory: Any) -> None:
+    raw = anthropic_config(tmp_path, recording)
+    dead = "http://127.0.0.1:9/v1"  # discard: nothing listens
+    raw["upstreams"][1].update(base_url=dead, priority=0)
+    raw["upstreams"].append({"name": "claude-2", "kind": "anthropic", "priority": 1,
+                             "base_url": recording.base_url, "models": [CLAUDE]})
+    raw["upstreams"].append({"name": "openai-3", "priority": 2, "base_url": recording.base_url,
+                             "models": [CLAUDE]})
+    gw = await gateway_factory(raw)
+    async with sdk(gw) as client:
+        async with client.messages.stream(model=CLAUDE, max_tokens=4,
+                                          messages=MESSAGES) as stream:
+            final = await stream.get_final_message()
+    assert final.content[0].type == "text" and final.content[0].text == expected_content(4)
+    raw["upstreams"][2]["base_url"] = dead  # both Anthropic upstreams down: the chat one
+    gw = await gateway_factory(raw)
+    async with sdk(gw) as client:
+        msg = await client.messages.create(model=CLAUDE, max_tokens=4, messages=MESSAGES)
+    assert msg.content[0].type == "text" and msg.content[0].text == expected_content(4)
+    assert [r["upstream"] for r in await rows(gw)] == ["openai-3"]
