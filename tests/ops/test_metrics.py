@@ -26,6 +26,7 @@ from flintproxy.ops.metrics import (
     STATUS_CLASSES,
     _push_histogram,
 )
+from flintproxy.relay.routes import ENDPOINTS
 from flintproxy.relay.routing import FAILURE_REASONS
 from tests.conftest import MODELS, Gateway, MockServer, raw_config
 
@@ -40,6 +41,7 @@ BOUNDED = {
     "kind": {"prompt", "completion"},
     "scope": {*SCOPES.values(), OTHER},
     "upstream": {"local", "dead", "spare"},
+    "endpoint": set(ENDPOINTS),
 }
 REASONS = {*FAILURE_REASONS, *REJECT_REASONS.values(), "model_not_found", OTHER}
 
