@@ -15,6 +15,7 @@ from flintproxy.config import (
     Config,
     ConfigError,
     ModelPrice,
+    UpstreamKind,
     build_config,
     load_config,
     usd_to_nano,
@@ -333,3 +334,26 @@ def test_load_config_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes("# caf\u00e9\n".encode("latin-1") + SHIPPED.read_bytes())
     with pytest.raises(ConfigError, match=r"latin1\.toml"):
         load_config(path, env={})
+
+
+def test_upstream_kinds_cache_prices_and_provider_storage_are_validated(
+        tmp_path: Path) -> None:
+    raw = base(tmp_path)
+    raw["upstreams"][0]["kind"] = "gemini"
+    assert "upstreams[0].kind = 'gemini'" in errors_of(raw)
+    raw = base(tmp_path)
+    raw["models"]["gpt-4o"]["allow_provider_storage"] = "yes"
+    assert "allow_provider_storage = 'yes'" in errors_of(raw)
+    raw = base(tmp_path)
+    raw["models"]["gpt-4o"]["cache_write_usd_per_mtok"] = 3.75
+    assert "cache_write_usd_per_mtok = 3.75" in errors_of(raw)
+    raw = base(tmp_path)
+    raw["upstreams"][0].update(kind="anthropic", anthropic_version="2024-01-01")
+    raw["models"]["gpt-4o"].update(cache_write_usd_per_mtok="3.75", allow_provider_storage=True)
+    cfg = build_config(raw, {})
+    assert (cfg.upstreams[0].kind, cfg.upstreams[0].anthropic_version) == (
+        UpstreamKind.ANTHROPIC, "2024-01-01")
+    gpt4o = cfg.models["gpt-4o"]
+    assert (gpt4o.cache_write_nano_per_mtok, gpt4o.allow_provider_storage) == (
+        3_750_000_000, True)
+    assert cfg.models["gpt-4o-mini"].cache_write_nano_per_mtok is None  # the input price
