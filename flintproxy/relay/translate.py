@@ -24,7 +24,7 @@ import orjson
 from flintproxy.errors import BadRequest
 
 __all__ = ["ERROR_TYPES", "FINISH_OF_STOP", "STOP_OF_FINISH", "Translation", "arguments", "bad",
-           "dict_of", "load", "named", "sse", "sse_events", "text_of"]
+           "dict_of", "int_of", "list_of", "load", "named", "sse", "sse_events", "text_of"]
 
 # Anthropic stop reasons and OpenAI finish reasons, both ways.
 FINISH_OF_STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -81,6 +81,15 @@ def arguments(raw: object) -> Any:
 
 def dict_of(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def list_of(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def int_of(value: object) -> int:
+    """An index as sent, 0 when it is not an integer (events are the upstream's text)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def sse(obj: dict[str, Any]) -> bytes:

@@ -23,6 +23,8 @@ from flintproxy.relay.translate import (
     arguments,
     bad,
     dict_of,
+    int_of,
+    list_of,
     load,
     named,
     sse_events,
@@ -154,7 +156,7 @@ class MessagesViaChat(Translation):
         text = message.get("content")
         if isinstance(text, str) and text:
             content.append({"type": "text", "text": text})
-        for call in message.get("tool_calls") or ():
+        for call in list_of(message.get("tool_calls")):
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 content.append({"type": "tool_use", "id": call.get("id"),
@@ -231,11 +233,11 @@ class MessagesViaChat(Translation):
                 self._open_block(out, {"type": "text", "text": ""})
             out.append(named({"type": "content_block_delta", "index": self.block,
                                "delta": {"type": "text_delta", "text": text}}))
-        for call in delta.get("tool_calls") or ():
+        for call in list_of(delta.get("tool_calls")):
             if not isinstance(call, dict):
                 continue
             fn = dict_of(call.get("function"))
-            index = call.get("index", 0)
+            index = int_of(call.get("index"))
             if self.block_kind != "tool_use" or index != self.tool:
                 self.tool = index
                 self._open_block(out, {"type": "tool_use", "id": call.get("id"),

@@ -23,6 +23,8 @@ from flintproxy.relay.translate import (
     arguments,
     bad,
     dict_of,
+    int_of,
+    list_of,
     load,
     sse,
     sse_events,
@@ -96,7 +98,7 @@ class ChatViaMessages(Translation):
                 role = "user"
             elif role == "assistant":
                 blocks = _anthropic_blocks(content)
-                for call in message.get("tool_calls") or ():
+                for call in list_of(message.get("tool_calls")):
                     fn = call.get("function") if isinstance(call, dict) else None
                     if isinstance(fn, dict):
                         blocks.append({"type": "tool_use", "id": call.get("id"),
@@ -236,7 +238,7 @@ class ChatViaMessages(Translation):
         block = obj.get("content_block")
         if isinstance(block, dict) and block.get("type") == "tool_use":
             index = len(self.tools)
-            self.tools[obj.get("index", 0)] = index
+            self.tools[int_of(obj.get("index"))] = index
             out.append(self._chunk({"tool_calls": [{
                 "index": index, "id": block.get("id"), "type": "function",
                 "function": {"name": block.get("name"), "arguments": ""}}]}))
@@ -248,7 +250,7 @@ class ChatViaMessages(Translation):
         if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
             out.append(self._chunk({"content": delta["text"]}))
         elif delta.get("type") == "input_json_delta":
-            index = self.tools.get(obj.get("index", 0))
+            index = self.tools.get(int_of(obj.get("index")))
             if index is not None and isinstance(delta.get("partial_json"), str):
                 out.append(self._chunk({"tool_calls": [{
                     "index": index, "function": {"arguments": delta["partial_json"]}}]}))

@@ -3,6 +3,7 @@ chat completions to an Anthropic upstream (relay.translate), with the mock on ea
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,10 @@ import anthropic
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from flintproxy.errors import BadRequest
 from flintproxy.gate.billing import cost_nano
 from flintproxy.relay.via_chat import MessagesViaChat
 from flintproxy.relay.via_messages import ChatViaMessages
@@ -234,6 +238,37 @@ async def test_no_content_crosses_to_disk_in_either_direction(
         await client.responses.create(model="gpt-4o-mini", input=marker)
     assert len(await rows(gw)) == 4
     scan.assert_clean(data_dirs=[tmp_path])
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8)
+    | st.sampled_from(["text", "tool_use", "image", "tool_result", "message_start",
+                       "content_block_start", "content_block_delta", "message_delta",
+                       "message_stop", "text_delta", "input_json_delta", "assistant", "user",
+                       "tool", "system", "function", "error", "index"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "index", "delta", "content", "content_block", "choices",
+                         "tool_calls", "function", "arguments", "name", "id", "role",
+                         "messages", "usage", "message", "text", "partial_json", "source",
+                         "finish_reason", "stop_reason", "error", "tools", "tool_choice",
+                         "system", "input", "n", "stop", "url", "max_tokens"]),
+        inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(events=st.lists(JSON, max_size=6))
+def test_any_json_from_either_side_is_translated_or_refused_never_raised(
+        events: list[Any]) -> None:
+    for conv in (MessagesViaChat("m"), ChatViaMessages("m", wants_usage=True)):
+        for event in events:
+            with contextlib.suppress(BadRequest):  # a client's body: a 400, nothing else
+                conv.request(event if isinstance(event, dict) else {"messages": event}, "m")
+            body = orjson.dumps(event)
+            conv.response(body)
+            conv.error(400, body)
+        block = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
+        assert (conv.stream(block) + conv.finish()).endswith(b"\n\n")
 
 
 def test_translations_survive_hostile_upstream_events() -> None:
