@@ -22,7 +22,9 @@ streaming 20-chunk responses: requests/s (wrk) and TTFB at a fixed rate (asyncio
 client); (c) 1,000 and 5,000 concurrent slow streams (arriving at 500/s, offering
 10,000 events/s in all: 1,000 x 64 chunks 100 ms apart, 5,000 x 28 chunks 500 ms
 apart): TTFB, errors, and the gateway's RSS per concurrent stream; (d) gateway
-CPU-seconds per 1,000 requests. The moderate-rate latency and the 1,000 streams
+CPU-seconds per 1,000 requests; (e) flintproxy's CPU per streamed request of each API
+(chat, Responses and Messages relayed natively, Messages translated to chat), against
+one mock upstream, as ratios to chat's. The moderate-rate latency and the 1,000 streams
 run in BENCH_ROUNDS interleaved rounds (3; 1 when quick) and keep each row's median.
 
 Output: a table on stdout (every figure beside the direct baseline as a ratio),
@@ -114,7 +116,7 @@ class Plan:
     slow_arrival: float  # new slow streams per second while ramping up
     rounds: int  # interleaved rounds of the latency scenarios; the median is kept
     litellm: bool
-    scenarios: str  # which of a, b, c to run ((d) comes from a and b)
+    scenarios: str  # which of a, b, c, e to run ((d) comes from a and b)
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -137,7 +139,7 @@ class Plan:
             slow_arrival=env_num("BENCH_SLOW_ARRIVAL", 500),
             rounds=max(1, int(env_num("BENCH_ROUNDS", 1 if quick else 3))),
             litellm=env_flag("BENCH_LITELLM"),
-            scenarios=os.environ.get("BENCH_SCENARIOS", "abc").lower(),
+            scenarios=os.environ.get("BENCH_SCENARIOS", "abce").lower(),
         )
 
     def slow_spec(self, n: int) -> tuple[int, float]:
@@ -173,6 +175,7 @@ class Target:
     key: str | None = None
     child: procs.Child | None = None  # the process measured as "the gateway"
     measured_pids: list[int] = field(default_factory=list)
+    payload: bytes | None = None  # a fixed body (scenario (e)'s APIs), else a chat one
 
     def pids(self) -> list[int]:
         return self.child.pids() if self.child is not None else list(self.measured_pids)
@@ -182,6 +185,8 @@ class Target:
                             "slow": self.slow_path}[kind]
 
     def body(self, kind: str) -> bytes:
+        if self.payload is not None:
+            return self.payload
         model = {"json": self.json_model, "sse": self.sse_model, "slow": self.slow_model}[kind]
         obj: dict[str, Any] = {"model": model, "messages": PROMPT}
         if kind != "json":
@@ -283,6 +288,7 @@ class Bench:
         self.upstream: procs.Child | None = None
         self.mock: procs.Child | None = None
         self.mock_port = 0
+        self.apis_port = 0  # scenario (e)'s mock upstream (chat, Responses, Messages)
         self.gw_config = self.work / "flintproxy.toml"
         self.gw_port = 0
         self.gw_console_port = 0
@@ -357,6 +363,7 @@ class Bench:
                 "/sse/v1/chat/completions", "/v1/chat/completions", child=child)
         self.gw_port = procs.free_port()
         self.gw_console_port = procs.free_port()  # the control plane: /metrics
+        self.apis_port = procs.free_port()
         key = self.provision(canned_port, mock_port)
         child = self.start_flintproxy()
         self.targets["flintproxy"] = Target(
@@ -426,6 +433,22 @@ name = "mock"
 base_url = "http://127.0.0.1:{mock_port}/v1"
 models = ["gpt-4o-mini"]
 
+# Scenario (e): one mock upstream speaking chat, Responses and Messages.
+[[upstreams]]
+name = "apis-openai"
+base_url = "http://127.0.0.1:{self.apis_port}/v1"
+models = ["gpt-4o"]
+
+[[upstreams]]
+name = "apis-anthropic"
+kind = "anthropic"
+base_url = "http://127.0.0.1:{self.apis_port}/v1"
+models = ["claude-sonnet-4-5"]
+
+[models."gpt-4o"]
+{prices}
+[models."claude-sonnet-4-5"]
+{prices}
 [models."bench-json"]
 {prices}
 [models."bench-sse"]
@@ -770,6 +793,44 @@ bcrypt_cost = 4
             self.say(f"  slow {n} TTFB p99, median of rounds: " + ", ".join(
                 f"{m} {r['ttfb_ms'].get('p99', 0):.1f} ms" for m, r in out.items()))
 
+    def scenario_apis(self) -> None:
+        """(e) The gateway's CPU per streamed request of each API, against one mock
+        upstream (20 one-token chunks): chat (the byte relay's reference), the Responses
+        and Messages APIs relayed natively, and a Messages client translated to chat."""
+        p = self.plan
+        flint = self.targets["flintproxy"]
+        mock = procs.start("mock-apis", [*self.flint_cmd(), "mock-upstream", "--port",
+                                         str(self.apis_port), "--chunks", "20"],
+                           self.work, UP_CPU)
+        procs.wait_port(self.apis_port, child=mock)
+        text = PROMPT[0]["content"]
+        rows = {
+            "chat": ("/v1/chat/completions",
+                     {"model": "gpt-4o", "messages": PROMPT, "stream": True}),
+            "responses": ("/v1/responses", {"model": "gpt-4o", "input": text, "stream": True}),
+            "messages": ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 1000,
+                                          "messages": PROMPT, "stream": True}),
+            "messages_via_chat": ("/v1/messages", {"model": "gpt-4o", "max_tokens": 1000,
+                                                   "messages": PROMPT, "stream": True}),
+        }
+        out = self.data["scenarios"].setdefault("apis", {})
+        try:
+            for name, (path, body) in rows.items():
+                t = Target(f"flintproxy-{name}", name, flint.base, path, path, "",
+                           key=flint.key, child=flint.child, payload=orjson.dumps(body))
+
+                def once(t: Target = t) -> dict[str, Any]:
+                    self.drive(t, "sse", p.warm_s, p.conns)  # warm-up, not recorded
+                    return self.measured(t, "sse", p.sat_s, p.conns)
+
+                r = out[name] = self.quiet(f"apis {name}", once)
+                self.say(f"  {name:<18} {r['rps']:>9,.0f} req/s  CPU "
+                         f"{r['cpu_ms_per_req'] or 0:.3f} ms/req  errors {r['error_count']}  "
+                         f"noise {r['noise_pct']:.0f}%")
+        finally:
+            mock.stop()
+            procs.forget(mock)
+
     # -- the whole run ---------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         p = self.plan
@@ -792,6 +853,10 @@ bcrypt_cost = 4
             self.say(f"(c) {n} concurrent slow streams ({chunks} chunks, {delay:g} ms apart, "
                      f"started over {p.ramp_s(n):g} s)")
             self.scenario_slow(n)
+        if "e" in p.scenarios:
+            self.say("(e) relay CPU per streamed request by API (chat, Responses, Messages, "
+                     "Messages translated to chat)")
+            self.scenario_apis()
         self.finish_features()
         return self.data
 
@@ -956,6 +1021,25 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def apis_table(data: dict[str, Any]) -> str:
+    """(e): flintproxy's CPU per streamed request of each API, as a ratio to chat's."""
+    apis = data["scenarios"].get("apis") or {}
+    base = _get(apis, "chat", "cpu_ms_per_req")
+    if not apis:
+        return ""
+    lines = ["(e) flintproxy CPU per streamed request by API (one mock upstream, 20 chunks)"]
+    for name, label in (("chat", "chat/completions (byte relay)"),
+                        ("responses", "responses (byte relay)"),
+                        ("messages", "messages to an Anthropic upstream (byte relay)"),
+                        ("messages_via_chat", "messages to an OpenAI upstream (translated)")):
+        v = _get(apis, name, "cpu_ms_per_req")
+        rt = ratio(v, base)
+        lines.append(f"  {label:<50}{_fmt('{:.3f} ms', v):>14}"
+                     + (f"  ({rt:.2f}x chat)" if rt is not None else "")
+                     + f"  {_fmt('{:,.0f} req/s', _get(apis, name, 'rps'))}")
+    return "\n".join(lines)
+
+
 def checks(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets against this run's figures."""
     sc = data["scenarios"]
@@ -1057,7 +1141,8 @@ def main() -> int:
     jpath.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
     shutil.copyfile(jpath, RESULTS / "latest.json")
     hpath = RESULTS / f"report-{bench.stamp}.html"
-    hpath.write_text(report.render(data, table(data), checks_text(data["checks"])))
+    hpath.write_text(report.render(data, table(data) + "\n\n" + apis_table(data),
+                                   checks_text(data["checks"])))
     shutil.copyfile(hpath, RESULTS / "latest.html")
     meta = data["meta"]
     print()
@@ -1067,6 +1152,9 @@ def main() -> int:
           f"upstream {meta['upstream']}")
     print("(value (ratio to direct); flint/nginx = flintproxy ÷ nginx)")
     print(table(data))
+    if data["scenarios"].get("apis"):
+        print()
+        print(apis_table(data))
     print()
     print(checks_text(data["checks"]))
     f = data.get("features", {})
