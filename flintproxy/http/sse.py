@@ -100,7 +100,9 @@ def usage_from_dict(obj: object) -> Usage | None:
             completion_tokens=_int(obj.get("output_tokens")),
             cached_tokens=read + _detail(obj, "input_tokens_details", "cached_tokens"),
             reasoning_tokens=_detail(obj, "output_tokens_details", "reasoning_tokens"),
-            cache_write_tokens=written,
+            # The Responses API counts its cache writes inside input_tokens already.
+            cache_write_tokens=written + _detail(obj, "input_tokens_details",
+                                                 "cache_write_tokens"),
         )
     return Usage(
         prompt_tokens=_int(obj.get("prompt_tokens")),

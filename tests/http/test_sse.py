@@ -15,6 +15,7 @@ from flintproxy.http.sse import (
     MAX_PENDING,
     SMALL_BODY,
     StreamScanner,
+    StreamStyle,
     Usage,
     extract_usage,
     usage_from_dict,
@@ -410,3 +411,59 @@ def test_usage_from_dict_is_lenient_about_types() -> None:
                            "prompt_tokens_details": None,
                            "completion_tokens_details": {"reasoning_tokens": "7"}})
     assert got == Usage()
+
+
+# --- the Responses and Anthropic styles ----------------------------------------------------
+
+
+def _named(kind: str, obj: dict[str, object]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **obj}) + b"\n\n"
+
+
+def test_anthropic_usage_is_read_from_message_start_and_message_delta_never_stripped() -> None:
+    start = _named("message_start", {"message": {"id": "m", "content": [], "usage": {
+        "input_tokens": 10, "cache_creation_input_tokens": 4, "cache_read_input_tokens": 6,
+        "output_tokens": 1}}})
+    delta = _named("content_block_delta", {"index": 0, "delta": {
+        "type": "text_delta", "text": 'a "usage":{"input_tokens": 999} event: message_stop'}})
+    end = (_named("message_delta", {"delta": {"stop_reason": "end_turn"},
+                                    "usage": {"output_tokens": 12}})
+           + _named("message_stop", {}))
+    scanner = StreamScanner(strip_usage=True, style=StreamStyle.ANTHROPIC)
+    assert scanner.feed(start + delta) == start + delta
+    assert not scanner.done and not scanner.final
+    assert scanner.usage == Usage(20, 1, 6, 0, 4)
+    assert scanner.feed(end) == end
+    assert scanner.done and scanner.final
+    assert scanner.usage == Usage(20, 12, 6, 0, 4)
+
+
+def test_responses_usage_is_the_completed_events_own_not_a_tool_schemas() -> None:
+    schema = {"type": "object", "properties": {"usage": {"type": "string"}}}
+    done = _named("response.completed", {"response": {
+        "id": "r", "output": [{"content": [{"text": '"usage":{"input_tokens":5}'}]}],
+        "tools": [{"type": "function", "parameters": schema}],
+        "usage": {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 8},
+                  "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 3}},
+        "metadata": {}}})
+    created = _named("response.created", {"response": {"id": "r", "usage": None}})
+    scanner = StreamScanner(strip_usage=True, style=StreamStyle.RESPONSES)
+    assert scanner.feed(created) == created and scanner.usage is None and not scanner.done
+    assert scanner.feed(done[:40]) == b""
+    assert scanner.feed(done[40:]) == done
+    assert scanner.done and scanner.final
+    assert scanner.usage == Usage(30, 20, 8, 3, 0)
+
+
+def test_usage_in_each_api_shape() -> None:
+    assert usage_from_dict({"prompt_tokens": 5, "completion_tokens": 2,
+                            "prompt_tokens_details": {"cached_tokens": 1}}) == Usage(5, 2, 1)
+    assert usage_from_dict({"input_tokens": 5, "output_tokens": 2,
+                            "input_tokens_details": {"cached_tokens": 1,
+                                                     "cache_write_tokens": 2}}) == Usage(
+        5, 2, 1, 0, 2)
+    assert usage_from_dict({"input_tokens": 5, "cache_creation_input_tokens": 3,
+                            "cache_read_input_tokens": 2, "output_tokens": 7}) == Usage(
+        10, 7, 2, 0, 3)
+    assert usage_from_dict({"input_tokens": -5, "output_tokens": "7",
+                            "cache_read_input_tokens": True}) == Usage(0, 0, 0, 0, 0)

@@ -277,3 +277,32 @@ async def test_an_unreachable_upstream_fails_over_before_the_first_byte_even_acr
         msg = await client.messages.create(model=CLAUDE, max_tokens=4, messages=MESSAGES)
     assert msg.content[0].type == "text" and msg.content[0].text == expected_content(4)
     assert [r["upstream"] for r in await rows(gw)] == ["openai-3"]
+
+
+async def test_a_slow_first_token_gets_heartbeats_and_an_oversized_event_ends_the_stream(
+        tmp_path: Path, recording: MockServer, gateway_factory: Any) -> None:
+    raw = anthropic_config(tmp_path, recording)
+    raw["server"].update(heartbeat_interval_s=0.05, max_sse_event_bytes=65536)
+    gw = await gateway_factory(raw, {"CLAUDE_KEY": UPSTREAM_KEY})
+    async with sdk(gw, **{"x-mock-first-delay-ms": "300"}) as client:
+        async with client.messages.stream(model=CLAUDE, max_tokens=5,
+                                          messages=MESSAGES) as stream:
+            final = await stream.get_final_message()
+    assert final.content[0].type == "text" and final.content[0].text == expected_content(5)
+    async with aiohttp.ClientSession() as http, http.post(
+            gw.base_url + "/messages", json={"model": CLAUDE, "max_tokens": 2, "stream": True,
+                                             "messages": MESSAGES},
+            headers={"x-api-key": gw.key, "x-mock-first-delay-ms": "300"}) as r:
+        raw_stream = await r.text()
+    assert raw_stream.startswith(": keep-alive\n\n") and "event: message_stop" in raw_stream
+    headers = {"x-api-key": gw.key, "x-mock-fault": "huge_event:200000"}
+    async with aiohttp.ClientSession() as http:
+        for path, body in (("/messages", {"model": CLAUDE, "max_tokens": 5, "stream": True,
+                                          "messages": MESSAGES}),
+                           ("/responses", {"model": "gpt-4o-mini", "input": "x",
+                                           "stream": True})):
+            async with http.post(gw.base_url + path, headers=headers, json=body) as r:
+                text = await r.text()
+            assert r.status in (200, 502) and len(text) < 100_000, path
+            assert "error" in text, path
+    assert [r["outcome"] for r in (await rows(gw))[2:]] == ["upstream_error"] * 2
