@@ -342,6 +342,9 @@ def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
     kind = raw.get("kind", "openai")
     if kind not in tuple(UpstreamKind):
         raise _fail(f"{p}kind", kind, 'must be "openai" or "anthropic"')
+    version = _str(raw, "anthropic_version", p, "2023-06-01") or ""
+    if not re.fullmatch(r"[!-~]+", version):  # a header value: visible ASCII only
+        raise _fail(f"{p}anthropic_version", version, 'must be a version such as "2023-06-01"')
     name = _str(raw, "name", p, None)
     if name is None:
         raise _fail(f"{p}name", None, "is required")
@@ -365,7 +368,7 @@ def _upstream(raw: Any, i: int, env: Mapping[str, str]) -> UpstreamConfig:
         forward_headers=_forward_headers(raw.get("forward_headers", []), f"{p}forward_headers"),
         name=name,
         kind=UpstreamKind(kind),
-        anthropic_version=_str(raw, "anthropic_version", p, "2023-06-01") or "",
+        anthropic_version=version,
         base_url=base_url.rstrip("/"),
         models=tuple(models),
         api_key_env=key_env,

@@ -348,6 +348,9 @@ def test_upstream_kinds_cache_prices_and_provider_storage_are_validated(
     raw["models"]["gpt-4o"]["cache_write_usd_per_mtok"] = 3.75
     assert "cache_write_usd_per_mtok = 3.75" in errors_of(raw)
     raw = base(tmp_path)
+    raw["upstreams"][0]["anthropic_version"] = "2023\r\nx-evil: 1"
+    assert "upstreams[0].anthropic_version" in errors_of(raw)
+    raw = base(tmp_path)
     raw["upstreams"][0].update(kind="anthropic", anthropic_version="2024-01-01")
     raw["models"]["gpt-4o"].update(cache_write_usd_per_mtok="3.75", allow_provider_storage=True)
     cfg = build_config(raw, {})

@@ -286,3 +286,50 @@ def test_the_scanner_finds_what_was_planted_in_the_wal_logs_and_upstream(
             "upstream request body #0"} <= where
     with pytest.raises(AssertionError, match="leaked"):
         scanner.assert_clean(logs={"stderr": secret})
+
+
+async def test_the_responses_and_messages_routes_leak_nothing_native_or_translated(
+        tmp_path: Path, upstream: MockServer) -> None:
+    raw = raw_config(tmp_path, {"local": upstream.base_url})
+    raw["upstreams"].append({"name": "claude", "kind": "anthropic", "api_key_env": "CK",
+                             "base_url": upstream.base_url, "models": ["claude-sonnet-4-5"],
+                             "forward_headers": ["x-mock-*"]})
+    raw["models"]["claude-sonnet-4-5"] = {"input_usd_per_mtok": "3", "output_usd_per_mtok": "15"}
+    live = await asyncio.to_thread(LiveGateway(tmp_path, raw, env={"CK": "sk-ant-x"}).start)
+    body, bad_key = marker("body"), marker("key")
+    scanner = LeakScanner()
+    scanner.add(CLIENT_IP, live.key, live.password, body, bad_key)
+    messages = [{"role": "user", "content": body}]
+    try:
+        async with http(live.url) as client:
+            for model in ("claude-sonnet-4-5", "gpt-4o-mini"):  # native, translated
+                for stream in (False, True):
+                    answer = await client.post("/v1/messages", headers={"x-api-key": live.key},
+                                               json={"model": model, "max_tokens": 50,
+                                                     "stream": stream, "messages": messages})
+                    assert answer.status_code == 200, answer.text
+                for fault in ("malformed", "reset:1", "http500"):
+                    await client.post("/v1/messages", json={
+                        "model": model, "max_tokens": 50, "stream": True, "messages": messages},
+                        headers={"x-api-key": live.key, "x-mock-fault": fault})
+            await client.post("/v1/messages/count_tokens", headers={"x-api-key": live.key},
+                              json={"model": "claude-sonnet-4-5", "messages": messages})
+            refused = await client.post("/v1/messages", headers={"x-api-key": bad_key},
+                                        json={"model": "claude-sonnet-4-5", "max_tokens": 5,
+                                              "messages": messages})
+            assert refused.status_code == 401
+            for stream in (False, True):
+                answer = await client.post(
+                    "/v1/responses", headers={"Authorization": f"Bearer {live.key}"},
+                    json={"model": "gpt-4o-mini", "input": body, "stream": stream})
+                assert answer.status_code == 200, answer.text
+            chat = await client.post(
+                "/v1/chat/completions", headers={"Authorization": f"Bearer {live.key}"},
+                json={"model": "claude-sonnet-4-5", "messages": messages, "stream": True})
+            assert chat.status_code == 200 and "[DONE]" in chat.text
+    finally:
+        await settle(live)
+    scanner.assert_clean(**everywhere_but_upstream(live))
+    received = upstream.stats.received
+    scanner.secrets.discard(body)  # the upstream needs the content, and nothing else
+    scanner.assert_clean(upstream_headers=[r.headers for r in received])

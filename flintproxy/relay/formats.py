@@ -29,7 +29,7 @@ from flintproxy.relay.translate import Translation
 from flintproxy.relay.via_chat import MessagesViaChat
 from flintproxy.relay.via_messages import ChatViaMessages
 
-__all__ = ["ANTHROPIC_ENDPOINTS", "STORED_STATE", "error_event", "error_response",
+__all__ = ["ANTHROPIC_ENDPOINTS", "NAMED_EVENTS", "STORED_STATE", "error_event", "error_response",
            "provider_storage", "stream_style", "translation", "upstream_endpoint"]
 
 # What each kind answers natively.
@@ -44,6 +44,8 @@ TRANSLATED: dict[tuple[str, UpstreamKind], str] = {
     ("chat/completions", UpstreamKind.ANTHROPIC): "messages",
 }
 ANTHROPIC_ENDPOINTS = frozenset(("messages", "messages/count_tokens"))
+# Endpoints whose streams name their events (an error event is ``event: error``).
+NAMED_EVENTS = ANTHROPIC_ENDPOINTS | {"responses"}
 _ANTHROPIC_ROUTES = frozenset(("/v1/messages", "/v1/messages/count_tokens"))
 _STYLES = {"responses": StreamStyle.RESPONSES, "messages": StreamStyle.ANTHROPIC}
 

@@ -58,6 +58,7 @@ from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.heartbeat import Heartbeat, Heartbeats
 from flintproxy.http.sse import SSE_HEAD, StreamScanner, Usage, parse_body
 from flintproxy.relay.formats import (
+    NAMED_EVENTS,
     STORED_STATE,
     error_event,
     error_response,
@@ -426,7 +427,7 @@ class Relay:
             body = conv.error(resp.status, body)
         if out.started:  # one event: the upstream's line breaks cannot start another
             flat = body.strip().replace(b"\r", b" ").replace(b"\n", b" ")
-            named = b"event: error\n" if endpoint != "chat/completions" else b""
+            named = b"event: error\n" if endpoint in NAMED_EVENTS else b""
             await out.end(named + b"data: " + flat + b"\n\n")
             return
         out.respond(resp.status, self._response_head(resp, admission)[0], body)
