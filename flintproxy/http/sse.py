@@ -252,12 +252,13 @@ def _ends_with_event(block: bytes, names: tuple[bytes, ...]) -> bool:
 class StreamScanner:
     """Per-stream state: framing, usage, whether the stream's end went by, events relayed."""
 
-    __slots__ = ("done", "events", "final", "max_event", "pending", "strip_usage", "style",
-                 "usage")
+    __slots__ = ("chat", "done", "events", "final", "max_event", "pending", "strip_usage",
+                 "style", "usage")
 
     def __init__(self, strip_usage: bool, max_event: int = MAX_PENDING,
                  style: StreamStyle = StreamStyle.CHAT) -> None:
-        self.strip_usage = strip_usage and style is StreamStyle.CHAT
+        self.chat = style is StreamStyle.CHAT  # a plain bool: feed tests it per block
+        self.strip_usage = strip_usage and self.chat
         self.max_event = max_event
         self.style = style
         self.pending = b""
@@ -290,7 +291,7 @@ class StreamScanner:
             if len(self.pending) > self.max_event:
                 raise UpstreamTooLarge(f"an SSE event over {self.max_event} bytes")
         self.events += complete.count(b"data:")
-        if self.style is StreamStyle.CHAT:
+        if self.chat:
             if complete.endswith(_DONE_ENDS) or complete.startswith(DONE):
                 self.done = True
         elif _ends_with_event(complete, _LAST_EVENTS[self.style]):
@@ -298,7 +299,7 @@ class StreamScanner:
         first = USAGE_RE.search(complete)
         if first is None:
             return complete
-        if self.style is not StreamStyle.CHAT:
+        if not self.chat:
             self._note_usage(complete, first.start())
             return complete
         return self._take_usage(complete, first.start())
