@@ -32,6 +32,10 @@ from flintproxy.relay.translate import (
 )
 
 
+# Blocks of the model's own reasoning, which an OpenAI-compatible upstream cannot take back.
+_DROPPED = frozenset(("thinking", "redacted_thinking"))
+
+
 def _chat_content(blocks: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
                                               list[dict[str, Any]]]:
     """(content parts, tool calls, tool messages) of one Messages message's blocks."""
@@ -59,6 +63,9 @@ def _chat_content(blocks: list[Any]) -> tuple[list[dict[str, Any]], list[dict[st
         elif kind == "tool_result":
             results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
                             "content": text_of(block.get("content"))})
+        elif kind not in _DROPPED:  # never content silently lost on the way
+            raise bad(f"A {str(kind)[:40]!r} block cannot be sent to this model's upstream "
+                      "(an OpenAI-compatible one).", "messages")
     return parts, calls, results
 
 

@@ -58,6 +58,9 @@ def _anthropic_blocks(content: object) -> list[dict[str, Any]]:
             url = image.get("url") if isinstance(image, dict) else image
             if isinstance(url, str):
                 blocks.append(_image_block(url))
+        else:  # never content silently lost on the way
+            raise bad(f"A {str(part.get('type'))[:40]!r} part cannot be sent to this model's "
+                      "upstream (an Anthropic one).", "messages")
     return blocks
 
 

@@ -187,6 +187,11 @@ async def test_errors_cross_formats_in_the_clients_shape(gw: Gateway) -> None:
         with pytest.raises(anthropic.BadRequestError):
             await client.messages.create(model="gpt-4o-mini", max_tokens=10,
                                          messages="not a list")  # type: ignore[arg-type]
+        with pytest.raises(anthropic.BadRequestError) as dropped:  # never silently lost
+            await client.messages.create(model="gpt-4o-mini", max_tokens=10, messages=[
+                {"role": "user", "content": [{"type": "document", "source": {
+                    "type": "text", "media_type": "text/plain", "data": "a pdf"}}]}])
+        assert "'document'" in dropped.value.message
     async with openai_sdk(gw) as client:
         with pytest.raises(openai.RateLimitError) as caught:
             await client.chat.completions.create(model=CLAUDE, messages=MESSAGES,
@@ -194,6 +199,11 @@ async def test_errors_cross_formats_in_the_clients_shape(gw: Gateway) -> None:
         assert caught.value.type == "rate_limit_error"
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model=CLAUDE, messages=MESSAGES, n=2)
+        with pytest.raises(openai.BadRequestError) as dropped:
+            await client.chat.completions.create(model=CLAUDE, messages=[
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {
+                    "data": "AAAA", "format": "wav"}}]}])
+        assert "'input_audio'" in dropped.value.message
         with pytest.raises(openai.BadRequestError) as unserved:
             await client.responses.create(model=CLAUDE, input="x")
         assert unserved.value.code == "unsupported_endpoint"
