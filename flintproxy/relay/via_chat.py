@@ -31,7 +31,6 @@ from flintproxy.relay.translate import (
     text_of,
 )
 
-
 # Blocks of the model's own reasoning, which an OpenAI-compatible upstream cannot take back.
 _DROPPED = frozenset(("thinking", "redacted_thinking"))
 
