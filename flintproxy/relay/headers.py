@@ -5,8 +5,9 @@ under a new name (CF-Connecting-IP, True-Client-IP, ...), an org selector, a pro
 internals. With allow-lists, everything stays on its side unless it is named here.
 Cost: one frozenset lookup per header, as the deny-list was.
 
-- To the upstream: ``Upstream.allow`` (what a provider of its kind needs to serve the
-  request: Content-Type, Accept, and OpenAI-Beta or Anthropic-Version/-Beta),
+- To the upstream: ``REQUEST_ALLOW`` or, for an Anthropic upstream, ``ANTHROPIC_ALLOW``
+  (what a provider of its kind needs to serve the request: Content-Type, Accept, and
+  OpenAI-Beta or Anthropic-Version/-Beta),
   plus the upstream's ``forward_headers`` names and "prefix*" globs; never anything
   in ``NEVER_FORWARD`` (credentials, cookies, client addresses, framing), whatever
   the config says. We add our X-Request-Id, Accept-Encoding and the upstream's key.
@@ -20,16 +21,18 @@ Cost: one frozenset lookup per header, as the deny-list was.
 
 from __future__ import annotations
 
-from flintproxy.relay.routing import OPENAI_ALLOW, Upstream
+from flintproxy.relay.routing import Upstream
 
 # RFC 9110 §7.6.1: connection-specific fields are never forwarded (names lower-cased).
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
      b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade")
 )
-# The client's request headers an OpenAI-compatible provider needs (names lower-cased);
-# an Anthropic one's: routing.ANTHROPIC_ALLOW.
-REQUEST_ALLOW = OPENAI_ALLOW
+# The client's request headers a provider needs (names lower-cased): an OpenAI-compatible
+# one, and an Anthropic one (its API version and beta features; never OpenAI-Beta).
+REQUEST_ALLOW = frozenset((b"content-type", b"accept", b"openai-beta"))
+ANTHROPIC_ALLOW = frozenset((b"content-type", b"accept", b"anthropic-version",
+                             b"anthropic-beta"))
 # Never sent upstream, even when an upstream's forward_headers names or globs them:
 # credentials, cookies, the client's address in any of its spellings, framing, and
 # what we set ourselves.
@@ -57,7 +60,8 @@ def request_head(raw: list[tuple[bytes, bytes]], up: Upstream,
                  connection: bytes | None = None) -> bytes:
     """The client's header lines this upstream may see (see the module docstring);
     ``connection``: the client's Connection value, whose names are hop-by-hop too."""
-    names, prefixes, allow = up.forward_names, up.forward_prefixes, up.allow
+    names, prefixes = up.forward_names, up.forward_prefixes
+    allow = ANTHROPIC_ALLOW if up.anthropic else REQUEST_ALLOW
     hop: frozenset[bytes] = _NONE
     if connection is not None and connection not in _PLAIN_CONNECTION:  # names headers
         hop = frozenset(t.strip().lower() for t in connection.split(b","))

@@ -20,11 +20,6 @@ from flintproxy.errors import ModelNotFound
 from flintproxy.http.client import Target
 from flintproxy.relay.routes import ENDPOINTS
 
-# The client's request headers a provider of each kind needs (names lower-cased).
-OPENAI_ALLOW = frozenset((b"content-type", b"accept", b"openai-beta"))
-ANTHROPIC_ALLOW = frozenset((b"content-type", b"accept", b"anthropic-version",
-                             b"anthropic-beta"))
-
 # Why an upstream attempt failed: a closed set, used as a metrics label.
 FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "too_large", "other")
 
@@ -32,7 +27,7 @@ FAILURE_REASONS = ("connect", "timeout", "reset", "http_429", "http_5xx", "too_l
 class Upstream:
     """One configured upstream with its circuit-breaker state."""
 
-    __slots__ = ("allow", "bare_head", "cfg", "consecutive_failures", "failures",
+    __slots__ = ("anthropic", "bare_head", "cfg", "consecutive_failures", "failures",
                  "forward_names", "forward_prefixes", "head", "kind", "name", "open_until",
                  "probing", "targets")
 
@@ -53,8 +48,8 @@ class Upstream:
         if anthropic:
             head += b"anthropic-version: " + cfg.anthropic_version.encode("ascii") + b"\r\n"
         self.head = head
-        # The client's request headers this kind of API needs (relay.headers).
-        self.allow = ANTHROPIC_ALLOW if anthropic else OPENAI_ALLOW
+        # Which of relay.headers' allow-lists the client's headers pass (a plain bool).
+        self.anthropic = anthropic
         # The operator's extra request headers for this upstream (``forward_headers``):
         # exact names and "prefix*" globs, lower-cased, as bytes for the relay's filter.
         globs = [h.encode("ascii") for h in cfg.forward_headers]
