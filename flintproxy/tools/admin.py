@@ -27,6 +27,7 @@ from flintproxy.store.accounts import (
     normalize_email,
     parse_usd,
 )
+from flintproxy.store.operators import Operators
 from flintproxy.store.retention import purge
 
 Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
@@ -119,6 +120,23 @@ async def _delete_account(repo: Accounts, args: argparse.Namespace, cfg: Config)
     return 0
 
 
+def _operator_role(grant: bool) -> Verb:
+    async def verb(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+        account = await repo.by_email(normalize_email(args.email))
+        ops = Operators(repo)
+        if grant:
+            changed = await ops.grant(account.id)
+            print(f"{account.email} is now an operator" if changed
+                  else f"{account.email} was already an operator")
+        else:
+            changed = await ops.revoke(account.id)
+            print(f"{account.email} is no longer an operator" if changed
+                  else f"{account.email} was not an operator")
+        return 0
+
+    return verb
+
+
 async def _list_accounts(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
     rows = [("ID", "EMAIL", "STATUS", "BALANCE_USD", "KEYS", "CREATED")]
     for a, live_keys in await repo.list_accounts():
@@ -201,6 +219,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="close an account: erase email and password, revoke keys")
     v.add_argument("email")
     v.set_defaults(run=_delete_account)
+
+    for name, grant, what in (("grant-operator", True, "give an account the operator role "
+                                "(the console's operator pages and /api/admin/)"),
+                               ("revoke-operator", False, "take the operator role away")):
+        v = sub.add_parser(name, help=what)
+        v.add_argument("email")
+        v.set_defaults(run=_operator_role(grant))
 
     sub.add_parser("list-accounts", help="list accounts").set_defaults(run=_list_accounts)
 
