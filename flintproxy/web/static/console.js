@@ -129,7 +129,11 @@
   }
 
   // ---- routing -----------------------------------------------------------------
-  function go(hash) { if (location.hash === hash) render(); else location.hash = hash; }
+  let pending = null; // a sentence to show once the next view is drawn
+  function go(hash, message) {
+    pending = message || null;
+    if (location.hash === hash) render(); else location.hash = hash;
+  }
   function page(title, ...kids) {
     document.title = title + " · flintproxy console";
     main.replaceChildren(h("h1", { text: title }), ...kids);
@@ -157,6 +161,7 @@
     updateNav();
     try {
       await view(id);
+      if (pending) { say(pending); pending = null; }
     } catch (e) {
       if (e instanceof ApiError && (e.code === "invalid_session" || e.code === "not_logged_in")) {
         me = null; return go("#/login");
@@ -177,8 +182,7 @@
     page("Log in", submitter(form, async (fd) => {
       const r = await api("POST", "/api/login", { email: fd.get("email"), password: fd.get("password") });
       me = await api("GET", "/api/account");
-      go("#/overview");
-      say("Welcome back, " + r.account.email + ".");
+      go("#/overview", "Welcome back, " + r.account.email + ".");
     }), h("p", {}, "No account yet? ", h("a", { href: "#/signup", text: "Sign up" }), "."));
   };
   VIEWS.signup = async () => {
@@ -191,8 +195,7 @@
     page("Sign up", submitter(form, async (fd) => {
       await api("POST", "/api/signup", { email: fd.get("email"), password: fd.get("password") });
       me = await api("GET", "/api/account");
-      go("#/keys");
-      say("Your account is ready. Create an API key to start.");
+      go("#/keys", "Your account is ready. Create an API key to start.");
     }), h("p", {}, "Already have an account? ", h("a", { href: "#/login", text: "Log in" }), "."));
   };
   VIEWS.overview = async () => {
@@ -213,7 +216,7 @@
         h("a", { href: "#/usage", text: "See usage" })));
   };
 
-  VIEWS.keys = async () => {
+  VIEWS.keys = async (_id, created) => {
     const list = await api("GET", "/api/keys");
     const shown = h("div", { id: "new-key" });
     const form = h("form", { class: "card narrow", "aria-labelledby": "newkey-h" },
@@ -228,9 +231,7 @@
       if (fd.get("days")) body.expires_in_days = Number(fd.get("days"));
       const models = String(fd.get("models") || "").split(",").map((s) => s.trim()).filter(Boolean);
       if (models.length) body.allowed_models = models;
-      const k = await api("POST", "/api/keys", body);
-      await VIEWS.keys();
-      showKey(k);
+      await VIEWS.keys(null, await api("POST", "/api/keys", body));
     });
     const rows = list.data.map((k) => [
       k.name || "(no name)", h("code", { text: k.display }), when(k.created_at), when(k.last_used_at),
@@ -249,6 +250,7 @@
     page("API keys", shown, form, h("h2", { text: "Your keys" }),
       list.data.length ? table("API keys", ["Name", "Key", "Created", "Last used", "Expires", "Models", "State"], rows)
         : h("p", { text: "You have no keys yet." }));
+    if (created) showKey(created);
     function showKey(k) {
       const code = h("code", { id: "key-plain", text: k.key });
       const copy = h("button", { type: "button", class: "secondary", text: "Copy key" });
@@ -291,6 +293,12 @@
     }
     return q;
   }
+  let chart = null;
+  window.addEventListener("resize", () => {
+    if (chart && chart.root.isConnected) {
+      chart.setSize({ width: Math.max(280, chart.root.parentNode.clientWidth - 16), height: 280 });
+    }
+  });
   VIEWS.usage = async () => {
     const keys = (await api("GET", "/api/keys")).data;
     const filters = h("form", { class: "card", "aria-labelledby": "filter-h" },
@@ -344,22 +352,32 @@
       const next = h("button", { type: "button", class: "secondary", text: "Older", disabled: !pageData.has_more });
       next.addEventListener("click", () => { cursors.push(pageData.next_cursor); load(fd, pageData.next_cursor); });
       pager.replaceChildren(prev, next);
-      await drawChart(daily.data);
+      await drawChart(daily);
     }
-    async function drawChart(days) {
+    async function drawChart(daily) {
+      const days = daily.data;
       const tokens = days.reduce((a, d) => a + d.total_tokens, 0);
       const cost = days.reduce((a, d) => a + d.cost_nano, 0);
-      chartNote.textContent = days.length + " days with usage: " + tokens + " tokens, $" + (cost / 1e9).toFixed(6) + " in total.";
+      chartNote.textContent = days.length + (days.length === 1 ? " day" : " days") + " with usage: " +
+        tokens + " tokens, $" + (cost / 1e9).toFixed(6) + " in total.";
       await loadUplot();
       const width = Math.max(280, chartBox.clientWidth - 16);
-      const data = [days.map((d) => d.day_start), days.map((d) => d.total_tokens), days.map((d) => d.cost_nano / 1e9)];
+      // Every day of the range, zero where there was no usage.
+      const byDay = new Map(days.map((d) => [d.day_start, d]));
+      const xs = [];
+      for (let t = Math.floor(daily.since / 86400) * 86400; t < daily.until; t += 86400) xs.push(t);
+      const data = [xs, xs.map((t) => (byDay.get(t) || { total_tokens: 0 }).total_tokens),
+        xs.map((t) => (byDay.get(t) || { cost_nano: 0 }).cost_nano / 1e9)];
       chartBox.replaceChildren();
-      new window.uPlot({
+      if (chart) chart.destroy();
+      chart = new window.uPlot({
         width, height: 280,
         series: [{}, { label: "Tokens", stroke: "#9a3412", width: 2, scale: "tok", points: { show: true } },
           { label: "Cost (USD)", stroke: "#1d4ed8", width: 2, scale: "usd", points: { show: true },
             value: (u, v) => v === null ? "-" : "$" + v.toFixed(6) }],
-        axes: [{}, { scale: "tok", label: "tokens" }, { scale: "usd", side: 1, label: "USD", grid: { show: false } }],
+        axes: [{}, { scale: "tok", label: "tokens" },
+          { scale: "usd", side: 1, label: "USD", grid: { show: false }, size: 70,
+            values: (u, vals) => vals.map((v) => "$" + Number(v.toPrecision(2))) }],
       }, data, chartBox);
     }
     submitter(filters, async (fd) => { cursors = []; await load(fd); });
@@ -401,8 +419,7 @@
       if (!(await confirmDialog("Close this account for good? Your keys stop working at once and you are logged out.", "Close account"))) return;
       await api("POST", "/api/account/delete", { password: fd.get("password") });
       me = null;
-      go("#/login");
-      say("Your account is closed.");
+      go("#/login", "Your account is closed.");
     });
   };
 
@@ -524,8 +541,7 @@
   document.getElementById("logout").addEventListener("click", async () => {
     try { await api("POST", "/api/logout"); } catch (e) { /* the cookies are cleared anyway */ }
     me = null;
-    go("#/login");
-    say("You are logged out.");
+    go("#/login", "You are logged out.");
   });
   (async () => {
     try { me = await api("GET", "/api/account"); } catch (e) { me = null; }
