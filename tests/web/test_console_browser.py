@@ -14,6 +14,7 @@ to tests/artifacts/ (ignored by git), with the first load's page weights.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -216,7 +217,8 @@ async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_
     async with page.expect_download() as info:
         await page.get_by_role("link", name="Download CSV").click()
     download = await info.value
-    exported = list(csv.DictReader(io.StringIO(Path(await download.path()).read_text())))
+    text = await asyncio.to_thread(Path(await download.path()).read_text)
+    exported = list(csv.DictReader(io.StringIO(text)))
     assert len(exported) == 3
     assert {r["model"] for r in exported} == {"gpt-4o-mini"}
     assert all(int(r["total_tokens"]) > 0 and r["outcome"] == "ok" for r in exported)
