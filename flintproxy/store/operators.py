@@ -90,8 +90,8 @@ class AccountSummary:
     def as_json(self) -> dict[str, Any]:
         a = self.account
         return {**a.as_json(), "operator": self.operator, "live_keys": self.live_keys,
-                "credited_usd": format_usd(a.credited_nano),
-                "charged_usd": format_usd(a.charged_nano),
+                "credited_nano": a.credited_nano, "credited_usd": format_usd(a.credited_nano),
+                "charged_nano": a.charged_nano, "charged_usd": format_usd(a.charged_nano),
                 "limits": dict(zip(("rpm", "tpm", "max_concurrent"), self.limits,
                                    strict=True)),
                 "usage": {"requests": self.requests, "prompt_tokens": self.prompt_tokens,

@@ -1,5 +1,5 @@
 /* flintproxy console: one page, views by URL fragment (#/keys), plain DOM, /api/ only.
-   No innerHTML with data: every value goes in through textContent. */
+   No HTML built from strings: every value goes in through textContent. */
 "use strict";
 (function () {
   const main = document.getElementById("main");
