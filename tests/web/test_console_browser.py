@@ -152,6 +152,11 @@ async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_
     (ARTIFACTS / "page-weights.json").write_text(json.dumps(weights, indent=1))
     assert 0 < sum(weights.values()) < FIRST_LOAD_BUDGET, weights
     await w.check("login")
+    # Keyboard: a view takes the focus, so Tab goes to its first field, visibly.
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_label("Email")).to_be_focused()
+    outline = "e => getComputedStyle(e).outlineStyle"
+    assert await page.get_by_label("Email").evaluate(outline) != "none"
 
     # Sign up; a bad password first: the API's refusal as a sentence.
     await page.get_by_role("link", name="Sign up").first.click()
@@ -205,6 +210,14 @@ async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_
     await expect(page.locator("#chart canvas")).to_have_count(1)
     await expect(page.locator("#chart-summary")).to_contain_text("1 day with usage: 66 tokens")
     await w.check("usage")
+    # The skip link moves focus to the content without leaving the view.
+    await page.get_by_role("link", name="Overview").focus()
+    await page.keyboard.press("Shift+Tab")
+    await expect(page.locator(".skip")).to_be_focused()
+    assert await page.locator(".skip").evaluate(outline) != "none"
+    await page.keyboard.press("Enter")
+    await expect(page.locator("main")).to_be_focused()
+    assert page.url.endswith("#/usage")
     # Filters: a model it never used shows nothing.
     await page.get_by_label("Model").fill("gpt-4o")
     await page.get_by_role("button", name="Apply").click()
@@ -323,11 +336,22 @@ async def test_an_operator_granted_from_the_cli_credits_an_account_with_a_note_a
     await expect(page.get_by_role("alert")).to_contain_text("would make it negative")
     await expect(page.locator("#acct-balance")).to_have_text("$12.50")
     await w.check("admin-account")
+    # Limits, then disable (confirmed) and enable again.
+    await page.get_by_label("Requests per minute").fill("30")
+    await page.get_by_role("button", name="Set limits").click()
+    await expect(page.get_by_role("status")).to_have_text("Limits saved.")
+    await expect(page.get_by_label("Requests per minute")).to_have_value("30")
+    await page.get_by_role("button", name="Disable account").click()
+    await page.get_by_role("button", name="Disable", exact=True).click()
+    await expect(page.locator("#acct-status")).to_have_text("disabled")
+    await page.get_by_role("button", name="Enable account").click()
+    await expect(page.locator("#acct-status")).to_have_text("active")
 
     # The audit page shows the grant (from the command line) and the credit.
     await page.get_by_role("link", name="Audit log").click()
     await expect(page.get_by_role("heading", level=1)).to_have_text("Audit log")
-    first = page.locator("tbody tr").first
+    first = page.locator("tbody tr").nth(3)  # before: limits, disable, enable
+    await expect(page.locator("tbody tr").first).to_contain_text("enable account")
     await expect(first).to_contain_text("credit")
     await expect(first).to_contain_text(op_email)
     await expect(first).to_contain_text(target)

@@ -538,6 +538,8 @@
   };
 
   // ---- start -------------------------------------------------------------------
+  // The skip link moves focus; following "#main" would change the view.
+  document.querySelector(".skip").addEventListener("click", (ev) => { ev.preventDefault(); main.focus(); });
   document.getElementById("logout").addEventListener("click", async () => {
     try { await api("POST", "/api/logout"); } catch (e) { /* the cookies are cleared anyway */ }
     me = null;
