@@ -372,7 +372,9 @@
       if (chart) chart.destroy();
       chart = new window.uPlot({
         width, height: 280,
-        series: [{}, { label: "Tokens", stroke: "#9a3412", width: 2, scale: "tok", points: { show: true } },
+        scales: { x: { time: true, range: (u, min, max) => [min - 43200, max + 43200] } },
+        series: [{}, { label: "Tokens", stroke: "#9a3412", fill: "rgba(154, 52, 18, 0.35)", width: 1, scale: "tok",
+          paths: window.uPlot.paths.bars({ size: [0.6, 40] }), points: { show: false } },
           { label: "Cost (USD)", stroke: "#1d4ed8", width: 2, scale: "usd", points: { show: true },
             value: (u, v) => v === null ? "-" : "$" + v.toFixed(6) }],
         axes: [{}, { scale: "tok", label: "tokens" },
