@@ -223,6 +223,11 @@ async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_
     await page.get_by_role("button", name="Apply").click()
     await expect(page.get_by_text("No usage in this range.")).to_be_visible()
     await page.get_by_label("Model").fill("")
+    await page.get_by_label("From (UTC)").fill("2099-01-01")
+    await page.get_by_role("button", name="Apply").click()
+    await expect(page.get_by_text("No usage in this range.")).to_be_visible()
+    await page.get_by_label("From (UTC)").fill("")
+    await page.get_by_label("API key").select_option(index=1)  # the journey key
     await page.get_by_role("button", name="Apply").click()
     await expect(rows).to_have_count(3)
 
@@ -264,18 +269,45 @@ async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_
     await expect(page.get_by_role("heading", name="What we never keep")).to_be_visible()
     await w.check("privacy")
 
-    # Close the account, with confirmation: logged out, and it cannot log in again.
+    # Correct the email and change the password: a wrong password is refused first.
     await page.get_by_role("link", name="Account", exact=True).click()
     await expect(page.get_by_role("heading", level=1)).to_have_text("Account")
     await w.check("account")
+    new_email = "renamed-" + email
+    change = page.locator("form", has=page.get_by_role("heading", name="Change email"))
+    await change.get_by_label("New email").fill(new_email)
+    await change.get_by_label("Current password").fill("not my password")
+    await change.get_by_role("button", name="Change email").click()
+    await expect(page.get_by_role("alert")).to_have_text("That password is not right.")
+    await change.get_by_label("Current password").fill(PASSWORD)
+    await change.get_by_role("button", name="Change email").click()
+    await expect(page.get_by_role("status")).to_have_text(f"Your email is now {new_email}.")
+    new_password = PASSWORD + " again"
+    pw = page.locator("form", has=page.get_by_role("heading", name="Change password"))
+    await pw.get_by_label("Current password").fill(PASSWORD)
+    await pw.get_by_label("New password").fill(new_password)
+    await pw.get_by_role("button", name="Change password").click()
+    await expect(page.get_by_role("status")).to_have_text("Your password is changed.")
+    # Log out and back in with both.
+    await page.get_by_role("button", name="Log out").click()
+    await expect(page.get_by_role("status")).to_have_text("You are logged out.")
+    await page.get_by_label("Email").fill(new_email)
+    await page.get_by_label("Password").fill(new_password)
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Overview")
+    email = new_email
+
+    # Close the account, with confirmation: logged out, and it cannot log in again.
+    await page.get_by_role("link", name="Account", exact=True).click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Account")
     close = page.locator("form", has=page.get_by_role("heading", name="Close account"))
-    await close.get_by_label("Password").fill(PASSWORD)
+    await close.get_by_label("Password").fill(new_password)
     await close.get_by_role("button", name="Close my account").click()
     await page.get_by_role("button", name="Close account").click()
     await expect(page.get_by_role("heading", level=1)).to_have_text("Log in")
     await expect(page.get_by_role("status")).to_have_text("Your account is closed.")
     await page.get_by_label("Email").fill(email)
-    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_label("Password").fill(new_password)
     await page.get_by_role("button", name="Log in").click()
     await expect(page.get_by_role("alert")).to_have_text(
         "That email and password do not match an account.")

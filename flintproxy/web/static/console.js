@@ -87,7 +87,9 @@
     try { data = await resp.json(); } catch (e) { data = null; }
     if (!resp.ok) {
       const err = (data && data.error) || {};
-      let text = SENTENCES[err.code] || err.message;
+      // A wrong password when confirming a change names the field; a failed login does not.
+      let text = err.code === "invalid_credentials" && err.param
+        ? "That password is not right." : SENTENCES[err.code] || err.message;
       if (resp.status === 429) {
         const wait = resp.headers.get("Retry-After");
         text = "Too many attempts. Please wait" + (wait ? " " + wait + " seconds" : " a moment") + " and try again.";
