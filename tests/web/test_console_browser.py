@@ -241,6 +241,25 @@ async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_
     assert {r["model"] for r in exported} == {"gpt-4o-mini"}
     assert all(int(r["total_tokens"]) > 0 and r["outcome"] == "ok" for r in exported)
 
+    # Paging: 25 records a page, newest first.
+    async with ask_sdk(live, key) as sdk:
+        for _ in range(25):
+            await sdk.embeddings.create(model="text-embedding-3-small", input="page")
+    for _ in range(50):
+        await page.get_by_role("button", name="Apply").click()
+        await expect(rows.first).to_be_visible()
+        if "text-embedding" in (await rows.first.text_content() or ""):
+            break
+        await page.wait_for_timeout(100)
+    await expect(rows).to_have_count(25)
+    await page.get_by_role("button", name="Older").click()
+    await expect(rows).to_have_count(3, timeout=10_000)
+    await expect(rows.first).to_contain_text("gpt-4o-mini")
+    await expect(page.get_by_role("button", name="Older")).to_be_disabled()
+    await page.get_by_role("button", name="Newer").click()
+    await expect(rows).to_have_count(25)
+    await expect(page.get_by_role("button", name="Newer")).to_be_disabled()
+
     # Revoke the key (with confirmation): the SDK now gets 401.
     await page.get_by_role("link", name="API keys").click()
     await page.get_by_role("button", name=re.compile("^Revoke key")).click()
@@ -255,10 +274,10 @@ async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_
 
     # Delete usage now.
     await page.get_by_role("link", name="Usage").click()
-    await expect(rows).to_have_count(3)
+    await expect(rows).to_have_count(25)
     await page.get_by_role("button", name="Delete all my usage records").click()
     await page.get_by_role("button", name="Delete records").click()
-    await expect(page.get_by_role("status")).to_have_text("3 usage records deleted.")
+    await expect(page.get_by_role("status")).to_have_text("28 usage records deleted.")
     await expect(page.get_by_text("No usage in this range.")).to_be_visible()
 
     # The other pages: overview (balance), privacy.
