@@ -180,8 +180,8 @@ class Server:
             log.info("flintproxy data plane (/v1, /healthz, /readyz) listening on http://%s:%s",
                      *addr[:2])
         for addr in self.console_addresses:
-            log.info("flintproxy control plane (/api, /metrics) listening on http://%s:%s",
-                     *addr[:2])
+            log.info("flintproxy control plane (web console, /api, /metrics) listening on "
+                     "http://%s:%s", *addr[:2])
         demo_key = self.components.demo_key
         if demo_key is not None:
             # stdout only, once: plaintext keys never go to the log or to disk.

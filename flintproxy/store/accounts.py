@@ -28,7 +28,7 @@ import re
 import secrets
 import sqlite3
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +76,9 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 EMAIL_RE = re.compile(rf"{_LOCAL}@{_LABEL}(?:\.{_LABEL})*\.[a-z]{{2,63}}")
 
 Notify = Callable[[int, str, int | None, int | None], None]
+# Run inside a change's transaction, after it (``store.operators``: the audit row
+# commits with the operator's change, or neither does).
+Also = Callable[[aiosqlite.Connection], Awaitable[None]]
 
 
 def hash_key(token: str) -> bytes:
@@ -342,6 +345,11 @@ class Accounts:
             for ev in events:
                 self.notify(*ev)
 
+    # The change-feed seam for sibling repositories (``store.operators``): their
+    # changes commit with their event, and are published, exactly as these are.
+    record_event = _event
+    publish = _publish
+
     async def warm(self) -> None:
         """Compute the dummy hash now so the first unknown-email login is not slower."""
         if self._dummy_hash is None:
@@ -462,7 +470,8 @@ class Accounts:
             ev = await self._event(db, EV_ACCOUNT_DELETED, account_id)
         self._publish(ev)
 
-    async def set_status(self, account_id: int, status: str) -> bool:
+    async def set_status(self, account_id: int, status: str, *,
+                         also: Also | None = None) -> bool:
         """'active' or 'disabled'; False when it already was (or is deleted)."""
         kind = EV_ACCOUNT_DISABLED if status == "disabled" else EV_ACCOUNT_ENABLED
         async with self.transaction() as db:
@@ -472,10 +481,13 @@ class Accounts:
             if cur.rowcount == 0:
                 return False
             ev = await self._event(db, kind, account_id)
+            if also is not None:
+                await also(db)
         self._publish(ev)
         return True
 
-    async def credit(self, account_id: int, amount_nano: int) -> int:
+    async def credit(self, account_id: int, amount_nano: int, *,
+                     also: Also | None = None) -> int:
         """Add funds; returns the new balance. Credits row + event in one transaction."""
         if amount_nano <= 0:
             raise BadRequest("A credit must be positive.")
@@ -489,6 +501,8 @@ class Accounts:
             await db.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
                              "VALUES (?, ?, ?)", (account_id, amount_nano, self.clock()))
             ev = await self._event(db, EV_CREDIT, account_id)
+            if also is not None:
+                await also(db)
             async with db.execute("SELECT balance_nano FROM accounts WHERE id = ?",
                                   (account_id,)) as c:
                 row = await c.fetchone()
@@ -559,7 +573,8 @@ class Accounts:
         async with self.db.execute(sql, (account_id,)) as cur:
             return [_key(r) for r in await cur.fetchall()]
 
-    async def revoke_key(self, key_id: int, account_id: int | None = None) -> bool:
+    async def revoke_key(self, key_id: int, account_id: int | None = None, *,
+                         also: Also | None = None) -> bool:
         """Revoke a key (only the account's own when ``account_id`` is given).
 
         Returns False when it was already revoked; NotFound when there is no such key.
@@ -575,11 +590,14 @@ class Accounts:
             await db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?",
                              (self.clock(), key_id))
             ev = await self._event(db, EV_KEY_REVOKED, int(row[0]), key_id)
+            if also is not None:
+                await also(db)
         self._publish(ev)
         return True
 
     async def set_limits(self, account_id: int, key_id: int | None,
-                         rpm: int | None, tpm: int | None, max_concurrent: int | None) -> None:
+                         rpm: int | None, tpm: int | None, max_concurrent: int | None, *,
+                         also: Also | None = None) -> None:
         """Override rate limits of an account (all its keys together) or of one key.
 
         None means "the configured default"; takes effect on running servers
@@ -601,6 +619,8 @@ class Accounts:
             if cur.rowcount != 1:
                 raise NotFound("No such account or key.")
             ev = await self._event(db, EV_LIMITS, account_id, key_id)
+            if also is not None:
+                await also(db)
         self._publish(ev)
 
     # sessions ------------------------------------------------------------------------

@@ -102,6 +102,25 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: which API a usage row's request called ("chat/completions", "messages", ...)
     "ALTER TABLE usage ADD COLUMN endpoint TEXT",
+    # 3: the operator role and the audit trail of operators' actions (store.operators)
+    """
+    CREATE TABLE operators (
+        account_id  INTEGER PRIMARY KEY REFERENCES accounts(id),
+        granted_at  INTEGER NOT NULL
+    );
+    -- Who did what to which account or key, when, and why: never content, never an IP.
+    CREATE TABLE audit (
+        id                 INTEGER PRIMARY KEY,
+        operator_id        INTEGER,            -- NULL: the command line (flintproxy admin)
+        action             TEXT NOT NULL,
+        target_account_id  INTEGER,
+        target_key_id      INTEGER,
+        amount_nano        INTEGER,            -- credits and debits
+        note               TEXT NOT NULL DEFAULT '',
+        created_at         INTEGER NOT NULL
+    );
+    CREATE INDEX audit_time ON audit(created_at);
+    """,
 )
 
 

@@ -1,6 +1,8 @@
 """``flintproxy admin``: operator tasks against the store, safe while the server runs.
 
-Each verb is one short transaction that also writes an ``events`` row; a running
+Each verb is one short transaction that also writes an ``events`` row (and, for
+credit, revoke-key, disable/enable-account, set-limits and the operator role, an
+``audit`` row whose operator is the command line: ``store.operators``); a running
 server polls that table (``accounts.change_poll_s``, default 0.25 s) and applies
 the change within one second. Exit status: 0 done, 1 refused (unknown account,
 duplicate email...), 2 bad usage or configuration.
@@ -27,6 +29,7 @@ from flintproxy.store.accounts import (
     normalize_email,
     parse_usd,
 )
+from flintproxy.store.operators import Operators, audit_note
 from flintproxy.store.retention import purge
 
 Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
@@ -34,6 +37,11 @@ Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
 
 def _err(msg: str) -> None:
     print(f"flintproxy admin: {msg}", file=sys.stderr)
+
+
+def _note(args: argparse.Namespace) -> str:
+    """``--note``: why, for the audit log (these verbs are audited as "command line")."""
+    return audit_note(args.note, required=False)
 
 
 def _when(ms: int | None) -> str:
@@ -57,7 +65,7 @@ async def _create_account(repo: Accounts, args: argparse.Namespace, cfg: Config)
 async def _credit(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
     amount = parse_usd(args.usd)
     account = await repo.by_email(normalize_email(args.email))
-    balance = await repo.credit(account.id, amount)
+    balance = await Operators(repo).credit(None, account.id, amount, _note(args))
     print(f"credited {format_usd(amount)} USD to {account.email}; "
           f"balance {format_usd(balance)} USD")
     return 0
@@ -84,14 +92,15 @@ async def _create_key(repo: Accounts, args: argparse.Namespace, cfg: Config) -> 
 
 
 async def _revoke_key(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
-    changed = await repo.revoke_key(args.key_id)
+    changed = await Operators(repo).revoke_key(None, args.key_id, _note(args))
     print(f"revoked key {args.key_id}" if changed else f"key {args.key_id} was already revoked")
     return 0
 
 
 async def _set_limits(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
     account = await repo.by_email(normalize_email(args.email))
-    await repo.set_limits(account.id, args.key, args.rpm, args.tpm, args.max_concurrent)
+    await Operators(repo).set_limits(None, account.id, args.key,
+                                     (args.rpm, args.tpm, args.max_concurrent), _note(args))
     target = f"key {args.key}" if args.key is not None else f"account {account.email}"
     shown = ", ".join(f"{n}={'default' if v is None else v}" for n, v in
                       (("rpm", args.rpm), ("tpm", args.tpm),
@@ -103,7 +112,7 @@ async def _set_limits(repo: Accounts, args: argparse.Namespace, cfg: Config) -> 
 def _set_status(status: str) -> Verb:
     async def verb(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
         account = await repo.by_email(normalize_email(args.email))
-        changed = await repo.set_status(account.id, status)
+        changed = await Operators(repo).set_status(None, account.id, status, _note(args))
         word = "disabled" if status == "disabled" else "enabled"
         print(f"{word} account {account.email}" if changed
               else f"account {account.email} was already {word}")
@@ -117,6 +126,23 @@ async def _delete_account(repo: Accounts, args: argparse.Namespace, cfg: Config)
     await repo.delete_account(account.id)
     print(f"deleted account {account.id}: email and password erased, keys revoked")
     return 0
+
+
+def _operator_role(grant: bool) -> Verb:
+    async def verb(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+        account = await repo.by_email(normalize_email(args.email))
+        ops = Operators(repo)
+        if grant:
+            changed = await ops.grant(account.id)
+            print(f"{account.email} is now an operator" if changed
+                  else f"{account.email} was already an operator")
+        else:
+            changed = await ops.revoke(account.id)
+            print(f"{account.email} is no longer an operator" if changed
+                  else f"{account.email} was not an operator")
+        return 0
+
+    return verb
 
 
 async def _list_accounts(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
@@ -170,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("credit", help="add funds, e.g. credit a@b.c 5.00")
     v.add_argument("email")
     v.add_argument("usd", help="amount in USD as a decimal, e.g. 5.00")
+    v.add_argument("--note", help="why (kept in the audit log)")
     v.set_defaults(run=_credit)
 
     v = sub.add_parser("create-key", help="create an API key (printed once, last line)")
@@ -181,11 +208,13 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("revoke-key", help="revoke an API key by id")
     v.add_argument("key_id", type=int)
+    v.add_argument("--note", help="why (kept in the audit log)")
     v.set_defaults(run=_revoke_key)
 
     for name, status in (("disable-account", "disabled"), ("enable-account", "active")):
         v = sub.add_parser(name, help=f"{name.split('-')[0]} an account and its keys")
         v.add_argument("email")
+        v.add_argument("--note", help="why (kept in the audit log)")
         v.set_defaults(run=_set_status(status))
 
     v = sub.add_parser("set-limits", help="override rate limits of an account or one key "
@@ -195,12 +224,20 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--rpm", type=int, help="requests per minute")
     v.add_argument("--tpm", type=int, help="tokens per minute")
     v.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+    v.add_argument("--note", help="why (kept in the audit log)")
     v.set_defaults(run=_set_limits)
 
     v = sub.add_parser("delete-account",
                        help="close an account: erase email and password, revoke keys")
     v.add_argument("email")
     v.set_defaults(run=_delete_account)
+
+    for name, grant, what in (("grant-operator", True, "give an account the operator role "
+                                "(the console's operator pages and /api/admin/)"),
+                               ("revoke-operator", False, "take the operator role away")):
+        v = sub.add_parser(name, help=what)
+        v.add_argument("email")
+        v.set_defaults(run=_operator_role(grant))
 
     sub.add_parser("list-accounts", help="list accounts").set_defaults(run=_list_accounts)
 

@@ -18,7 +18,7 @@ Routes:
     POST   /api/signup            {email, password}            -> 201, logged in
     POST   /api/login             {email, password}            -> 200 {account, csrf_token}
     POST   /api/logout                                         -> 204
-    GET    /api/account                                        -> 200 account
+    GET    /api/account                                        -> 200 account + operator
     POST   /api/account/email     {new_email, password}        -> 200 account
     POST   /api/account/password  {current_password, new_password} -> 204
     DELETE /api/account           {password}  (also POST /api/account/delete) -> 204
@@ -50,7 +50,7 @@ from flintproxy.errors import (
 from flintproxy.gate.ipguard import client_ip, is_trusted_proxy
 from flintproxy.store import accounts as acc
 from flintproxy.store.accounts import Session
-from flintproxy.web.keys import ACCOUNTS, LOGIN_GUARD, SETTINGS
+from flintproxy.web.keys import ACCOUNTS, LOGIN_GUARD, OPERATORS, SETTINGS
 
 SESSION_COOKIE = "flint_session"
 CSRF_COOKIE = "flint_csrf"
@@ -213,6 +213,12 @@ async def _confirm_password(request: web.Request, account_id: int, raw: object,
     guard.login_success(throttle_key)
 
 
+# The seam for the other /api/ modules (web.admin_api): one body reader, one JSON writer.
+json_body = _body
+json_response = _json
+no_content = _no_content
+
+
 # --- handlers ------------------------------------------------------------------------
 
 
@@ -261,7 +267,9 @@ async def logout(request: web.Request) -> web.Response:
 
 async def get_account(request: web.Request) -> web.Response:
     account_id = await session_account(request)
-    return _json((await request.app[ACCOUNTS].get(account_id)).as_json())
+    account = (await request.app[ACCOUNTS].get(account_id)).as_json()
+    # The console shows its operator pages to operators only (/api/admin/ checks again).
+    return _json({**account, "operator": await request.app[OPERATORS].is_operator(account_id)})
 
 
 async def change_email(request: web.Request) -> web.Response:

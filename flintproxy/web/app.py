@@ -1,7 +1,8 @@
 """The control plane: one aiohttp application on the console port.
 
-``/api/*`` (account self-service), ``/openapi.json`` (the API's description),
-``/metrics`` (unless it has a port of its own) and, as it comes, the web console. The
+``/api/*`` (account self-service; ``/api/admin/*`` for operators), ``/openapi.json``
+(the API's description), ``/metrics`` (unless it has a port of its own) and the web
+console (``/`` and its hashed ``/static/`` files, ``web.console``). The
 data plane (/v1, health) is never served here: it has its own port and its own lean
 server. The session cookie therefore lives on this origin only.
 
@@ -25,10 +26,13 @@ from flintproxy.gate.ipguard import IpGuard
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.ledger import UsageWriter
-from flintproxy.web import api, usage_api
+from flintproxy.store.operators import Operators
+from flintproxy.web import admin_api, api, usage_api
+from flintproxy.web.console import ConsoleAssets, security_headers
 from flintproxy.web.keys import (
     ACCOUNTS,
     LOGIN_GUARD,
+    OPERATORS,
     REFUSAL_OBSERVERS,
     SETTINGS,
     USAGE,
@@ -60,8 +64,18 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/api/keys/{key_id}/revoke", api.revoke_key),
     ("GET", "/api/usage", usage_api.list_usage),
     ("GET", "/api/usage/export", usage_api.export_usage),
+    ("GET", "/api/usage/daily", usage_api.daily_usage),
     ("DELETE", "/api/usage", usage_api.delete_usage),
     ("POST", "/api/usage/delete", usage_api.delete_usage),
+    ("GET", "/api/admin/accounts", admin_api.find_accounts),
+    ("GET", "/api/admin/accounts/{account_id}", admin_api.get_account),
+    ("POST", "/api/admin/accounts/{account_id}/credit", admin_api.credit),
+    ("POST", "/api/admin/accounts/{account_id}/debit", admin_api.debit),
+    ("POST", "/api/admin/accounts/{account_id}/disable", admin_api.disable),
+    ("POST", "/api/admin/accounts/{account_id}/enable", admin_api.enable),
+    ("POST", "/api/admin/accounts/{account_id}/limits", admin_api.set_limits),
+    ("POST", "/api/admin/keys/{key_id}/revoke", admin_api.revoke_key),
+    ("GET", "/api/admin/audit", admin_api.audit_log),
     ("GET", "/openapi.json", openapi),
 )
 
@@ -134,6 +148,11 @@ def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
     app[USAGE] = usage
     app[USAGE_DB] = usage_db
     app[REFUSAL_OBSERVERS] = tuple(refusal_observers)
-    for method, path, handler in (*ROUTES, *extra_routes):
+    app[OPERATORS] = Operators(accounts)
+    app.on_response_prepare.append(security_headers)
+    assets = ConsoleAssets()
+    console: tuple[tuple[str, str, Handler], ...] = (
+        ("GET", "/", assets.index), ("GET", "/static/{name:.+}", assets.asset))
+    for method, path, handler in (*ROUTES, *console, *extra_routes):
         app.router.add_route(method, path, handler)
     return app

@@ -18,9 +18,10 @@ from flintproxy.gate.ipguard import IpGuard, Network
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.ledger import UsageWriter
+from flintproxy.store.operators import Operators
 
-__all__ = ["ACCOUNTS", "LOGIN_GUARD", "REFUSAL_OBSERVERS", "SETTINGS", "USAGE", "USAGE_DB",
-           "AuthSettings"]
+__all__ = ["ACCOUNTS", "LOGIN_GUARD", "OPERATORS", "REFUSAL_OBSERVERS", "SETTINGS", "USAGE",
+           "USAGE_DB", "AuthSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class AuthSettings:
 
 
 ACCOUNTS = web.AppKey("flint.accounts", Accounts)
+# The operator role and audited operator actions (/api/admin/).
+OPERATORS = web.AppKey("flint.operators", Operators)
 SETTINGS = web.AppKey("flint.auth_settings", AuthSettings)
 # Throttles logins (per IP and per account); the data plane's gate shares it for
 # failed API-key attempts.

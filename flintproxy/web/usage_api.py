@@ -1,8 +1,9 @@
 """Users' rights over their usage rows (CONTRACT promise 7): list, export, delete, retention.
 
 Routes (login session; the unsafe one also needs the CSRF token):
-    GET    /api/usage         ?limit=&cursor=&since=&until=&model=   newest first, paged
-    GET    /api/usage/export  ?format=csv|json&since=&until=&model=  oldest first, streamed
+    GET    /api/usage         ?limit=&cursor=&since=&until=&model=&key_id=  newest first, paged
+    GET    /api/usage/export  ?format=csv|json&since=&until=&model=&key_id=  oldest first
+    GET    /api/usage/daily   ?since=&until=&model=&key_id=  per UTC day: requests, tokens, cost
     DELETE /api/usage         (also POST /api/usage/delete)          -> {"deleted": n}
 
 ``since`` (inclusive) and ``until`` (exclusive) are ISO 8601 times (UTC unless they
@@ -33,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from flintproxy.errors import BadRequest, ServiceUnavailable
+from flintproxy.money import format_usd
 from flintproxy.web.api import require_csrf, session_account
 from flintproxy.web.keys import USAGE, USAGE_DB
 
@@ -92,6 +94,7 @@ class Filters(NamedTuple):
     since: int | None
     until: int | None
     model: str | None
+    key_id: int | None = None
 
 
 def _time_param(request: web.Request, name: str) -> int | None:
@@ -118,7 +121,14 @@ def _time_param(request: web.Request, name: str) -> int | None:
 
 def _filters(request: web.Request) -> Filters:
     model = request.query.get("model") or None
-    return Filters(_time_param(request, "since"), _time_param(request, "until"), model)
+    raw_key = request.query.get("key_id") or None
+    key_id = None
+    if raw_key is not None:
+        if not (raw_key.isascii() and raw_key.isdigit() and len(raw_key) <= 18):
+            raise BadRequest("'key_id' must be an API key's id.", param="key_id")
+        key_id = int(raw_key)
+    return Filters(_time_param(request, "since"), _time_param(request, "until"), model,
+                   key_id)
 
 
 def _where(account_id: int, f: Filters) -> tuple[str, list[Any]]:
@@ -132,6 +142,9 @@ def _where(account_id: int, f: Filters) -> tuple[str, list[Any]]:
     if f.model is not None:
         sql += " AND model = ?"
         args.append(f.model)
+    if f.key_id is not None:
+        sql += " AND key_id = ?"
+        args.append(f.key_id)
     return sql, args
 
 
@@ -208,6 +221,36 @@ async def export_usage(request: web.Request) -> web.StreamResponse:
         await resp.write(b"\n]\n")
     await resp.write_eof()
     return resp
+
+
+DAY_MS = 86_400_000
+DEFAULT_DAYS = 30
+MAX_DAYS = 366
+
+
+async def daily_usage(request: web.Request) -> web.Response:
+    """Totals per UTC day (the console's chart): at most MAX_DAYS days, default the last
+    DEFAULT_DAYS. One GROUP BY over the ``(account_id, started_at)`` index."""
+    account_id = await session_account(request)
+    f = _filters(request)
+    until = f.until if f.until is not None else (int(datetime.now(UTC).timestamp())
+                                                 * 1000 // DAY_MS + 1) * DAY_MS
+    since = f.since if f.since is not None else until - DEFAULT_DAYS * DAY_MS
+    if until - since > MAX_DAYS * DAY_MS:
+        raise BadRequest(f"The daily view covers at most {MAX_DAYS} days; narrow 'since' "
+                         "and 'until'.", param="since")
+    where, args = _where(account_id, f._replace(since=since, until=until))
+    rows = await request.app[USAGE_DB].execute_fetchall(
+        f"SELECT started_at / {DAY_MS}, COUNT(*), SUM(prompt_tokens), "  # noqa: S608
+        f"SUM(completion_tokens), SUM(cost_nano) FROM usage WHERE {where} "
+        f"GROUP BY started_at / {DAY_MS} ORDER BY 1", args)
+    data = [{"day": datetime.fromtimestamp(d * DAY_MS / 1000, UTC).strftime("%Y-%m-%d"),
+             "day_start": d * DAY_MS // 1000, "requests": n, "prompt_tokens": p,
+             "completion_tokens": c, "total_tokens": p + c, "cost_nano": cost,
+             "cost_usd": format_usd(cost)} for d, n, p, c, cost in rows]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data,
+                                           "since": since // 1000, "until": until // 1000}),
+                        content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 async def delete_usage(request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -175,3 +176,33 @@ async def test_errors_and_exit_codes(config_path: Path, monkeypatch: pytest.Monk
     assert admin.main(["--config", str(config_path.parent / "missing.toml"),
                        "list-accounts"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+async def test_operator_actions_from_the_command_line_are_audited_as_the_command_line(
+        config_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main(*args: str) -> int:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        return await asyncio.to_thread(admin.main, ["--config", str(config_path), *args])
+
+    assert await main("create-account", "a@example.com") == 0
+    assert await main("credit", "a@example.com", "2.00", "--note", "welcome") == 0
+    assert await main("credit", "a@example.com", "1.00") == 0
+    assert await main("disable-account", "a@example.com", "--note", "fraud check") == 0
+    assert await main("disable-account", "a@example.com") == 0  # no change, no row
+    assert await main("enable-account", "a@example.com") == 0
+    assert await main("set-limits", "a@example.com", "--rpm", "9") == 0
+    assert await main("create-key", "a@example.com") == 0
+    assert await main("revoke-key", "1", "--note", "leaked") == 0
+    assert await main("credit", "a@example.com", "1.00", "--note", "bell\x07") == 2
+    cfg = load_config(config_path, {})
+    with sqlite3.connect(cfg.storage.path) as db:
+        rows = db.execute("SELECT operator_id, action, target_account_id, target_key_id, "
+                          "amount_nano, note FROM audit ORDER BY id").fetchall()
+    assert rows == [
+        (None, "credit", 1, None, 2_000_000_000, "welcome"),
+        (None, "credit", 1, None, 1_000_000_000, ""),
+        (None, "disable_account", 1, None, None, "fraud check"),
+        (None, "enable_account", 1, None, None, ""),
+        (None, "set_limits", 1, None, None, "rpm=9, tpm=default, max_concurrent=default"),
+        (None, "revoke_key", 1, 1, None, "leaked"),
+    ]
