@@ -34,6 +34,7 @@ from aiohttp.web_request import BaseRequest
 from flintproxy.config import Config
 from flintproxy.errors import BadRequest, FlintError, ServiceUnavailable
 from flintproxy.gate.ipguard import Network, ip_bucket, is_trusted_proxy
+from flintproxy.web.console import SECURITY_HEADERS
 
 __all__ = ["SERVER_HEADER", "ConsoleLimits", "ConsoleRunner", "GuardedHandler"]
 
@@ -59,8 +60,9 @@ class ConsoleLimits:
 
 def _canned(err: FlintError) -> bytes:
     body = err.body()
+    security = "".join(f"{k}: {v}\r\n" for k, v in SECURITY_HEADERS.items())
     return (f"HTTP/1.1 {err.status} Service Unavailable\r\nServer: {SERVER_HEADER}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{security}"
             "Retry-After: 1\r\nConnection: close\r\n\r\n").encode() + body
 
 
@@ -197,7 +199,7 @@ class GuardedHandler(web_protocol.RequestHandler):
                FlintError("The server had an error processing your request."))
         err.status = status
         resp = web.Response(status=status, body=err.body(), content_type="application/json",
-                            headers={"Server": SERVER_HEADER})
+                            headers={"Server": SERVER_HEADER, **SECURITY_HEADERS})
         resp.force_close()
         return resp
 

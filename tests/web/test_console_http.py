@@ -92,6 +92,16 @@ async def test_every_console_response_carries_the_strict_csp_and_security_header
                 for name, value in SECURITY.items():
                     assert resp.headers.get(name) == value, (path, name)
     assert "'unsafe-inline'" not in CSP and "frame-ancestors 'none'" in CSP
+    # Also on what the server answers itself: a request that is not HTTP.
+    port = int(gw.console_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"400"
+    head = answer.split(b"\r\n\r\n", 1)[0].decode()
+    for name, value in SECURITY.items():
+        assert f"\r\n{name}: {value}" in head, name
 
 
 async def test_the_page_has_no_inline_script_or_style_and_no_other_origin() -> None:

@@ -155,8 +155,10 @@ async def test_connections_over_the_per_ip_cap_get_a_503_and_the_rest_still_serv
     gw = await start({"head_timeout_s": 30.0, "max_connections_per_ip": 3})
     port = console_port(gw)
     held = [await connect(port) for _ in range(3)]
-    status, error = status_and_error(await exchange(port, b""))
+    refused = await exchange(port, b"")
+    status, error = status_and_error(refused)
     assert status == 503 and error["code"] == "too_many_connections"
+    assert b"\r\nX-Content-Type-Options: nosniff\r\n" in refused  # as every console answer
     # Another address is not affected, nor is the data plane.
     assert (await get(port, "/api/account", ip="127.0.0.4")).startswith(b"HTTP/1.1 401 ")
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
