@@ -237,23 +237,28 @@ def _event_data(event: bytes) -> bytes:
 
 
 # The events that end a stream of each style, as an event line: at the start of a
-# block or after a raw newline (which JSON text never holds), so never content.
+# block or after a raw newline (which JSON text never holds), so never content. Each
+# name with and without its newline, made once: this runs per block.
+def _last(*names: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name, b"\n" + name) for name in names)
+
+
 _LAST_EVENTS = {
-    StreamStyle.RESPONSES: (b"event: response.completed", b"event: response.incomplete",
-                            b"event: response.failed"),
-    StreamStyle.ANTHROPIC: (b"event: message_stop",),
+    StreamStyle.RESPONSES: _last(b"event: response.completed", b"event: response.incomplete",
+                                 b"event: response.failed"),
+    StreamStyle.ANTHROPIC: _last(b"event: message_stop"),
 }
 
 
-def _ends_with_event(block: bytes, names: tuple[bytes, ...]) -> bool:
-    return any(block.startswith(name) or b"\n" + name in block for name in names)
+def _ends_with_event(block: bytes, names: tuple[tuple[bytes, bytes], ...]) -> bool:
+    return any(block.startswith(name) or line in block for name, line in names)
 
 
 class StreamScanner:
     """Per-stream state: framing, usage, whether the stream's end went by, events relayed."""
 
-    __slots__ = ("chat", "done", "events", "final", "max_event", "pending", "strip_usage",
-                 "style", "usage")
+    __slots__ = ("chat", "done", "events", "final", "last", "max_event", "pending",
+                 "strip_usage", "style", "usage")
 
     def __init__(self, strip_usage: bool, max_event: int = MAX_PENDING,
                  style: StreamStyle = StreamStyle.CHAT) -> None:
@@ -261,6 +266,7 @@ class StreamScanner:
         self.strip_usage = strip_usage and self.chat
         self.max_event = max_event
         self.style = style
+        self.last = _LAST_EVENTS.get(style, ())  # the events that end a non-chat stream
         self.pending = b""
         self.usage: Usage | None = None
         # The usage is the stream's total (chat: any usage; Responses: response.completed;
@@ -294,7 +300,7 @@ class StreamScanner:
         if self.chat:
             if complete.endswith(_DONE_ENDS) or complete.startswith(DONE):
                 self.done = True
-        elif _ends_with_event(complete, _LAST_EVENTS[self.style]):
+        elif _ends_with_event(complete, self.last):
             self.done = True
         first = USAGE_RE.search(complete)
         if first is None:

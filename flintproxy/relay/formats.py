@@ -29,8 +29,9 @@ from flintproxy.relay.translate import Translation
 from flintproxy.relay.via_chat import MessagesViaChat
 from flintproxy.relay.via_messages import ChatViaMessages
 
-__all__ = ["ANTHROPIC_ENDPOINTS", "NAMED_EVENTS", "STORED_STATE", "error_event", "error_response",
-           "provider_storage", "stream_style", "translation", "upstream_endpoint"]
+__all__ = ["ANTHROPIC_ENDPOINTS", "NAMED_EVENTS", "OPENAI_NATIVE", "STORED_STATE",
+           "error_event", "error_response", "provider_storage", "stream_style", "translation",
+           "upstream_endpoint"]
 
 # What each kind answers natively.
 NATIVE: dict[UpstreamKind, frozenset[str]] = {
@@ -38,6 +39,7 @@ NATIVE: dict[UpstreamKind, frozenset[str]] = {
                                     "responses")),
     UpstreamKind.ANTHROPIC: frozenset(("messages", "messages/count_tokens")),
 }
+OPENAI_NATIVE = NATIVE[UpstreamKind.OPENAI]
 # (client endpoint, upstream kind) -> the upstream endpoint a translation calls.
 TRANSLATED: dict[tuple[str, UpstreamKind], str] = {
     ("messages", UpstreamKind.OPENAI): "chat/completions",

@@ -59,6 +59,7 @@ from flintproxy.http.heartbeat import Heartbeat, Heartbeats
 from flintproxy.http.sse import SSE_HEAD, StreamScanner, Usage, parse_body
 from flintproxy.relay.formats import (
     NAMED_EVENTS,
+    OPENAI_NATIVE,
     STORED_STATE,
     error_event,
     error_response,
@@ -176,6 +177,9 @@ class Relay:
         self.max_sse_event = config.server.max_sse_event_bytes
         self.heartbeats = heartbeats
         self.streams = streams
+        # Anthropic upstreams beside OpenAI-compatible ones: candidates are filtered by
+        # what their kind serves (relay.formats); without, chat and kin skip that.
+        self.mixed_kinds = any(up.anthropic for up in router.upstreams)
         # Told of every error response of a request the gate did not admit (metrics,
         # access log); admitted requests are accounted for once, by the gate's finish.
         self.refusal_observers = tuple(refusal_observers)
@@ -260,7 +264,9 @@ class Relay:
         if allowed is not None and call.model not in allowed:
             raise PermissionDenied(f"This API key may not use the model `{call.model}`.",
                                    param="model", code="model_not_allowed")
-        candidates = self._serving(self.router.candidates(call.model), endpoint, call.model)
+        candidates = self.router.candidates(call.model)
+        if self.mixed_kinds or endpoint not in OPENAI_NATIVE:  # else every one serves it
+            candidates = self._serving(candidates, endpoint, call.model)
         price = self.config.models.get(call.model)
         body = provider_storage(endpoint, data, body,
                                 price is not None and price.allow_provider_storage)

@@ -175,3 +175,17 @@ async def test_hostile_bodies_and_upstream_events_on_the_responses_route(
     async with sdk(gw) as client:
         resp = await client.responses.create(model="gpt-4o-mini", input="still here")
     assert resp.output_text == expected_content(20)
+
+
+async def test_max_output_tokens_is_lowered_to_what_the_balance_affords(
+        tmp_path: Path, recording: MockServer, gateway_factory: Any) -> None:
+    raw = raw_config(tmp_path, {"local": recording.base_url})
+    gw: Gateway = await gateway_factory(raw, credit_nano=12_000)
+    async with sdk(gw) as client:
+        resp = await client.responses.create(model="gpt-4o-mini", input="Hi",
+                                             max_output_tokens=500)
+    granted = sent(recording)["max_output_tokens"]
+    assert 0 < granted < 20 and resp.status == "incomplete"
+    assert resp.usage is not None and resp.usage.output_tokens == granted
+    (row,) = await rows(gw)
+    assert 0 < row["cost_nano"] <= 12_000
