@@ -732,7 +732,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
     config = tmp_path / "flintproxy.toml"
     config.write_text(to_toml(raw))
     db = await sqlite.open_store(tmp_path / "flintproxy.db")
-    repo = Accounts(db, 4, 3600)
+    repo = Accounts(SqliteDatabase(db), 4, 3600)
     account = await repo.create_account("load@example.com", None)
     await repo.credit(account, 1000 * 10**9)
     _, key = await repo.create_key(account, "load")
