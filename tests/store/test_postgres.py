@@ -169,9 +169,9 @@ async def test_a_batch_retried_after_an_ambiguous_commit_charges_once(pg: PgData
     a, b = await add_account(pg, 10_000), await add_account(pg, 10_000)
     batch = [tuple(usage(f"r{i}", a if i % 2 else b, 10 + i)) for i in range(50)]
     sql = postgres.batch_sql(UsageRow._fields)
-    first = dict(await postgres.commit_usage(pg, sql, batch, [a, b]))
+    first = dict(await postgres.commit_usage(pg, sql, batch, [a, b], UsageRow._fields))
     # The same batch again, as the writer retries it when the COMMIT's answer was lost.
-    again = dict(await postgres.commit_usage(pg, sql, batch, [a, b]))
+    again = dict(await postgres.commit_usage(pg, sql, batch, [a, b], UsageRow._fields))
     assert first == again  # the balances as stored, nothing debited twice
     assert await books_balance(pg) == 50
     charged = sum(10 + i for i in range(50))
