@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from flintproxy.config import BillingConfig
@@ -19,9 +20,10 @@ from flintproxy.errors import Conflict, SchemaBehind, ServiceUnavailable, StoreU
 from flintproxy.gate.billing import Billing
 from flintproxy.store import postgres, sqlite
 from flintproxy.store.accounts import Accounts
-from flintproxy.store.db import Database, PgDatabase, SqliteDatabase, pg_sql
+from flintproxy.store.db import Database, Dialect, PgDatabase, SqliteDatabase, pg_sql
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter
 from flintproxy.tools import admin
+from flintproxy.web.usage_api import ROW_SQL
 from tests.conftest import Gateway, MockServer, migrated_dsn, raw_config, start_gateway
 from tests.engines import free_port
 from tests.support import to_toml
@@ -438,3 +440,40 @@ def test_no_dsn_password_in_config_errors_or_reprs() -> None:
     raw["storage"] = {"backend": "postgresql", "dsn_env": "NOPE_DSN"}
     with pytest.raises(ConfigError, match="NOPE_DSN is not set"):
         build_config(raw, {})
+
+
+# --- the usage API's row formats -----------------------------------------------------------
+
+
+async def test_both_engines_format_usage_rows_identically_for_export(
+        tmp_path: Path, pg: PgDatabase) -> None:
+    """The list/export SQL is spelled per engine; the bytes users get must not differ."""
+    awkward = [
+        UsageRow('r"1,\n', 1, None, 'm,"x"', None, 0, 0, 0, 0, 1, 0, 499, "client_disconnect",
+                 0, 0, 0, None),
+        UsageRow("r2", 1, 7, "gpt-4o-mini", "local", 12, 34, 5, 6, 0, 1_234_567_891, 200, "ok",
+                 1, 1_700_000_000_123, 350, 40),
+        UsageRow("r3", 1, 7, "gpt-4o-mini", "up", 1, 1, 0, 0, 0, 10, 200, "ok", 1,
+                 253_402_300_799_999, 1, 0),
+        UsageRow("r4", 1, 7, "é 中", "up", 1, 1, 0, 0, 0, 2**53, 200, "ok", 1, 5, 1, 1),
+    ]
+    lite = await SqliteDatabase.open(tmp_path / "fmt.db")
+    out: dict[Dialect, list[tuple[str, str]]] = {}
+    try:
+        for db in (lite, pg):
+            await add_account(db, 0)
+            cols = ", ".join(UsageRow._fields)
+            marks = ", ".join("?" * len(UsageRow._fields))
+            await db.executemany(f"INSERT INTO usage ({cols}) VALUES ({marks})",
+                                 [tuple(r) for r in awkward])
+            json_sql, csv_sql = ROW_SQL[db.dialect]
+            out[db.dialect] = [(str(r[0]), str(r[1])) for r in await db.fetch(
+                f"SELECT {json_sql}, {csv_sql} FROM usage ORDER BY id")]
+    finally:
+        await lite.close()
+    lite_rows, pg_rows = out[Dialect.SQLITE], out[Dialect.POSTGRESQL]
+    assert [orjson.loads(j) for j, _ in pg_rows] == [orjson.loads(j) for j, _ in lite_rows]
+    assert [c for _, c in pg_rows] == [c for _, c in lite_rows]
+    first = orjson.loads(lite_rows[1][0])
+    assert first["cost_usd"] == "1.234567891" and first["started_at"] == "2023-11-14T22:13:20.123Z"
+    assert first["stream"] is True and first["estimated"] is False
