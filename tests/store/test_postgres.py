@@ -9,6 +9,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -20,6 +21,7 @@ from flintproxy.errors import Conflict, SchemaBehind, ServiceUnavailable, StoreU
 from flintproxy.gate.billing import Billing
 from flintproxy.store import postgres, sqlite
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.changes import ChangeWatcher
 from flintproxy.store.db import Database, Dialect, PgDatabase, SqliteDatabase, pg_sql
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter
 from flintproxy.tools import admin
@@ -477,3 +479,99 @@ async def test_both_engines_format_usage_rows_identically_for_export(
     first = orjson.loads(lite_rows[1][0])
     assert first["cost_usd"] == "1.234567891" and first["started_at"] == "2023-11-14T22:13:20.123Z"
     assert first["stream"] is True and first["estimated"] is False
+
+
+# --- the change feed -----------------------------------------------------------------------
+
+
+async def test_events_committed_out_of_id_order_are_all_dispatched(pg: PgDatabase) -> None:
+    watcher = ChangeWatcher(pg, 0.05)
+    await watcher.start()
+    seen: list[int | None] = []
+    watcher.subscribe(lambda kind, account_id, key_id: seen.append(account_id))
+    insert = "INSERT INTO events (kind, account_id, created_at) VALUES ('credit', ?, 0)"
+    async with pg.transaction() as slow:
+        await slow.execute(insert, 1)  # takes the lower id, commits last
+        await pg.execute(insert, 2)
+        await watcher.poll()
+        assert seen == [2]
+    await watcher.poll()
+    assert seen == [2, 1]
+    await watcher.poll()
+    assert seen == [2, 1]  # each once
+
+
+@pytest.mark.timeout(60)
+async def test_the_listen_connection_comes_back_after_it_is_killed(pg: PgDatabase) -> None:
+    watcher = ChangeWatcher(pg, 60.0)  # no periodic poll here: only NOTIFY wakes it
+    await watcher.start()
+    seen: list[int | None] = []
+    watcher.subscribe(lambda kind, account_id, key_id: seen.append(account_id))
+    listening = asyncio.ensure_future(watcher.listen(pg.dsn, postgres.CHANNEL))
+    repo = Accounts(pg, 4, 60)
+    try:
+        for _ in range(100):
+            if await pg.fetchval("SELECT COUNT(*) FROM pg_stat_activity WHERE query LIKE "
+                                 "'LISTEN%' AND pid <> pg_backend_pid()"):
+                break
+            await asyncio.sleep(0.05)
+        first = await repo.create_account("one@example.com", None)
+        for _ in range(100):
+            if first in seen:
+                break
+            await asyncio.sleep(0.01)
+        assert first in seen and watcher.notified == 1
+        await pg.fetch("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        second = await repo.create_account("two@example.com", None)  # while it is down
+        for _ in range(400):
+            if second in seen:
+                break
+            await asyncio.sleep(0.01)
+        assert second in seen  # caught up on reconnect
+        third = await repo.create_account("three@example.com", None)
+        for _ in range(200):
+            if third in seen:
+                break
+            await asyncio.sleep(0.01)
+        assert third in seen and watcher.notified >= 2
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+
+
+@pytest.mark.timeout(90)
+async def test_readyz_is_unready_while_postgresql_is_unreachable(
+        tmp_path: Path, pg: PgDatabase, mock_upstream: MockServer) -> None:
+    proxy = Proxy(int(pg.dsn.rpartition(":")[2].partition("/")[0]))
+    await proxy.start()
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["storage"] = {"backend": "postgresql", "dsn": proxy.dsn(pg.dsn)}
+    gw = await start_gateway(raw)
+
+    async def ready() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession() as http, http.get(gw.url + "/readyz") as resp:
+            return resp.status, await resp.json()
+
+    try:
+        assert (await ready())[0] == 200
+        await proxy.cut()
+        status, body = 200, {}
+        for _ in range(60):
+            status, body = await ready()
+            if status == 503:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 503 and body["checks"]["database"]["ok"] is False
+        assert "127.0.0.1" not in str(body)  # names the error, not the server
+        await proxy.start()
+        for _ in range(60):
+            status, body = await ready()
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200
+    finally:
+        await gw.server.shutdown()
+        await proxy.cut()
