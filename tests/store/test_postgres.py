@@ -29,6 +29,7 @@ from flintproxy.web.usage_api import ROW_SQL
 from tests.conftest import Gateway, MockServer, migrated_dsn, raw_config, start_gateway
 from tests.engines import free_port
 from tests.support import to_toml
+from tests.web.test_api import Browser
 
 # --- the schema ---------------------------------------------------------------------------
 
@@ -310,43 +311,93 @@ async def test_terminated_backends_lose_and_double_nothing(pg: PgDatabase) -> No
 # --- many nodes ---------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(90)
-async def test_a_key_revoked_on_node_a_is_refused_on_node_b_within_a_second(
-        tmp_path: Path, mock_upstream: MockServer, request: pytest.FixtureRequest,
-        gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
+async def two_nodes(tmp_path: Path, mock_upstream: MockServer, request: pytest.FixtureRequest,
+                    gateway_factory: Callable[..., Awaitable[Gateway]]
+                    ) -> tuple[Gateway, Gateway, dict[str, Any]]:
+    """Two gateways on one PostgreSQL database, both listening for changes."""
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["storage"] = {"backend": "postgresql", "dsn": await migrated_dsn(request)}
     # A poll far slower than a second: only the NOTIFY can make the deadline.
     raw["accounts"] = {"bcrypt_cost": 4, "change_poll_s": 30.0}
-    node_a = await gateway_factory(raw)
-    node_b = await gateway_factory(raw)
-    for node in (node_a, node_b):  # both listening
-        deadline = time.monotonic() + 10
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                async with http.get(node.url + "/readyz") as resp:
-                    if resp.status == 200:
-                        break
-                await asyncio.sleep(0.05)
-    messages = [{"role": "user", "content": "hi"}]
+    nodes = (await gateway_factory(raw), await gateway_factory(raw))
+    for node in nodes:  # the LISTEN connections are up
+        for _ in range(200):
+            if node.components.watcher.listening:
+                break
+            await asyncio.sleep(0.02)
+        assert node.components.watcher.listening
+    return nodes[0], nodes[1], raw
+
+
+async def refused_after(client: openai.AsyncOpenAI, t0: float,
+                        error: type[openai.APIStatusError]) -> float | None:
+    """Seconds from ``t0`` until ``client`` is refused with ``error`` (None: not in 3 s)."""
+    while time.monotonic() - t0 < 3:
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        except error:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.02)
+    return None
+
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.timeout(90)
+async def test_a_key_revoked_on_node_a_is_refused_on_node_b_within_a_second(
+        tmp_path: Path, mock_upstream: MockServer, request: pytest.FixtureRequest,
+        gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
+    node_a, node_b, _ = await two_nodes(tmp_path, mock_upstream, request, gateway_factory)
+    user = Browser(node_a)  # a user of node A's console
+    try:
+        await user.signup("multi@example.com")
+        key_id, key = await user.new_key(name="ci")
+        async with openai.AsyncOpenAI(base_url=node_b.base_url, api_key=key,
+                                      max_retries=0) as on_b:
+            assert (await on_b.chat.completions.create(model="gpt-4o-mini",
+                                                       messages=MESSAGES)).choices
+            t0 = time.monotonic()
+            status, _, _ = await user.call("DELETE", f"/api/keys/{key_id}")
+            assert status in (200, 204)
+            after = await refused_after(on_b, t0, openai.AuthenticationError)
+    finally:
+        await user.http.close()
+    assert after is not None and after < 1.0
+    assert node_b.components.watcher.notified >= 1
+
+
+@pytest.mark.timeout(90)
+async def test_admin_disable_and_credit_reach_every_node_within_a_second(
+        tmp_path: Path, mock_upstream: MockServer, request: pytest.FixtureRequest,
+        gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
+    node_a, node_b, raw = await two_nodes(tmp_path, mock_upstream, request, gateway_factory)
+    config = tmp_path / "flint.toml"
+    config.write_text(to_toml(raw))
+    email = (await node_a.components.accounts.get(node_a.account_id)).email
+    assert email is not None
+    for node in (node_a, node_b):
+        await node.components.billing.load(node_a.account_id)
+    before = node_b.components.billing.available(node_a.account_id)
+    t0 = time.monotonic()
+    assert await asyncio.to_thread(admin.main, ["--config", str(config), "credit", email,
+                                                "2.50"]) == 0
+    for _ in range(300):
+        if node_b.components.billing.available(node_a.account_id) == before + 2_500_000_000:
+            break
+        await asyncio.sleep(0.01)
+    assert node_b.components.billing.available(node_a.account_id) == before + 2_500_000_000
+    assert time.monotonic() - t0 < 1.0 + 1.0  # the admin process's own start included
     async with openai.AsyncOpenAI(base_url=node_b.base_url, api_key=node_a.key,
                                   max_retries=0) as on_b:
         assert (await on_b.chat.completions.create(model="gpt-4o-mini",
-                                                   messages=messages)).choices
-        keys = await node_a.components.accounts.list_keys(node_a.account_id)
-        await asyncio.sleep(0.3)  # the LISTEN connections are up by now
+                                                   messages=MESSAGES)).choices
+        done = asyncio.ensure_future(asyncio.to_thread(
+            admin.main, ["--config", str(config), "disable-account", email]))
         t0 = time.monotonic()
-        assert await node_a.components.accounts.revoke_key(keys[0].id)  # on node A
-        refused_after = None
-        while time.monotonic() - t0 < 3:
-            try:
-                await on_b.chat.completions.create(model="gpt-4o-mini", messages=messages)
-            except openai.AuthenticationError:
-                refused_after = time.monotonic() - t0
-                break
-            await asyncio.sleep(0.02)
-    assert refused_after is not None and refused_after < 1.0
-    assert node_b.components.watcher.notified >= 1
+        after = await refused_after(on_b, t0, openai.PermissionDeniedError)
+        assert await done == 0
+    assert after is not None and after < 1.0 + 1.0
 
 
 # --- copy-to-postgres -----------------------------------------------------------------------
