@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,6 +26,7 @@ from flintproxy.store.accounts import Accounts
 from flintproxy.store.changes import ChangeWatcher
 from flintproxy.store.db import Database, Dialect, PgDatabase, SqliteDatabase, pg_sql
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter
+from flintproxy.store.retention import DAY_MS, RetentionJob
 from flintproxy.tools import admin
 from flintproxy.web.usage_api import ROW_SQL
 from tests.conftest import Gateway, MockServer, migrated_dsn, raw_config, start_gateway
@@ -626,3 +629,37 @@ async def test_readyz_is_unready_while_postgresql_is_unreachable(
     finally:
         await gw.server.shutdown()
         await proxy.cut()
+
+
+async def test_retention_purges_a_deleted_accounts_rows_on_postgresql(pg: PgDatabase) -> None:
+    gone, kept = await add_account(pg, 0), await add_account(pg, 0)
+    await pg.execute("UPDATE accounts SET status = 'deleted', email = NULL, deleted_at = 0 "
+                     "WHERE id = ?", gone)
+    await pg.executemany(
+        "INSERT INTO usage (request_id, account_id, model, prompt_tokens, completion_tokens, "
+        "cost_nano, status, outcome, stream, started_at, duration_ms) "
+        "VALUES (?, ?, 'm', 1, 1, 0, 200, 'ok', 0, 0, 1)",
+        [(f"p{i}", gone if i % 2 else kept) for i in range(10)])
+    assert await RetentionJob(pg, 90, clock=lambda: 90 * DAY_MS - 1).run_once() == 0
+    assert await RetentionJob(pg, 90, clock=lambda: 90 * DAY_MS).run_once() == 5
+    assert await pg.fetchval("SELECT COUNT(*) FROM usage WHERE account_id = ?", kept) == 5
+
+
+def test_serve_on_a_database_behind_exits_1_naming_the_fix(tmp_path: Path,
+                                                           postgres_dsn: str) -> None:
+    raw = raw_config(tmp_path, {"local": "http://127.0.0.1:9/v1"})
+    raw["storage"] = {"backend": "postgresql", "dsn_env": "FLINT_TEST_DSN"}
+    config = tmp_path / "flint.toml"
+    config.write_text(to_toml(raw))
+    env = {"PATH": "/usr/bin:/bin", "FLINT_TEST_DSN": postgres_dsn}
+    done = subprocess.run([sys.executable, "-m", "flintproxy", "serve", "--config", str(config)],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "run: flintproxy admin migrate" in done.stderr
+    dead = f"postgresql://flint:s3cret@127.0.0.1:{free_port()}/x"
+    done = subprocess.run([sys.executable, "-m", "flintproxy", "serve", "--config", str(config)],
+                          env={**env, "FLINT_TEST_DSN": dead}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 1
+    assert "database is unavailable" in done.stderr and "flint:***@" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout

@@ -471,8 +471,9 @@ async def api(tmp_path: Path, storage: dict[str, Any]) -> AsyncIterator[Api]:
         await server.shutdown()
 
 
-async def bulk_rows(db: Database, account: int, n: int, start: int = CLOCK0,
-                    model: str = "gpt-4o-mini") -> None:
+async def bulk_rows(conn: aiosqlite.Connection | Database, account: int, n: int,
+                    start: int = CLOCK0, model: str = "gpt-4o-mini") -> None:
+    db = SqliteDatabase(conn) if isinstance(conn, aiosqlite.Connection) else conn
     async with db.transaction() as tx:
         for i in range(0, n, 50_000):
             await tx.executemany(
