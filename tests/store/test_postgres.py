@@ -596,39 +596,61 @@ async def test_the_listen_connection_comes_back_after_it_is_killed(pg: PgDatabas
 
 
 @pytest.mark.timeout(90)
-async def test_readyz_is_unready_while_postgresql_is_unreachable(
+async def test_postgresql_unreachable_makes_readyz_unready_and_v1_refuse_past_the_backlog(
         tmp_path: Path, pg: PgDatabase, mock_upstream: MockServer) -> None:
     proxy = Proxy(int(pg.dsn.rpartition(":")[2].partition("/")[0]))
     await proxy.start()
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["storage"] = {"backend": "postgresql", "dsn": proxy.dsn(pg.dsn)}
+    raw["billing"] = {"max_backlog_rows": 5, "flush_interval_s": 0.02}
     gw = await start_gateway(raw)
 
     async def ready() -> tuple[int, dict[str, Any]]:
         async with aiohttp.ClientSession() as http, http.get(gw.url + "/readyz") as resp:
             return resp.status, await resp.json()
 
+    served = 0
     try:
-        assert (await ready())[0] == 200
-        await proxy.cut()
-        status, body = 200, {}
-        for _ in range(60):
-            status, body = await ready()
-            if status == 503:
-                break
-            await asyncio.sleep(0.1)
-        assert status == 503 and body["checks"]["database"]["ok"] is False
-        assert "127.0.0.1" not in str(body)  # names the error, not the server
-        await proxy.start()
-        for _ in range(60):
-            status, body = await ready()
-            if status == 200:
-                break
-            await asyncio.sleep(0.1)
-        assert status == 200
+        async with openai.AsyncOpenAI(base_url=gw.base_url, api_key=gw.key,
+                                      max_retries=0) as client:
+            assert (await client.chat.completions.create(model="gpt-4o-mini",
+                                                         messages=MESSAGES)).choices
+            served += 1
+            assert await gw.components.usage.sync(10)
+            assert (await ready())[0] == 200
+            await proxy.cut()
+            status, body = 200, {}
+            for _ in range(60):
+                status, body = await ready()
+                if status == 503:
+                    break
+                await asyncio.sleep(0.1)
+            assert status == 503 and body["checks"]["database"]["ok"] is False
+            assert "127.0.0.1" not in str(body)  # names the error, not the server
+            # The key and balance are in memory: /v1 serves until the backlog is full.
+            refused = None
+            for _ in range(20):
+                try:
+                    await client.chat.completions.create(model="gpt-4o-mini",
+                                                         messages=MESSAGES)
+                    served += 1
+                except openai.APIStatusError as exc:
+                    refused = exc
+                    break
+            assert refused is not None and refused.status_code == 503
+            assert served == 1 + 5  # exactly the backlog's bound
+            await proxy.start()
+            for _ in range(60):
+                status, body = await ready()
+                if status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert status == 200
+            assert await gw.components.usage.sync(10)
     finally:
         await gw.server.shutdown()
         await proxy.cut()
+    assert await books_balance(pg) == served  # every served request landed, once
 
 
 async def test_retention_purges_a_deleted_accounts_rows_on_postgresql(pg: PgDatabase) -> None:
