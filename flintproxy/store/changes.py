@@ -154,6 +154,7 @@ class ChangeWatcher:
             self.notified += 1
             wake.set()
 
+        failures = 0
         while True:
             con: asyncpg.Connection | None = None
             try:
@@ -162,6 +163,10 @@ class ChangeWatcher:
                 con.add_termination_listener(functools.partial(_set_event, lost))
                 await con.add_listener(channel, on_notify)
                 self.listening = True
+                if failures:
+                    log.warning("change feed: listening again after %d failed attempts",
+                                failures)
+                failures = 0
                 wake.set()  # catch up on what happened while not listening
                 while not lost.is_set():
                     waiter = asyncio.ensure_future(wake.wait())
@@ -182,9 +187,13 @@ class ChangeWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                failures += 1
                 # The DSN may hold a password: name the error type, not the message.
-                log.warning("change feed: LISTEN failed (%s); retrying in %.0f s",
-                            type(exc).__name__, LISTEN_RETRY_S)
+                # Logged at the first failure, the 10th, then every 60th (not every second).
+                if failures in (1, 10) or failures % 60 == 0:
+                    log.warning("change feed: LISTEN failed %d times (%s); retrying every "
+                                "%.0f s, the poll goes on meanwhile", failures,
+                                type(exc).__name__, LISTEN_RETRY_S)
             finally:
                 self.listening = False
                 if con is not None and not con.is_closed():
