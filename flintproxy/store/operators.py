@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import aiosqlite
-
 from flintproxy.errors import BadRequest, Conflict, NotFound
 from flintproxy.money import format_usd
 from flintproxy.store.accounts import EV_CREDIT, AccountInfo, Accounts
+from flintproxy.store.db import Database, Queries
 
 __all__ = [
     "MAX_NOTE_CHARS",
@@ -154,7 +153,7 @@ class Operators:
         self.accounts = accounts
 
     @property
-    def db(self) -> aiosqlite.Connection:
+    def db(self) -> Database:
         return self.accounts.db
 
     def _audit(self, operator_id: int | None, action: Action, *,
@@ -162,26 +161,23 @@ class Operators:
                amount_nano: int | None = None, note: str = "") -> Any:
         clock = self.accounts.clock
 
-        async def write(db: aiosqlite.Connection) -> None:
+        async def write(db: Queries) -> None:
             target = account_id
             if target is None and key_id is not None:
-                async with db.execute("SELECT account_id FROM api_keys WHERE id = ?",
-                                      (key_id,)) as cur:
-                    row = await cur.fetchone()
-                target = None if row is None else int(row[0])
+                found = await db.fetchval("SELECT account_id FROM api_keys WHERE id = ?",
+                                          key_id)
+                target = None if found is None else int(found)
             await db.execute(
                 "INSERT INTO audit (operator_id, action, target_account_id, target_key_id, "
                 "amount_nano, note, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (operator_id, str(action), target, key_id, amount_nano, note, clock()))
+                operator_id, str(action), target, key_id, amount_nano, note, clock())
 
         return write
 
     # -- the role ------------------------------------------------------------------
 
     async def is_operator(self, account_id: int) -> bool:
-        async with self.db.execute("SELECT 1 FROM operators WHERE account_id = ?",
-                                   (account_id,)) as cur:
-            return await cur.fetchone() is not None
+        return await self._is_operator_in(self.db, account_id)
 
     async def grant(self, account_id: int, by: int | None = None) -> bool:
         """Make the account an operator; False when it already was."""
@@ -189,24 +185,23 @@ class Operators:
             if await self._is_operator_in(db, account_id):
                 return False
             await db.execute("INSERT INTO operators (account_id, granted_at) VALUES (?, ?)",
-                             (account_id, self.accounts.clock()))
+                             account_id, self.accounts.clock())
             await self._audit(by, Action.GRANT_OPERATOR, account_id=account_id)(db)
         return True
 
     async def revoke(self, account_id: int, by: int | None = None) -> bool:
         """Take the role away; False when the account was not an operator."""
         async with self.accounts.transaction() as db:
-            cur = await db.execute("DELETE FROM operators WHERE account_id = ?", (account_id,))
-            if cur.rowcount == 0:
+            if await db.execute("DELETE FROM operators WHERE account_id = ?",
+                                account_id) == 0:
                 return False
             await self._audit(by, Action.REVOKE_OPERATOR, account_id=account_id)(db)
         return True
 
     @staticmethod
-    async def _is_operator_in(db: aiosqlite.Connection, account_id: int) -> bool:
-        async with db.execute("SELECT 1 FROM operators WHERE account_id = ?",
-                              (account_id,)) as cur:
-            return await cur.fetchone() is not None
+    async def _is_operator_in(db: Queries, account_id: int) -> bool:
+        return await db.fetchrow("SELECT 1 FROM operators WHERE account_id = ?",
+                                 account_id) is not None
 
     # -- look-ups ------------------------------------------------------------------
 
@@ -214,13 +209,11 @@ class Operators:
         """Accounts whose email contains ``email_part`` (at most MAX_FOUND, by id)."""
         sql = (f"{_SUMMARY_SQL} WHERE a.email LIKE ? ESCAPE '\\' "
                "ORDER BY a.id LIMIT ?")
-        async with self.db.execute(sql, (_like(email_part.lower()), MAX_FOUND)) as cur:
-            return [_summary(r) for r in await cur.fetchall()]
+        return [_summary(r) for r in await self.db.fetch(sql, _like(email_part.lower()),
+                                                          MAX_FOUND)]
 
     async def summary(self, account_id: int) -> AccountSummary:
-        async with self.db.execute(f"{_SUMMARY_SQL} WHERE a.id = ?",
-                                   (account_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self.db.fetchrow(f"{_SUMMARY_SQL} WHERE a.id = ?", account_id)
         if row is None:
             raise NotFound(f"No account with id {account_id}.")
         return _summary(row)
@@ -234,8 +227,8 @@ class Operators:
                "LEFT JOIN accounts a ON a.id = t.target_account_id "
                "WHERE t.id < ? ORDER BY t.id DESC LIMIT ?")
         bound = before if before is not None else 2**62
-        async with self.db.execute(sql, (bound, min(limit, MAX_AUDIT_PAGE + 1))) as cur:
-            return [AuditEntry(*r) for r in await cur.fetchall()]
+        return [AuditEntry(*r) for r in
+                await self.db.fetch(sql, bound, min(limit, MAX_AUDIT_PAGE + 1))]
 
     # -- audited changes -----------------------------------------------------------
 
@@ -257,22 +250,21 @@ class Operators:
             raise BadRequest("A debit must be positive.")
         repo = self.accounts
         async with repo.transaction() as db:
-            cur = await db.execute(
+            changed = await db.execute(
                 "UPDATE accounts SET credited_nano = credited_nano - ?, "
                 "balance_nano = balance_nano - ? "
                 "WHERE id = ? AND status <> 'deleted' AND balance_nano >= ?",
-                (amount_nano, amount_nano, account_id, amount_nano))
-            async with db.execute("SELECT balance_nano, status FROM accounts WHERE id = ?",
-                                  (account_id,)) as c:
-                row = await c.fetchone()
-            if cur.rowcount == 0:
+                amount_nano, amount_nano, account_id, amount_nano)
+            row = await db.fetchrow("SELECT balance_nano, status FROM accounts WHERE id = ?",
+                                    account_id)
+            if changed == 0:
                 if row is None or row[1] == "deleted":
                     raise NotFound(f"No account with id {account_id}.")
                 raise Conflict(f"The balance is {format_usd(int(row[0]))} USD: a debit of "
                                f"{format_usd(amount_nano)} USD would make it negative.",
                                code="insufficient_balance")
             await db.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
-                             "VALUES (?, ?, ?)", (account_id, -amount_nano, repo.clock()))
+                             "VALUES (?, ?, ?)", account_id, -amount_nano, repo.clock())
             ev = await repo.record_event(db, EV_CREDIT, account_id)
             await self._audit(operator_id, Action.DEBIT, account_id=account_id,
                               amount_nano=-amount_nano, note=note)(db)

@@ -2,8 +2,10 @@
 
 Migrations are numbered SQL scripts applied in order at start, each in its own
 transaction, and recorded in ``schema_version``; add new ones at the end of
-``MIGRATIONS`` and never edit a released one. No ORM: repositories (accounts,
-billing, usage) write their SQL against the connection this module opens.
+``MIGRATIONS`` and never edit a released one, and add the same one to
+``store.postgres.MIGRATIONS`` (a test compares the two schemas). No ORM:
+repositories (accounts, billing, usage) write portable SQL against ``store.db``'s
+``Database``, which wraps the connection this module opens.
 
 Times are integer unix milliseconds; money is integer nano-dollars.
 """
@@ -188,6 +190,14 @@ async def transaction(db: aiosqlite.Connection, lock: asyncio.Lock | None = None
             with contextlib.suppress(Exception):
                 await db.execute("ROLLBACK")
             raise
+
+
+async def schema_version(db: aiosqlite.Connection) -> int:
+    """The version reached (0 on a new file)."""
+    async with db.execute("SELECT name FROM sqlite_master WHERE name = 'schema_version'") as c:
+        if await c.fetchone() is None:
+            return 0
+    return await _version(db)
 
 
 async def _version(db: aiosqlite.Connection) -> int:

@@ -17,7 +17,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-import aiosqlite
 from aiohttp import web
 
 from flintproxy.config import Config
@@ -25,6 +24,7 @@ from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadToo
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.store.operators import Operators
 from flintproxy.web import admin_api, api, usage_api
@@ -135,7 +135,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
-                       usage: UsageWriter, usage_db: aiosqlite.Connection,
+                       usage: UsageWriter, usage_db: Database,
                        refusal_observers: Iterable[RefusalObserver] = (),
                        extra_routes: Iterable[tuple[str, str, Handler]] = ()
                        ) -> web.Application:

@@ -29,6 +29,7 @@ from flintproxy.config import BillingConfig, Config, ModelPrice, build_config
 from flintproxy.errors import ServiceUnavailable
 from flintproxy.gate.billing import Billing
 from flintproxy.store import sqlite
+from flintproxy.store.db import Database, SqliteDatabase
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter, open_writer_db
 from flintproxy.store.retention import DAY_MS, PURGE_CHUNK, RetentionJob, purge
 from tests.support import to_toml
@@ -56,27 +57,26 @@ async def add_account(db: aiosqlite.Connection, credit: int, status: str = "acti
     return cur.lastrowid
 
 
-async def check_invariant(db: aiosqlite.Connection, rows_deleted: bool = False) -> int:
+async def check_invariant(conn: aiosqlite.Connection | Database,
+                          rows_deleted: bool = False) -> int:
     """balance = credited - charged for every account; charged = sum(costs) if nothing deleted.
 
     Returns the number of usage rows.
     """
-    bad = await db.execute_fetchall(
+    db = SqliteDatabase(conn) if isinstance(conn, aiosqlite.Connection) else conn
+    bad = await db.fetch(
         "SELECT id FROM accounts WHERE balance_nano != credited_nano - charged_nano")
     assert list(bad) == []
     if not rows_deleted:
-        mismatched = await db.execute_fetchall(
+        mismatched = await db.fetch(
             "SELECT a.id, a.charged_nano, COALESCE(u.total, 0) FROM accounts a LEFT JOIN "
             "(SELECT account_id, SUM(cost_nano) AS total FROM usage GROUP BY account_id) u "
             "ON u.account_id = a.id WHERE a.charged_nano != COALESCE(u.total, 0)")
         assert list(mismatched) == []
-    dups = await db.execute_fetchall(
+    dups = await db.fetch(
         "SELECT request_id FROM usage GROUP BY request_id HAVING COUNT(*) > 1")
     assert list(dups) == []
-    async with db.execute("SELECT COUNT(*) FROM usage") as cur:
-        n = await cur.fetchone()
-    assert n is not None
-    return int(n[0])
+    return int(await db.fetchval("SELECT COUNT(*) FROM usage"))
 
 
 @pytest.fixture
@@ -87,7 +87,9 @@ async def ledger(tmp_path: Path) -> AsyncIterator[tuple[aiosqlite.Connection, Pa
     await db.close()
 
 
-def make_writer(db: aiosqlite.Connection, **cfg: Any) -> tuple[Billing, UsageWriter]:
+def make_writer(conn: aiosqlite.Connection | Database, **cfg: Any
+                ) -> tuple[Billing, UsageWriter]:
+    db = SqliteDatabase(conn) if isinstance(conn, aiosqlite.Connection) else conn
     bcfg = BillingConfig(**{"flush_interval_s": 0.02, "flush_batch_rows": 100, **cfg})
     billing = Billing(PRICES, bcfg, Balances(db))
     return billing, UsageWriter(db, billing, bcfg)
@@ -204,7 +206,7 @@ class Fault:
 
     name = "fault"
 
-    def __init__(self, path: Path, wdb: aiosqlite.Connection | None = None) -> None:
+    def __init__(self, path: Path, wdb: SqliteDatabase | None = None) -> None:
         self.path = path
         self.wdb = wdb
 
@@ -220,14 +222,14 @@ class PageLimit(Fault):
 
     async def apply(self) -> None:
         assert self.wdb is not None
-        async with self.wdb.execute("PRAGMA page_count") as cur:
+        async with self.wdb.conn.execute("PRAGMA page_count") as cur:
             pages = await cur.fetchone()
         assert pages is not None
-        await self.wdb.execute(f"PRAGMA max_page_count = {pages[0]}")
+        await self.wdb.conn.execute(f"PRAGMA max_page_count = {pages[0]}")
 
     async def heal(self) -> None:
         assert self.wdb is not None
-        await self.wdb.execute("PRAGMA max_page_count = 1073741823")
+        await self.wdb.conn.execute("PRAGMA max_page_count = 1073741823")
 
 
 class Immutable(Fault):
@@ -304,7 +306,7 @@ async def test_disk_failure_retries_then_lands_everything(
             await db.close()
 
 
-async def run_fault_scenario(db: aiosqlite.Connection, wdb: aiosqlite.Connection,
+async def run_fault_scenario(db: aiosqlite.Connection, wdb: SqliteDatabase,
                              fault: Fault) -> None:
     billing, writer = make_writer(wdb, max_backlog_rows=3000)
     accounts = [await add_account(db, 10**12) for _ in range(4)]
@@ -427,9 +429,10 @@ async def test_sigkill_under_load_keeps_the_invariant(
 # --- users' rights: list, export, delete ------------------------------------------------------
 
 
-def make_config(tmp_path: Path, **billing: Any) -> Config:
+def make_config(tmp_path: Path, storage: dict[str, Any] | None = None, **billing: Any
+                ) -> Config:
     return build_config({
-        "storage": {"path": str(tmp_path / "api.db")},
+        "storage": storage or {"path": str(tmp_path / "api.db")},
         "upstreams": [{"name": "x", "base_url": "http://127.0.0.1:9/v1",
                        "models": ["gpt-4o-mini"]}],
         "models": {"gpt-4o-mini": {"input_usd_per_mtok": "0.15", "output_usd_per_mtok": "0.60"}},
@@ -446,7 +449,7 @@ class Api:
         self.components = server.components
 
     @property
-    def db(self) -> aiosqlite.Connection:
+    def db(self) -> Database:
         return self.components.accounts.db
 
     async def login(self, email: str) -> tuple[int, dict[str, str]]:
@@ -457,8 +460,9 @@ class Api:
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    server = GatewayServer(make_config(tmp_path))
+async def api(tmp_path: Path, storage: dict[str, Any]) -> AsyncIterator[Api]:
+    """Users' rights over their rows, on each store engine."""
+    server = GatewayServer(make_config(tmp_path, storage))
     await server.startup("127.0.0.1", 0, console_port=0)
     url = f"http://127.0.0.1:{server.console_addresses[0][1]}"
     try:
@@ -468,17 +472,17 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         await server.shutdown()
 
 
-async def bulk_rows(db: aiosqlite.Connection, account: int, n: int, start: int = CLOCK0,
-                    model: str = "gpt-4o-mini") -> None:
-    await db.execute("BEGIN IMMEDIATE")
-    for i in range(0, n, 50_000):
-        await db.executemany(
+async def bulk_rows(conn: aiosqlite.Connection | Database, account: int, n: int,
+                    start: int = CLOCK0, model: str = "gpt-4o-mini") -> None:
+    db = SqliteDatabase(conn) if isinstance(conn, aiosqlite.Connection) else conn
+    async with db.transaction() as tx:
+        for i in range(0, n, 50_000):
+            await tx.executemany(
             "INSERT INTO usage (request_id, account_id, key_id, model, upstream, prompt_tokens, "
             "completion_tokens, cost_nano, status, outcome, stream, started_at, duration_ms, "
             "ttfb_ms) VALUES (?, ?, 3, ?, 'local', 40, 120, 81, 200, 'ok', 1, ?, 350, 40)",
             [(f"a{account}-{model}-{j:09d}", account, model, start + j)
              for j in range(i, min(n, i + 50_000))])
-    await db.execute("COMMIT")
 
 
 async def test_list_pages_filters_and_isolation(api: Api) -> None:
@@ -571,9 +575,8 @@ async def test_delete_needs_csrf_and_keeps_totals(api: Api) -> None:
     resp = await api.client.delete("/api/usage", headers=headers)
     assert resp.status == 200 and await resp.json() == {"deleted": 15}
     assert await check_invariant(api.db, rows_deleted=True) == 1
-    async with api.db.execute("SELECT charged_nano, balance_nano FROM accounts WHERE id = ?",
-                              (me,)) as cur:
-        assert await cur.fetchone() == (150, 10000 - 150)
+    assert tuple(await api.db.fetchrow(  # type: ignore[arg-type]
+        "SELECT charged_nano, balance_nano FROM accounts WHERE id = ?", me)) == (150, 9850)
     resp = await api.client.get("/api/usage", headers=headers)
     assert (await resp.json())["data"] == []
 
@@ -592,12 +595,12 @@ async def test_retention_purges_after_the_configured_days(
     await bulk_rows(db, alive, 10)
     await db.execute("UPDATE accounts SET charged_nano = 5, credited_nano = 5")
     now = CLOCK0 + 90 * DAY_MS - 1
-    job = RetentionJob(db, 90, clock=lambda: now)
+    job = RetentionJob(SqliteDatabase(db), 90, clock=lambda: now)
     assert await job.run_once() == 0
     now += 1
     assert await job.run_once() == PURGE_CHUNK * 2 + 17
-    assert await purge(db, 90, CLOCK0 + 139 * DAY_MS) == 0
-    assert await purge(db, 30, CLOCK0 + 80 * DAY_MS) == 10  # configurable days
+    assert await purge(SqliteDatabase(db), 90, CLOCK0 + 139 * DAY_MS) == 0
+    assert await purge(SqliteDatabase(db), 30, CLOCK0 + 80 * DAY_MS) == 10  # configurable days
     async with db.execute("SELECT account_id, COUNT(*) FROM usage GROUP BY account_id") as cur:
         assert list(await cur.fetchall()) == [(alive, 10)]
     async with db.execute("SELECT SUM(charged_nano) FROM accounts") as cur:
@@ -728,7 +731,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
     config = tmp_path / "flintproxy.toml"
     config.write_text(to_toml(raw))
     db = await sqlite.open_store(tmp_path / "flintproxy.db")
-    repo = Accounts(db, 4, 3600)
+    repo = Accounts(SqliteDatabase(db), 4, 3600)
     account = await repo.create_account("load@example.com", None)
     await repo.credit(account, 1000 * 10**9)
     _, key = await repo.create_key(account, "load")
@@ -782,7 +785,7 @@ async def test_list_json_and_csv_agree_on_awkward_rows(api: Api) -> None:
             "completion_tokens, cached_tokens, reasoning_tokens, estimated, cost_nano, status, "
             "outcome, stream, started_at, duration_ms, ttfb_ms) "
             "VALUES (?, ?, NULL, ?, NULL, 3, 4, 1, 2, 1, ?, 499, 'client_disconnect', 0, ?, 8, "
-            "NULL)", (f'id,"{i}"\nx', me, 'mod"el, ünï', cost, CLOCK0 + 999 + i))
+            "NULL)", f'id,"{i}"\nx', me, 'mod"el, ünï', cost, CLOCK0 + 999 + i)
     listed = (await (await api.client.get("/api/usage", headers=headers)).json())["data"]
     exported = await (await api.client.get("/api/usage/export?format=json",
                                            headers=headers)).json()

@@ -143,8 +143,7 @@ async def test_password_stdin_allows_login(server: Gateway, run: Run) -> None:
             json={"email": "p@example.com", "password": "a long password"}) as resp:
         assert resp.status == 200
     repo = server.components.accounts
-    async with repo.db.execute("SELECT password_hash FROM accounts") as cur:
-        row = await cur.fetchone()
+    row = await repo.db.fetchrow("SELECT password_hash FROM accounts")
     assert row is not None and row[0].startswith("$2b$04$")
 
 
@@ -206,3 +205,10 @@ async def test_operator_actions_from_the_command_line_are_audited_as_the_command
         (None, "set_limits", 1, None, None, "rpm=9, tpm=default, max_concurrent=default"),
         (None, "revoke_key", 1, 1, None, "leaked"),
     ]
+
+
+async def test_migrate_brings_a_new_sqlite_file_up_to_date_once(run: Run) -> None:
+    code, out, _ = await run("migrate")
+    assert code == 0 and "applied" in out and "flintproxy.db: version" in out
+    code, out, _ = await run("migrate")
+    assert code == 0 and "up to date" in out
