@@ -58,12 +58,11 @@ def sdk(gw: Gateway, key: str | None = None, **headers: str) -> anthropic.AsyncA
 
 async def rows(gw: Gateway) -> list[dict[str, Any]]:
     assert await gw.components.usage.sync(10)
-    db = gw.components.usage_db
-    cur = await db.execute(
-        "SELECT endpoint, upstream, prompt_tokens, completion_tokens, cached_tokens, cost_nano,"
-        " outcome, estimated FROM usage WHERE account_id = ? ORDER BY id", (gw.account_id,))
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+    names = "endpoint, upstream, prompt_tokens, completion_tokens, cached_tokens, cost_nano, outcome, estimated".split(", ")
+    found = await gw.components.usage_db.fetch(
+        f"SELECT {', '.join(names)} FROM usage WHERE account_id = ? ORDER BY id",
+        gw.account_id)
+    return [dict(zip(names, r, strict=True)) for r in found]
 
 
 def received(mock: MockServer) -> tuple[dict[str, str], dict[str, Any]]:

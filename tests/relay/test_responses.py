@@ -40,13 +40,11 @@ def sdk(gw: Gateway, **headers: str) -> openai.AsyncOpenAI:
 
 async def rows(gw: Gateway) -> list[dict[str, Any]]:
     assert await gw.components.usage.sync(10)
-    db = gw.components.usage_db
-    db.row_factory = None
-    cur = await db.execute(
-        "SELECT endpoint, prompt_tokens, completion_tokens, cached_tokens, cost_nano, outcome,"
-        " estimated FROM usage WHERE account_id = ? ORDER BY id", (gw.account_id,))
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+    names = "endpoint, prompt_tokens, completion_tokens, cached_tokens, cost_nano, outcome, estimated".split(", ")
+    found = await gw.components.usage_db.fetch(
+        f"SELECT {', '.join(names)} FROM usage WHERE account_id = ? ORDER BY id",
+        gw.account_id)
+    return [dict(zip(names, r, strict=True)) for r in found]
 
 
 def sent(mock: MockServer) -> dict[str, Any]:
