@@ -1,10 +1,11 @@
 """``flintproxy admin copy-to-postgres``: move an embedded install into PostgreSQL.
 
 Copies every table of the SQLite store (accounts with their balances, credits, API
-keys, sessions, usage rows, change events) into an empty PostgreSQL database,
-migrated first if it is not yet. Ids are kept (keys, usage rows and sessions refer
-to accounts by id), and each identity sequence is set past the largest copied id,
-the ``events`` one included, so the change feed's high-water mark carries on.
+keys, sessions, usage rows, change events, and any table a later migration adds)
+into an empty PostgreSQL database, migrated first if it is not yet. Ids are kept
+(keys, usage rows and sessions refer to accounts by id), and each identity sequence
+is set past the largest copied id, the ``events`` one included, so the change
+feed's high-water mark carries on.
 
 Without loss: everything is written in ONE PostgreSQL transaction with COPY, then,
 inside it, checked against the source: row counts per table, the sum of credits,
@@ -24,13 +25,11 @@ from flintproxy.money import format_usd
 from flintproxy.store import postgres, sqlite
 from flintproxy.store.db import PgDatabase, SqliteDatabase
 
-__all__ = ["TABLES", "copy_to_postgres"]
+__all__ = ["FIRST", "copy_to_postgres"]
 
-# In foreign-key order; (table, key column for paging or None to read at once).
-TABLES: tuple[tuple[str, str | None], ...] = (
-    ("accounts", "id"), ("credits", "id"), ("api_keys", "id"), ("sessions", None),
-    ("usage", "id"), ("events", "id"), ("operators", None), ("audit", "id"),
-)
+# Copied first, in this order (foreign keys point at accounts); every other table
+# of the store follows, so a table a later migration adds is copied and checked too.
+FIRST = ("accounts", "credits", "api_keys", "sessions", "usage", "events")
 CHUNK = 20_000
 
 
@@ -44,10 +43,19 @@ async def _columns(src: SqliteDatabase, table: str) -> list[str]:
     return [str(r[1]) for r in await src.fetch(f"PRAGMA table_info({table})")]
 
 
-async def _totals(db: Any) -> dict[str, Any]:
+async def _tables(src: SqliteDatabase) -> list[tuple[str, str | None]]:
+    """(table, its ``id`` column to page by, or None) in copy order."""
+    names = [str(r[0]) for r in await src.fetch(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "AND name != 'schema_version' ORDER BY name")]
+    ordered = [t for t in FIRST if t in names] + [t for t in names if t not in FIRST]
+    return [(t, "id" if "id" in await _columns(src, t) else None) for t in ordered]
+
+
+async def _totals(db: Any, tables: list[tuple[str, str | None]]) -> dict[str, Any]:
     """What must be equal on both sides: counts, sums, every balance."""
     out: dict[str, Any] = {}
-    for table, _ in TABLES:
+    for table, _ in tables:
         out[f"rows:{table}"] = int(await db.fetchval(f"SELECT COUNT(*) FROM {table}"))  # noqa: S608
     out["credits_nano"] = int(await db.fetchval(
         "SELECT COALESCE(SUM(amount_nano), 0) FROM credits"))
@@ -74,20 +82,14 @@ async def copy_to_postgres(path: Path, dsn: str) -> list[str]:
 
 async def _copy(src: SqliteDatabase, dst: PgDatabase, path: Path,
                 dsn: str) -> list[str]:
-    held = {str(r[0]) for r in await src.fetch(
-        "SELECT name FROM sqlite_master WHERE type = 'table' "
-        "AND name NOT LIKE 'sqlite_%' AND name <> 'schema_version'")}
-    unknown = held - {table for table, _ in TABLES}
-    if unknown:  # a table added to the schema but not here would be lost
-        raise Conflict(f"copy-to-postgres does not know the table(s) {sorted(unknown)}; "
-                       "nothing was written")
-    for table, _ in TABLES:
+    tables = await _tables(src)
+    for table, _ in tables:
         if await dst.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):  # noqa: S608
             raise Conflict(f"the target database is not empty (table {table} has rows); "
                            "copy-to-postgres only fills an empty database")
-    before = await _totals(src)
+    before = await _totals(src, tables)
     async with dst.connection() as con, con.transaction():
-        for table, key in TABLES:
+        for table, key in tables:
             cols = await _columns(src, table)
             names = ", ".join(cols)
             if key is None:
@@ -107,7 +109,7 @@ async def _copy(src: SqliteDatabase, dst: PgDatabase, path: Path,
             await con.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', '{key}'), "  # noqa: S608
                 f"COALESCE(MAX({key}), 0) + 1, false) FROM {table}")
-        copied = await _totals(con)
+        copied = await _totals(con, tables)
         for name, want in before.items():
             if copied[name] != want:
                 shown = "each account's balance" if name == "balances" else name
@@ -115,7 +117,7 @@ async def _copy(src: SqliteDatabase, dst: PgDatabase, path: Path,
                                    "nothing was written")
     balances = before["balances"]
     lines = [f"copied {path} -> {mask_dsn(dsn)}"]
-    lines += [f"  {table}: {before[f'rows:{table}']} rows" for table, _ in TABLES]
+    lines += [f"  {table}: {before[f'rows:{table}']} rows" for table, _ in tables]
     lines.append(f"  sum of credits: {format_usd(before['credits_nano'])} USD "
                  f"({before['credits_nano']} nano), equal on both sides")
     lines.append(f"  sum of usage costs: {format_usd(before['usage_cost_nano'])} USD "

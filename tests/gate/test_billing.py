@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -333,9 +334,10 @@ async def test_change_for_unknown_or_all_accounts(db: Database,
 
 
 async def test_200_concurrent_streams_for_an_account_that_affords_10_in_full(
-        tmp_path: Path, mock_upstream: MockServer,
+        tmp_path: Path, mock_upstream: MockServer, storage: dict[str, Any],
         gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["storage"] = storage  # each engine
     # Prompt tokens free, completions 1 USD/Mtok (1000 nano a token): a stream of the
     # mock's 20 tokens with max_tokens=20 costs exactly what it reserves, 20,000 nano.
     raw["models"]["gpt-4o-mini"] = {"input_usd_per_mtok": "0", "output_usd_per_mtok": "1.00"}

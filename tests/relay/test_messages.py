@@ -58,7 +58,10 @@ def sdk(gw: Gateway, key: str | None = None, **headers: str) -> anthropic.AsyncA
 
 async def rows(gw: Gateway) -> list[dict[str, Any]]:
     assert await gw.components.usage.sync(10)
-    names = "endpoint, upstream, prompt_tokens, completion_tokens, cached_tokens, cost_nano, outcome, estimated".split(", ")
+    names = [
+        "endpoint", "upstream", "prompt_tokens", "completion_tokens", "cached_tokens",
+        "cost_nano", "outcome", "estimated",
+    ]
     found = await gw.components.usage_db.fetch(
         f"SELECT {', '.join(names)} FROM usage WHERE account_id = ? ORDER BY id",
         gw.account_id)
