@@ -39,7 +39,9 @@ import orjson
 from flintproxy.config import Config, usd_to_nano
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
 from flintproxy.money import NANO_PER_USD, format_usd
+from flintproxy.store import entries
 from flintproxy.store.db import Database, Dialect, Queries
+from flintproxy.store.entries import Reason
 from flintproxy.store.postgres import CHANNEL
 from flintproxy.store.sqlite import now_ms
 
@@ -76,6 +78,7 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 EMAIL_RE = re.compile(rf"{_LOCAL}@{_LABEL}(?:\.{_LABEL})*\.[a-z]{{2,63}}")
 
 Notify = Callable[[int, str, int | None, int | None], None]
+Event = tuple[int, str, int | None, int | None]  # (id, kind, account_id, key_id)
 
 
 def hash_key(token: str) -> bytes:
@@ -472,17 +475,22 @@ class Accounts:
         if amount_nano <= 0:
             raise BadRequest("A credit must be positive.")
         async with self.transaction() as db:
-            balance = await db.fetchval(
-                "UPDATE accounts SET credited_nano = credited_nano + ?, "
-                "balance_nano = balance_nano + ? WHERE id = ? AND status != 'deleted' "
-                "RETURNING balance_nano", amount_nano, amount_nano, account_id)
-            if balance is None:
-                raise NotFound("No such account.")
-            await db.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
-                             "VALUES (?, ?, ?)", account_id, amount_nano, self.clock())
-            ev = await self._event(db, EV_CREDIT, account_id)
+            balance, ev = await self.credit_in(db, account_id, amount_nano, Reason.CREDIT,
+                                               "operator")
         self._publish(ev)
-        return int(balance)
+        return balance
+
+    async def credit_in(self, db: Queries, account_id: int, amount_nano: int, reason: Reason,
+                        actor: str) -> tuple[int, Event]:
+        """A balance change and its ledger entry and event inside the caller's
+        transaction (a redemption, a top-up); ``publish`` the event once committed."""
+        balance = await entries.apply(db, account_id, amount_nano, reason, actor,
+                                      self.clock())
+        return balance, await self._event(db, EV_CREDIT, account_id)
+
+    def publish(self, *events: Event) -> None:
+        """Tell this process of committed changes (``notify``) at once."""
+        self._publish(*events)
 
     # keys ----------------------------------------------------------------------------
 

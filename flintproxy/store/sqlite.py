@@ -100,6 +100,34 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  INTEGER NOT NULL
     );
     """,
+    # money-a: every credits row says why and who; erased usage kept on the books
+    """
+    ALTER TABLE credits ADD COLUMN reason TEXT NOT NULL DEFAULT 'credit';
+    ALTER TABLE credits ADD COLUMN actor TEXT NOT NULL DEFAULT 'operator';
+    CREATE INDEX credits_account ON credits(account_id);
+    -- Usage rows erased (on the holder's request, by retention): their cost stays on
+    -- the books, so charged_nano = SUM(usage) + SUM(usage_erased) per account.
+    CREATE TABLE usage_erased (
+        id          INTEGER PRIMARY KEY,
+        account_id  INTEGER NOT NULL,
+        rows_erased INTEGER NOT NULL,
+        cost_nano   INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE INDEX usage_erased_account ON usage_erased(account_id);
+    """,
+    # money-b: redemption codes, only their SHA-256 stored (store.codes)
+    """
+    CREATE TABLE redemption_codes (
+        code_hash    BLOB PRIMARY KEY,
+        amount_nano  INTEGER NOT NULL CHECK (amount_nano > 0),
+        note         TEXT NOT NULL DEFAULT '',
+        created_at   INTEGER NOT NULL,
+        expires_at   INTEGER,
+        redeemed_by  INTEGER REFERENCES accounts(id),
+        redeemed_at  INTEGER
+    );
+    """,
 )
 
 

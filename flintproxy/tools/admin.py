@@ -41,6 +41,7 @@ from flintproxy.store.accounts import (
 )
 from flintproxy.store.db import Database, SqliteDatabase
 from flintproxy.store.retention import purge
+from flintproxy.tools import admin_money
 from flintproxy.tools.copy import copy_to_postgres
 
 Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
@@ -276,6 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dsn", help="the target DSN (visible in the process list: prefer "
                    "--dsn-env)")
     v.set_defaults(run=_copy, raw=True)
+    admin_money.add_verbs(sub)
     return p
 
 

@@ -23,11 +23,13 @@ from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadToo
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
-from flintproxy.web import api, usage_api
+from flintproxy.web import api, payments, usage_api
 from flintproxy.web.keys import (
     ACCOUNTS,
+    CODES,
     LOGIN_GUARD,
     REFUSAL_OBSERVERS,
     SETTINGS,
@@ -62,6 +64,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/usage/export", usage_api.export_usage),
     ("DELETE", "/api/usage", usage_api.delete_usage),
     ("POST", "/api/usage/delete", usage_api.delete_usage),
+    ("POST", "/api/redeem", payments.redeem),
     ("GET", "/openapi.json", openapi),
 )
 
@@ -129,6 +132,7 @@ def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
     app[ACCOUNTS] = accounts
+    app[CODES] = Codes(accounts)
     app[SETTINGS] = AuthSettings.from_config(config)
     app[LOGIN_GUARD] = guard
     app[USAGE] = usage

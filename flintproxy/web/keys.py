@@ -16,10 +16,11 @@ from flintproxy.errors import FlintError
 from flintproxy.gate.ipguard import IpGuard, Network
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
 
-__all__ = ["ACCOUNTS", "LOGIN_GUARD", "REFUSAL_OBSERVERS", "SETTINGS", "USAGE", "USAGE_DB",
+__all__ = ["ACCOUNTS", "CODES", "LOGIN_GUARD", "REFUSAL_OBSERVERS", "SETTINGS", "USAGE", "USAGE_DB",
            "AuthSettings"]
 
 
@@ -42,6 +43,7 @@ class AuthSettings:
 
 ACCOUNTS = web.AppKey("flint.accounts", Accounts)
 SETTINGS = web.AppKey("flint.auth_settings", AuthSettings)
+CODES = web.AppKey("flint.codes", Codes)
 # Throttles logins (per IP and per account); the data plane's gate shares it for
 # failed API-key attempts.
 LOGIN_GUARD = web.AppKey("flint.login_guard", IpGuard)
