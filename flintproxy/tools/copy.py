@@ -29,7 +29,7 @@ __all__ = ["TABLES", "copy_to_postgres"]
 # In foreign-key order; (table, key column for paging or None to read at once).
 TABLES: tuple[tuple[str, str | None], ...] = (
     ("accounts", "id"), ("credits", "id"), ("api_keys", "id"), ("sessions", None),
-    ("usage", "id"), ("events", "id"),
+    ("usage", "id"), ("events", "id"), ("usage_erased", "id"), ("redemption_codes", None),
 )
 CHUNK = 20_000
 
