@@ -208,6 +208,9 @@ class EmailConfig:
     password: str | None = field(default=None, repr=False)
     sender: str = "flintproxy@localhost"  # the TOML key is ``from``
     timeout_s: float = 10.0
+    # At most this many messages a second leave the outbox (mail servers throttle
+    # bulk senders; a policy notice to every account must not trip them).
+    max_per_second: int = 10
     # The console's address as users reach it: the base of links in emails.
     public_url: str = "http://127.0.0.1:8081"
 
@@ -593,7 +596,7 @@ def _secret(raw: Mapping[str, Any], key: str, path: str, env: Mapping[str, str],
 def _email(raw: Mapping[str, Any], env: Mapping[str, str]) -> EmailConfig:
     p = "email."
     _check_keys(raw, {"host", "port", "starttls", "username", "password_env", "from",
-                      "timeout_s", "public_url"}, p)
+                      "timeout_s", "public_url", "max_per_second"}, p)
     sender = _str(raw, "from", p, "flintproxy@localhost") or ""
     if "@" not in sender or any(c in sender for c in "\r\n<>,"):
         raise _fail(f"{p}from", sender, "must be one email address such as ops@example.com")
@@ -610,6 +613,7 @@ def _email(raw: Mapping[str, Any], env: Mapping[str, str]) -> EmailConfig:
         password=password,
         sender=sender,
         timeout_s=_positive(raw, "timeout_s", p, 10.0),
+        max_per_second=_int(raw, "max_per_second", p, 10, 1, 10_000),
         public_url=_http_url(raw, "public_url", p, "http://127.0.0.1:8081"),
     )
 

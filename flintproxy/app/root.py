@@ -31,6 +31,7 @@ from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.service import ServiceGate
 from flintproxy.http.client import UpstreamClient
 from flintproxy.http.heartbeat import Heartbeats
+from flintproxy.ops import mailer
 from flintproxy.ops.accesslog import FLUSH_S, AccessLog, Sink
 from flintproxy.ops.health import DbProbe, Readiness, open_probe_db
 from flintproxy.ops.metrics import MULTIPROCESS_SYNC_S, Metrics
@@ -41,6 +42,7 @@ from flintproxy.store.accounts import Accounts, bootstrap_demo_account
 from flintproxy.store.changes import ChangeWatcher
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
 from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
+from flintproxy.store.outbox import Outbox
 from flintproxy.tasks import TaskGroup
 
 __all__ = ["Components", "open_components"]
@@ -108,6 +110,9 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         assert config.storage.dsn is not None
         tasks.spawn("change feed listen", watcher.listen(config.storage.dsn, postgres.CHANNEL))
     tasks.every("last_used_at flush", LAST_USED_FLUSH_S, keys.flush_last_used)
+    if config.email.enabled:
+        sender = mailer.OutboxSender(Outbox(accounts_db), mailer.Mailer(config.email))
+        tasks.every("email outbox", mailer.TICK_S, sender.run_once)
     tasks.every("session and event cleanup", JANITOR_S,
                 lambda: accounts.sweep(EVENTS_KEEP_MS))
 

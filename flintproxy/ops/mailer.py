@@ -17,8 +17,13 @@ from email.utils import formatdate, make_msgid
 import aiosmtplib
 
 from flintproxy.config import EmailConfig
+from flintproxy.store.outbox import Outbox
 
-__all__ = ["MailError", "Mailer", "compose"]
+__all__ = ["MailError", "Mailer", "OutboxSender", "compose"]
+
+MAX_ATTEMPTS = 12  # ~1 h 8 min of backoff in all (1 s doubling, capped at 30 min)
+MAX_DELAY_MS = 30 * 60 * 1000
+TICK_S = 1.0  # the composition root runs ``OutboxSender.run_once`` this often
 
 log = logging.getLogger("flintproxy.mail")
 
@@ -69,3 +74,45 @@ class Mailer:
                             ) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise MailError(type(exc).__name__, permanent=False) from None
+
+
+class OutboxSender:
+    """One tick: claim up to ``max_per_second`` due messages and send them one by one.
+
+    A transient failure retries with exponential backoff (1 s, 2 s, 4 s ... capped at
+    30 min); a permanent refusal, or ``MAX_ATTEMPTS`` failures, drops the message with
+    a warning naming its id and the reason, never its recipient or body.
+    """
+
+    def __init__(self, outbox: Outbox, mailer: Mailer) -> None:
+        self.outbox = outbox
+        self.mailer = mailer
+        self.per_tick = max(1, int(mailer.cfg.max_per_second * TICK_S))
+        self.sent = 0
+        self.dropped = 0
+
+    async def run_once(self) -> int:
+        """Returns the messages handed over in this tick."""
+        lease_ms = int((self.mailer.cfg.timeout_s * 2 + 5) * 1000) * self.per_tick
+        sent = 0
+        for mail in await self.outbox.claim(self.per_tick, lease_ms):
+            msg = compose(self.mailer.cfg, mail.recipient, mail.subject, mail.body)
+            try:
+                await self.mailer.send(msg)
+            except MailError as exc:
+                attempts = mail.attempts + 1
+                if exc.permanent or attempts >= MAX_ATTEMPTS:
+                    log.warning("email %d dropped after %d attempts: %s", mail.id, attempts,
+                                exc.reason)
+                    await self.outbox.sent(mail.id)
+                    self.dropped += 1
+                else:
+                    delay = min(1000 * 2 ** (attempts - 1), MAX_DELAY_MS)
+                    log.info("email %d not sent (%s); retry in %d s", mail.id, exc.reason,
+                             delay // 1000)
+                    await self.outbox.retry(mail.id, attempts, delay)
+                continue
+            await self.outbox.sent(mail.id)
+            sent += 1
+        self.sent += sent
+        return sent

@@ -128,6 +128,25 @@ MIGRATIONS: tuple[str, ...] = (
         redeemed_at  INTEGER
     );
     """,
+    # money-c: the email outbox (ops.mailer's sender) and password-reset tokens
+    """
+    CREATE TABLE email_outbox (
+        id               INTEGER PRIMARY KEY,
+        recipient        TEXT NOT NULL,
+        subject          TEXT NOT NULL,
+        body             TEXT NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  INTEGER NOT NULL,
+        created_at       INTEGER NOT NULL
+    );
+    CREATE INDEX email_outbox_due ON email_outbox(next_attempt_at);
+    CREATE TABLE password_resets (
+        token_hash  BLOB PRIMARY KEY,
+        account_id  INTEGER NOT NULL REFERENCES accounts(id),
+        expires_at  INTEGER NOT NULL
+    );
+    CREATE INDEX password_resets_account ON password_resets(account_id);
+    """,
 )
 
 

@@ -60,6 +60,7 @@ class MockSmtp:
         self.messages: list[ReceivedMessage] = []
         self.echo = echo
         self._server: asyncio.Server | None = None
+        self.port = 0
         self._arrived = asyncio.Condition()
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -87,7 +88,8 @@ class MockSmtp:
                          auth_required=False, auth_require_tls=False,
                          authenticator=_authenticate, loop=loop),
             host, port)
-        return int(self._server.sockets[0].getsockname()[1])
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
 
     async def wait_for(self, count: int, timeout_s: float = 10.0) -> list[ReceivedMessage]:
         """Wait until ``count`` messages have arrived; returns them all."""

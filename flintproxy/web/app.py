@@ -26,12 +26,15 @@ from flintproxy.store.accounts import Accounts
 from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
-from flintproxy.web import api, payments, usage_api
+from flintproxy.store.resets import PasswordResets
+from flintproxy.web import api, payments, recovery, usage_api
 from flintproxy.web.keys import (
     ACCOUNTS,
     CODES,
+    EMAIL,
     LOGIN_GUARD,
     REFUSAL_OBSERVERS,
+    RESETS,
     SETTINGS,
     USAGE,
     USAGE_DB,
@@ -65,6 +68,8 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/api/usage", usage_api.delete_usage),
     ("POST", "/api/usage/delete", usage_api.delete_usage),
     ("POST", "/api/redeem", payments.redeem),
+    ("POST", "/api/password-reset", recovery.request_reset),
+    ("POST", "/api/password-reset/confirm", recovery.confirm_reset),
     ("GET", "/openapi.json", openapi),
 )
 
@@ -133,6 +138,8 @@ def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
                           client_max_size=config.server.max_body_bytes)
     app[ACCOUNTS] = accounts
     app[CODES] = Codes(accounts)
+    app[RESETS] = PasswordResets(accounts)
+    app[EMAIL] = config.email
     app[SETTINGS] = AuthSettings.from_config(config)
     app[LOGIN_GUARD] = guard
     app[USAGE] = usage

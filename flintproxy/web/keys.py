@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from flintproxy.config import Config, CookieSecurity
+from flintproxy.config import Config, CookieSecurity, EmailConfig
 from flintproxy.errors import FlintError
 from flintproxy.gate.ipguard import IpGuard, Network
 from flintproxy.http.exchange import Exchange
@@ -19,9 +19,20 @@ from flintproxy.store.accounts import Accounts
 from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
+from flintproxy.store.resets import PasswordResets
 
-__all__ = ["ACCOUNTS", "CODES", "LOGIN_GUARD", "REFUSAL_OBSERVERS", "SETTINGS", "USAGE", "USAGE_DB",
-           "AuthSettings"]
+__all__ = [
+    "ACCOUNTS",
+    "CODES",
+    "EMAIL",
+    "LOGIN_GUARD",
+    "REFUSAL_OBSERVERS",
+    "RESETS",
+    "SETTINGS",
+    "USAGE",
+    "USAGE_DB",
+    "AuthSettings",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +55,8 @@ class AuthSettings:
 ACCOUNTS = web.AppKey("flint.accounts", Accounts)
 SETTINGS = web.AppKey("flint.auth_settings", AuthSettings)
 CODES = web.AppKey("flint.codes", Codes)
+RESETS = web.AppKey("flint.password_resets", PasswordResets)
+EMAIL = web.AppKey("flint.email", EmailConfig)
 # Throttles logins (per IP and per account); the data plane's gate shares it for
 # failed API-key attempts.
 LOGIN_GUARD = web.AppKey("flint.login_guard", IpGuard)

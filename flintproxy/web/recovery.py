@@ -1,0 +1,70 @@
+"""Password reset on the control plane (the account's email as the second channel).
+
+    POST /api/password-reset          {email}            -> 202, whoever asks
+    POST /api/password-reset/confirm  {token, password}  -> 204, all sessions ended
+
+The first answers the same for any well-formed address, account or not, so it cannot
+be used to learn who has an account; it is throttled per client address (the IP
+guard's unauthenticated budget) and per email (escalating backoff after five asks),
+so it cannot be used to flood someone's mailbox either. The link carries a token of
+256 random bits; only its SHA-256 is stored (store.resets). A wrong token counts as a
+failed login of the client address (backoff, then a block).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from flintproxy.errors import BadRequest, RateLimited, ServiceUnavailable
+from flintproxy.store import accounts as acc
+from flintproxy.web.api import check_origin, json_response, read_body, request_ip
+from flintproxy.web.keys import EMAIL, LOGIN_GUARD, RESETS
+
+__all__ = ["confirm_reset", "request_reset"]
+
+
+async def request_reset(request: web.Request) -> web.Response:
+    check_origin(request)
+    email_cfg = request.app[EMAIL]
+    if not email_cfg.enabled:
+        raise ServiceUnavailable("Password reset by email is not available: this server "
+                                 "sends no email.", code="email_disabled")
+    guard = request.app[LOGIN_GUARD]
+    guard.check(request_ip(request))
+    body = await read_body(request, frozenset({"email"}))
+    email = acc.normalize_email(body.get("email"))
+    throttle = f"reset#{email}"
+    try:
+        guard.check_login(throttle)
+    except RateLimited as exc:
+        raise RateLimited("Too many reset requests for this address. Please try again later.",
+                          retry_after_s=exc.retry_after_s, code="too_many_reset_requests"
+                          ) from None
+    guard.login_failure(throttle)  # every ask counts: the sixth within minutes waits
+
+    def compose(token: str) -> tuple[str, str]:
+        link = f"{email_cfg.public_url}/#reset={token}"
+        return ("Reset your flintproxy password",
+                "Someone (hopefully you) asked to reset the password of your flintproxy "
+                f"account.\n\nTo choose a new password, open this link within 30 minutes:\n"
+                f"{link}\n\nIt works once. If you did not ask, ignore this message: your "
+                "password stays as it is.\n")
+
+    await request.app[RESETS].request(email, compose)
+    return json_response({"status": "If an account uses this address, we sent it a link "
+                                    "to reset the password."}, 202)
+
+
+async def confirm_reset(request: web.Request) -> web.Response:
+    check_origin(request)
+    guard = request.app[LOGIN_GUARD]
+    ip = request_ip(request)
+    guard.check_blocked(ip)
+    body = await read_body(request, frozenset({"token", "password"}))
+    password = acc.new_password(body.get("password"))
+    try:
+        await request.app[RESETS].confirm(body.get("token"), password)
+    except BadRequest:
+        guard.failure(ip)
+        raise
+    return web.Response(status=204, headers={"Cache-Control": "no-store"})
