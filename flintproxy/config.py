@@ -246,6 +246,8 @@ class PaymentsConfig:
     max_topup_usd: str = "1000.00"
     # How old a webhook's signed timestamp may be (Stripe's default: 300 s).
     webhook_tolerance_s: int = 300
+    # Where Checkout sends the customer back (the console), paid or cancelled.
+    return_url: str = "http://127.0.0.1:8081/"
 
     @property
     def enabled(self) -> bool:
@@ -631,7 +633,8 @@ def _crypto(raw: Mapping[str, Any]) -> CryptoConfig:
 def _payments(raw: Mapping[str, Any], env: Mapping[str, str]) -> PaymentsConfig:
     p = "payments."
     _check_keys(raw, {"stripe_secret_key_env", "stripe_webhook_secret_env", "api_base",
-                      "currency", "min_topup_usd", "max_topup_usd", "webhook_tolerance_s"}, p)
+                      "currency", "min_topup_usd", "max_topup_usd", "webhook_tolerance_s",
+                      "return_url"}, p)
     key_env, key = _secret(raw, "stripe_secret_key_env", p, env, required=True)
     hook_env, hook = _secret(raw, "stripe_webhook_secret_env", p, env,
                              required=key_env is not None)
@@ -654,6 +657,7 @@ def _payments(raw: Mapping[str, Any], env: Mapping[str, str]) -> PaymentsConfig:
         api_base=_http_url(raw, "api_base", p, "https://api.stripe.com"),
         currency=currency, min_topup_usd=lo, max_topup_usd=hi,
         webhook_tolerance_s=_int(raw, "webhook_tolerance_s", p, 300, 1, 86_400),
+        return_url=_http_url(raw, "return_url", p, "http://127.0.0.1:8081") + "/",
     )
 
 

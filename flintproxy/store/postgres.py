@@ -167,6 +167,23 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX password_resets_account ON password_resets(account_id);
     """,
+    # money-d (sqlite's money-d): top-ups and webhook events seen
+    """
+    CREATE TABLE topups (
+        session_id    TEXT PRIMARY KEY,
+        account_id    BIGINT NOT NULL REFERENCES accounts(id),
+        amount_nano   BIGINT NOT NULL CHECK (amount_nano > 0),
+        created_at    BIGINT NOT NULL,
+        completed_at  BIGINT,
+        event_id      TEXT
+    );
+    CREATE INDEX topups_account ON topups(account_id);
+    CREATE TABLE payment_events (
+        event_id     TEXT PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        received_at  BIGINT NOT NULL
+    );
+    """,
 )
 
 

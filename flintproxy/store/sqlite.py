@@ -147,6 +147,23 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX password_resets_account ON password_resets(account_id);
     """,
+    # money-d: payment processor top-ups and the webhook events seen (store.topups)
+    """
+    CREATE TABLE topups (
+        session_id    TEXT PRIMARY KEY,
+        account_id    INTEGER NOT NULL REFERENCES accounts(id),
+        amount_nano   INTEGER NOT NULL CHECK (amount_nano > 0),
+        created_at    INTEGER NOT NULL,
+        completed_at  INTEGER,
+        event_id      TEXT
+    );
+    CREATE INDEX topups_account ON topups(account_id);
+    CREATE TABLE payment_events (
+        event_id     TEXT PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        received_at  INTEGER NOT NULL
+    );
+    """,
 )
 
 

@@ -30,6 +30,8 @@ __all__ = ["TABLES", "copy_to_postgres"]
 TABLES: tuple[tuple[str, str | None], ...] = (
     ("accounts", "id"), ("credits", "id"), ("api_keys", "id"), ("sessions", None),
     ("usage", "id"), ("events", "id"), ("usage_erased", "id"), ("redemption_codes", None),
+    ("email_outbox", "id"), ("password_resets", None), ("topups", None),
+    ("payment_events", None),
 )
 CHUNK = 20_000
 

@@ -27,12 +27,15 @@ from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.store.resets import PasswordResets
+from flintproxy.store.topups import Topups
 from flintproxy.web import api, payments, recovery, usage_api
+from flintproxy.web.checkout import Payments
 from flintproxy.web.keys import (
     ACCOUNTS,
     CODES,
     EMAIL,
     LOGIN_GUARD,
+    PAYMENTS,
     REFUSAL_OBSERVERS,
     RESETS,
     SETTINGS,
@@ -68,6 +71,8 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/api/usage", usage_api.delete_usage),
     ("POST", "/api/usage/delete", usage_api.delete_usage),
     ("POST", "/api/redeem", payments.redeem),
+    ("POST", "/api/topups", payments.create_topup),
+    ("POST", "/api/stripe/webhook", payments.stripe_webhook),
     ("POST", "/api/password-reset", recovery.request_reset),
     ("POST", "/api/password-reset/confirm", recovery.confirm_reset),
     ("GET", "/openapi.json", openapi),
@@ -140,6 +145,10 @@ def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
     app[CODES] = Codes(accounts)
     app[RESETS] = PasswordResets(accounts)
     app[EMAIL] = config.email
+    if config.payments.enabled:
+        checkout = Payments(config.payments, Topups(accounts))
+        app[PAYMENTS] = checkout
+        app.on_cleanup.append(checkout.close)
     app[SETTINGS] = AuthSettings.from_config(config)
     app[LOGIN_GUARD] = guard
     app[USAGE] = usage

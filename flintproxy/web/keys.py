@@ -20,6 +20,7 @@ from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.store.resets import PasswordResets
+from flintproxy.web.checkout import Payments
 
 __all__ = [
     "ACCOUNTS",
@@ -57,6 +58,8 @@ SETTINGS = web.AppKey("flint.auth_settings", AuthSettings)
 CODES = web.AppKey("flint.codes", Codes)
 RESETS = web.AppKey("flint.password_resets", PasswordResets)
 EMAIL = web.AppKey("flint.email", EmailConfig)
+# Set only when [payments] is configured: read it with ``app.get(PAYMENTS)``.
+PAYMENTS = web.AppKey("flint.payments", Payments)
 # Throttles logins (per IP and per account); the data plane's gate shares it for
 # failed API-key attempts.
 LOGIN_GUARD = web.AppKey("flint.login_guard", IpGuard)
