@@ -32,7 +32,6 @@ from flintproxy.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
-    ServiceUnavailable,
     UpstreamError,
 )
 from flintproxy.money import NANO_PER_USD, format_usd, usd_to_nano
@@ -80,8 +79,8 @@ async def redeem(request: web.Request) -> web.Response:
 def _payments(request: web.Request) -> Payments:
     payments = request.app.get(PAYMENTS)
     if payments is None:
-        raise ServiceUnavailable("Top-ups are not available on this server (no payment "
-                                 "processor configured).", code="payments_disabled")
+        raise NotFound("Top-ups are not available on this server (no payment processor "
+                       "is configured).", code="payments_disabled")
     return payments
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from flintproxy.errors import BadRequest, RateLimited, ServiceUnavailable
+from flintproxy.errors import BadRequest, NotFound, RateLimited
 from flintproxy.store import accounts as acc
 from flintproxy.web.api import check_origin, json_response, read_body, request_ip
 from flintproxy.web.keys import EMAIL, LOGIN_GUARD, RESETS
@@ -27,8 +27,8 @@ async def request_reset(request: web.Request) -> web.Response:
     check_origin(request)
     email_cfg = request.app[EMAIL]
     if not email_cfg.enabled:
-        raise ServiceUnavailable("Password reset by email is not available: this server "
-                                 "sends no email.", code="email_disabled")
+        raise NotFound("Password reset by email is not available: this server sends no "
+                       "email.", code="email_disabled")
     guard = request.app[LOGIN_GUARD]
     guard.check(request_ip(request))
     body = await read_body(request, frozenset({"email"}))
