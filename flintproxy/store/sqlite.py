@@ -164,6 +164,17 @@ MIGRATIONS: tuple[str, ...] = (
         received_at  INTEGER NOT NULL
     );
     """,
+    # money-e: policy-change notices, resumable (store.notices)
+    """
+    CREATE TABLE notices (
+        id               INTEGER PRIMARY KEY,
+        digest           TEXT NOT NULL UNIQUE,   -- SHA-256 of subject and body
+        created_at       INTEGER NOT NULL,
+        last_account_id  INTEGER NOT NULL DEFAULT 0,
+        queued           INTEGER NOT NULL DEFAULT 0,
+        done_at          INTEGER
+    );
+    """,
 )
 
 
