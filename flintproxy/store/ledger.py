@@ -25,8 +25,9 @@ the whole backlog. A graceful shutdown (SIGTERM/SIGINT) drains the queue.
 Engines. The queue, retries and backlog bound are engine-neutral; only the batch
 statement differs: on SQLite an ``executemany`` and one debit UPDATE per chunk on
 the writer's own connection (below), on PostgreSQL one statement per batch
-(``store.postgres.batch_sql``: unnest + ON CONFLICT DO NOTHING + the debit of what
-was inserted), idempotent by request id, so a batch retried after an ambiguous
+(``store.postgres.commit_usage``: COPY into a staging table, then one INSERT of
+the rows not yet in the ledger + the debit of what was inserted), idempotent by
+request id, so a batch retried after an ambiguous
 COMMIT never charges twice. A PostgreSQL that is down or restarting is one more
 "disk fault" below: /readyz unready, the backlog bounded, nothing lost.
 
@@ -370,7 +371,8 @@ class UsageWriter:
         db = self._db
         if isinstance(db, PgDatabase):
             assert self._pg_sql is not None
-            return await postgres.commit_usage(db, self._pg_sql, batch, list(debits))
+            return await postgres.commit_usage(db, self._pg_sql, batch, list(debits),
+                                               UsageRow._fields)
         assert isinstance(db, SqliteDatabase)
         return await self._commit_sqlite(db, batch, debits)
 
