@@ -110,3 +110,30 @@ async def reconcile(db: Queries) -> Reconciliation:
                     f"account {account_id}: {name} {format_usd(held)} USD != {what} "
                     f"{format_usd(entries_sum)} USD (off by {format_usd(held - entries_sum)})")
     return out
+
+
+async def history(q: Queries, account_id: int) -> dict[str, list[dict[str, object]]]:
+    """Everything held about an account's money but its usage rows (the export's):
+    ledger entries, erased-usage totals, top-ups and redeemed codes (not the codes)."""
+    def usd(nano: object) -> str:
+        return format_usd(int(nano))  # type: ignore[call-overload]
+
+    credits = await q.fetch("SELECT id, amount_nano, reason, actor, created_at FROM credits "
+                            "WHERE account_id = ? ORDER BY id", account_id)
+    erased = await q.fetch("SELECT rows_erased, cost_nano, created_at FROM usage_erased "
+                           "WHERE account_id = ? ORDER BY id", account_id)
+    topups = await q.fetch("SELECT session_id, amount_nano, created_at, completed_at "
+                           "FROM topups WHERE account_id = ? ORDER BY created_at", account_id)
+    codes = await q.fetch("SELECT amount_nano, redeemed_at FROM redemption_codes "
+                          "WHERE redeemed_by = ? ORDER BY redeemed_at", account_id)
+    return {
+        "ledger": [{"id": r[0], "amount_usd": usd(r[1]), "amount_nano": int(r[1]),
+                    "reason": r[2], "actor": r[3], "created_at_ms": int(r[4])} for r in credits],
+        "usage_erased": [{"rows": int(r[0]), "cost_usd": usd(r[1]), "cost_nano": int(r[1]),
+                          "erased_at_ms": int(r[2])} for r in erased],
+        "topups": [{"checkout_session": r[0], "amount_usd": usd(r[1]),
+                    "created_at_ms": int(r[2]),
+                    "completed_at_ms": None if r[3] is None else int(r[3])} for r in topups],
+        "redeemed_codes": [{"amount_usd": usd(r[0]), "redeemed_at_ms": int(r[1])}
+                           for r in codes],
+    }

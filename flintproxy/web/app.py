@@ -28,7 +28,7 @@ from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.store.resets import PasswordResets
 from flintproxy.store.topups import Topups
-from flintproxy.web import api, payments, recovery, usage_api
+from flintproxy.web import api, export, payments, recovery, usage_api
 from flintproxy.web.checkout import Payments
 from flintproxy.web.keys import (
     ACCOUNTS,
@@ -70,6 +70,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/usage/export", usage_api.export_usage),
     ("DELETE", "/api/usage", usage_api.delete_usage),
     ("POST", "/api/usage/delete", usage_api.delete_usage),
+    ("GET", "/api/account/export", export.export_account),
     ("POST", "/api/redeem", payments.redeem),
     ("POST", "/api/topups", payments.create_topup),
     ("POST", "/api/stripe/webhook", payments.stripe_webhook),

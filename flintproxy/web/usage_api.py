@@ -255,3 +255,7 @@ async def delete_usage(request: web.Request) -> web.Response:
 
 
 # --- retention ----------------------------------------------------------------------
+
+
+# The usage rows of an account, as the export formats them (web.export reuses it).
+usage_rows = _chunks
