@@ -17,7 +17,7 @@ from flintproxy import __version__
 from flintproxy.app import runner
 from flintproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from flintproxy.crypto import create_key_file, generate_key
-from flintproxy.errors import ListenError, SchemaBehind, StoreUnavailable
+from flintproxy.errors import KeyringError, ListenError, SchemaBehind, StoreUnavailable
 from flintproxy.tools import admin, mock, mock_smtp
 
 # File-descriptor slots reserved at start-up (at most RLIMIT_NOFILE's soft limit).
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _run(runner.serve(config, host=args.host, port=args.port,
                               access_sink=sys.stdout.buffer))
-        except (ListenError, SchemaBehind) as exc:
+        except (ListenError, SchemaBehind, KeyringError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except StoreUnavailable as exc:

@@ -226,6 +226,7 @@ class CryptoConfig:
 
     key_env: str | None = None
     key_file: Path | None = None
+    key_text: str | None = field(default=None, repr=False)  # key_env's value
 
     @property
     def enabled(self) -> bool:
@@ -620,14 +621,15 @@ def _email(raw: Mapping[str, Any], env: Mapping[str, str]) -> EmailConfig:
     )
 
 
-def _crypto(raw: Mapping[str, Any]) -> CryptoConfig:
+def _crypto(raw: Mapping[str, Any], env: Mapping[str, str]) -> CryptoConfig:
     p = "crypto."
     _check_keys(raw, {"key_env", "key_file"}, p)
     key_env = _str(raw, "key_env", p, None)
     key_file = _str(raw, "key_file", p, None)
     if key_env is not None and key_file is not None:
         raise _fail(f"{p}key_file", key_file, "set crypto.key_env or crypto.key_file, not both")
-    return CryptoConfig(key_env=key_env, key_file=Path(key_file) if key_file else None)
+    return CryptoConfig(key_env=key_env, key_file=Path(key_file) if key_file else None,
+                        key_text=env.get(key_env) if key_env else None)
 
 
 def _payments(raw: Mapping[str, Any], env: Mapping[str, str]) -> PaymentsConfig:
@@ -723,7 +725,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
         accounts=_accounts(_table(raw, "accounts", "")),
         metrics=_metrics(_table(raw, "metrics", ""), env),
         email=_email(_table(raw, "email", ""), env),
-        crypto=_crypto(_table(raw, "crypto", "")),
+        crypto=_crypto(_table(raw, "crypto", ""), env),
         payments=_payments(_table(raw, "payments", ""), env),
         source=source,
     )

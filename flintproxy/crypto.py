@@ -26,7 +26,7 @@ import hmac
 import os
 import secrets
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,12 +131,12 @@ class Keyring:
                      for k in self.keys)
 
 
-def load_keyring(cfg: CryptoConfig, env: Mapping[str, str] | None = None) -> Keyring | None:
+def load_keyring(cfg: CryptoConfig) -> Keyring | None:
     """The configured keyring (None when ``[crypto]`` names no key); KeyringError with
-    a message naming the setting when the key is missing, unreadable or malformed."""
-    env = os.environ if env is None else env
+    a message naming the setting when the key is missing, unreadable or malformed.
+    ``key_env``'s value was read with the rest of the config (``key_text``)."""
     if cfg.key_env is not None:
-        text = env.get(cfg.key_env)
+        text = cfg.key_text
         if not text:
             raise KeyringError(f"crypto.key_env = {cfg.key_env!r}: the environment variable "
                                f"{cfg.key_env} is not set (a key: `flintproxy keygen -`)")

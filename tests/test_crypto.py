@@ -60,15 +60,15 @@ def test_during_a_rotation_old_values_open_and_new_ones_use_the_new_key() -> Non
 @pytest.mark.parametrize("text", ["", "not base64!!", "c2hvcnQ=", generate_key()[:-8]])
 def test_a_malformed_key_is_refused_with_where_it_came_from(text: str) -> None:
     with pytest.raises(KeyringError, match=r"crypto.key_env \(K\)|no data key"):
-        load_keyring(CryptoConfig(key_env="K"), {"K": text + "\n" if text else "# none\n"})
+        load_keyring(CryptoConfig(key_env="K", key_text=text + "\n" if text else "# none\n"))
 
 
 def test_a_missing_key_env_or_file_fails_with_a_clear_message(tmp_path: Path) -> None:
     with pytest.raises(KeyringError, match="environment variable FLINT_KEY is not set"):
-        load_keyring(CryptoConfig(key_env="FLINT_KEY"), {})
+        load_keyring(CryptoConfig(key_env="FLINT_KEY"))
     with pytest.raises(KeyringError, match=r"not found .*flintproxy keygen"):
-        load_keyring(CryptoConfig(key_file=tmp_path / "nope.key"), {})
-    assert load_keyring(CryptoConfig(), {}) is None
+        load_keyring(CryptoConfig(key_file=tmp_path / "nope.key"))
+    assert load_keyring(CryptoConfig()) is None
 
 
 def test_the_key_file_is_created_once_with_mode_0600_and_refused_when_others_can_read(
@@ -78,8 +78,8 @@ def test_the_key_file_is_created_once_with_mode_0600_and_refused_when_others_can
     assert path.stat().st_mode & 0o777 == 0o600
     first = path.read_text()
     assert create_key_file(path) is False and path.read_text() == first
-    ring = load_keyring(CryptoConfig(key_file=path), {})
+    ring = load_keyring(CryptoConfig(key_file=path))
     assert ring is not None and ring.open(ring.seal("a@b.c", "c"), "c") == "a@b.c"
     os.chmod(path, 0o644)
     with pytest.raises(KeyringError, match="readable by others"):
-        load_keyring(CryptoConfig(key_file=path), {})
+        load_keyring(CryptoConfig(key_file=path))

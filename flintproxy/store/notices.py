@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from flintproxy.errors import BadRequest
 from flintproxy.store.db import Database
 from flintproxy.store.outbox import enqueue
+from flintproxy.store.pii import PiiCodec
 from flintproxy.store.sqlite import now_ms
 
 __all__ = ["NoticeRun", "notify_all"]
@@ -37,7 +38,8 @@ class NoticeRun:
 
 
 async def notify_all(db: Database, subject: str, body: str, *, batch: int = BATCH,
-                     max_batches: int | None = None) -> NoticeRun:
+                     max_batches: int | None = None, pii: PiiCodec | None = None
+                     ) -> NoticeRun:
     """Queue the notice for every active account not yet queued (see the docstring)."""
     if not subject.strip() or len(subject) > MAX_SUBJECT_CHARS or any(
             c in subject for c in "\r\n"):
@@ -46,6 +48,7 @@ async def notify_all(db: Database, subject: str, body: str, *, batch: int = BATC
     if not body.strip() or len(body) > MAX_BODY_CHARS:
         raise BadRequest(f"the body must be non-empty text of at most {MAX_BODY_CHARS} "
                          "characters.")
+    pii = pii or PiiCodec()
     digest = hashlib.sha256(subject.encode() + b"\0" + body.encode()).hexdigest()
     await db.execute("INSERT INTO notices (digest, created_at) VALUES (?, ?) "
                      "ON CONFLICT (digest) DO NOTHING", digest, now_ms())
@@ -59,11 +62,11 @@ async def notify_all(db: Database, subject: str, body: str, *, batch: int = BATC
         async with db.transaction() as q:
             last = int(await q.fetchval("SELECT last_account_id FROM notices WHERE id = ?",
                                         notice_id))
-            rows = await q.fetch("SELECT id, email FROM accounts WHERE id > ? "
+            rows = await q.fetch("SELECT id, email, email_sealed FROM accounts WHERE id > ? "
                                  "AND status = 'active' AND email IS NOT NULL "
                                  "ORDER BY id LIMIT ?", last, batch)
-            for _, email in rows:
-                await enqueue(q, str(email), subject, body, now)
+            for _, column, sealed in rows:
+                await enqueue(q, str(pii.reveal(column, sealed)), subject, body, now, pii)
             if rows:
                 await q.execute("UPDATE notices SET last_account_id = ?, queued = queued + ? "
                                 "WHERE id = ?", rows[-1][0], len(rows), notice_id)

@@ -9,7 +9,8 @@ once the mail server accepted it.
 Several processes or nodes may run senders on one database: a sender *claims* a due
 row (a conditional UPDATE moving its ``next_attempt_at`` a lease ahead), so one
 message goes out once; a sender that dies mid-send leaves it to be retried when the
-lease ends. The body (a reset link, a notice) lives here only until sent.
+lease ends. The body (a reset link, a notice) lives here only until sent, and with a
+data key the recipient and body are sealed (store.pii) even then.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flintproxy.store.db import Database, Queries
+from flintproxy.store.pii import PiiCodec
 from flintproxy.store.sqlite import now_ms
 
 __all__ = ["Mail", "Outbox", "enqueue"]
@@ -32,8 +34,12 @@ class Mail:
     attempts: int
 
 
-async def enqueue(q: Queries, recipient: str, subject: str, body: str, now: int) -> None:
-    """Queue one message inside the caller's transaction."""
+async def enqueue(q: Queries, recipient: str, subject: str, body: str, now: int,
+                  pii: PiiCodec | None = None) -> None:
+    """Queue one message inside the caller's transaction (sealed when ``pii`` has a key)."""
+    if pii is not None:
+        recipient = pii.seal_text(recipient, "email_outbox.recipient")
+        body = pii.seal_text(body, "email_outbox.body")
     await q.execute("INSERT INTO email_outbox (recipient, subject, body, next_attempt_at, "
                     "created_at) VALUES (?, ?, ?, ?, ?)", recipient, subject, body, now, now)
 
@@ -41,9 +47,11 @@ async def enqueue(q: Queries, recipient: str, subject: str, body: str, now: int)
 class Outbox:
     """The outbox's SQL for the sender."""
 
-    def __init__(self, db: Database, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(self, db: Database, clock: Callable[[], int] = now_ms,
+                 pii: PiiCodec | None = None) -> None:
         self.db = db
         self.clock = clock
+        self.pii = pii or PiiCodec()
 
     async def claim(self, limit: int, lease_ms: int) -> list[Mail]:
         """Up to ``limit`` due messages, each claimed for ``lease_ms``, oldest first."""
@@ -56,7 +64,9 @@ class Outbox:
             if await self.db.execute(
                     "UPDATE email_outbox SET next_attempt_at = ? WHERE id = ? "
                     "AND next_attempt_at = ?", now + lease_ms, r[0], r[5]):
-                claimed.append(Mail(int(r[0]), r[1], r[2], r[3], int(r[4])))
+                claimed.append(Mail(int(r[0]),
+                                    self.pii.open_text(r[1], "email_outbox.recipient"), r[2],
+                                    self.pii.open_text(r[3], "email_outbox.body"), int(r[4])))
         return claimed
 
     async def sent(self, mail_id: int) -> None:

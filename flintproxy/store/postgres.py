@@ -197,6 +197,10 @@ MIGRATIONS: tuple[str, ...] = (
         done_at          BIGINT
     );
     """,
+    # money-f (sqlite's money-f): the email sealed at rest
+    """
+    ALTER TABLE accounts ADD COLUMN email_sealed BYTEA;
+    """,
 )
 
 

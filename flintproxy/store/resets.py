@@ -37,8 +37,9 @@ class PasswordResets:
     async def request(self, email: str, compose: Compose) -> bool:
         """Queue a reset email when ``email`` is an active account's; True when queued
         (for tests and metrics only: never tell the client)."""
+        where, args = self.accounts.email_is(email)
         row = await self.accounts.db.fetchrow(
-            "SELECT id FROM accounts WHERE email = ? AND status = 'active'", email)
+            f"SELECT id FROM accounts WHERE {where} AND status = 'active'", *args)  # noqa: S608
         if row is None:
             return False
         token = secrets.token_urlsafe(32)
@@ -48,7 +49,7 @@ class PasswordResets:
             await q.execute("DELETE FROM password_resets WHERE account_id = ?", row[0])
             await q.execute("INSERT INTO password_resets (token_hash, account_id, expires_at) "
                             "VALUES (?, ?, ?)", _hash(token), row[0], now + TOKEN_TTL_MS)
-            await enqueue(q, email, subject, body, now)
+            await enqueue(q, email, subject, body, now, self.accounts.pii)
         return True
 
     async def confirm(self, token: object, password: bytes) -> int:

@@ -177,6 +177,10 @@ MIGRATIONS: tuple[str, ...] = (
         done_at          INTEGER
     );
     """,
+    # money-f: the email sealed at rest (store.pii): email holds its blind index then
+    """
+    ALTER TABLE accounts ADD COLUMN email_sealed BLOB;
+    """,
 )
 
 

@@ -64,7 +64,7 @@ async def _notify_policy_change(repo: Accounts, args: argparse.Namespace, cfg: C
         print("flintproxy admin: [email] is not configured: the notice would never be sent",
               file=sys.stderr)
         return 2
-    run = await notify_all(repo.db, args.subject, body)
+    run = await notify_all(repo.db, args.subject, body, pii=repo.pii)
     print(("resumed: " if run.resumed else "")
           + f"queued {run.queued_now} messages now, {run.queued_total} in all for this "
           f"notice; the server sends them at most {cfg.email.max_per_second} a second",
