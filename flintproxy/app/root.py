@@ -101,6 +101,7 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
     pii = PiiCodec(load_keyring(config.crypto))
     await pii.check(accounts_db)
     watcher = ChangeWatcher(accounts_db, config.accounts.change_poll_s)
+    watcher.subscribe(pii.reloader(lambda: load_keyring(config.crypto)))
     await watcher.start()
     accounts = Accounts(accounts_db, config.accounts.bcrypt_cost,
                         config.accounts.session_ttl_s, notify=watcher.publish, pii=pii)

@@ -501,6 +501,12 @@ class Accounts:
                                       self.clock())
         return balance, await self._event(db, EV_CREDIT, account_id)
 
+    async def announce(self, kind: str) -> None:
+        """Tell every running server of a change no row carries (a new data key)."""
+        async with self.transaction() as db:
+            ev = await self._event(db, kind, None)
+        self._publish(ev)
+
     def publish(self, *events: Event) -> None:
         """Tell this process of committed changes (``notify``) at once."""
         self._publish(*events)

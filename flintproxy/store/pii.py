@@ -19,12 +19,19 @@ before encryption was turned on are sealed then (``seal_clear``).
 from __future__ import annotations
 
 import base64
+import logging
+from collections.abc import Callable
 
 from flintproxy.crypto import Keyring
 from flintproxy.errors import KeyringError
 from flintproxy.store.db import Database
 
-__all__ = ["PiiCodec"]
+__all__ = ["EV_KEYRING", "PiiCodec", "reseal_outbox"]
+
+log = logging.getLogger("flintproxy.store.pii")
+
+# The change event ``flintproxy admin rotate-key`` writes: servers reload the key file.
+EV_KEYRING = "keyring_changed"
 
 INDEX_PREFIX = "bi1:"
 SEALED_PREFIX = "sealed:"
@@ -37,6 +44,23 @@ class PiiCodec:
 
     def __init__(self, keyring: Keyring | None = None) -> None:
         self.keyring = keyring
+
+    def reloader(self, load: Callable[[], Keyring | None]) -> Callable[
+            [str, int | None, int | None], None]:
+        """A change-feed subscriber that swaps in ``load()`` on a keyring event; a key
+        file that does not load keeps the keyring in use (and says so)."""
+        def on_change(kind: str, account_id: int | None, key_id: int | None) -> None:
+            if kind != EV_KEYRING:
+                return
+            try:
+                keyring = load()
+            except KeyringError as exc:
+                log.error("data key not reloaded, keeping the one in use: %s", exc)
+                return
+            if keyring is not None:
+                self.keyring = keyring
+                log.info("data keyring reloaded: %d keys", len(keyring.keys))
+        return on_change
 
     def lookups(self, email: str) -> tuple[str, ...]:
         """The ``email`` column values that mean this address."""
@@ -111,3 +135,20 @@ class PiiCodec:
             if len(rows) < BATCH:
                 return done
             after = int(rows[-1][0])
+
+
+async def reseal_outbox(db: Database, pii: PiiCodec) -> int:
+    """Seal every queued message's recipient and body under the current key."""
+    assert pii.keyring is not None
+    done = 0
+    async with db.transaction() as q:
+        for mail_id, recipient, body in await q.fetch(
+                "SELECT id, recipient, body FROM email_outbox"):
+            await q.execute(
+                "UPDATE email_outbox SET recipient = ?, body = ? WHERE id = ?",
+                pii.seal_text(pii.open_text(recipient, "email_outbox.recipient"),
+                              "email_outbox.recipient"),
+                pii.seal_text(pii.open_text(body, "email_outbox.body"), "email_outbox.body"),
+                mail_id)
+            done += 1
+    return done

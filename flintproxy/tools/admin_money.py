@@ -1,6 +1,6 @@
 """``flintproxy admin`` verbs of money and the account's life (issue 17), beside the
 core verbs of ``tools.admin`` which registers them: ``create-codes``, ``reconcile``,
-``notify-policy-change``.
+``notify-policy-change``, ``rotate-key``.
 
 Exit status as the other verbs: 0 done, 1 refused or a mismatch found, 2 bad usage.
 """
@@ -8,16 +8,20 @@ Exit status as the other verbs: 0 done, 1 refused or a mismatch found, 2 bad usa
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from flintproxy.config import Config
+from flintproxy.crypto import generate_key, load_keyring
 from flintproxy.money import format_usd
 from flintproxy.store.accounts import Accounts, parse_usd
 from flintproxy.store.codes import Codes
 from flintproxy.store.entries import reconcile
 from flintproxy.store.notices import notify_all
+from flintproxy.store.pii import EV_KEYRING, reseal_outbox
 
 __all__ = ["add_verbs"]
 
@@ -72,6 +76,49 @@ async def _notify_policy_change(repo: Accounts, args: argparse.Namespace, cfg: C
     return 0
 
 
+def _write_key_file(path: Path, text: str) -> None:
+    """Replace the key file atomically, mode 0600 (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+async def _rotate_key(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    """New key first in the file (servers reload it: they seal with it and still open
+    the old); every row re-sealed; then the old key leaves the file."""
+    path = cfg.crypto.key_file
+    if path is None:
+        print("flintproxy admin: rotate-key needs [crypto] key_file (with key_env, put the "
+              "new key first and the old one after it in the variable, restart, run "
+              "rotate-key --reseal-only, then drop the old key)", file=sys.stderr)
+        return 2
+    old = load_keyring(cfg.crypto)
+    assert old is not None
+    old_text = path.read_text("ascii")
+    if not args.reseal_only:
+        _write_key_file(path, generate_key() + "\n" + old_text)
+        await repo.announce(EV_KEYRING)
+        # Every server applies a change within a second (the change feed); wait them out
+        # so none seals a new row under the old key after the pass below.
+        await asyncio.sleep(args.settle_s)
+    repo.pii.keyring = load_keyring(cfg.crypto)
+    rows = await repo.pii.seal_clear(repo.db)
+    mails = await reseal_outbox(repo.db, repo.pii)
+    rows += await repo.pii.seal_clear(repo.db)  # anything a late server wrote meanwhile
+    if not args.reseal_only:
+        current = path.read_text("ascii").splitlines()[0]
+        _write_key_file(path, current + "\n")
+        await repo.announce(EV_KEYRING)
+    print(f"re-sealed {rows} accounts and {mails} queued messages under the new key"
+          + ("" if args.reseal_only else f"; {path} now holds it alone (keep a copy)"),
+          file=sys.stderr)
+    return 0
+
+
 def add_verbs(sub: Any) -> None:
     """Register the verbs on ``flintproxy admin``'s subparsers."""
     v = sub.add_parser("create-codes", help="create redemption codes (printed once, one a "
@@ -87,6 +134,13 @@ def add_verbs(sub: Any) -> None:
     v.add_argument("--subject", required=True)
     v.add_argument("--body-file", type=Path, required=True)
     v.set_defaults(run=_notify_policy_change)
+
+    v = sub.add_parser("rotate-key", help="re-encrypt account data under a new data key, "
+                       "while servers run ([crypto] key_file)")
+    v.add_argument("--reseal-only", action="store_true",
+                   help="no new key: re-seal under the key file's first key")
+    v.add_argument("--settle-s", type=float, default=2.0, help=argparse.SUPPRESS)
+    v.set_defaults(run=_rotate_key)
 
     sub.add_parser("reconcile", help="check every balance against its ledger entries "
                    "(exit 1 on a mismatch)").set_defaults(run=_reconcile)
