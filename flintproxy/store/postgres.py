@@ -201,6 +201,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE accounts ADD COLUMN email_sealed BYTEA;
     """,
+    # money-g (sqlite's money-g): email changes awaiting confirmation
+    """
+    CREATE TABLE email_changes (
+        token_hash  BYTEA PRIMARY KEY,
+        account_id  BIGINT NOT NULL REFERENCES accounts(id),
+        new_email   TEXT NOT NULL,            -- sealed (store.pii) when there is a key
+        expires_at  BIGINT NOT NULL
+    );
+    CREATE INDEX email_changes_account ON email_changes(account_id);
+    """,
 )
 
 

@@ -181,6 +181,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE accounts ADD COLUMN email_sealed BLOB;
     """,
+    # money-g: email changes waiting for the new address's confirmation
+    """
+    CREATE TABLE email_changes (
+        token_hash  BLOB PRIMARY KEY,
+        account_id  INTEGER NOT NULL REFERENCES accounts(id),
+        new_email   TEXT NOT NULL,            -- sealed (store.pii) when there is a key
+        expires_at  INTEGER NOT NULL
+    );
+    CREATE INDEX email_changes_account ON email_changes(account_id);
+    """,
 )
 
 

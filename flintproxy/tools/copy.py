@@ -31,7 +31,7 @@ TABLES: tuple[tuple[str, str | None], ...] = (
     ("accounts", "id"), ("credits", "id"), ("api_keys", "id"), ("sessions", None),
     ("usage", "id"), ("events", "id"), ("usage_erased", "id"), ("redemption_codes", None),
     ("email_outbox", "id"), ("password_resets", None), ("topups", None),
-    ("payment_events", None), ("notices", "id"),
+    ("payment_events", None), ("notices", "id"), ("email_changes", None),
 )
 CHUNK = 20_000
 

@@ -344,3 +344,4 @@ async def revoke_key(request: web.Request) -> web.Response:
 read_body = _body
 json_response = _json
 request_ip = _ip
+confirm_password = _confirm_password

@@ -25,6 +25,7 @@ from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
+from flintproxy.store.email_change import EmailChanges
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.store.resets import PasswordResets
 from flintproxy.store.topups import Topups
@@ -34,6 +35,7 @@ from flintproxy.web.keys import (
     ACCOUNTS,
     CODES,
     EMAIL,
+    EMAIL_CHANGES,
     LOGIN_GUARD,
     PAYMENTS,
     REFUSAL_OBSERVERS,
@@ -60,7 +62,8 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/account", api.get_account),
     ("DELETE", "/api/account", api.delete_account),
     ("POST", "/api/account/delete", api.delete_account),
-    ("POST", "/api/account/email", api.change_email),
+    ("POST", "/api/account/email", recovery.change_email),
+    ("POST", "/api/account/email/confirm", recovery.confirm_email_change),
     ("POST", "/api/account/password", api.change_password),
     ("GET", "/api/keys", api.list_keys),
     ("POST", "/api/keys", api.create_key),
@@ -145,6 +148,7 @@ def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
     app[ACCOUNTS] = accounts
     app[CODES] = Codes(accounts)
     app[RESETS] = PasswordResets(accounts)
+    app[EMAIL_CHANGES] = EmailChanges(accounts)
     app[EMAIL] = config.email
     if config.payments.enabled:
         checkout = Payments(config.payments, Topups(accounts))

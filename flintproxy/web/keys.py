@@ -18,6 +18,7 @@ from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
+from flintproxy.store.email_change import EmailChanges
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.store.resets import PasswordResets
 from flintproxy.web.checkout import Payments
@@ -26,6 +27,7 @@ __all__ = [
     "ACCOUNTS",
     "CODES",
     "EMAIL",
+    "EMAIL_CHANGES",
     "LOGIN_GUARD",
     "REFUSAL_OBSERVERS",
     "RESETS",
@@ -57,6 +59,7 @@ ACCOUNTS = web.AppKey("flint.accounts", Accounts)
 SETTINGS = web.AppKey("flint.auth_settings", AuthSettings)
 CODES = web.AppKey("flint.codes", Codes)
 RESETS = web.AppKey("flint.password_resets", PasswordResets)
+EMAIL_CHANGES = web.AppKey("flint.email_changes", EmailChanges)
 EMAIL = web.AppKey("flint.email", EmailConfig)
 # Set only when [payments] is configured: read it with ``app.get(PAYMENTS)``.
 PAYMENTS = web.AppKey("flint.payments", Payments)

@@ -2,6 +2,11 @@
 
     POST /api/password-reset          {email}            -> 202, whoever asks
     POST /api/password-reset/confirm  {token, password}  -> 204, all sessions ended
+    POST /api/account/email           {new_email, password} -> 202, link to the new address
+    POST /api/account/email/confirm   {token}            -> 200 account, email changed
+
+With ``[email]`` an email change waits for the new address's confirmation
+(store.email_change); without it the change applies at once, as before.
 
 The first answers the same for any well-formed address, account or not, so it cannot
 be used to learn who has an account; it is throttled per client address (the IP
@@ -17,10 +22,18 @@ from aiohttp import web
 
 from flintproxy.errors import BadRequest, NotFound, RateLimited
 from flintproxy.store import accounts as acc
-from flintproxy.web.api import check_origin, json_response, read_body, request_ip
-from flintproxy.web.keys import EMAIL, LOGIN_GUARD, RESETS
+from flintproxy.web import api
+from flintproxy.web.api import (
+    active_account,
+    check_origin,
+    confirm_password,
+    json_response,
+    read_body,
+    request_ip,
+)
+from flintproxy.web.keys import ACCOUNTS, EMAIL, EMAIL_CHANGES, LOGIN_GUARD, RESETS
 
-__all__ = ["confirm_reset", "request_reset"]
+__all__ = ["change_email", "confirm_email_change", "confirm_reset", "request_reset"]
 
 
 async def request_reset(request: web.Request) -> web.Response:
@@ -68,3 +81,39 @@ async def confirm_reset(request: web.Request) -> web.Response:
         guard.failure(ip)
         raise
     return web.Response(status=204, headers={"Cache-Control": "no-store"})
+
+
+async def change_email(request: web.Request) -> web.Response:
+    email_cfg = request.app[EMAIL]
+    if not email_cfg.enabled:
+        return await api.change_email(request)
+    account_id = await active_account(request)
+    body = await read_body(request, frozenset({"new_email", "password"}))
+    new_email = acc.normalize_email(body.get("new_email"), "new_email")
+    await confirm_password(request, account_id, body.get("password"), "password")
+
+    def compose(token: str) -> tuple[str, str]:
+        link = f"{email_cfg.public_url}/#confirm-email={token}"
+        return ("Confirm your new flintproxy email address",
+                "Someone (hopefully you) asked to use this address for a flintproxy account."
+                f"\n\nTo confirm, open this link within 24 hours:\n{link}\n\nIf you did not "
+                "ask, ignore this message: nothing changes.\n")
+
+    await request.app[EMAIL_CHANGES].request(account_id, new_email, compose)
+    return json_response({"status": "We sent a confirmation link to the new address; the "
+                                    "email changes once it is opened.",
+                          "pending_email": new_email}, 202)
+
+
+async def confirm_email_change(request: web.Request) -> web.Response:
+    check_origin(request)
+    guard = request.app[LOGIN_GUARD]
+    ip = request_ip(request)
+    guard.check_blocked(ip)
+    body = await read_body(request, frozenset({"token"}))
+    try:
+        account_id = await request.app[EMAIL_CHANGES].confirm(body.get("token"))
+    except BadRequest:
+        guard.failure(ip)
+        raise
+    return json_response((await request.app[ACCOUNTS].get(account_id)).as_json())
