@@ -38,11 +38,12 @@ from flintproxy.ops.health import DbProbe, Readiness, open_probe_db
 from flintproxy.ops.metrics import MULTIPROCESS_SYNC_S, Metrics
 from flintproxy.relay.relay import Relay, StreamGauge
 from flintproxy.relay.routing import Router
-from flintproxy.store import postgres, retention, sqlite
+from flintproxy.store import low_balance, postgres, retention, sqlite
 from flintproxy.store.accounts import Accounts, bootstrap_demo_account
 from flintproxy.store.changes import ChangeWatcher
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
 from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
+from flintproxy.store.low_balance import LowBalance
 from flintproxy.store.outbox import Outbox
 from flintproxy.store.pii import PiiCodec
 from flintproxy.tasks import TaskGroup
@@ -120,6 +121,8 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         sender = mailer.OutboxSender(Outbox(accounts_db, pii=pii),
                                      mailer.Mailer(config.email))
         tasks.every("email outbox", mailer.TICK_S, sender.run_once)
+        tasks.every("low-balance notices", low_balance.INTERVAL_S,
+                    LowBalance(accounts).run_once)
     tasks.every("session and event cleanup", JANITOR_S,
                 lambda: accounts.sweep(EVENTS_KEEP_MS))
 

@@ -211,6 +211,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX email_changes_account ON email_changes(account_id);
     """,
+    # money-h (sqlite's money-h): the opt-in low-balance notice
+    """
+    ALTER TABLE accounts ADD COLUMN low_balance_nano BIGINT;
+    ALTER TABLE accounts ADD COLUMN low_balance_notified BIGINT NOT NULL DEFAULT 0;
+    """,
 )
 
 

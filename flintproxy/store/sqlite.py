@@ -191,6 +191,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX email_changes_account ON email_changes(account_id);
     """,
+    # money-h: the opt-in low-balance notice (store.low_balance)
+    """
+    ALTER TABLE accounts ADD COLUMN low_balance_nano INTEGER;
+    ALTER TABLE accounts ADD COLUMN low_balance_notified INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

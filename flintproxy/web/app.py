@@ -64,6 +64,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/api/account/delete", api.delete_account),
     ("POST", "/api/account/email", recovery.change_email),
     ("POST", "/api/account/email/confirm", recovery.confirm_email_change),
+    ("POST", "/api/account/low-balance", recovery.set_low_balance),
     ("POST", "/api/account/password", api.change_password),
     ("GET", "/api/keys", api.list_keys),
     ("POST", "/api/keys", api.create_key),

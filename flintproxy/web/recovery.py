@@ -21,7 +21,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from flintproxy.errors import BadRequest, NotFound, RateLimited
+from flintproxy.money import format_usd, usd_to_nano
 from flintproxy.store import accounts as acc
+from flintproxy.store.low_balance import LowBalance
 from flintproxy.web import api
 from flintproxy.web.api import (
     active_account,
@@ -33,7 +35,8 @@ from flintproxy.web.api import (
 )
 from flintproxy.web.keys import ACCOUNTS, EMAIL, EMAIL_CHANGES, LOGIN_GUARD, RESETS
 
-__all__ = ["change_email", "confirm_email_change", "confirm_reset", "request_reset"]
+__all__ = ["change_email", "confirm_email_change", "confirm_reset", "request_reset",
+           "set_low_balance"]
 
 
 async def request_reset(request: web.Request) -> web.Response:
@@ -117,3 +120,23 @@ async def confirm_email_change(request: web.Request) -> web.Response:
         guard.failure(ip)
         raise
     return json_response((await request.app[ACCOUNTS].get(account_id)).as_json())
+
+
+async def set_low_balance(request: web.Request) -> web.Response:
+    """``{"threshold_usd": "2.00" | null}``: opt in to (or out of) the low-balance email."""
+    account_id = await active_account(request)
+    body = await read_body(request, frozenset({"threshold_usd"}))
+    raw = body.get("threshold_usd")
+    threshold = None
+    if raw is not None:
+        if not isinstance(raw, str) or len(raw) > 32:
+            raise BadRequest('threshold_usd must be a decimal string such as "2.00", or null.',
+                             param="threshold_usd")
+        try:
+            threshold = usd_to_nano(raw)
+        except ValueError:
+            raise BadRequest('threshold_usd must be a decimal string such as "2.00", or '
+                             "null.", param="threshold_usd") from None
+    await LowBalance(request.app[ACCOUNTS]).set_threshold(account_id, threshold)
+    return json_response({"threshold_usd": None if threshold is None
+                          else format_usd(threshold)})

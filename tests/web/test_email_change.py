@@ -51,3 +51,18 @@ async def test_an_email_change_to_a_taken_address_or_with_a_wrong_password_is_re
     # Wrong tokens are failed authentications of the address: soon it waits.
     assert statuses[0] == 400 and set(statuses) <= {400, 429}
     assert smtp.messages == []
+
+
+async def test_the_low_balance_threshold_is_set_and_cleared_through_the_api(
+        gw: Gateway, browsers: list[Browser]) -> None:  # noqa: F811
+    a, _, anon = browsers
+    await a.signup("thr@example.com")
+    status, body, _ = await a.call("POST", "/api/account/low-balance", {"threshold_usd": "2.5"})
+    assert (status, body) == (200, {"threshold_usd": "2.50"})
+    for bad in ({"threshold_usd": 2}, {"threshold_usd": "-1"}, {"threshold_usd": "0"},
+                {"threshold_usd": "abc"}, {"threshold_usd": "1" * 40}, {"other": 1}):
+        assert (await a.call("POST", "/api/account/low-balance", bad))[0] == 400
+    assert (await a.call("POST", "/api/account/low-balance", {"threshold_usd": None}))[1] == {
+        "threshold_usd": None}
+    assert (await anon.call("POST", "/api/account/low-balance", {"threshold_usd": "1"}))[0] \
+        == 401
