@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -127,3 +128,23 @@ async def test_without_email_configured_reset_is_a_clear_404(gateway: Gateway) -
     finally:
         await b.http.close()
     assert status == 404 and body["error"]["code"] == "email_disabled"
+
+
+async def test_concurrent_uses_of_one_reset_token_set_one_password(
+        gw: Gateway, smtp: MockSmtp, browsers: list[Browser]) -> None:
+    a, _, anon = browsers
+    await a.signup("race@example.com")
+    await anon.call("POST", "/api/password-reset", {"email": "race@example.com"})
+    (mail,) = await smtp.wait_for(1)
+    token = token_of(mail.text)
+    passwords = [f"new passphrase number {i}" for i in range(6)]
+    results = await asyncio.gather(*(anon.call("POST", "/api/password-reset/confirm",
+                                               {"token": token, "password": p})
+                                     for p in passwords))
+    statuses = [r[0] for r in results]
+    assert statuses.count(204) == 1 and set(statuses) <= {204, 400, 429}
+    winner = passwords[statuses.index(204)]
+    # (the losers' refusals made this address wait: check the password in the store)
+    repo = gw.components.accounts
+    account_id = (await repo.by_email("race@example.com")).id
+    assert await repo.verify_login("race@example.com", winner.encode()) == account_id
