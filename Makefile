@@ -15,10 +15,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# The gateway on its defaults, with the bundled mock upstream on :9001.
+# The gateway on its defaults, with the bundled mock upstream on :9001 and the mock SMTP
+# server on :2525 (mail is printed here); the first start creates the data key (0600).
 run: $(STAMP)
+	@$(BIN)/flintproxy keygen var/flintproxy.key
 	@$(BIN)/flintproxy mock-upstream --port 9001 & mock=$$!; \
-	trap 'kill $$mock 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/flintproxy mock-smtp --port 2525 & smtp=$$!; \
+	trap 'kill $$mock $$smtp 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/flintproxy serve --config $(CONFIG)
 
 test: $(STAMP)

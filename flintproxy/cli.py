@@ -1,4 +1,4 @@
-"""Command line: ``flintproxy serve | mock-upstream | admin``."""
+"""Command line: ``flintproxy serve | mock-upstream | mock-smtp | keygen | admin``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from typing import Any
 from flintproxy import __version__
 from flintproxy.app import runner
 from flintproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-from flintproxy.errors import ListenError, SchemaBehind, StoreUnavailable
-from flintproxy.tools import admin, mock
+from flintproxy.crypto import create_key_file, generate_key
+from flintproxy.errors import KeyringError, ListenError, SchemaBehind, StoreUnavailable
+from flintproxy.tools import admin, mock, mock_smtp
 
 # File-descriptor slots reserved at start-up (at most RLIMIT_NOFILE's soft limit).
 FD_TABLE = 65536
@@ -76,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--first-delay-ms", type=float, default=0.0,
                       help="delay before the first chunk")
 
+    smtp = sub.add_parser("mock-smtp", help="run a development SMTP server that prints "
+                          "every message it receives")
+    smtp.add_argument("--host", default="127.0.0.1")
+    smtp.add_argument("--port", type=int, default=2525)
+
+    keygen = sub.add_parser("keygen", help="create the data key file ([crypto] key_file), "
+                            "mode 0600, unless it exists; '-' prints a new key instead")
+    keygen.add_argument("path", type=Path)
+
     sub.add_parser("admin", help="operator tasks (run 'flintproxy admin -h')", add_help=False)
     return parser
 
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _run(runner.serve(config, host=args.host, port=args.port,
                               access_sink=sys.stdout.buffer))
-        except (ListenError, SchemaBehind) as exc:
+        except (ListenError, SchemaBehind, KeyringError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except StoreUnavailable as exc:
@@ -108,5 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = mock.MockSettings(chunks=args.chunks, delay_ms=args.delay_ms,
                                      first_chunk_delay_ms=args.first_delay_ms)
         _run(mock.run_mock(args.host, args.port, settings))
+        return 0
+    if args.command == "mock-smtp":
+        _run(mock_smtp.run_mock_smtp(args.host, args.port))
+        return 0
+    if args.command == "keygen":
+        if str(args.path) == "-":
+            print(generate_key())
+        elif create_key_file(args.path):
+            print(f"created data key file {args.path} (mode 0600); keep a copy: "
+                  "without it the encrypted account data cannot be read", file=sys.stderr)
         return 0
     return 2  # pragma: no cover - argparse rejects unknown commands

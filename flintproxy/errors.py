@@ -20,8 +20,9 @@
     └── UpstreamError               502 upstream_error
         └── UpstreamTimeout         504 upstream_timeout
 
-Not a client's: ``ListenError``, a listener that cannot open, and ``SchemaBehind``,
-a shared database not yet migrated (start-up fails).
+Not a client's: ``ListenError``, a listener that cannot open, ``SchemaBehind``,
+a shared database not yet migrated, and ``KeyringError``, a missing or wrong data key
+(start-up fails).
 
 Third-party exceptions (aiohttp client errors, timeouts) are converted into
 UpstreamError/UpstreamTimeout in one place, ``relay.upstream_failure``.
@@ -244,3 +245,9 @@ class ListenError(OSError):
         in use"), not the event loop's wording of it."""
         reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
         return cls(host, port, reason)
+
+
+class KeyringError(Exception):
+    """The key that encrypts account data is missing, malformed or not the one the data
+    was written under: start-up stops with this message rather than serve garbage.
+    The message names where the key was looked for, never the key itself."""

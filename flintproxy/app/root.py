@@ -25,22 +25,27 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from flintproxy.config import Config, StorageBackend
+from flintproxy.crypto import load_keyring
 from flintproxy.gate.billing import Billing
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.service import ServiceGate
 from flintproxy.http.client import UpstreamClient
 from flintproxy.http.heartbeat import Heartbeats
+from flintproxy.ops import mailer
 from flintproxy.ops.accesslog import FLUSH_S, AccessLog, Sink
 from flintproxy.ops.health import DbProbe, Readiness, open_probe_db
 from flintproxy.ops.metrics import MULTIPROCESS_SYNC_S, Metrics
 from flintproxy.relay.relay import Relay, StreamGauge
 from flintproxy.relay.routing import Router
-from flintproxy.store import postgres, retention, sqlite
+from flintproxy.store import low_balance, postgres, retention, sqlite
 from flintproxy.store.accounts import Accounts, bootstrap_demo_account
 from flintproxy.store.changes import ChangeWatcher
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
 from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
+from flintproxy.store.low_balance import LowBalance
+from flintproxy.store.outbox import Outbox
+from flintproxy.store.pii import PiiCodec
 from flintproxy.tasks import TaskGroup
 
 __all__ = ["Components", "open_components"]
@@ -93,10 +98,14 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         # Migrations run on this first connection, before any other opens.
         accounts_db = SqliteDatabase(await sqlite.open_store(path))
         stack.push_async_callback(accounts_db.close)
+    # Account data at rest: a missing or wrong key stops the start here (KeyringError).
+    pii = PiiCodec(load_keyring(config.crypto))
+    await pii.check(accounts_db)
     watcher = ChangeWatcher(accounts_db, config.accounts.change_poll_s)
+    watcher.subscribe(pii.reloader(lambda: load_keyring(config.crypto)))
     await watcher.start()
     accounts = Accounts(accounts_db, config.accounts.bcrypt_cost,
-                        config.accounts.session_ttl_s, notify=watcher.publish)
+                        config.accounts.session_ttl_s, notify=watcher.publish, pii=pii)
     keys = KeyAuthenticator(accounts)
     stack.push_async_callback(keys.close)  # writes the last last_used_at marks
     watcher.subscribe(keys.on_change)
@@ -108,6 +117,12 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         assert config.storage.dsn is not None
         tasks.spawn("change feed listen", watcher.listen(config.storage.dsn, postgres.CHANNEL))
     tasks.every("last_used_at flush", LAST_USED_FLUSH_S, keys.flush_last_used)
+    if config.email.enabled:
+        sender = mailer.OutboxSender(Outbox(accounts_db, pii=pii),
+                                     mailer.Mailer(config.email))
+        tasks.every("email outbox", mailer.TICK_S, sender.run_once)
+        tasks.every("low-balance notices", low_balance.INTERVAL_S,
+                    LowBalance(accounts).run_once)
     tasks.every("session and event cleanup", JANITOR_S,
                 lambda: accounts.sweep(EVENTS_KEEP_MS))
 

@@ -39,7 +39,10 @@ import orjson
 from flintproxy.config import Config, usd_to_nano
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
 from flintproxy.money import NANO_PER_USD, format_usd
+from flintproxy.store import entries
 from flintproxy.store.db import Database, Dialect, Queries
+from flintproxy.store.entries import Reason
+from flintproxy.store.pii import PiiCodec
 from flintproxy.store.postgres import CHANNEL
 from flintproxy.store.sqlite import now_ms
 
@@ -79,6 +82,7 @@ Notify = Callable[[int, str, int | None, int | None], None]
 # Run inside a change's transaction, after it (``store.operators``: the audit row
 # commits with the operator's change, or neither does).
 Also = Callable[[Queries], Awaitable[None]]
+Event = tuple[int, str, int | None, int | None]  # (id, kind, account_id, key_id)
 
 
 def hash_key(token: str) -> bytes:
@@ -276,13 +280,10 @@ class Session:
     disabled: bool = False  # the account is disabled (read and data rights only)
 
 
-_ACCOUNT_COLS = "id, email, status, created_at, balance_nano, credited_nano, charged_nano"
+_ACCOUNT_COLS = ("id, email, status, created_at, balance_nano, credited_nano, charged_nano, "
+                 "email_sealed")
 _KEY_COLS = ("id, account_id, prefix, last4, name, created_at, last_used_at, expires_at, "
              "revoked_at, allowed_models")
-
-
-def _account(row: Any) -> AccountInfo:
-    return AccountInfo(*row)
 
 
 def _key(row: Any) -> KeyInfo:
@@ -303,8 +304,11 @@ class Accounts:
     """
 
     def __init__(self, db: Database, bcrypt_cost: int, session_ttl_s: int,
-                 *, notify: Notify | None = None, clock: Callable[[], int] = now_ms) -> None:
+                 *, notify: Notify | None = None, clock: Callable[[], int] = now_ms,
+                 pii: PiiCodec | None = None) -> None:
         self.db = db
+        # How the email is stored: in clear, or sealed with a blind index (store.pii).
+        self.pii = pii or PiiCodec()
         self.bcrypt_cost = bcrypt_cost
         self.session_ttl_s = session_ttl_s
         self.notify = notify
@@ -347,7 +351,6 @@ class Accounts:
     # The change-feed seam for sibling repositories (``store.operators``): their
     # changes commit with their event, and are published, exactly as these are.
     record_event = _event
-    publish = _publish
 
     async def warm(self) -> None:
         """Compute the dummy hash now so the first unknown-email login is not slower."""
@@ -361,8 +364,9 @@ class Accounts:
         try:
             async with self.transaction() as db:
                 account_id = int(await db.fetchval(
-                    "INSERT INTO accounts (email, password_hash, created_at) VALUES (?, ?, ?) "
-                    "RETURNING id", email, pw_hash, self.clock()))
+                    "INSERT INTO accounts (email, email_sealed, password_hash, created_at) "
+                    "VALUES (?, ?, ?, ?) RETURNING id", *self.pii.stored(email), pw_hash,
+                    self.clock()))
                 ev = await self._event(db, EV_ACCOUNT_CREATED, account_id)
         except Conflict:
             raise Conflict("An account with this email already exists.", param="email",
@@ -375,21 +379,30 @@ class Accounts:
                                      account_id)
         if row is None:
             raise NotFound("No such account.")
-        return _account(row)
+        return self._info(row)
+
+    def _info(self, row: Any) -> AccountInfo:
+        return AccountInfo(row[0], self.pii.reveal(row[1], row[7]), *row[2:7])
+
+    def email_is(self, email: str) -> tuple[str, list[str]]:
+        """``email IN (...)`` and its arguments: the address under every key held."""
+        keys = list(self.pii.lookups(email))
+        return "email IN (" + ", ".join("?" * len(keys)) + ")", keys
 
     async def by_email(self, email: str) -> AccountInfo:
-        row = await self.db.fetchrow(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE email = ?",  # noqa: S608
-                                     email)
+        where, args = self.email_is(email)
+        row = await self.db.fetchrow(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE {where}",  # noqa: S608
+                                     *args)
         if row is None:
             raise NotFound(f"No account with email {email!r}.")
-        return _account(row)
+        return self._info(row)
 
     async def list_accounts(self) -> list[tuple[AccountInfo, int]]:
         """Every account with its count of live (unrevoked) keys."""
         sql = (f"SELECT {_ACCOUNT_COLS}, (SELECT COUNT(*) FROM api_keys k WHERE "  # noqa: S608
                "k.account_id = accounts.id AND k.revoked_at IS NULL) FROM accounts ORDER BY id")
         rows = await self.db.fetch(sql)
-        return [(_account(r[:7]), int(r[7])) for r in rows]
+        return [(self._info(r[:8]), int(r[8])) for r in rows]
 
     async def verify_login(self, email: str, password: bytes) -> int:
         """The account id for a correct email + password, else the same 401 either way;
@@ -398,8 +411,9 @@ class Accounts:
         An unknown email is checked against a dummy hash of the same cost, so both
         answers take one bcrypt verification.
         """
+        where, args = self.email_is(email)
         row = await self.db.fetchrow(
-            "SELECT id, password_hash, status FROM accounts WHERE email = ?", email)
+            f"SELECT id, password_hash, status FROM accounts WHERE {where}", *args)  # noqa: S608
         if row is not None and row[1] is not None:
             if await self._check(password, row[1]):
                 if row[2] == "disabled":  # told only to who knows the password
@@ -424,8 +438,8 @@ class Accounts:
     async def change_email(self, account_id: int, new_email: str) -> None:
         try:
             async with self.transaction() as db:
-                await db.execute("UPDATE accounts SET email = ? WHERE id = ?",
-                                 new_email, account_id)
+                await db.execute("UPDATE accounts SET email = ?, email_sealed = ? WHERE id = ?",
+                                 *self.pii.stored(new_email), account_id)
                 ev = await self._event(db, EV_EMAIL_CHANGED, account_id)
         except Conflict:
             raise Conflict("An account with this email already exists.", param="new_email",
@@ -451,7 +465,8 @@ class Accounts:
         now = self.clock()
         async with self.transaction() as db:
             changed = await db.execute(
-                "UPDATE accounts SET status = 'deleted', email = NULL, password_hash = NULL, "
+                "UPDATE accounts SET status = 'deleted', email = NULL, email_sealed = NULL, "
+                "password_hash = NULL, "
                 "deleted_at = ? WHERE id = ? AND status != 'deleted'", now, account_id)
             if changed == 0:
                 raise NotFound("No such account.")
@@ -484,19 +499,30 @@ class Accounts:
         if amount_nano <= 0:
             raise BadRequest("A credit must be positive.")
         async with self.transaction() as db:
-            balance = await db.fetchval(
-                "UPDATE accounts SET credited_nano = credited_nano + ?, "
-                "balance_nano = balance_nano + ? WHERE id = ? AND status != 'deleted' "
-                "RETURNING balance_nano", amount_nano, amount_nano, account_id)
-            if balance is None:
-                raise NotFound("No such account.")
-            await db.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
-                             "VALUES (?, ?, ?)", account_id, amount_nano, self.clock())
-            ev = await self._event(db, EV_CREDIT, account_id)
+            balance, ev = await self.credit_in(db, account_id, amount_nano, Reason.CREDIT,
+                                               "operator")
             if also is not None:
                 await also(db)
         self._publish(ev)
-        return int(balance)
+        return balance
+
+    async def credit_in(self, db: Queries, account_id: int, amount_nano: int, reason: Reason,
+                        actor: str) -> tuple[int, Event]:
+        """A balance change and its ledger entry and event inside the caller's
+        transaction (a redemption, a top-up); ``publish`` the event once committed."""
+        balance = await entries.apply(db, account_id, amount_nano, reason, actor,
+                                      self.clock())
+        return balance, await self._event(db, EV_CREDIT, account_id)
+
+    async def announce(self, kind: str) -> None:
+        """Tell every running server of a change no row carries (a new data key)."""
+        async with self.transaction() as db:
+            ev = await self._event(db, kind, None)
+        self._publish(ev)
+
+    def publish(self, *events: Event) -> None:
+        """Tell this process of committed changes (``notify``) at once."""
+        self._publish(*events)
 
     # keys ----------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ without its audit row, or an audit row without its action, never commits. Audit
 rows hold no request content and no client address; the target is an account id,
 not an email, so closing an account erases its email from the trail too.
 
-Credits and debits are ``credits`` rows (a debit has a negative amount) and the
+Credits and debits are ledger entries, ``credits`` rows (reason ``credit``, and
+``adjustment`` with a negative amount for a debit: ``store.entries``) and the
 same ``credit`` change event, so a running gateway re-reads the balance at once.
 A debit never takes the stored balance below zero (the UPDATE's own condition,
 atomic with the change).
@@ -27,6 +28,7 @@ from flintproxy.errors import BadRequest, Conflict, NotFound
 from flintproxy.money import format_usd
 from flintproxy.store.accounts import EV_CREDIT, AccountInfo, Accounts
 from flintproxy.store.db import Database, Queries
+from flintproxy.store.entries import Reason
 
 __all__ = [
     "MAX_NOTE_CHARS",
@@ -132,14 +134,8 @@ _SUMMARY_SQL = (
     "(SELECT COUNT(*) FROM usage u WHERE u.account_id = a.id), "
     "(SELECT COALESCE(SUM(u.prompt_tokens), 0) FROM usage u WHERE u.account_id = a.id), "
     "(SELECT COALESCE(SUM(u.completion_tokens), 0) FROM usage u WHERE u.account_id = a.id), "
-    "(SELECT COALESCE(SUM(u.cost_nano), 0) FROM usage u WHERE u.account_id = a.id) "
-    "FROM accounts a")
-
-
-def _summary(row: Any) -> AccountSummary:
-    return AccountSummary(AccountInfo(*row[:7]), bool(row[7]), int(row[8]),
-                          (row[9], row[10], row[11]), int(row[12]), int(row[13]),
-                          int(row[14]), int(row[15]))
+    "(SELECT COALESCE(SUM(u.cost_nano), 0) FROM usage u WHERE u.account_id = a.id), "
+    "a.email_sealed FROM accounts a")
 
 
 def _like(text: str) -> str:
@@ -174,6 +170,12 @@ class Operators:
 
         return write
 
+    def _summary(self, row: Any) -> AccountSummary:
+        email = self.accounts.pii.reveal(row[1], row[16])
+        return AccountSummary(AccountInfo(row[0], email, *row[2:7]), bool(row[7]),
+                              int(row[8]), (row[9], row[10], row[11]), int(row[12]),
+                              int(row[13]), int(row[14]), int(row[15]))
+
     # -- the role ------------------------------------------------------------------
 
     async def is_operator(self, account_id: int) -> bool:
@@ -206,29 +208,40 @@ class Operators:
     # -- look-ups ------------------------------------------------------------------
 
     async def find(self, email_part: str) -> list[AccountSummary]:
-        """Accounts whose email contains ``email_part`` (at most MAX_FOUND, by id)."""
+        """Accounts whose email contains ``email_part`` (at most MAX_FOUND, by id).
+
+        With the email sealed at rest (``store.pii``) the column holds a blind index:
+        only the whole address can be found then, exactly as a login finds it.
+        """
+        if self.accounts.pii.keyring is not None:
+            where, args = self.accounts.email_is(email_part.strip().lower())
+            sql = f"{_SUMMARY_SQL} WHERE a.{where} ORDER BY a.id LIMIT ?"
+            return [self._summary(r) for r in await self.db.fetch(sql, *args, MAX_FOUND)]
         sql = (f"{_SUMMARY_SQL} WHERE a.email LIKE ? ESCAPE '\\' "
                "ORDER BY a.id LIMIT ?")
-        return [_summary(r) for r in await self.db.fetch(sql, _like(email_part.lower()),
-                                                          MAX_FOUND)]
+        return [self._summary(r) for r in await self.db.fetch(sql, _like(email_part.lower()),
+                                                               MAX_FOUND)]
 
     async def summary(self, account_id: int) -> AccountSummary:
         row = await self.db.fetchrow(f"{_SUMMARY_SQL} WHERE a.id = ?", account_id)
         if row is None:
             raise NotFound(f"No account with id {account_id}.")
-        return _summary(row)
+        return self._summary(row)
 
     async def audit_log(self, limit: int, before: int | None = None) -> list[AuditEntry]:
         """Audit rows, newest first (at most MAX_AUDIT_PAGE + 1: one more tells a page
         has a next); ``before``: only rows with a smaller id."""
         sql = ("SELECT t.id, t.operator_id, o.email, t.action, t.target_account_id, a.email, "
-               "t.target_key_id, t.amount_nano, t.note, t.created_at FROM audit t "
+               "t.target_key_id, t.amount_nano, t.note, t.created_at, o.email_sealed, "
+               "a.email_sealed FROM audit t "
                "LEFT JOIN accounts o ON o.id = t.operator_id "
                "LEFT JOIN accounts a ON a.id = t.target_account_id "
                "WHERE t.id < ? ORDER BY t.id DESC LIMIT ?")
         bound = before if before is not None else 2**62
-        return [AuditEntry(*r) for r in
-                await self.db.fetch(sql, bound, min(limit, MAX_AUDIT_PAGE + 1))]
+        reveal = self.accounts.pii.reveal
+        return [AuditEntry(r[0], r[1], reveal(r[2], r[10]), r[3], r[4], reveal(r[5], r[11]),
+                           *r[6:10])
+                for r in await self.db.fetch(sql, bound, min(limit, MAX_AUDIT_PAGE + 1))]
 
     # -- audited changes -----------------------------------------------------------
 
@@ -263,8 +276,9 @@ class Operators:
                 raise Conflict(f"The balance is {format_usd(int(row[0]))} USD: a debit of "
                                f"{format_usd(amount_nano)} USD would make it negative.",
                                code="insufficient_balance")
-            await db.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
-                             "VALUES (?, ?, ?)", account_id, -amount_nano, repo.clock())
+            await db.execute("INSERT INTO credits (account_id, amount_nano, created_at, "
+                             "reason, actor) VALUES (?, ?, ?, ?, ?)", account_id, -amount_nano,
+                             repo.clock(), str(Reason.ADJUSTMENT), "operator")
             ev = await repo.record_event(db, EV_CREDIT, account_id)
             await self._audit(operator_id, Action.DEBIT, account_id=account_id,
                               amount_nano=-amount_nano, note=note)(db)

@@ -10,7 +10,8 @@ import logging
 from collections.abc import Callable
 
 from flintproxy.store import sqlite
-from flintproxy.store.db import Queries
+from flintproxy.store.db import Database
+from flintproxy.store.entries import erase_usage
 
 __all__ = ["DAY_MS", "RetentionJob", "purge"]
 
@@ -20,22 +21,18 @@ PURGE_CHUNK = 5000
 DAY_MS = 86_400_000
 
 
-async def purge(db: Queries, retention_days: int, now_ms: int) -> int:
+async def purge(db: Database, retention_days: int, now_ms: int) -> int:
     """Delete usage rows of accounts deleted at least ``retention_days`` ago; returns rows.
 
     Deletes in chunks (separate short transactions) so the writer is never blocked
-    for long. ``accounts.charged_nano`` is left as it is.
+    for long. ``accounts.charged_nano`` is left as it is; the rows' cost goes to
+    ``usage_erased`` so the books still balance (store.entries).
     """
     cutoff = now_ms - retention_days * DAY_MS
-    total = 0
-    while True:
-        n = await db.execute(
-            "DELETE FROM usage WHERE id IN (SELECT u.id FROM accounts a "
-            "JOIN usage u ON u.account_id = a.id WHERE a.status = 'deleted' "
-            "AND a.deleted_at <= ? LIMIT ?)", cutoff, PURGE_CHUNK)
-        total += n
-        if n < PURGE_CHUNK:
-            return total
+    return await erase_usage(
+        db, "SELECT u.id FROM accounts a JOIN usage u ON u.account_id = a.id "
+        "WHERE a.status = 'deleted' AND a.deleted_at <= ? ORDER BY u.id LIMIT ?",
+        cutoff, PURGE_CHUNK)
 
 
 INTERVAL_S = 3600.0  # how often the composition root runs it
@@ -44,7 +41,7 @@ INTERVAL_S = 3600.0  # how often the composition root runs it
 class RetentionJob:
     """``purge`` with the configured retention; the clock is injectable (tests)."""
 
-    def __init__(self, db: Queries, retention_days: int, *,
+    def __init__(self, db: Database, retention_days: int, *,
                  clock: Callable[[], int] = sqlite.now_ms) -> None:
         self.db = db
         self.retention_days = retention_days

@@ -123,6 +123,100 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_time ON audit(created_at);
     """,
+    # 4: every credits row says why and who; erased usage kept on the books
+    """
+    ALTER TABLE credits ADD COLUMN reason TEXT NOT NULL DEFAULT 'credit';
+    ALTER TABLE credits ADD COLUMN actor TEXT NOT NULL DEFAULT 'operator';
+    CREATE INDEX credits_account ON credits(account_id);
+    -- Usage rows erased (on the holder's request, by retention): their cost stays on
+    -- the books, so charged_nano = SUM(usage) + SUM(usage_erased) per account.
+    CREATE TABLE usage_erased (
+        id          INTEGER PRIMARY KEY,
+        account_id  INTEGER NOT NULL,
+        rows_erased INTEGER NOT NULL,
+        cost_nano   INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE INDEX usage_erased_account ON usage_erased(account_id);
+    """,
+    # 5: redemption codes, only their SHA-256 stored (store.codes)
+    """
+    CREATE TABLE redemption_codes (
+        code_hash    BLOB PRIMARY KEY,
+        amount_nano  INTEGER NOT NULL CHECK (amount_nano > 0),
+        note         TEXT NOT NULL DEFAULT '',
+        created_at   INTEGER NOT NULL,
+        expires_at   INTEGER,
+        redeemed_by  INTEGER REFERENCES accounts(id),
+        redeemed_at  INTEGER
+    );
+    """,
+    # 6: the email outbox (ops.mailer's sender) and password-reset tokens
+    """
+    CREATE TABLE email_outbox (
+        id               INTEGER PRIMARY KEY,
+        recipient        TEXT NOT NULL,
+        subject          TEXT NOT NULL,
+        body             TEXT NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  INTEGER NOT NULL,
+        created_at       INTEGER NOT NULL
+    );
+    CREATE INDEX email_outbox_due ON email_outbox(next_attempt_at);
+    CREATE TABLE password_resets (
+        token_hash  BLOB PRIMARY KEY,
+        account_id  INTEGER NOT NULL REFERENCES accounts(id),
+        expires_at  INTEGER NOT NULL
+    );
+    CREATE INDEX password_resets_account ON password_resets(account_id);
+    """,
+    # 7: payment processor top-ups and the webhook events seen (store.topups)
+    """
+    CREATE TABLE topups (
+        session_id    TEXT PRIMARY KEY,
+        account_id    INTEGER NOT NULL REFERENCES accounts(id),
+        amount_nano   INTEGER NOT NULL CHECK (amount_nano > 0),
+        created_at    INTEGER NOT NULL,
+        completed_at  INTEGER,
+        event_id      TEXT
+    );
+    CREATE INDEX topups_account ON topups(account_id);
+    CREATE TABLE payment_events (
+        event_id     TEXT PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        received_at  INTEGER NOT NULL
+    );
+    """,
+    # 8: policy-change notices, resumable (store.notices)
+    """
+    CREATE TABLE notices (
+        id               INTEGER PRIMARY KEY,
+        digest           TEXT NOT NULL UNIQUE,   -- SHA-256 of subject and body
+        created_at       INTEGER NOT NULL,
+        last_account_id  INTEGER NOT NULL DEFAULT 0,
+        queued           INTEGER NOT NULL DEFAULT 0,
+        done_at          INTEGER
+    );
+    """,
+    # 9: the email sealed at rest (store.pii): email holds its blind index then
+    """
+    ALTER TABLE accounts ADD COLUMN email_sealed BLOB;
+    """,
+    # 10: email changes waiting for the new address's confirmation
+    """
+    CREATE TABLE email_changes (
+        token_hash  BLOB PRIMARY KEY,
+        account_id  INTEGER NOT NULL REFERENCES accounts(id),
+        new_email   TEXT NOT NULL,            -- sealed (store.pii) when there is a key
+        expires_at  INTEGER NOT NULL
+    );
+    CREATE INDEX email_changes_account ON email_changes(account_id);
+    """,
+    # 11: the opt-in low-balance notice (store.low_balance)
+    """
+    ALTER TABLE accounts ADD COLUMN low_balance_nano INTEGER;
+    ALTER TABLE accounts ADD COLUMN low_balance_notified INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

@@ -30,7 +30,8 @@ from flintproxy.config import (
     load_config,
     mask_dsn,
 )
-from flintproxy.errors import FlintError, SchemaBehind
+from flintproxy.crypto import load_keyring
+from flintproxy.errors import FlintError, KeyringError, SchemaBehind
 from flintproxy.money import format_usd
 from flintproxy.store import postgres, sqlite
 from flintproxy.store.accounts import (
@@ -43,7 +44,9 @@ from flintproxy.store.accounts import (
 )
 from flintproxy.store.db import Database, SqliteDatabase
 from flintproxy.store.operators import Operators, audit_note
+from flintproxy.store.pii import PiiCodec
 from flintproxy.store.retention import purge
+from flintproxy.tools import admin_money
 from flintproxy.tools.copy import copy_to_postgres
 
 Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
@@ -313,6 +316,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dsn", help="the target DSN (visible in the process list: prefer "
                    "--dsn-env)")
     v.set_defaults(run=_copy, raw=True)
+    admin_money.add_verbs(sub)
     return p
 
 
@@ -334,7 +338,8 @@ async def _run(verb: Verb, args: argparse.Namespace, cfg: Config) -> int:
         return await verb(None, args, cfg)  # type: ignore[arg-type]
     db = await _open(cfg)
     try:
-        repo = Accounts(db, cfg.accounts.bcrypt_cost, cfg.accounts.session_ttl_s)
+        repo = Accounts(db, cfg.accounts.bcrypt_cost, cfg.accounts.session_ttl_s,
+                        pii=PiiCodec(load_keyring(cfg.crypto)))
         return await verb(repo, args, cfg)
     finally:
         await db.close()
@@ -353,6 +358,6 @@ def main(argv: list[str]) -> int:
     except FlintError as exc:
         _err(exc.message)
         return 2 if exc.status == 400 else 1
-    except SchemaBehind as exc:
+    except (SchemaBehind, KeyringError) as exc:
         _err(str(exc))
         return 1

@@ -346,3 +346,10 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise NotFound(f"No API key with id {raw[:32]!r}.")
     await request.app[ACCOUNTS].revoke_key(int(raw), account_id)
     return _no_content()
+
+
+# The helpers other /api/ modules (web.payments) share, under public names.
+read_body = _body
+json_response = _json
+request_ip = _ip
+confirm_password = _confirm_password

@@ -24,16 +24,26 @@ from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadToo
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
+from flintproxy.store.email_change import EmailChanges
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.store.operators import Operators
-from flintproxy.web import admin_api, api, usage_api
+from flintproxy.store.resets import PasswordResets
+from flintproxy.store.topups import Topups
+from flintproxy.web import admin_api, api, export, payments, recovery, usage_api
+from flintproxy.web.checkout import Payments
 from flintproxy.web.console import ConsoleAssets, security_headers
 from flintproxy.web.keys import (
     ACCOUNTS,
+    CODES,
+    EMAIL,
+    EMAIL_CHANGES,
     LOGIN_GUARD,
     OPERATORS,
+    PAYMENTS,
     REFUSAL_OBSERVERS,
+    RESETS,
     SETTINGS,
     USAGE,
     USAGE_DB,
@@ -56,7 +66,9 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/account", api.get_account),
     ("DELETE", "/api/account", api.delete_account),
     ("POST", "/api/account/delete", api.delete_account),
-    ("POST", "/api/account/email", api.change_email),
+    ("POST", "/api/account/email", recovery.change_email),
+    ("POST", "/api/account/email/confirm", recovery.confirm_email_change),
+    ("POST", "/api/account/low-balance", recovery.set_low_balance),
     ("POST", "/api/account/password", api.change_password),
     ("GET", "/api/keys", api.list_keys),
     ("POST", "/api/keys", api.create_key),
@@ -76,6 +88,12 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/api/admin/accounts/{account_id}/limits", admin_api.set_limits),
     ("POST", "/api/admin/keys/{key_id}/revoke", admin_api.revoke_key),
     ("GET", "/api/admin/audit", admin_api.audit_log),
+    ("GET", "/api/account/export", export.export_account),
+    ("POST", "/api/redeem", payments.redeem),
+    ("POST", "/api/topups", payments.create_topup),
+    ("POST", "/api/stripe/webhook", payments.stripe_webhook),
+    ("POST", "/api/password-reset", recovery.request_reset),
+    ("POST", "/api/password-reset/confirm", recovery.confirm_reset),
     ("GET", "/openapi.json", openapi),
 )
 
@@ -143,6 +161,14 @@ def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
     app[ACCOUNTS] = accounts
+    app[CODES] = Codes(accounts)
+    app[RESETS] = PasswordResets(accounts)
+    app[EMAIL_CHANGES] = EmailChanges(accounts)
+    app[EMAIL] = config.email
+    if config.payments.enabled:
+        checkout = Payments(config.payments, Topups(accounts))
+        app[PAYMENTS] = checkout
+        app.on_cleanup.append(checkout.close)
     app[SETTINGS] = AuthSettings.from_config(config)
     app[LOGIN_GUARD] = guard
     app[USAGE] = usage

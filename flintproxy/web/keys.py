@@ -11,17 +11,33 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from flintproxy.config import Config, CookieSecurity
+from flintproxy.config import Config, CookieSecurity, EmailConfig
 from flintproxy.errors import FlintError
 from flintproxy.gate.ipguard import IpGuard, Network
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.codes import Codes
 from flintproxy.store.db import Database
+from flintproxy.store.email_change import EmailChanges
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.store.operators import Operators
+from flintproxy.store.resets import PasswordResets
+from flintproxy.web.checkout import Payments
 
-__all__ = ["ACCOUNTS", "LOGIN_GUARD", "OPERATORS", "REFUSAL_OBSERVERS", "SETTINGS", "USAGE",
-           "USAGE_DB", "AuthSettings"]
+__all__ = [
+    "ACCOUNTS",
+    "CODES",
+    "EMAIL",
+    "EMAIL_CHANGES",
+    "LOGIN_GUARD",
+    "OPERATORS",
+    "REFUSAL_OBSERVERS",
+    "RESETS",
+    "SETTINGS",
+    "USAGE",
+    "USAGE_DB",
+    "AuthSettings",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +61,12 @@ ACCOUNTS = web.AppKey("flint.accounts", Accounts)
 # The operator role and audited operator actions (/api/admin/).
 OPERATORS = web.AppKey("flint.operators", Operators)
 SETTINGS = web.AppKey("flint.auth_settings", AuthSettings)
+CODES = web.AppKey("flint.codes", Codes)
+RESETS = web.AppKey("flint.password_resets", PasswordResets)
+EMAIL_CHANGES = web.AppKey("flint.email_changes", EmailChanges)
+EMAIL = web.AppKey("flint.email", EmailConfig)
+# Set only when [payments] is configured: read it with ``app.get(PAYMENTS)``.
+PAYMENTS = web.AppKey("flint.payments", Payments)
 # Throttles logins (per IP and per account); the data plane's gate shares it for
 # failed API-key attempts.
 LOGIN_GUARD = web.AppKey("flint.login_guard", IpGuard)

@@ -35,6 +35,7 @@ from aiohttp import web
 from flintproxy.errors import BadRequest, ServiceUnavailable
 from flintproxy.money import format_usd
 from flintproxy.store.db import Database, Dialect
+from flintproxy.store.entries import erase_usage
 from flintproxy.web.api import require_csrf, session_account
 from flintproxy.web.keys import USAGE, USAGE_DB
 
@@ -291,17 +292,16 @@ async def delete_usage(request: web.Request) -> web.Response:
         raise ServiceUnavailable("The usage ledger is catching up; please retry shortly.",
                                  headers={"Retry-After": "5"})
     db = request.app[USAGE_DB]
-    deleted = 0
-    while True:
-        # Chunks, each its own short transaction: never blocks the writer for long.
-        n = await db.execute(
-            "DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE account_id = ? "
-            "LIMIT ?)", account_id, DELETE_CHUNK)
-        deleted += n
-        if n < DELETE_CHUNK:
-            break
+    # Chunks, each its own short transaction: never blocks the writer for long; the
+    # erased rows' cost stays on the books (store.entries.erase_usage).
+    deleted = await erase_usage(db, "SELECT id FROM usage WHERE account_id = ? ORDER BY id "
+                                "LIMIT ?", account_id, DELETE_CHUNK)
     return web.Response(body=orjson.dumps({"deleted": deleted}),
                         content_type="application/json")
 
 
 # --- retention ----------------------------------------------------------------------
+
+
+# The usage rows of an account, as the export formats them (web.export reuses it).
+usage_rows = _chunks

@@ -12,7 +12,10 @@ import pytest
 from flintproxy.store import sqlite
 
 TABLES = {"accounts", "credits", "api_keys", "sessions", "usage", "events", "schema_version",
-          "operators", "audit"}
+          "operators", "audit",
+          # issue 17: the ledger, codes, outbox, tokens, top-ups, notices
+          "usage_erased", "redemption_codes", "email_outbox", "password_resets", "topups",
+          "payment_events", "notices", "email_changes"}
 
 
 async def scalar(db: aiosqlite.Connection, sql: str) -> object:
