@@ -153,10 +153,11 @@ SWEEP_DUE_SQL = f"""
 SELECT DISTINCT account_id FROM credit_leases WHERE expires_at <= {_NOW} LIMIT {SWEEP_BATCH}
 """  # noqa: S608
 
-# $1 node, $2 ttl ms
+# $1 node, $2 ttl ms, $3 lease ids (only those the node still uses: one it let go of
+# without closing, e.g. when the close failed, expires)
 EXTEND_SQL = f"""
 UPDATE credit_leases SET expires_at = {_NOW} + $2
-WHERE node_id = $1 AND expires_at > {_NOW}
+WHERE node_id = $1 AND id = ANY($3::bigint[]) AND expires_at > {_NOW}
 RETURNING id
 """  # noqa: S608
 
@@ -256,9 +257,9 @@ class LeaseStore:
         rows = await self._fetch("close", CLOSE_SQL, account_id, lease_id, node_id)
         return int(rows[0][0]) if rows else 0
 
-    async def extend(self, node_id: str, ttl_ms: int) -> set[int]:
-        """Renew every live lease of the node; returns the ids still alive."""
-        rows = await self._fetch("extend", EXTEND_SQL, node_id, ttl_ms)
+    async def extend(self, node_id: str, ttl_ms: int, lease_ids: Sequence[int]) -> set[int]:
+        """Renew these leases of the node (one statement); returns the ids still alive."""
+        rows = await self._fetch("extend", EXTEND_SQL, node_id, ttl_ms, list(lease_ids))
         return {int(r[0]) for r in rows}
 
     async def sweep(self) -> int:

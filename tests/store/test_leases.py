@@ -152,8 +152,9 @@ async def test_an_expired_lease_is_swept_back_to_the_account_once(pool: asyncpg.
     live = await store.grant(acct, "live", 300, TTL_MS)
     assert dead is not None and live is not None
     await asyncio.sleep(0.05)
-    assert await store.extend("dead", TTL_MS) == set()  # too late: it expired
-    assert await store.extend("live", TTL_MS) == {live.lease_id}
+    assert await store.extend("dead", TTL_MS, [dead.lease_id]) == set()  # too late
+    assert await store.extend("live", TTL_MS, [live.lease_id, dead.lease_id]) == {
+        live.lease_id}
     results = await asyncio.gather(*[LeaseStore(pool).sweep() for _ in range(5)])
     assert sum(results) == 1  # five sweepers at once: swept once
     assert await books(pool, acct) == (1000, 300, 300)
