@@ -338,7 +338,10 @@ class Billing:
         """Shared mode: wait (bounded) for one top-up of the lease; False embedded."""
         if self.leases is None:
             return False
-        return await self.leases.top_up(account_id, need_nano)
+        grew = await self.leases.top_up(account_id, need_nano)
+        if not self.is_loaded(account_id):  # the lease ended meanwhile (idle, expired)
+            await self.load(account_id)
+        return grew
 
     def lease_changed(self, account_id: int, delta: int | None, low_water: int) -> None:
         """Shared mode (the lease book): the node's lease on the account grew (delta >

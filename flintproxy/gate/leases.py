@@ -137,7 +137,7 @@ class LeaseBook:
                                               exhausted_until=now + EXHAUSTED_RETRY_S)
             self._billing.lease_changed(account_id, 0, 0)
             return
-        if self._renewed_at is None or not self._leases:
+        if not self._holds_any():
             self._set_renewed(started)
         self._leases[account_id] = _Lease(account_id, grant.lease_id, started, now,
                                           grant.granted_nano, grant.granted_nano)
@@ -219,7 +219,7 @@ class LeaseBook:
             grant = await self._store.grant(account_id, self.node_id, want, self._ttl_ms)
             added = 0 if grant is None else grant.granted_nano
             if grant is not None:
-                if not self._leases:
+                if not self._holds_any():
                     self._set_renewed(started)
                 lease = self._leases[account_id] = _Lease(account_id, grant.lease_id, started,
                                                           started, 0)
@@ -286,6 +286,9 @@ class LeaseBook:
             if lease.lease_id is not None and lease.slice and \
                     (self._billing.available(lease.account_id) or 0) < lease.slice // 2:
                 self.low(lease.account_id)
+
+    def _holds_any(self) -> bool:
+        return any(lease.lease_id is not None for lease in self._leases.values())
 
     def _set_renewed(self, sent: float) -> None:
         self._renewed_at = sent
