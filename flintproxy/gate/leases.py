@@ -87,7 +87,7 @@ class LeaseBook:
 
     def __init__(self, store: LeaseStore, billing: Billing, cfg: BillingConfig,
                  node_id: str | None = None) -> None:
-        self._store = store
+        self.store = store
         self._billing = billing
         billing.leases = self
         self.node_id = node_id or new_node_id()
@@ -130,7 +130,7 @@ class LeaseBook:
     async def take(self, account_id: int) -> None:
         """The first lease on an account (Billing.load); raises 503 when unreachable."""
         started = time.monotonic()
-        grant = await self._store.grant(account_id, self.node_id, self._min, self._ttl_ms)
+        grant = await self.store.grant(account_id, self.node_id, self._min, self._ttl_ms)
         now = time.monotonic()
         if grant is None:
             self._leases[account_id] = _Lease(account_id, None, now, now, 0,
@@ -216,7 +216,7 @@ class LeaseBook:
         want = max(self._slice(lease, available), need)
         started = time.monotonic()
         if lease is None or lease.lease_id is None:
-            grant = await self._store.grant(account_id, self.node_id, want, self._ttl_ms)
+            grant = await self.store.grant(account_id, self.node_id, want, self._ttl_ms)
             added = 0 if grant is None else grant.granted_nano
             if grant is not None:
                 if not self._holds_any():
@@ -224,7 +224,7 @@ class LeaseBook:
                 lease = self._leases[account_id] = _Lease(account_id, grant.lease_id, started,
                                                           started, 0)
         else:
-            added = await self._store.top_up(lease.lease_id, account_id, self.node_id, want,
+            added = await self.store.top_up(lease.lease_id, account_id, self.node_id, want,
                                              self._ttl_ms)
         now = time.monotonic()
         if lease is None:
@@ -252,14 +252,14 @@ class LeaseBook:
         if rest <= 0:
             return True
         self._billing.lease_changed(account_id, -rest, 0)  # before the await: never spent
-        return await self._store.give_back(lease.lease_id, account_id, self.node_id, rest)
+        return await self.store.give_back(lease.lease_id, account_id, self.node_id, rest)
 
     async def _close(self, lease: _Lease) -> bool:
         assert lease.lease_id is not None
         if self._leases.get(lease.account_id) is lease:
             del self._leases[lease.account_id]
             self._billing.lease_changed(lease.account_id, None, 0)
-        await self._store.close(lease.lease_id, lease.account_id, self.node_id)
+        await self.store.close(lease.lease_id, lease.account_id, self.node_id)
         return True
 
     async def renew(self) -> None:
@@ -271,7 +271,7 @@ class LeaseBook:
             self._unfreeze()
             return
         sent = time.monotonic()
-        alive = await self._store.extend(self.node_id, self._ttl_ms, list(held))
+        alive = await self.store.extend(self.node_id, self._ttl_ms, list(held))
         for lease_id, lease in held.items():
             if lease_id not in alive and lease.taken_at < sent and \
                     self._leases.get(lease.account_id) is lease:
@@ -313,7 +313,7 @@ class LeaseBook:
 
     async def sweep(self) -> None:
         """Return expired leases (any node's) to their accounts (periodic)."""
-        await self._store.sweep()
+        await self.store.sweep()
 
     async def return_idle(self) -> None:
         """Close leases that nothing used for ``idle_s`` (periodic)."""

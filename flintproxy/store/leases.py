@@ -35,8 +35,12 @@ The rules:
   ``free`` money: **a late row never takes the balance below what the other leases
   hold, nor below zero**. What it cannot cover is written off: the row is stored
   with the cost actually charged (``WRITE_OFF_SQL``), so the ledger still sums to
-  credited - balance, and the difference is counted (``DebitPlan.written_off``,
+  credited - balance, and the difference is counted (``LeaseStore.written_off_nano``,
   metric ``flintproxy_usage_written_off_nano_total``).
+
+Round trips are counted per operation (``LeaseStore.round_trips``, metric
+``flintproxy_money_round_trips_total{op}``); ``debit`` counts the statements the
+lease rules add to a usage batch's transaction (2-4 a batch, whatever its size).
 
 Times are unix milliseconds on PostgreSQL's clock only: no node's clock takes part
 in deciding that a lease expired.
@@ -205,6 +209,17 @@ def _unavailable(exc: BaseException) -> ServiceUnavailable:
 _DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
+@dataclass(slots=True)
+class DebitPlan:
+    """What one usage batch charges: per row, per account and per lease."""
+
+    costs: list[int]  # per row, in batch order: the cost actually charged
+    charges: dict[int, int] = field(default_factory=dict)  # account -> charged
+    from_leases: dict[int, int] = field(default_factory=dict)  # account -> of it, leased
+    spends: dict[int, int] = field(default_factory=dict)  # lease -> spent
+    written_off: int = 0  # nano the rows cost but no lease nor free money covered
+
+
 class LeaseStore:
     """The lease statements over a pool; every call is one round trip, counted.
 
@@ -216,8 +231,10 @@ class LeaseStore:
         self._pool = pool
         # Round trips by operation, read by metrics (the bench divides by requests).
         self.round_trips: dict[str, int] = {
-            "grant": 0, "top_up": 0, "give_back": 0, "close": 0, "extend": 0, "sweep": 0}
+            "grant": 0, "top_up": 0, "give_back": 0, "close": 0, "extend": 0, "sweep": 0,
+            "debit": 0}
         self.swept_leases = 0
+        self.written_off_nano = 0
 
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         self.round_trips[op] += 1
@@ -280,31 +297,47 @@ class LeaseStore:
         return swept
 
 
-@dataclass(slots=True)
-class DebitPlan:
-    """What one usage batch charges: per row, per account and per lease."""
 
-    costs: list[int]  # per row, in batch order: the cost actually charged
-    charges: dict[int, int] = field(default_factory=dict)  # account -> charged
-    from_leases: dict[int, int] = field(default_factory=dict)  # account -> of it, leased
-    spends: dict[int, int] = field(default_factory=dict)  # lease -> spent
-    written_off: int = 0  # nano the rows cost but no lease nor free money covered
+    async def lock_for_debits(self, conn: asyncpg.Connection, account_ids: Iterable[int],
+                              lease_ids: Iterable[int]
+                              ) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+        """Inside the writer's transaction: lock the batch's accounts (then leases, the
+        order every lease statement uses) and read ``free`` per account and
+        ``(account, unspent)`` per lease that still exists."""
+        accounts = sorted(set(account_ids))
+        self.round_trips["debit"] += 1
+        free = {int(r[0]): int(r[1]) for r in await conn.fetch(LOCK_ACCOUNTS_SQL, accounts)}
+        leases: dict[int, tuple[int, int]] = {}
+        ids = sorted(set(lease_ids))
+        if ids:
+            self.round_trips["debit"] += 1
+            leases = {int(r[0]): (int(r[1]), int(r[2]))
+                      for r in await conn.fetch(LOCK_LEASES_SQL, ids)}
+        return free, leases
 
+    async def apply_debits(self, conn: asyncpg.Connection, plan: DebitPlan
+                           ) -> list[tuple[int, int]]:
+        """Charge a plan made over the rows the batch inserted (a row already in the
+        ledger was charged by the batch that inserted it); returns (account, balance).
+        Call it after the transaction's rows are in; count its write-off only once the
+        transaction committed (``written_off``)."""
+        if plan.spends:
+            self.round_trips["debit"] += 1
+            await conn.execute(SPEND_LEASES_SQL, list(plan.spends), list(plan.spends.values()))
+        ids = [a for a, c in plan.charges.items() if c]
+        if not ids:
+            return []
+        self.round_trips["debit"] += 1
+        rows = await conn.fetch(DEBIT_ACCOUNTS_SQL, ids, [plan.charges[a] for a in ids],
+                                [plan.from_leases.get(a, 0) for a in ids])
+        return [(int(r[0]), int(r[1])) for r in rows]
 
-async def lock_for_debits(conn: asyncpg.Connection, account_ids: Iterable[int],
-                          lease_ids: Iterable[int]
-                          ) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
-    """Inside the writer's transaction: lock the batch's accounts (then leases, the
-    order every lease statement uses) and read ``free`` per account and
-    ``(account, unspent)`` per lease that still exists."""
-    accounts = sorted(set(account_ids))
-    free = {int(r[0]): int(r[1]) for r in await conn.fetch(LOCK_ACCOUNTS_SQL, accounts)}
-    leases: dict[int, tuple[int, int]] = {}
-    ids = sorted(set(lease_ids))
-    if ids:
-        leases = {int(r[0]): (int(r[1]), int(r[2]))
-                  for r in await conn.fetch(LOCK_LEASES_SQL, ids)}
-    return free, leases
+    def written_off(self, plan: DebitPlan) -> None:
+        """A committed plan's write-off: counted and logged (amounts only)."""
+        if plan.written_off:
+            self.written_off_nano += plan.written_off
+            log.warning("usage rows of an expired credit lease cost %d nano-USD more than "
+                        "their accounts had free; written off", plan.written_off)
 
 
 def plan_debits(rows: Sequence[tuple[int, int, int | None]], free: Mapping[int, int],
@@ -336,16 +369,3 @@ def plan_debits(rows: Sequence[tuple[int, int, int | None]], free: Mapping[int, 
         plan.costs.append(charged)
         plan.charges[account_id] = plan.charges.get(account_id, 0) + charged
     return plan
-
-
-async def apply_debits(conn: asyncpg.Connection, plan: DebitPlan) -> list[tuple[int, int]]:
-    """Charge a plan made over the rows the batch inserted (a row already in the
-    ledger was charged by the batch that inserted it); returns (account, balance)."""
-    if plan.spends:
-        await conn.execute(SPEND_LEASES_SQL, list(plan.spends), list(plan.spends.values()))
-    ids = [a for a, c in plan.charges.items() if c]
-    if not ids:
-        return []
-    rows = await conn.fetch(DEBIT_ACCOUNTS_SQL, ids, [plan.charges[a] for a in ids],
-                            [plan.from_leases.get(a, 0) for a in ids])
-    return [(int(r[0]), int(r[1])) for r in rows]

@@ -133,9 +133,9 @@ async def test_give_back_and_close_free_exactly_the_unspent_part(pool: asyncpg.P
     grant = await store.grant(acct, "a", 600, TTL_MS)
     assert grant is not None
     async with pool.acquire() as conn, conn.transaction():
-        free, leases = await pg_leases.lock_for_debits(conn, [acct], [grant.lease_id])
+        free, leases = await store.lock_for_debits(conn, [acct], [grant.lease_id])
         plan = plan_debits([(acct, 150, grant.lease_id)], free, leases)
-        await pg_leases.apply_debits(conn, plan)
+        await store.apply_debits(conn, plan)
     assert await books(pool, acct) == (850, 450, 450)
     assert not await store.give_back(grant.lease_id, acct, "a", 451)  # more than unspent
     assert await store.give_back(grant.lease_id, acct, "a", 200)
@@ -171,22 +171,22 @@ async def test_a_late_row_is_charged_only_from_free_money_and_the_rest_written_o
     assert await store.close(gone.lease_id, acct, "a") == 500
     # free is 1000 - 400 = 600; node a's late rows cost 450 + 450 (its lease is gone).
     async with pool.acquire() as conn, conn.transaction():
-        free, leases = await pg_leases.lock_for_debits(conn, [acct], [gone.lease_id])
+        free, leases = await store.lock_for_debits(conn, [acct], [gone.lease_id])
         assert leases == {}
         plan = plan_debits([(acct, 450, gone.lease_id), (acct, 450, gone.lease_id)],
                            free, leases)
         assert plan.costs == [450, 150]
         assert plan.written_off == 300
-        await pg_leases.apply_debits(conn, plan)
+        await store.apply_debits(conn, plan)
     balance, leased, _ = await books(pool, acct)
     assert (balance, leased) == (400, 400)  # node b's lease is still fully backed
     # Rows of a lease of another account never spend it.
     mine = await account(pool, 100)
     async with pool.acquire() as conn, conn.transaction():
-        free, leases = await pg_leases.lock_for_debits(conn, [mine], [other.lease_id])
+        free, leases = await store.lock_for_debits(conn, [mine], [other.lease_id])
         plan = plan_debits([(mine, 150, other.lease_id)], free, leases)
         assert plan.costs == [100] and plan.spends == {}
-        await pg_leases.apply_debits(conn, plan)
+        await store.apply_debits(conn, plan)
     assert await books(pool, mine) == (0, 0, 0)
     assert await books(pool, acct) == (400, 400, 400)
 
