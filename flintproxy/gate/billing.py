@@ -214,6 +214,8 @@ class Billing:
         Re-reading is always correct (balances are set, never adjusted), so this does
         not need to know which event kinds move money (``credit`` today).
         """
+        if self.leases is not None:
+            return  # shared mode: balances are leases (gate.leases hears the changes)
         if account_id is None:
             self._reload_all = True
         elif account_id in self._loads:

@@ -121,6 +121,19 @@ async def test_a_request_larger_than_the_lease_waits_for_one_top_up(pool: asyncp
         await node.stop()
 
 
+async def test_concurrent_requests_short_of_lease_share_one_top_up(pool: asyncpg.Pool) -> None:
+    acct = await account(pool, 10_000_000)
+    node = Node(pool)
+    try:
+        await node.reserve(acct)  # the first lease: 2,000 nano
+        big = Bound(500, 0, 1, 500, 500, ("max_tokens",))  # 1,000 nano each
+        held = await asyncio.gather(*[node.reserve(acct, big) for _ in range(50)])
+        assert all(r.max_tokens == 500 for r in held)  # none lowered, none refused
+        assert node.store.round_trips["top_up"] <= 3  # coalesced, not one per request
+    finally:
+        await node.stop()
+
+
 async def test_an_exhausted_account_is_a_402_without_a_round_trip_per_request(
         pool: asyncpg.Pool) -> None:
     acct = await account(pool, 1_000)  # affords 5 requests of 200 nano
@@ -136,6 +149,8 @@ async def test_an_exhausted_account_is_a_402_without_a_round_trip_per_request(
         # A credit made elsewhere is leasable at once (the change feed says so).
         await pool.execute("UPDATE accounts SET credited_nano = credited_nano + 200, "
                            "balance_nano = balance_nano + 200 WHERE id = $1", acct)
+        node.billing.on_change("credit", acct, None)  # the lease book's business, not a reload
+        assert not node.billing.has_stale()
         node.leases.on_change("credit", acct, None)
         assert (await node.reserve(acct)).amount == 200
     finally:
