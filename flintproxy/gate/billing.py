@@ -331,7 +331,7 @@ class Billing:
         """Shared mode: raise LeaseShortfall when a top-up could cover ``exact``."""
         assert self.leases is not None
         if self.leases.may_grow(account_id):
-            need = -(-exact // TOKENS_PER_PRICE_UNIT) - max(available, 0)
+            need = -(-exact // TOKENS_PER_PRICE_UNIT) - available
             raise LeaseShortfall(
                 "You exceeded your current quota: this node could not reserve the "
                 "request's maximum cost from the account's credit.", need_nano=need)
