@@ -7,7 +7,7 @@ up, renew it, or return what is left. With slices sized to ~10 s of the account'
 spend, the money round trips per request are ~1 / (requests in 10 s): at 100
 requests/s on one account, one top-up per ~1000 requests.
 
-Schema (``MIGRATION``). ``accounts.leased_nano`` is the part of ``balance_nano``
+Schema (``store.postgres`` migration 2). ``accounts.leased_nano`` is the part of ``balance_nano``
 that open leases hold and have not yet spent::
 
     leased_nano = SUM(granted_nano - spent_nano) over the account's credit_leases rows
@@ -49,13 +49,12 @@ in deciding that a lease expired.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import asyncpg
-
-from flintproxy.errors import ServiceUnavailable
+from flintproxy.store import postgres
+from flintproxy.store.db import PgDatabase, converted
 
 log = logging.getLogger("flintproxy.store.leases")
 
@@ -63,25 +62,6 @@ STATEMENT_TIMEOUT_S = 5.0
 SWEEP_BATCH = 100  # accounts per sweep pass
 
 _NOW = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
-
-# Applied after the PostgreSQL accounts table exists (store.pg migrations).
-MIGRATION = """
-ALTER TABLE accounts ADD COLUMN leased_nano BIGINT NOT NULL DEFAULT 0
-    CHECK (leased_nano >= 0);
-CREATE TABLE credit_leases (
-    id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    account_id    BIGINT NOT NULL REFERENCES accounts(id),
-    node_id       TEXT NOT NULL,
-    granted_nano  BIGINT NOT NULL CHECK (granted_nano >= 0),
-    spent_nano    BIGINT NOT NULL DEFAULT 0
-                  CHECK (spent_nano >= 0 AND spent_nano <= granted_nano),
-    created_at    BIGINT NOT NULL,
-    expires_at    BIGINT NOT NULL
-);
-CREATE INDEX credit_leases_node ON credit_leases(node_id);
-CREATE INDEX credit_leases_account ON credit_leases(account_id);
-CREATE INDEX credit_leases_expiry ON credit_leases(expires_at);
-"""
 
 # $1 account, $2 node, $3 want, $4 ttl ms
 GRANT_SQL = f"""
@@ -200,15 +180,6 @@ class Grant(NamedTuple):
     granted_nano: int
 
 
-def _unavailable(exc: BaseException) -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "The shared balance store is unreachable; please retry shortly "
-        f"({type(exc).__name__}).", headers={"Retry-After": "1"})
-
-
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
 @dataclass(slots=True)
 class DebitPlan:
     """What one usage batch charges: per row, per account and per lease."""
@@ -223,12 +194,13 @@ class DebitPlan:
 class LeaseStore:
     """The lease statements over a pool; every call is one round trip, counted.
 
-    Database failures become ``ServiceUnavailable`` here, the one boundary where
-    asyncpg's exceptions are converted.
+    Database failures become ``StoreUnavailable`` (503) through the store's one
+    conversion boundary, ``store.db.converted``.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, db: PgDatabase) -> None:
+        self._db = db
+        self._insert_sql: dict[tuple[str, ...], str] = {}
         # Round trips by operation, read by metrics (the bench divides by requests).
         self.round_trips: dict[str, int] = {
             "grant": 0, "top_up": 0, "give_back": 0, "close": 0, "extend": 0, "sweep": 0,
@@ -236,14 +208,10 @@ class LeaseStore:
         self.swept_leases = 0
         self.written_off_nano = 0
 
-    async def _fetch(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
         self.round_trips[op] += 1
-        try:
-            rows: list[asyncpg.Record] = await self._pool.fetch(
-                sql, *args, timeout=STATEMENT_TIMEOUT_S)
-        except _DB_ERRORS as exc:
-            raise _unavailable(exc) from exc
-        return rows
+        async with converted():
+            return list(await self._db.pool.fetch(sql, *args, timeout=STATEMENT_TIMEOUT_S))
 
     async def grant(self, account_id: int, node_id: str, want_nano: int, ttl_ms: int
                     ) -> Grant | None:
@@ -298,7 +266,7 @@ class LeaseStore:
 
 
 
-    async def lock_for_debits(self, conn: asyncpg.Connection, account_ids: Iterable[int],
+    async def lock_for_debits(self, conn: Any, account_ids: Iterable[int],
                               lease_ids: Iterable[int]
                               ) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
         """Inside the writer's transaction: lock the batch's accounts (then leases, the
@@ -315,7 +283,7 @@ class LeaseStore:
                       for r in await conn.fetch(LOCK_LEASES_SQL, ids)}
         return free, leases
 
-    async def apply_debits(self, conn: asyncpg.Connection, plan: DebitPlan
+    async def apply_debits(self, conn: Any, plan: DebitPlan
                            ) -> list[tuple[int, int]]:
         """Charge a plan made over the rows the batch inserted (a row already in the
         ledger was charged by the batch that inserted it); returns (account, balance).
@@ -331,6 +299,35 @@ class LeaseStore:
         rows = await conn.fetch(DEBIT_ACCOUNTS_SQL, ids, [plan.charges[a] for a in ids],
                                 [plan.from_leases.get(a, 0) for a in ids])
         return [(int(r[0]), int(r[1])) for r in rows]
+
+    async def commit_usage(self, fields: Sequence[str], batch: Sequence[tuple[Any, ...]],
+                           lease_of: Callable[[int], int | None]) -> list[tuple[int, int]]:
+        """The usage writer's batch in shared mode: ONE transaction that locks, inserts
+        (idempotent by request id: a retried batch inserts and charges nothing twice),
+        charges what it inserted to the node's leases (``plan_debits``), and stores a
+        written-off row at the cost actually charged. Returns (account, balance)."""
+        key = tuple(fields)
+        sql = self._insert_sql.get(key)
+        if sql is None:
+            sql = self._insert_sql[key] = postgres.insert_sql(fields)
+        account_at = key.index("account_id")
+        leases = {row[account_at]: lease_of(row[account_at]) for row in batch}
+        columns = [list(c) for c in zip(*batch, strict=True)]
+        # BEGIN and COMMIT are round trips the single-statement batch does not need.
+        self.round_trips["debit"] += 2
+        async with self._db.connection() as con, con.transaction():
+            free, held = await self.lock_for_debits(
+                con, leases, [lease for lease in leases.values() if lease is not None])
+            inserted = await con.fetch(sql, *columns)
+            plan = plan_debits([(int(r[1]), int(r[2]), leases.get(int(r[1])))
+                                for r in inserted], free, held)
+            if plan.written_off:
+                cut = [(str(r[0]), c) for r, c in zip(inserted, plan.costs, strict=True)
+                       if c != int(r[2])]
+                await con.execute(WRITE_OFF_SQL, [r for r, _ in cut], [c for _, c in cut])
+            balances = await self.apply_debits(con, plan)
+        self.written_off(plan)
+        return balances
 
     def written_off(self, plan: DebitPlan) -> None:
         """A committed plan's write-off: counted and logged (amounts only)."""
