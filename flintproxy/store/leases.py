@@ -40,7 +40,8 @@ The rules:
 
 Round trips are counted per operation (``LeaseStore.round_trips``, metric
 ``flintproxy_money_round_trips_total{op}``); ``debit`` counts the statements the
-lease rules add to a usage batch's transaction (2-4 a batch, whatever its size).
+lease rules add to a usage batch's transaction: BEGIN, the lock, the debit and
+COMMIT, 4 a batch whatever its size (the insert is the ledger's own statement).
 
 Times are unix milliseconds on PostgreSQL's clock only: no node's clock takes part
 in deciding that a lease expired.
@@ -146,32 +147,39 @@ RETURNING id
 """  # noqa: S608
 
 # The usage writer's side (inside its transaction): lock, then charge.
-LOCK_ACCOUNTS_SQL = """
-SELECT id, balance_nano - leased_nano FROM accounts WHERE id = ANY($1::bigint[])
-ORDER BY id FOR UPDATE
+# One statement: the accounts first (UNION ALL runs its branches in order), then the
+# leases, the order every lease statement locks in. Rows: (kind, id, a, b).
+LOCK_SQL = """
+WITH a AS (
+    SELECT id, balance_nano - leased_nano AS free FROM accounts
+    WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
+), l AS (
+    SELECT id, account_id, granted_nano - spent_nano AS unspent FROM credit_leases
+    WHERE id = ANY($2::bigint[]) ORDER BY id FOR UPDATE
+)
+SELECT 'a', id, free, 0::bigint FROM a
+UNION ALL
+SELECT 'l', id, account_id, unspent FROM l
 """
-LOCK_LEASES_SQL = """
-SELECT id, account_id, granted_nano - spent_nano FROM credit_leases
-WHERE id = ANY($1::bigint[]) FOR UPDATE
-"""
-SPEND_LEASES_SQL = """
-UPDATE credit_leases SET spent_nano = credit_leases.spent_nano + d.amount
-FROM unnest($1::bigint[], $2::bigint[]) AS d(id, amount)
-WHERE credit_leases.id = d.id
-"""
-# $1 request ids, $2 the cost actually charged (rare: only rows with a write-off)
-WRITE_OFF_SQL = """
-UPDATE usage SET cost_nano = d.cost
-FROM unnest($1::text[], $2::bigint[]) AS d(request_id, cost)
-WHERE usage.request_id = d.request_id
-"""
-DEBIT_ACCOUNTS_SQL = """
+# One statement: the leases' spend (a data-modifying CTE), then the accounts' debit.
+DEBIT_SQL = """
+WITH s AS (
+    UPDATE credit_leases SET spent_nano = credit_leases.spent_nano + d.amount
+    FROM unnest($4::bigint[], $5::bigint[]) AS d(id, amount)
+    WHERE credit_leases.id = d.id
+)
 UPDATE accounts SET balance_nano = accounts.balance_nano - d.charge,
                     charged_nano = accounts.charged_nano + d.charge,
                     leased_nano = accounts.leased_nano - d.leased
 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS d(id, charge, leased)
 WHERE accounts.id = d.id
 RETURNING accounts.id, accounts.balance_nano
+"""
+# $1 request ids, $2 the cost actually charged (rare: only rows with a write-off)
+WRITE_OFF_SQL = """
+UPDATE usage SET cost_nano = d.cost
+FROM unnest($1::text[], $2::bigint[]) AS d(request_id, cost)
+WHERE usage.request_id = d.request_id
 """
 
 
@@ -272,15 +280,15 @@ class LeaseStore:
         """Inside the writer's transaction: lock the batch's accounts (then leases, the
         order every lease statement uses) and read ``free`` per account and
         ``(account, unspent)`` per lease that still exists."""
-        accounts = sorted(set(account_ids))
         self.round_trips["debit"] += 1
-        free = {int(r[0]): int(r[1]) for r in await conn.fetch(LOCK_ACCOUNTS_SQL, accounts)}
+        free: dict[int, int] = {}
         leases: dict[int, tuple[int, int]] = {}
-        ids = sorted(set(lease_ids))
-        if ids:
-            self.round_trips["debit"] += 1
-            leases = {int(r[0]): (int(r[1]), int(r[2]))
-                      for r in await conn.fetch(LOCK_LEASES_SQL, ids)}
+        for kind, row_id, x, y in await conn.fetch(LOCK_SQL, sorted(set(account_ids)),
+                                                   sorted(set(lease_ids))):
+            if kind == "a":
+                free[int(row_id)] = int(x)
+            else:
+                leases[int(row_id)] = (int(x), int(y))
         return free, leases
 
     async def apply_debits(self, conn: Any, plan: DebitPlan
@@ -289,15 +297,13 @@ class LeaseStore:
         ledger was charged by the batch that inserted it); returns (account, balance).
         Call it after the transaction's rows are in; count its write-off only once the
         transaction committed (``written_off``)."""
-        if plan.spends:
-            self.round_trips["debit"] += 1
-            await conn.execute(SPEND_LEASES_SQL, list(plan.spends), list(plan.spends.values()))
         ids = [a for a, c in plan.charges.items() if c]
         if not ids:
             return []
         self.round_trips["debit"] += 1
-        rows = await conn.fetch(DEBIT_ACCOUNTS_SQL, ids, [plan.charges[a] for a in ids],
-                                [plan.from_leases.get(a, 0) for a in ids])
+        rows = await conn.fetch(DEBIT_SQL, ids, [plan.charges[a] for a in ids],
+                                [plan.from_leases.get(a, 0) for a in ids],
+                                list(plan.spends), list(plan.spends.values()))
         return [(int(r[0]), int(r[1])) for r in rows]
 
     async def commit_usage(self, fields: Sequence[str], batch: Sequence[tuple[Any, ...]],

@@ -13,6 +13,7 @@ from flintproxy.errors import StoreUnavailable
 from flintproxy.store import postgres
 from flintproxy.store.db import PgDatabase
 from flintproxy.store.leases import LeaseStore, plan_debits
+from flintproxy.store.ledger import UsageRow
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,3 +183,34 @@ async def test_an_unreachable_database_is_a_clear_503(db: PgDatabase) -> None:
     with pytest.raises(StoreUnavailable) as info:
         await store.grant(1, "a", 1, TTL_MS)
     assert info.value.status == 503
+
+
+def usage(request_id: str, account_id: int, cost: int) -> tuple[object, ...]:
+    return tuple(UsageRow(request_id, account_id, None, "m", "local", 10, 10, 0, 0, 0, cost,
+                          200, "ok", 0, 0, 5, None))
+
+
+async def test_the_writers_batch_charges_leases_once_and_a_late_row_only_what_is_free(
+        db: PgDatabase) -> None:
+    store = LeaseStore(db)
+    acct = await account(db, 1000)
+    lease = await store.grant(acct, "a", 600, TTL_MS)
+    other = await store.grant(acct, "b", 300, TTL_MS)
+    assert lease is not None and other is not None
+    batch = [usage("r1", acct, 250), usage("r2", acct, 250)]
+    await store.commit_usage(UsageRow._fields, batch, lambda _a: lease.lease_id)
+    assert await books(db, acct) == (500, 400, 400)  # 600 - 500 left on a, 300 on b
+    # A retried batch (the COMMIT's answer was lost) inserts and charges nothing twice.
+    await store.commit_usage(UsageRow._fields, batch, lambda _a: lease.lease_id)
+    assert await books(db, acct) == (500, 400, 400)
+    # Lease a is gone; its node's late rows get only the free 500 - 300 = 200 (b's 300
+    # stays backed), the rest is written off.
+    assert await store.close(lease.lease_id, acct, "a") == 100
+    late = [usage("r3", acct, 150), usage("r4", acct, 150)]
+    await store.commit_usage(UsageRow._fields, late, lambda _a: lease.lease_id)
+    assert store.written_off_nano == 100
+    assert await books(db, acct) == (300, 300, 300)
+    costs = {str(r[0]): int(r[1])
+             for r in await db.pool.fetch("SELECT request_id, cost_nano FROM usage")}
+    assert costs == {"r1": 250, "r2": 250, "r3": 150, "r4": 50}  # what each was charged
+    assert sum(costs.values()) == 1000 - 300  # the ledger still sums to credited - balance
