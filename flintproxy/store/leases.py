@@ -40,8 +40,8 @@ The rules:
 
 Round trips are counted per operation (``LeaseStore.round_trips``, metric
 ``flintproxy_money_round_trips_total{op}``); ``debit`` counts the statements the
-lease rules add to a usage batch's transaction: BEGIN, the lock, the debit and
-COMMIT, 4 a batch whatever its size (the insert is the ledger's own statement).
+lease rules add to a usage batch's transaction: the lock and the debit, 2 a batch
+whatever its size (staging, insert, BEGIN and COMMIT are the ledger's own).
 
 Times are unix milliseconds on PostgreSQL's clock only: no node's clock takes part
 in deciding that a lease expired.
@@ -315,16 +315,14 @@ class LeaseStore:
         key = tuple(fields)
         sql = self._insert_sql.get(key)
         if sql is None:
-            sql = self._insert_sql[key] = postgres.insert_sql(fields)
+            sql = self._insert_sql[key] = postgres.insert_staged_sql(fields)
         account_at = key.index("account_id")
         leases = {row[account_at]: lease_of(row[account_at]) for row in batch}
-        columns = [list(c) for c in zip(*batch, strict=True)]
-        # BEGIN and COMMIT are round trips the single-statement batch does not need.
-        self.round_trips["debit"] += 2
         async with self._db.connection() as con, con.transaction():
             free, held = await self.lock_for_debits(
                 con, leases, [lease for lease in leases.values() if lease is not None])
-            inserted = await con.fetch(sql, *columns)
+            await postgres.stage_usage(con, batch, fields)
+            inserted = await con.fetch(sql)
             plan = plan_debits([(int(r[1]), int(r[2]), leases.get(int(r[1])))
                                 for r in inserted], free, held)
             if plan.written_off:

@@ -25,11 +25,11 @@ the whole backlog. A graceful shutdown (SIGTERM/SIGINT) drains the queue.
 Engines. The queue, retries and backlog bound are engine-neutral; only the batch
 statement differs: on SQLite an ``executemany`` and one debit UPDATE per chunk on
 the writer's own connection (below), on PostgreSQL one statement per batch
-(``store.postgres.batch_sql``: unnest + ON CONFLICT DO NOTHING + the debit of what
-was inserted), idempotent by request id, so a batch retried after an ambiguous
-COMMIT never charges twice. With credit leases (shared mode), the batch is one
-transaction instead that also draws the node's leases down (``store.leases``:
-``LeaseStore.commit_usage``). A PostgreSQL that is down or restarting is one more
+(``store.postgres.commit_usage``: COPY into a staging table, then one INSERT of
+the rows not yet in the ledger + the debit of what was inserted), idempotent by
+request id, so a batch retried after an ambiguous COMMIT never charges twice. With
+credit leases (shared mode) the same transaction also draws the node's leases down
+(``store.leases``: ``LeaseStore.commit_usage``). A PostgreSQL that is down or restarting is one more
 "disk fault" below: /readyz unready, the backlog bounded, nothing lost.
 
 Disk faults. A failing transaction (read-only file, disk full, locked, I/O
@@ -381,7 +381,8 @@ class UsageWriter:
             return await self._leases.commit_usage(UsageRow._fields, batch, self._lease_of)
         if isinstance(db, PgDatabase):
             assert self._pg_sql is not None
-            return await postgres.commit_usage(db, self._pg_sql, batch, list(debits))
+            return await postgres.commit_usage(db, self._pg_sql, batch, list(debits),
+                                               UsageRow._fields)
         assert isinstance(db, SqliteDatabase)
         return await self._commit_sqlite(db, batch, debits)
 

@@ -8,13 +8,15 @@ database is migrated by the operator, ``flintproxy admin migrate``, under an
 advisory lock (concurrent runs are safe); ``flintproxy serve`` only checks the
 version and refuses to start behind it (``errors.SchemaBehind``).
 
-The ledger. ``commit_usage`` writes a whole batch and its debits in ONE statement
-(``BATCH_SQL``): the rows arrive as one array per column (``unnest``: one round trip,
-no temp table, no per-row statement), are inserted ``ON CONFLICT (request_id) DO
-NOTHING`` and only the rows actually inserted are debited. Request ids are made by
-the gateway (unique), so a batch retried after an ambiguous COMMIT (the connection
-dropped before the answer) inserts nothing and charges nothing the second time.
-Measured with ``bench/pg_usage_writer.py``: see the commit note / bench output.
+The ledger. ``commit_usage`` writes a whole batch and its debits in ONE transaction:
+the rows are COPYed (binary) into a per-connection temp table, then ONE statement
+(``batch_sql``) inserts those whose request id is not yet in the ledger and debits
+only the rows it inserted. Request ids are made by the gateway (unique), so a batch
+retried after an ambiguous COMMIT (the connection dropped before the answer)
+inserts nothing and charges nothing the second time. Measured side by side on this
+(busy, shared) machine, 5,000 rows into a 150k-row ledger: 145-240 ms this way,
+280-340 ms as one ``unnest`` statement of 17 arrays; ``bench/pg_usage_writer.py``
+reports the writer's rows/s against SQLite's on the same rows.
 """
 
 from __future__ import annotations
@@ -206,39 +208,24 @@ async def check_schema(db: PgDatabase) -> int:
 
 # --- the ledger ------------------------------------------------------------------------
 
-# Column types of the usage rows as arrays (store.ledger.UsageRow's fields); any
-# field not named here is a BIGINT.
-_TEXT = frozenset({"request_id", "model", "upstream", "outcome", "endpoint"})
-
-
-def _arrays(fields: Sequence[str]) -> str:
-    return ", ".join(f"${i}::{'text' if f in _TEXT else 'bigint'}[]"
-                     for i, f in enumerate(fields, start=1))
-
-
-def insert_sql(fields: Sequence[str]) -> str:
-    """Shared mode's batch insert, without the debit (``store.leases`` debits the rows
-    it returns, in the same transaction): one array per column, ``ON CONFLICT
-    (request_id) DO NOTHING``, returning the rows actually inserted."""
-    return (f"INSERT INTO usage ({', '.join(fields)}) "  # noqa: S608
-            f"SELECT * FROM unnest({_arrays(fields)}) "
-            "ON CONFLICT (request_id) DO NOTHING "
-            "RETURNING request_id, account_id, cost_nano")
+STAGING = "usage_in"  # the batch's rows, COPYed in: a temp table per connection
 
 
 def batch_sql(fields: Sequence[str]) -> str:
-    """The one statement that stores a batch and debits what it inserted.
+    """The one statement that stores a staged batch and debits what it inserted.
+
+    Rows whose request id is already in the ledger are skipped (ON CONFLICT DO
+    NOTHING: an index probe per row; an anti-join was planned as a hash join over the
+    whole ledger, slower as it grows). Only inserted rows are debited.
 
     The ``debit`` step is the seam for credit leases: today it moves the inserted
-    cost from balance to charged; with leases, it will also draw the lease down.
-    Accounts the batch touched but did not debit (rows already stored by an earlier
-    attempt) are returned too, read from the same snapshot.
+    cost from balance to charged; with leases it will also draw the node's lease
+    down. Accounts the batch touched but did not debit (rows stored
+    by an earlier attempt) are returned too, from the same snapshot.
     """
     cols = ", ".join(fields)
-    arrays = _arrays(fields)
-    ids = len(fields) + 1
     return (
-        f"WITH ins AS (INSERT INTO usage ({cols}) SELECT * FROM unnest({arrays}) "  # noqa: S608
+        f"WITH ins AS (INSERT INTO usage ({cols}) SELECT {cols} FROM {STAGING} s "  # noqa: S608
         "ON CONFLICT (request_id) DO NOTHING RETURNING account_id, cost_nano), "
         "d AS (SELECT account_id, SUM(cost_nano)::bigint AS amount FROM ins "
         "GROUP BY account_id), "
@@ -246,14 +233,38 @@ def batch_sql(fields: Sequence[str]) -> str:
         "balance_nano = a.balance_nano - d.amount FROM d WHERE a.id = d.account_id "
         "RETURNING a.id, a.balance_nano) "
         "SELECT id, balance_nano FROM debit UNION ALL "
-        f"SELECT id, balance_nano FROM accounts WHERE id = ANY(${ids}::bigint[]) "
+        "SELECT id, balance_nano FROM accounts WHERE id = ANY($1::bigint[]) "
         "AND id NOT IN (SELECT id FROM debit)")
 
 
+def insert_staged_sql(fields: Sequence[str]) -> str:
+    """Shared mode's insert of a staged batch, without the debit: ``store.leases``
+    charges the rows it returns to the node's leases, in the same transaction."""
+    cols = ", ".join(fields)
+    return (f"INSERT INTO usage ({cols}) SELECT {cols} FROM {STAGING} s "  # noqa: S608
+            "ON CONFLICT (request_id) DO NOTHING "
+            "RETURNING request_id, account_id, cost_nano")
+
+
+async def stage_usage(con: Any, batch: Sequence[tuple[Any, ...]],
+                      fields: Sequence[str]) -> None:
+    """Inside a transaction: the batch into the connection's staging table (binary COPY)."""
+    cols = ", ".join(fields)
+    # Created once per connection (a no-op after), emptied at each COMMIT.
+    staging = (f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} ON COMMIT DELETE ROWS "  # noqa: S608
+               f"AS SELECT {cols} FROM usage WITH NO DATA")
+    await con.execute(staging)
+    await con.copy_records_to_table(STAGING, records=batch, columns=list(fields))
+
+
 async def commit_usage(db: PgDatabase, sql: str, batch: Sequence[tuple[Any, ...]],
-                       account_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """Run ``batch_sql`` for ``batch``; (account id, balance) of every account touched."""
-    columns = [list(c) for c in zip(*batch, strict=True)]
-    async with db.connection() as con:
-        rows = await con.fetch(sql, *columns, list(account_ids))
+                       account_ids: Sequence[int], fields: Sequence[str]
+                       ) -> list[tuple[int, int]]:
+    """Stage ``batch`` by binary COPY and run ``batch_sql``, in one transaction;
+    returns (account id, balance) of every account in ``account_ids``.
+
+    """
+    async with db.connection() as con, con.transaction():
+        await stage_usage(con, batch, fields)
+        rows = await con.fetch(sql, list(account_ids))
     return [(int(r[0]), int(r[1])) for r in rows]
