@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -112,6 +113,10 @@ async def test_64_concurrent_requests_over_three_nodes_never_overdraw_an_account
         assert leases is not None
         trips += sum(n for op, n in leases.store.round_trips.items() if op != "debit")
     print(f"money round trips: {trips} for 64 requests over 3 nodes; {ok} ok; {books}")
+    async with aiohttp.ClientSession() as http, http.get(a.console_url + "/metrics") as resp:
+        exposition = await resp.text()
+    assert 'flintproxy_money_round_trips_total{op="grant"}' in exposition
+    assert "flintproxy_usage_written_off_nano_total 0.0" in exposition
     for node in nodes:
         await node.server.shutdown()
     books = await ledger(pg, a.account_id)

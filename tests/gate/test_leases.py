@@ -15,7 +15,7 @@ from flintproxy.errors import InsufficientQuota, LeaseShortfall, ServiceUnavaila
 from flintproxy.gate.billing import Billing, Reservation
 from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Ending, Outcome
-from flintproxy.gate.leases import LeaseBook
+from flintproxy.gate.leases import TOP_UP_WAIT_S, LeaseBook
 from flintproxy.store import postgres
 from flintproxy.store.db import PgDatabase
 from flintproxy.store.leases import LeaseStore, plan_debits
@@ -114,6 +114,23 @@ async def test_a_request_larger_than_the_lease_waits_for_one_top_up(db: PgDataba
         res = await node.reserve(acct, big)
         assert res.amount == 10_000 and res.max_tokens == 5_000  # not lowered: topped up
         assert node.store.round_trips["grant"] == 1 and node.store.round_trips["top_up"] == 1
+    finally:
+        await node.stop()
+
+
+async def test_a_top_up_that_does_not_come_is_a_402_after_a_bounded_wait(
+        db: PgDatabase) -> None:
+    acct = await account(db, 1_000_000)
+    node = Node(db)
+    try:
+        await node.reserve(acct)
+        node.task.cancel()  # the top-up task is stuck (a shared store that hangs)
+        big = Bound(5_000, 0, 1, 5_000, 5_000, ("max_tokens",))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(InsufficientQuota):
+            await node.reserve(acct, big)
+        waited = asyncio.get_running_loop().time() - started
+        assert waited < TOP_UP_WAIT_S + 1.0  # one bounded wait, then the answer
     finally:
         await node.stop()
 
