@@ -137,6 +137,13 @@ class LeaseBook:
                                               exhausted_until=now + EXHAUSTED_RETRY_S)
             self._billing.lease_changed(account_id, 0, 0)
             return
+        current = self._leases.get(account_id)
+        if current is not None and current.lease_id is not None:
+            # A background top-up took one meanwhile: one lease per account.
+            await self.store.close(grant.lease_id, account_id, self.node_id)
+            if not self._billing.is_loaded(account_id):
+                self._billing.lease_changed(account_id, 0, 0)
+            return
         if not self._holds_any():
             self._set_renewed(started)
         self._leases[account_id] = _Lease(account_id, grant.lease_id, started, now,
@@ -218,6 +225,12 @@ class LeaseBook:
         if lease is None or lease.lease_id is None:
             grant = await self.store.grant(account_id, self.node_id, want, self._ttl_ms)
             added = 0 if grant is None else grant.granted_nano
+            current = self._leases.get(account_id)
+            if grant is not None and current is not lease and current is not None and \
+                    current.lease_id is not None:
+                # A first request took a lease meanwhile: one lease per account.
+                await self.store.close(grant.lease_id, account_id, self.node_id)
+                return False
             if grant is not None:
                 if not self._holds_any():
                     self._set_renewed(started)
@@ -226,6 +239,9 @@ class LeaseBook:
         else:
             added = await self.store.top_up(lease.lease_id, account_id, self.node_id, want,
                                              self._ttl_ms)
+            if self._leases.get(account_id) is not lease:
+                # Closed or expired meanwhile: whatever was added went back with it.
+                return False
         now = time.monotonic()
         if lease is None:
             lease = self._leases[account_id] = _Lease(account_id, None, now, now, 0)
