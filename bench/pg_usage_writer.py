@@ -6,14 +6,17 @@ Without ``--dsn`` it starts a throwaway PostgreSQL on loopback (tests/engines.py
 tests' own fixture code: fsync off, as in the tests; pass a DSN to measure a real
 server). Records ROWS (default 300,000) rows over 100 accounts into a started
 ``UsageWriter`` as fast as the queue takes them and reports rows/s until every row
-is committed, the batch statement's own rate, and the SQLite writer's rate on the
-same rows for the ratio.
+is committed, the CPU the PostgreSQL backends and this process spent per row (what
+a dedicated core would sustain, whatever else the machine runs), the batch
+statement's own rate, and the SQLite writer's rate on the same rows for the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -46,6 +49,17 @@ async def seed(db: Database) -> None:
             [(i, f"a{i}@bench", 10**6 * NANO, 10**6 * NANO) for i in range(1, ACCOUNTS + 1)])
 
 
+def backend_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the PostgreSQL backends ``pids`` have used."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 async def through_writer(db: Database, data: list[UsageRow]) -> float:
     cfg = BillingConfig(max_backlog_rows=10**9, flush_batch_rows=5000)
     writer = UsageWriter(db, Billing({}, cfg, Balances(db)), cfg)
@@ -67,7 +81,11 @@ async def run(n: int, dsn: str) -> None:
         await postgres.migrate(db)
         await seed(db)
         await through_writer(db, rows(20_000))  # warm: prepared statements, caches
+        pids = [int(r[0]) for r in await db.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+        cpu0, own0 = backend_cpu_s(pids), time.process_time()
         pg_rate = await through_writer(db, rows(n))
+        pg_cpu, own_cpu = backend_cpu_s(pids) - cpu0, time.process_time() - own0
         sql = postgres.batch_sql(UsageRow._fields)
         batch = [tuple(r) for r in rows(5000)]
         t0 = time.perf_counter()
@@ -90,7 +108,11 @@ async def run(n: int, dsn: str) -> None:
         finally:
             await lite.close()
     print(f"PostgreSQL usage writer: {n:,} rows in batches of 5,000: {pg_rate:,.0f} rows/s "
-          f"({stored:,} rows stored)")
+          f"wall clock ({stored:,} rows stored; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores)")
+    print(f"  CPU per row: PostgreSQL backends {pg_cpu / n * 1e6:.1f} us "
+          f"({n / max(pg_cpu, 1e-9):,.0f} rows per backend CPU-second), the gateway process "
+          f"{own_cpu / n * 1e6:.1f} us ({n / max(own_cpu, 1e-9):,.0f} rows per CPU-second)")
     print(f"  one batch statement, 5,000 rows: {one * 1000:.1f} ms "
           f"({5000 / one:,.0f} rows/s); the same batch retried: {again * 1000:.1f} ms, "
           "nothing inserted or charged")

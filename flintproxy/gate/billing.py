@@ -48,6 +48,9 @@ connection's statements in order and delivers their results in order, so a read
 can never be applied "between" a commit and the matching ``pending`` decrease;
 at worst a read made inside an open batch transaction counts that batch twice
 for a moment (available too low, never too high).
+On PostgreSQL (a pool, no such ordering) the same holds for another reason:
+re-reads (``reload_stale``) run on the writer's own task, between its batches, and
+a first ``load`` reads an account with nothing pending in this process yet.
 """
 
 from __future__ import annotations

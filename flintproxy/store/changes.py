@@ -72,6 +72,7 @@ class ChangeWatcher:
         self.floor = 0  # every event id <= floor has been dispatched
         self.last_id = 0  # the highest id dispatched
         self.notified = 0  # NOTIFYs received (diagnostics, tests)
+        self.listening = False  # a LISTEN connection is up
         self._polling: asyncio.Lock | None = None
 
     def subscribe(self, callback: Subscriber) -> None:
@@ -160,6 +161,7 @@ class ChangeWatcher:
                 lost = asyncio.Event()
                 con.add_termination_listener(functools.partial(_set_event, lost))
                 await con.add_listener(channel, on_notify)
+                self.listening = True
                 wake.set()  # catch up on what happened while not listening
                 while not lost.is_set():
                     waiter = asyncio.ensure_future(wake.wait())
@@ -184,6 +186,7 @@ class ChangeWatcher:
                 log.warning("change feed: LISTEN failed (%s); retrying in %.0f s",
                             type(exc).__name__, LISTEN_RETRY_S)
             finally:
+                self.listening = False
                 if con is not None and not con.is_closed():
                     con.terminate()
             await asyncio.sleep(LISTEN_RETRY_S)

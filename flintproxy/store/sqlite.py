@@ -2,8 +2,10 @@
 
 Migrations are numbered SQL scripts applied in order at start, each in its own
 transaction, and recorded in ``schema_version``; add new ones at the end of
-``MIGRATIONS`` and never edit a released one. No ORM: repositories (accounts,
-billing, usage) write their SQL against the connection this module opens.
+``MIGRATIONS`` and never edit a released one, and add the same one to
+``store.postgres.MIGRATIONS`` (a test compares the two schemas). No ORM:
+repositories (accounts, billing, usage) write portable SQL against ``store.db``'s
+``Database``, which wraps the connection this module opens.
 
 Times are integer unix milliseconds; money is integer nano-dollars.
 """

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,11 +26,13 @@ from flintproxy.store.accounts import Accounts
 from flintproxy.store.changes import ChangeWatcher
 from flintproxy.store.db import Database, Dialect, PgDatabase, SqliteDatabase, pg_sql
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter
+from flintproxy.store.retention import DAY_MS, RetentionJob
 from flintproxy.tools import admin
 from flintproxy.web.usage_api import ROW_SQL
 from tests.conftest import Gateway, MockServer, migrated_dsn, raw_config, start_gateway
 from tests.engines import free_port
 from tests.support import to_toml
+from tests.web.test_api import Browser
 
 # --- the schema ---------------------------------------------------------------------------
 
@@ -310,43 +314,93 @@ async def test_terminated_backends_lose_and_double_nothing(pg: PgDatabase) -> No
 # --- many nodes ---------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(90)
-async def test_a_key_revoked_on_node_a_is_refused_on_node_b_within_a_second(
-        tmp_path: Path, mock_upstream: MockServer, request: pytest.FixtureRequest,
-        gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
+async def two_nodes(tmp_path: Path, mock_upstream: MockServer, request: pytest.FixtureRequest,
+                    gateway_factory: Callable[..., Awaitable[Gateway]]
+                    ) -> tuple[Gateway, Gateway, dict[str, Any]]:
+    """Two gateways on one PostgreSQL database, both listening for changes."""
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
     raw["storage"] = {"backend": "postgresql", "dsn": await migrated_dsn(request)}
     # A poll far slower than a second: only the NOTIFY can make the deadline.
     raw["accounts"] = {"bcrypt_cost": 4, "change_poll_s": 30.0}
-    node_a = await gateway_factory(raw)
-    node_b = await gateway_factory(raw)
-    for node in (node_a, node_b):  # both listening
-        deadline = time.monotonic() + 10
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                async with http.get(node.url + "/readyz") as resp:
-                    if resp.status == 200:
-                        break
-                await asyncio.sleep(0.05)
-    messages = [{"role": "user", "content": "hi"}]
+    nodes = (await gateway_factory(raw), await gateway_factory(raw))
+    for node in nodes:  # the LISTEN connections are up
+        for _ in range(200):
+            if node.components.watcher.listening:
+                break
+            await asyncio.sleep(0.02)
+        assert node.components.watcher.listening
+    return nodes[0], nodes[1], raw
+
+
+async def refused_after(client: openai.AsyncOpenAI, t0: float,
+                        error: type[openai.APIStatusError]) -> float | None:
+    """Seconds from ``t0`` until ``client`` is refused with ``error`` (None: not in 3 s)."""
+    while time.monotonic() - t0 < 3:
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        except error:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.02)
+    return None
+
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.timeout(90)
+async def test_a_key_revoked_on_node_a_is_refused_on_node_b_within_a_second(
+        tmp_path: Path, mock_upstream: MockServer, request: pytest.FixtureRequest,
+        gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
+    node_a, node_b, _ = await two_nodes(tmp_path, mock_upstream, request, gateway_factory)
+    user = Browser(node_a)  # a user of node A's console
+    try:
+        await user.signup("multi@example.com")
+        key_id, key = await user.new_key(name="ci")
+        async with openai.AsyncOpenAI(base_url=node_b.base_url, api_key=key,
+                                      max_retries=0) as on_b:
+            assert (await on_b.chat.completions.create(model="gpt-4o-mini",
+                                                       messages=MESSAGES)).choices
+            t0 = time.monotonic()
+            status, _, _ = await user.call("DELETE", f"/api/keys/{key_id}")
+            assert status in (200, 204)
+            after = await refused_after(on_b, t0, openai.AuthenticationError)
+    finally:
+        await user.http.close()
+    assert after is not None and after < 1.0
+    assert node_b.components.watcher.notified >= 1
+
+
+@pytest.mark.timeout(90)
+async def test_admin_disable_and_credit_reach_every_node_within_a_second(
+        tmp_path: Path, mock_upstream: MockServer, request: pytest.FixtureRequest,
+        gateway_factory: Callable[..., Awaitable[Gateway]]) -> None:
+    node_a, node_b, raw = await two_nodes(tmp_path, mock_upstream, request, gateway_factory)
+    config = tmp_path / "flint.toml"
+    config.write_text(to_toml(raw))
+    email = (await node_a.components.accounts.get(node_a.account_id)).email
+    assert email is not None
+    for node in (node_a, node_b):
+        await node.components.billing.load(node_a.account_id)
+    before = node_b.components.billing.available(node_a.account_id)
+    t0 = time.monotonic()
+    assert await asyncio.to_thread(admin.main, ["--config", str(config), "credit", email,
+                                                "2.50"]) == 0
+    for _ in range(300):
+        if node_b.components.billing.available(node_a.account_id) == before + 2_500_000_000:
+            break
+        await asyncio.sleep(0.01)
+    assert node_b.components.billing.available(node_a.account_id) == before + 2_500_000_000
+    assert time.monotonic() - t0 < 1.0 + 1.0  # the admin process's own start included
     async with openai.AsyncOpenAI(base_url=node_b.base_url, api_key=node_a.key,
                                   max_retries=0) as on_b:
         assert (await on_b.chat.completions.create(model="gpt-4o-mini",
-                                                   messages=messages)).choices
-        keys = await node_a.components.accounts.list_keys(node_a.account_id)
-        await asyncio.sleep(0.3)  # the LISTEN connections are up by now
+                                                   messages=MESSAGES)).choices
+        done = asyncio.ensure_future(asyncio.to_thread(
+            admin.main, ["--config", str(config), "disable-account", email]))
         t0 = time.monotonic()
-        assert await node_a.components.accounts.revoke_key(keys[0].id)  # on node A
-        refused_after = None
-        while time.monotonic() - t0 < 3:
-            try:
-                await on_b.chat.completions.create(model="gpt-4o-mini", messages=messages)
-            except openai.AuthenticationError:
-                refused_after = time.monotonic() - t0
-                break
-            await asyncio.sleep(0.02)
-    assert refused_after is not None and refused_after < 1.0
-    assert node_b.components.watcher.notified >= 1
+        after = await refused_after(on_b, t0, openai.PermissionDeniedError)
+        assert await done == 0
+    assert after is not None and after < 1.0 + 1.0
 
 
 # --- copy-to-postgres -----------------------------------------------------------------------
@@ -575,3 +629,37 @@ async def test_readyz_is_unready_while_postgresql_is_unreachable(
     finally:
         await gw.server.shutdown()
         await proxy.cut()
+
+
+async def test_retention_purges_a_deleted_accounts_rows_on_postgresql(pg: PgDatabase) -> None:
+    gone, kept = await add_account(pg, 0), await add_account(pg, 0)
+    await pg.execute("UPDATE accounts SET status = 'deleted', email = NULL, deleted_at = 0 "
+                     "WHERE id = ?", gone)
+    await pg.executemany(
+        "INSERT INTO usage (request_id, account_id, model, prompt_tokens, completion_tokens, "
+        "cost_nano, status, outcome, stream, started_at, duration_ms) "
+        "VALUES (?, ?, 'm', 1, 1, 0, 200, 'ok', 0, 0, 1)",
+        [(f"p{i}", gone if i % 2 else kept) for i in range(10)])
+    assert await RetentionJob(pg, 90, clock=lambda: 90 * DAY_MS - 1).run_once() == 0
+    assert await RetentionJob(pg, 90, clock=lambda: 90 * DAY_MS).run_once() == 5
+    assert await pg.fetchval("SELECT COUNT(*) FROM usage WHERE account_id = ?", kept) == 5
+
+
+def test_serve_on_a_database_behind_exits_1_naming_the_fix(tmp_path: Path,
+                                                           postgres_dsn: str) -> None:
+    raw = raw_config(tmp_path, {"local": "http://127.0.0.1:9/v1"})
+    raw["storage"] = {"backend": "postgresql", "dsn_env": "FLINT_TEST_DSN"}
+    config = tmp_path / "flint.toml"
+    config.write_text(to_toml(raw))
+    env = {"PATH": "/usr/bin:/bin", "FLINT_TEST_DSN": postgres_dsn}
+    done = subprocess.run([sys.executable, "-m", "flintproxy", "serve", "--config", str(config)],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "run: flintproxy admin migrate" in done.stderr
+    dead = f"postgresql://flint:s3cret@127.0.0.1:{free_port()}/x"
+    done = subprocess.run([sys.executable, "-m", "flintproxy", "serve", "--config", str(config)],
+                          env={**env, "FLINT_TEST_DSN": dead}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 1
+    assert "database is unavailable" in done.stderr and "flint:***@" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout

@@ -57,27 +57,26 @@ async def add_account(db: aiosqlite.Connection, credit: int, status: str = "acti
     return cur.lastrowid
 
 
-async def check_invariant(db: aiosqlite.Connection, rows_deleted: bool = False) -> int:
+async def check_invariant(conn: aiosqlite.Connection | Database,
+                          rows_deleted: bool = False) -> int:
     """balance = credited - charged for every account; charged = sum(costs) if nothing deleted.
 
     Returns the number of usage rows.
     """
-    bad = await db.execute_fetchall(
+    db = SqliteDatabase(conn) if isinstance(conn, aiosqlite.Connection) else conn
+    bad = await db.fetch(
         "SELECT id FROM accounts WHERE balance_nano != credited_nano - charged_nano")
     assert list(bad) == []
     if not rows_deleted:
-        mismatched = await db.execute_fetchall(
+        mismatched = await db.fetch(
             "SELECT a.id, a.charged_nano, COALESCE(u.total, 0) FROM accounts a LEFT JOIN "
             "(SELECT account_id, SUM(cost_nano) AS total FROM usage GROUP BY account_id) u "
             "ON u.account_id = a.id WHERE a.charged_nano != COALESCE(u.total, 0)")
         assert list(mismatched) == []
-    dups = await db.execute_fetchall(
+    dups = await db.fetch(
         "SELECT request_id FROM usage GROUP BY request_id HAVING COUNT(*) > 1")
     assert list(dups) == []
-    async with db.execute("SELECT COUNT(*) FROM usage") as cur:
-        n = await cur.fetchone()
-    assert n is not None
-    return int(n[0])
+    return int(await db.fetchval("SELECT COUNT(*) FROM usage"))
 
 
 @pytest.fixture
@@ -429,9 +428,10 @@ async def test_sigkill_under_load_keeps_the_invariant(
 # --- users' rights: list, export, delete ------------------------------------------------------
 
 
-def make_config(tmp_path: Path, **billing: Any) -> Config:
+def make_config(tmp_path: Path, storage: dict[str, Any] | None = None, **billing: Any
+                ) -> Config:
     return build_config({
-        "storage": {"path": str(tmp_path / "api.db")},
+        "storage": storage or {"path": str(tmp_path / "api.db")},
         "upstreams": [{"name": "x", "base_url": "http://127.0.0.1:9/v1",
                        "models": ["gpt-4o-mini"]}],
         "models": {"gpt-4o-mini": {"input_usd_per_mtok": "0.15", "output_usd_per_mtok": "0.60"}},
@@ -448,10 +448,8 @@ class Api:
         self.components = server.components
 
     @property
-    def db(self) -> aiosqlite.Connection:
-        db = self.components.accounts.db
-        assert isinstance(db, SqliteDatabase)
-        return db.conn
+    def db(self) -> Database:
+        return self.components.accounts.db
 
     async def login(self, email: str) -> tuple[int, dict[str, str]]:
         repo = self.components.accounts
@@ -461,8 +459,9 @@ class Api:
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    server = GatewayServer(make_config(tmp_path))
+async def api(tmp_path: Path, storage: dict[str, Any]) -> AsyncIterator[Api]:
+    """Users' rights over their rows, on each store engine."""
+    server = GatewayServer(make_config(tmp_path, storage))
     await server.startup("127.0.0.1", 0, console_port=0)
     url = f"http://127.0.0.1:{server.console_addresses[0][1]}"
     try:
@@ -472,17 +471,17 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         await server.shutdown()
 
 
-async def bulk_rows(db: aiosqlite.Connection, account: int, n: int, start: int = CLOCK0,
-                    model: str = "gpt-4o-mini") -> None:
-    await db.execute("BEGIN IMMEDIATE")
-    for i in range(0, n, 50_000):
-        await db.executemany(
+async def bulk_rows(conn: aiosqlite.Connection | Database, account: int, n: int,
+                    start: int = CLOCK0, model: str = "gpt-4o-mini") -> None:
+    db = SqliteDatabase(conn) if isinstance(conn, aiosqlite.Connection) else conn
+    async with db.transaction() as tx:
+        for i in range(0, n, 50_000):
+            await tx.executemany(
             "INSERT INTO usage (request_id, account_id, key_id, model, upstream, prompt_tokens, "
             "completion_tokens, cost_nano, status, outcome, stream, started_at, duration_ms, "
             "ttfb_ms) VALUES (?, ?, 3, ?, 'local', 40, 120, 81, 200, 'ok', 1, ?, 350, 40)",
             [(f"a{account}-{model}-{j:09d}", account, model, start + j)
              for j in range(i, min(n, i + 50_000))])
-    await db.execute("COMMIT")
 
 
 async def test_list_pages_filters_and_isolation(api: Api) -> None:
@@ -575,9 +574,8 @@ async def test_delete_needs_csrf_and_keeps_totals(api: Api) -> None:
     resp = await api.client.delete("/api/usage", headers=headers)
     assert resp.status == 200 and await resp.json() == {"deleted": 15}
     assert await check_invariant(api.db, rows_deleted=True) == 1
-    async with api.db.execute("SELECT charged_nano, balance_nano FROM accounts WHERE id = ?",
-                              (me,)) as cur:
-        assert await cur.fetchone() == (150, 10000 - 150)
+    assert tuple(await api.db.fetchrow(  # type: ignore[arg-type]
+        "SELECT charged_nano, balance_nano FROM accounts WHERE id = ?", me)) == (150, 9850)
     resp = await api.client.get("/api/usage", headers=headers)
     assert (await resp.json())["data"] == []
 
@@ -786,7 +784,7 @@ async def test_list_json_and_csv_agree_on_awkward_rows(api: Api) -> None:
             "completion_tokens, cached_tokens, reasoning_tokens, estimated, cost_nano, status, "
             "outcome, stream, started_at, duration_ms, ttfb_ms) "
             "VALUES (?, ?, NULL, ?, NULL, 3, 4, 1, 2, 1, ?, 499, 'client_disconnect', 0, ?, 8, "
-            "NULL)", (f'id,"{i}"\nx', me, 'mod"el, ünï', cost, CLOCK0 + 999 + i))
+            "NULL)", f'id,"{i}"\nx', me, 'mod"el, ünï', cost, CLOCK0 + 999 + i)
     listed = (await (await api.client.get("/api/usage", headers=headers)).json())["data"]
     exported = await (await api.client.get("/api/usage/export?format=json",
                                            headers=headers)).json()

@@ -174,3 +174,10 @@ async def test_errors_and_exit_codes(config_path: Path, monkeypatch: pytest.Monk
     assert admin.main(["--config", str(config_path.parent / "missing.toml"),
                        "list-accounts"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+async def test_migrate_brings_a_new_sqlite_file_up_to_date_once(run: Run) -> None:
+    code, out, _ = await run("migrate")
+    assert code == 0 and "applied" in out and "flintproxy.db: version" in out
+    code, out, _ = await run("migrate")
+    assert code == 0 and "up to date" in out
