@@ -132,12 +132,14 @@ class LeaseBook:
         started = time.monotonic()
         grant = await self.store.grant(account_id, self.node_id, self._min, self._ttl_ms)
         now = time.monotonic()
-        if grant is None:
-            self._leases[account_id] = _Lease(account_id, None, now, now, 0,
-                                              exhausted_until=now + EXHAUSTED_RETRY_S)
-            self._billing.lease_changed(account_id, 0, 0)
-            return
         current = self._leases.get(account_id)
+        if grant is None:
+            if current is None or current.lease_id is None:
+                self._leases[account_id] = _Lease(account_id, None, now, now, 0,
+                                                  exhausted_until=now + EXHAUSTED_RETRY_S)
+            if not self._billing.is_loaded(account_id):
+                self._billing.lease_changed(account_id, 0, 0)
+            return
         if current is not None and current.lease_id is not None:
             # A background top-up took one meanwhile: one lease per account.
             await self.store.close(grant.lease_id, account_id, self.node_id)
