@@ -137,7 +137,7 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         ttl = config.billing.lease_ttl_s
         tasks.spawn("credit lease top-ups", leases.run())
         tasks.every("credit lease renewal", ttl / RENEWALS_PER_TTL, leases.renew)
-        tasks.every("credit lease expiry sweep", ttl / 2, leases.sweep, now=True)
+        tasks.every("credit lease expiry sweep", ttl / 2, leases.sweep)
         tasks.every("credit lease idle return", config.billing.lease_idle_return_s / 2,
                     leases.return_idle)
         usage = UsageWriter(writer_db, billing, config.billing, leases=lease_store,
