@@ -173,11 +173,14 @@ async def test_a_node_sigkilled_under_load_loses_no_money_and_its_lease_expires_
                 answers.append(await ask(live[i % len(live)].base_url, a.key))
 
         load = [asyncio.create_task(client(i)) for i in range(8)]
-        await asyncio.sleep(2.0)
         # Node ids are host/pid/random (gate.leases.new_node_id).
         of_b = "SELECT COUNT(*) FROM credit_leases WHERE node_id LIKE $1"
         b_node = f"%/{b.pid}/%"
-        assert await pg.pool.fetchval(of_b, b_node) >= 1  # b spends a lease of its own
+        deadline = time.monotonic() + 20
+        while not await pg.pool.fetchval(of_b, b_node):  # b spends a lease of its own
+            assert time.monotonic() < deadline, "node b took no lease"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # under load
         assert b.proc is not None
         b.proc.kill()  # SIGKILL mid-load: its queued rows and its lease are abandoned
         b.proc.wait(10)
