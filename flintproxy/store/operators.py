@@ -11,8 +11,9 @@ not an email, so closing an account erases its email from the trail too.
 Credits and debits are ledger entries, ``credits`` rows (reason ``credit``, and
 ``adjustment`` with a negative amount for a debit: ``store.entries``) and the
 same ``credit`` change event, so a running gateway re-reads the balance at once.
-A debit never takes the stored balance below zero (the UPDATE's own condition,
-atomic with the change).
+A debit never takes the stored balance below zero, nor below what nodes hold as
+credit leases in the shared mode (``balance_nano - leased_nano``: the UPDATE's own
+condition, atomic with the change), so a lease is never left unbacked.
 
 The SQL is plain (no SQLite-only syntax) so a second backend can port it as is.
 """
@@ -266,14 +267,14 @@ class Operators:
             changed = await db.execute(
                 "UPDATE accounts SET credited_nano = credited_nano - ?, "
                 "balance_nano = balance_nano - ? "
-                "WHERE id = ? AND status <> 'deleted' AND balance_nano >= ?",
+                "WHERE id = ? AND status <> 'deleted' AND balance_nano - leased_nano >= ?",
                 amount_nano, amount_nano, account_id, amount_nano)
-            row = await db.fetchrow("SELECT balance_nano, status FROM accounts WHERE id = ?",
-                                    account_id)
+            row = await db.fetchrow("SELECT balance_nano - leased_nano, status FROM accounts "
+                                    "WHERE id = ?", account_id)
             if changed == 0:
                 if row is None or row[1] == "deleted":
                     raise NotFound(f"No account with id {account_id}.")
-                raise Conflict(f"The balance is {format_usd(int(row[0]))} USD: a debit of "
+                raise Conflict(f"The free balance is {format_usd(int(row[0]))} USD: a debit of "
                                f"{format_usd(amount_nano)} USD would make it negative.",
                                code="insufficient_balance")
             await db.execute("INSERT INTO credits (account_id, amount_nano, created_at, "

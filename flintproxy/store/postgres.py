@@ -236,6 +236,25 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE accounts ADD COLUMN low_balance_nano BIGINT;
     ALTER TABLE accounts ADD COLUMN low_balance_notified BIGINT NOT NULL DEFAULT 0;
     """,
+    # 12: credit leases (store.leases): accounts.leased_nano = the unspent part of the
+    # account's open leases; a lease is a slice of balance a node spends locally.
+    """
+    ALTER TABLE accounts ADD COLUMN leased_nano BIGINT NOT NULL DEFAULT 0
+        CHECK (leased_nano >= 0);
+    CREATE TABLE credit_leases (
+        id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        account_id    BIGINT NOT NULL REFERENCES accounts(id),
+        node_id       TEXT NOT NULL,
+        granted_nano  BIGINT NOT NULL CHECK (granted_nano >= 0),
+        spent_nano    BIGINT NOT NULL DEFAULT 0
+                      CHECK (spent_nano >= 0 AND spent_nano <= granted_nano),
+        created_at    BIGINT NOT NULL,
+        expires_at    BIGINT NOT NULL
+    );
+    CREATE INDEX credit_leases_node ON credit_leases(node_id);
+    CREATE INDEX credit_leases_account ON credit_leases(account_id);
+    CREATE INDEX credit_leases_expiry ON credit_leases(expires_at);
+    """,
 )
 
 
@@ -332,6 +351,26 @@ def batch_sql(fields: Sequence[str]) -> str:
         "AND id NOT IN (SELECT id FROM debit)")
 
 
+def insert_staged_sql(fields: Sequence[str]) -> str:
+    """Shared mode's insert of a staged batch, without the debit: ``store.leases``
+    charges the rows it returns to the node's leases, in the same transaction."""
+    cols = ", ".join(fields)
+    return (f"INSERT INTO usage ({cols}) SELECT {cols} FROM {STAGING} s "  # noqa: S608
+            "ON CONFLICT (request_id) DO NOTHING "
+            "RETURNING request_id, account_id, cost_nano")
+
+
+async def stage_usage(con: Any, batch: Sequence[tuple[Any, ...]],
+                      fields: Sequence[str]) -> None:
+    """Inside a transaction: the batch into the connection's staging table (binary COPY)."""
+    cols = ", ".join(fields)
+    # Created once per connection (a no-op after), emptied at each COMMIT.
+    staging = (f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} ON COMMIT DELETE ROWS "  # noqa: S608
+               f"AS SELECT {cols} FROM usage WITH NO DATA")
+    await con.execute(staging)
+    await con.copy_records_to_table(STAGING, records=batch, columns=list(fields))
+
+
 async def commit_usage(db: PgDatabase, sql: str, batch: Sequence[tuple[Any, ...]],
                        account_ids: Sequence[int], fields: Sequence[str]
                        ) -> list[tuple[int, int]]:
@@ -339,12 +378,7 @@ async def commit_usage(db: PgDatabase, sql: str, batch: Sequence[tuple[Any, ...]
     returns (account id, balance) of every account in ``account_ids``.
 
     """
-    cols = ", ".join(fields)
     async with db.connection() as con, con.transaction():
-        # Created once per connection (a no-op after), emptied at each COMMIT.
-        staging = (f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} ON COMMIT DELETE ROWS "  # noqa: S608
-                   f"AS SELECT {cols} FROM usage WITH NO DATA")
-        await con.execute(staging)
-        await con.copy_records_to_table(STAGING, records=batch, columns=list(fields))
+        await stage_usage(con, batch, fields)
         rows = await con.fetch(sql, list(account_ids))
     return [(int(r[0]), int(r[1])) for r in rows]

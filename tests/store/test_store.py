@@ -15,7 +15,8 @@ TABLES = {"accounts", "credits", "api_keys", "sessions", "usage", "events", "sch
           "operators", "audit",
           # issue 17: the ledger, codes, outbox, tokens, top-ups, notices
           "usage_erased", "redemption_codes", "email_outbox", "password_resets", "topups",
-          "payment_events", "notices", "email_changes"}
+          "payment_events", "notices", "email_changes",
+          "credit_leases"}
 
 
 async def scalar(db: aiosqlite.Connection, sql: str) -> object:
