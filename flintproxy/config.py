@@ -172,6 +172,31 @@ class MetricsConfig:
     log_client_ip: bool = False
 
 
+class RedisDown(enum.Enum):
+    """``cluster.on_redis_down``: what admission does while Redis cannot be reached."""
+
+    CLOSED = "closed"  # 503 rate_limiter_unavailable: no request beyond the shared limits
+    OPEN = "open"  # per-node in-memory limits at limit / cluster.nodes
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The shared mode's Redis (limits exact across workers and nodes); see README
+    "Running more than one process". ``redis_url`` None: limits are this process's."""
+
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    on_redis_down: RedisDown = RedisDown.CLOSED
+    # The expected node (process) count: fail-open limits are limit / nodes per node.
+    nodes: int = 1
+    # A Redis call slower than this counts as Redis down (its admission fails fast).
+    redis_timeout_s: float = 0.25
+    # Finished requests' slot releases and token true-ups go to Redis in one batch
+    # this often (never a round trip per request).
+    release_interval_s: float = 0.005
+    # A concurrency slot not renewed this long is free again (a crashed node's slots).
+    slot_ttl_s: float = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
@@ -183,6 +208,7 @@ class Config:
     billing: BillingConfig
     accounts: AccountsConfig
     metrics: MetricsConfig
+    cluster: ClusterConfig = ClusterConfig()
     source: Path | None = None
 
     def upstreams_for(self, model: str) -> tuple[UpstreamConfig, ...]:
@@ -489,12 +515,65 @@ def _metrics(raw: Mapping[str, Any], env: Mapping[str, str]) -> MetricsConfig:
     )
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: safe for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _cluster(raw: Mapping[str, Any], env: Mapping[str, str]) -> ClusterConfig:
+    p = "cluster."
+    _check_keys(raw, {"redis_url", "redis_url_env", "on_redis_down", "nodes",
+                      "redis_timeout_s", "release_interval_s", "slot_ttl_s"}, p)
+    url = _str(raw, "redis_url", p, None) if "redis_url" in raw else None
+    key = f"{p}redis_url"
+    url_env = _str(raw, "redis_url_env", p, None)
+    if url_env is not None:
+        if url is not None:
+            raise ConfigError(f"config error: {p}redis_url_env and {p}redis_url: set one, "
+                              "not both")
+        key = f"{url_env} (environment, from {p}redis_url_env)"
+        url = env.get(url_env) or None
+        if url is None:
+            raise ConfigError(f"config error: {key}: is not set or empty")
+    if url is not None:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(f"config error: {key} = {redact_url(url)!r}: bad port") from None
+        if parts.scheme not in REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+            # Never the value itself: a URL may carry a password.
+            raise ConfigError(f"config error: {key} = {redact_url(url)!r}: must be a URL "
+                              "such as redis://[:password@]host:6379/0 (or rediss://, "
+                              "unix://)")
+    policy = raw.get("on_redis_down", "closed")
+    try:
+        down = RedisDown(policy)
+    except ValueError:
+        raise _fail(f"{p}on_redis_down", policy, 'must be "closed" or "open"') from None
+    return ClusterConfig(
+        redis_url=url, on_redis_down=down,
+        nodes=_int(raw, "nodes", p, 1, 1, 10_000),
+        redis_timeout_s=_positive(raw, "redis_timeout_s", p, 0.25),
+        release_interval_s=_positive(raw, "release_interval_s", p, 0.005),
+        slot_ttl_s=_positive(raw, "slot_ttl_s", p, 30.0),
+    )
+
+
 def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
                  source: Path | None = None) -> Config:
     """Validate a parsed TOML document (plus env overrides) into a Config."""
     env = os.environ if env is None else env
     _check_keys(raw, {"server", "console", "storage", "upstreams", "models", "limits",
-                      "billing", "accounts", "metrics"}, "")
+                      "billing", "accounts", "metrics", "cluster"}, "")
     storage_raw = _table(raw, "storage", "")
     _check_keys(storage_raw, {"path"}, "storage.")
     storage_path = env.get("FLINTPROXY_DB") or _str(storage_raw, "path", "storage.",
@@ -524,6 +603,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
         billing=_billing(_table(raw, "billing", "")),
         accounts=_accounts(_table(raw, "accounts", "")),
         metrics=_metrics(_table(raw, "metrics", ""), env),
+        cluster=_cluster(_table(raw, "cluster", ""), env),
         source=source,
     )
 

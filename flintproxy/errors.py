@@ -16,10 +16,13 @@
     ├── Conflict                    409
     ├── RateLimited                 429 rate_limit_exceeded (+ Retry-After)
     ├── ServiceUnavailable          503 (not ready, usage backlog full)
+    │   └── RateLimiterUnavailable  503 code=rate_limiter_unavailable (Redis down, fail-closed)
     └── UpstreamError               502 upstream_error
         └── UpstreamTimeout         504 upstream_timeout
 
-Not a client's: ``ListenError``, a listener that cannot open (start-up fails).
+Not a client's: ``ListenError``, a listener that cannot open (start-up fails);
+``SharedStateDown``, Redis unreachable or failing (converted from redis-py's errors
+in ``store.redis`` alone; the limiter turns it into a 503 or per-node limits).
 
 Third-party exceptions (aiohttp client errors, timeouts) are converted into
 UpstreamError/UpstreamTimeout in one place, ``relay.upstream_failure``.
@@ -189,6 +192,12 @@ class ServiceUnavailable(FlintError):
     code = "service_unavailable"
 
 
+class RateLimiterUnavailable(ServiceUnavailable):
+    """The shared rate limiter (Redis) cannot be reached and the policy is fail-closed."""
+
+    code = "rate_limiter_unavailable"
+
+
 class UpstreamError(FlintError):
     status = 502
     type = "upstream_error"
@@ -218,3 +227,11 @@ class ListenError(OSError):
         in use"), not the event loop's wording of it."""
         reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
         return cls(host, port, reason)
+
+
+class SharedStateDown(Exception):
+    """Redis could not answer (refused, timed out, failed): never a client's error.
+
+    The message names the failure's kind only: never a URL (it may hold a password),
+    a key or a value.
+    """
