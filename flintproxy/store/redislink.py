@@ -69,7 +69,7 @@ class RedisLink:
             cfg.redis_url, max_connections=POOL_SIZE, timeout=cfg.redis_timeout_s,
             socket_timeout=cfg.redis_timeout_s, socket_connect_timeout=cfg.redis_timeout_s,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self._client = aioredis.Redis(connection_pool=pool)
+        self._client = aioredis.Redis.from_pool(pool)  # owns it: aclose closes it
         self.round_trips = 0
         self.failures = 0
         self.up = True
