@@ -22,8 +22,11 @@ streaming 20-chunk responses: requests/s (wrk) and TTFB at a fixed rate (asyncio
 client); (c) 1,000 and 5,000 concurrent slow streams (arriving at 500/s, offering
 10,000 events/s in all: 1,000 x 64 chunks 100 ms apart, 5,000 x 28 chunks 500 ms
 apart): TTFB, errors, and the gateway's RSS per concurrent stream; (d) gateway
-CPU-seconds per 1,000 requests. The moderate-rate latency and the 1,000 streams
-run in BENCH_ROUNDS interleaved rounds (3; 1 when quick) and keep each row's median.
+CPU-seconds per 1,000 requests; (e) the shared mode (one node on PostgreSQL + Redis)
+against the embedded mode: CPU per request, added p50, the engines' round trips per
+request, and ``--workers 2`` against 1 (bench/distributed.py). The moderate-rate
+latency and the 1,000 streams run in BENCH_ROUNDS interleaved rounds (3; 1 when
+quick) and keep each row's median.
 
 Output: a table on stdout (every figure beside the direct baseline as a ratio),
 bench/results/bench-<time>.json and report-<time>.html (and latest.json /
@@ -57,6 +60,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import distributed
 import nginxconf
 import procs
 import report
@@ -114,7 +118,7 @@ class Plan:
     slow_arrival: float  # new slow streams per second while ramping up
     rounds: int  # interleaved rounds of the latency scenarios; the median is kept
     litellm: bool
-    scenarios: str  # which of a, b, c to run ((d) comes from a and b)
+    scenarios: str  # which of a, b, c, e to run ((d) comes from a and b)
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -137,7 +141,7 @@ class Plan:
             slow_arrival=env_num("BENCH_SLOW_ARRIVAL", 500),
             rounds=max(1, int(env_num("BENCH_ROUNDS", 1 if quick else 3))),
             litellm=env_flag("BENCH_LITELLM"),
-            scenarios=os.environ.get("BENCH_SCENARIOS", "abc").lower(),
+            scenarios=os.environ.get("BENCH_SCENARIOS", "abce").lower(),
         )
 
     def slow_spec(self, n: int) -> tuple[int, float]:
@@ -792,6 +796,10 @@ bcrypt_cost = 4
             self.say(f"(c) {n} concurrent slow streams ({chunks} chunks, {delay:g} ms apart, "
                      f"started over {p.ramp_s(n):g} s)")
             self.scenario_slow(n)
+        if "e" in p.scenarios:
+            self.say("(e) the shared mode (PostgreSQL + Redis) against the embedded mode, "
+                     "and --workers 2 against 1")
+            distributed.scenario(self)
         self.finish_features()
         return self.data
 

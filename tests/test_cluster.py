@@ -192,19 +192,23 @@ async def test_a_redis_restart_is_503_while_down_and_served_again_once_back(
 
 async def test_releases_cost_no_round_trip_per_request(
         gateway_factory: Callable[..., Any], shared_raw: dict[str, Any]) -> None:
+    shared_raw["limits"] = {"default_tpm": 10**9}
     gw = await gateway_factory(shared_raw)
     limits = gw.components.limits
     assert limits is not None
     await asyncio.sleep(0.1)
-    before = limits.link.round_trips
+    trips, calls = limits.link.round_trips, limits.link.calls
     async with client(gw) as cl:
         await asyncio.gather(*[
             cl.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
             for _ in range(50)])
     await asyncio.sleep(0.05)
-    trips = limits.link.round_trips - before
-    # 50 admissions and a few batched release flushes: far below 2 per request.
-    assert 50 < trips < 75, trips
+    calls = limits.link.calls - calls
+    trips = limits.link.round_trips - trips
+    # 50 admissions and a few batched release flushes: far below 2 commands per
+    # request; concurrent admissions share round trips.
+    assert 50 < calls < 60, calls
+    assert trips <= calls
 
 
 @pytest.fixture

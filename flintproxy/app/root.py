@@ -126,6 +126,7 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
     if config.cluster.redis_url is not None:
         link = RedisLink(config.cluster)
         stack.push_async_callback(link.close)
+        tasks.spawn("redis pipeline", link.pipeline())
         with contextlib.suppress(SharedStateDown):
             await link.ping()  # down at start: served per on_redis_down until it is back
         limits = SharedLimiter(config, link)

@@ -257,7 +257,9 @@ class SharedLimiter:
             tivs = (k.tiv, a.tiv)
             scopes = (k, a)
         try:
-            reply = await self.link.run(ADMIT, keys, args)
+            reply = await self.link.run(
+                ADMIT, keys, args,
+                lambda r: self._orphaned(r, member, keys, tivs, tokens))
         except SharedStateDown:
             return self._fallback(principal, tokens)
         self.admissions += 1
@@ -285,10 +287,20 @@ class SharedLimiter:
         self._live.pop(ticket.member, None)
         self._pending.append((ticket, max(0, actual_tokens) - ticket.tokens))
 
+    def _orphaned(self, reply: object, member: str, keys: Sequence[str],
+                  tivs: Sequence[float], tokens: int) -> None:
+        # Admitted by Redis after the request was cancelled (its client left): give
+        # the slot and the tokens back with the next flush.
+        if isinstance(reply, list) and reply and reply[0] == 1:
+            ticket = SharedTicket(member, keys, tivs, tokens, {})
+            ticket.done = True
+            self._pending.append((ticket, -tokens))
+
     # -- background jobs of the composition root -------------------------------------
 
-    async def flush(self) -> None:
-        """Send the queued releases in one round trip (every release_interval_s)."""
+    async def flush(self, now: bool = False) -> None:
+        """Send the queued releases in one round trip (every release_interval_s);
+        ``now``: without the sender task (at shutdown)."""
         pending = self._pending
         if not pending or not self.link.up:
             if len(pending) > MAX_PENDING:
@@ -305,7 +317,10 @@ class SharedLimiter:
             args.extend((len(tivs), diff, ticket.member))
             args.extend(tivs)
         try:
-            await self.link.run(RELEASE, keys, args)
+            if now:
+                await self.link.run_now(RELEASE, keys, args)
+            else:
+                await self.link.run(RELEASE, keys, args)
         except SharedStateDown:
             pending[:0] = batch  # sent again once Redis is back
 
@@ -325,11 +340,12 @@ class SharedLimiter:
             await self.link.run(RENEW, keys, args)
 
     async def close(self) -> None:
-        """At shutdown, after the data plane drained: the last releases out."""
+        """At shutdown, after the data plane drained and the root's tasks ended: the
+        last releases out, each batch in a round trip of its own."""
         for _ in range(MAX_PENDING // BATCH + 1):
             if not self._pending or not self.link.up:
                 break
-            await self.flush()
+            await self.flush(now=True)
 
     # -- internals -------------------------------------------------------------------
 
