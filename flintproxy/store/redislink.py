@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -176,7 +177,8 @@ class RedisLink:
         replies: list[object] = []
         for _ in commands:
             try:
-                replies.append(await conn.read_response())
+                # inf: no timeout context per reply; the batch has one (_send).
+                replies.append(await conn.read_response(timeout=math.inf))
             except ResponseError as exc:  # this call's error; the others stand
                 replies.append(exc)
         return replies
