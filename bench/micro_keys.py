@@ -27,6 +27,7 @@ from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.http.exchange import Exchange
 from flintproxy.store import sqlite
 from flintproxy.store.accounts import Accounts, hash_key
+from flintproxy.store.db import SqliteDatabase
 
 KEYS = 1000
 PER_ACCOUNT = 50
@@ -63,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flint-micro-") as d:
         db = loop.run_until_complete(sqlite.open_store(Path(d) / "keys.db"))
         try:
-            repo = Accounts(db, bcrypt_cost=4, session_ttl_s=3600)
+            repo = Accounts(SqliteDatabase(db), bcrypt_cost=4, session_ttl_s=3600)
             auth, keys = loop.run_until_complete(setup(repo))
             run(loop, auth, keys, n)
         finally:

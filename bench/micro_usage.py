@@ -34,10 +34,10 @@ PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}
 async def run(path: Path, n: int) -> None:
     db = await open_writer_db(path)
     try:
-        await db.execute("INSERT INTO accounts (id, email, created_at, credited_nano, "
-                         "balance_nano) VALUES (1, 'micro@example.com', 0, ?, ?)",
-                         (10**6 * NANO, 10**6 * NANO))
-        await db.commit()
+        await db.conn.execute("INSERT INTO accounts (id, email, created_at, credited_nano, "
+                              "balance_nano) VALUES (1, 'micro@example.com', 0, ?, ?)",
+                              (10**6 * NANO, 10**6 * NANO))
+        await db.conn.commit()
         cfg = BillingConfig(max_backlog_rows=10**9)
         billing = Billing(PRICES, cfg, Balances(db))
         await billing.load(1)

@@ -55,12 +55,12 @@ def make_rows(n: int, accounts: int, start: int = 0, ordered: bool = False) -> l
 
 async def open_db(path: Path, accounts: int, batch: int) -> tuple[Any, UsageWriter, Billing]:
     db = await open_writer_db(path)
-    await db.execute("BEGIN")
-    await db.executemany(
+    await db.conn.execute("BEGIN")
+    await db.conn.executemany(
         "INSERT INTO accounts (id, email, created_at, credited_nano, balance_nano) "
         "VALUES (?, ?, 0, ?, ?)",
         [(i, f"a{i}@bench", 10**6 * NANO, 10**6 * NANO) for i in range(1, accounts + 1)])
-    await db.execute("COMMIT")
+    await db.conn.execute("COMMIT")
     cfg = BillingConfig(max_backlog_rows=10**9, flush_batch_rows=batch)
     billing = Billing({}, cfg, Balances(db))
     writer = UsageWriter(db, billing, cfg)

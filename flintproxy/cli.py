@@ -17,7 +17,7 @@ from typing import Any
 from flintproxy import __version__
 from flintproxy.app import runner, supervisor
 from flintproxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from flintproxy.errors import ListenError
+from flintproxy.errors import ListenError, SchemaBehind, StoreUnavailable
 from flintproxy.tools import admin, mock
 
 # File-descriptor slots reserved at start-up (at most RLIMIT_NOFILE's soft limit).
@@ -119,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _run(runner.serve(config, host=args.host, port=args.port,
                               access_sink=sys.stdout.buffer, reuse_port=args.reuse_port))
-        except ListenError as exc:
+        except (ListenError, SchemaBehind) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except StoreUnavailable as exc:
+            print(f"error: {exc.message} (storage {config.storage.safe_dsn})", file=sys.stderr)
             return 1
         return 0
     if args.command == "mock-upstream":

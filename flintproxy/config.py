@@ -81,9 +81,33 @@ class CookieSecurity(enum.Enum):
     NEVER = "false"
 
 
+class StorageBackend(enum.StrEnum):
+    """Where accounts, keys and the ledger live: the embedded file or a shared server."""
+
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     path: Path = Path("var/flintproxy.db")
+    backend: StorageBackend = StorageBackend.SQLITE
+    # The PostgreSQL DSN (``dsn``, or read from the env var ``dsn_env``). It may hold a
+    # password: never logged or shown; ``safe_dsn`` is what messages print.
+    dsn: str | None = field(default=None, repr=False)
+    dsn_env: str | None = None
+    pool_size: int = 10
+
+    @property
+    def safe_dsn(self) -> str:
+        """The DSN with its password masked, for messages and logs."""
+        return mask_dsn(self.dsn or "")
+
+
+def mask_dsn(dsn: str) -> str:
+    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db`` (also ``password=``)."""
+    dsn = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", dsn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +212,9 @@ class ClusterConfig:
     on_redis_down: RedisDown = RedisDown.CLOSED
     # The expected node (process) count: fail-open limits are limit / nodes per node.
     nodes: int = 1
-    # A Redis call slower than this counts as Redis down (its admission fails fast).
-    redis_timeout_s: float = 0.25
+    # A Redis round trip slower than this counts as Redis down (admissions then fail
+    # fast). Redis answers in well under a millisecond; this is for a sick one.
+    redis_timeout_s: float = 0.5
     # Finished requests' slot releases and token true-ups go to Redis in one batch
     # this often (never a round trip per request).
     release_interval_s: float = 0.005
@@ -515,6 +540,35 @@ def _metrics(raw: Mapping[str, Any], env: Mapping[str, str]) -> MetricsConfig:
     )
 
 
+def _storage(raw: Mapping[str, Any], env: Mapping[str, str]) -> StorageConfig:
+    p = "storage."
+    _check_keys(raw, {"path", "backend", "dsn", "dsn_env", "pool_size"}, p)
+    path = env.get("FLINTPROXY_DB") or _str(raw, "path", p, "var/flintproxy.db")
+    backend_raw = raw.get("backend", "sqlite")
+    try:
+        backend = StorageBackend(backend_raw)
+    except ValueError:
+        raise _fail(f"{p}backend", backend_raw, 'must be "sqlite" or "postgresql"') from None
+    dsn_inline = raw.get("dsn")
+    if dsn_inline is not None and (not isinstance(dsn_inline, str) or not dsn_inline):
+        # Never echo the value: it may hold a password.
+        raise _fail(f"{p}dsn", "<hidden>", "must be a non-empty string")
+    dsn_env = _str(raw, "dsn_env", p, None)
+    if dsn_inline is not None and dsn_env is not None:
+        raise _fail(f"{p}dsn_env", dsn_env, "give either storage.dsn or storage.dsn_env")
+    dsn = env.get("FLINTPROXY_DSN") or (env.get(dsn_env) if dsn_env else dsn_inline)
+    if backend is StorageBackend.POSTGRESQL:
+        if not dsn:
+            where = (f"the environment variable {dsn_env} is not set" if dsn_env
+                     else "set storage.dsn_env (preferred: a DSN may hold a password) "
+                          "or storage.dsn")
+            raise _fail(f"{p}dsn", None, f'backend = "postgresql" needs a DSN: {where}')
+        if not re.match(r"postgres(ql)?://", dsn):
+            raise _fail(f"{p}dsn", mask_dsn(dsn), "must be a postgresql:// URL")
+    return StorageConfig(path=Path(path or "var/flintproxy.db"), backend=backend, dsn=dsn,
+                         dsn_env=dsn_env, pool_size=_int(raw, "pool_size", p, 10, 1, 1000))
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``: safe for messages and logs."""
     parts = urlsplit(url)
@@ -562,7 +616,7 @@ def _cluster(raw: Mapping[str, Any], env: Mapping[str, str]) -> ClusterConfig:
     return ClusterConfig(
         redis_url=url, on_redis_down=down,
         nodes=_int(raw, "nodes", p, 1, 1, 10_000),
-        redis_timeout_s=_positive(raw, "redis_timeout_s", p, 0.25),
+        redis_timeout_s=_positive(raw, "redis_timeout_s", p, 0.5),
         release_interval_s=_positive(raw, "release_interval_s", p, 0.005),
         slot_ttl_s=_positive(raw, "slot_ttl_s", p, 30.0),
     )
@@ -574,10 +628,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
     env = os.environ if env is None else env
     _check_keys(raw, {"server", "console", "storage", "upstreams", "models", "limits",
                       "billing", "accounts", "metrics", "cluster"}, "")
-    storage_raw = _table(raw, "storage", "")
-    _check_keys(storage_raw, {"path"}, "storage.")
-    storage_path = env.get("FLINTPROXY_DB") or _str(storage_raw, "path", "storage.",
-                                                    "var/flintproxy.db")
+    storage = _storage(_table(raw, "storage", ""), env)
     ups_raw = raw.get("upstreams", [])
     if not isinstance(ups_raw, list) or not ups_raw:
         raise _fail("upstreams", ups_raw, "at least one [[upstreams]] table is required")
@@ -596,7 +647,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
     return Config(
         server=_server(_table(raw, "server", ""), env),
         console=_console(_table(raw, "console", ""), env),
-        storage=StorageConfig(path=Path(storage_path or "var/flintproxy.db")),
+        storage=storage,
         upstreams=upstreams,
         models=models,
         limits=_limits(_table(raw, "limits", "")),

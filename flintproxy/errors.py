@@ -16,16 +16,21 @@
     ├── Conflict                    409
     ├── RateLimited                 429 rate_limit_exceeded (+ Retry-After)
     ├── ServiceUnavailable          503 (not ready, usage backlog full)
+    │   ├── StoreUnavailable        503 code=store_unavailable (database unreachable)
     │   └── RateLimiterUnavailable  503 code=rate_limiter_unavailable (Redis down, fail-closed)
     └── UpstreamError               502 upstream_error
         └── UpstreamTimeout         504 upstream_timeout
 
-Not a client's: ``ListenError``, a listener that cannot open (start-up fails);
-``SharedStateDown``, Redis unreachable or failing (converted from redis-py's errors
-in ``store.redis`` alone; the limiter turns it into a 503 or per-node limits).
+Not a client's: ``ListenError``, a listener that cannot open, and ``SchemaBehind``,
+a shared database not yet migrated (start-up fails); ``SharedStateDown``, Redis
+unreachable or failing (converted from redis-py's errors in ``store.redislink``
+alone; the limiter turns it into a 503 or per-node limits).
 
 Third-party exceptions (aiohttp client errors, timeouts) are converted into
 UpstreamError/UpstreamTimeout in one place, ``relay.upstream_failure``.
+The store's drivers' errors (asyncpg, sqlite3) are converted in one place,
+``store.db``: a unique violation is a ``Conflict``, a lost or refused connection a
+``StoreUnavailable``; ``SchemaBehind`` (not a client's) stops start-up.
 ``Relay.serve`` renders every FlintError of a /v1 route, whichever server parsed
 the request; the ``errors_middleware`` in ``app`` those of every other aiohttp
 route, and aiohttp's own HTTPExceptions.
@@ -192,6 +197,12 @@ class ServiceUnavailable(FlintError):
     code = "service_unavailable"
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """The database cannot be reached (connection refused or lost, server shutting down)."""
+
+    code = "store_unavailable"
+
+
 class RateLimiterUnavailable(ServiceUnavailable):
     """The shared rate limiter (Redis) cannot be reached and the policy is fail-closed."""
 
@@ -207,6 +218,21 @@ class UpstreamError(FlintError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class SchemaBehind(RuntimeError):
+    """The shared database's schema is older than this release: start-up stops.
+
+    A shared database is migrated by an operator (``flintproxy admin migrate``), not by
+    whichever node starts first mid-rollout.
+    """
+
+    def __init__(self, current: int, wanted: int) -> None:
+        super().__init__(
+            f"the PostgreSQL schema is at version {current}, this release needs {wanted}; "
+            "run: flintproxy admin migrate")
+        self.current = current
+        self.wanted = wanted
 
 
 class ListenError(OSError):

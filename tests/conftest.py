@@ -20,6 +20,8 @@ from aiohttp import web
 from flintproxy.app.root import Components
 from flintproxy.app.runner import Server as GatewayServer
 from flintproxy.config import Config, build_config
+from flintproxy.store import postgres
+from flintproxy.store.db import Database, SqliteDatabase
 from flintproxy.tools.mock import MOCK_STATS, MockSettings, MockStats, create_mock_app
 from tests.engines import PostgresServer, RedisServer
 
@@ -152,6 +154,49 @@ async def gateway(tmp_path: Path, mock_upstream: MockServer) -> AsyncIterator[Ga
     gw = await start_gateway(raw_config(tmp_path, {"local": mock_upstream.base_url}))
     yield gw
     await gw.server.shutdown()
+
+
+# The store engines the backend-neutral suites run against (``backend`` fixture).
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each store-facing test that asks for it runs once per engine."""
+    return str(request.param)
+
+
+async def migrated_dsn(request: pytest.FixtureRequest) -> str:
+    """A fresh PostgreSQL database with the schema applied (``admin migrate``)."""
+    dsn = str(request.getfixturevalue("postgres_dsn"))
+    db = await postgres.open_database(dsn, 1)
+    try:
+        await postgres.migrate(db)
+    finally:
+        await db.close()
+    return dsn
+
+
+@pytest.fixture
+async def storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest
+                  ) -> dict[str, Any]:
+    """The ``[storage]`` table of a gateway config on ``backend`` (PG: migrated)."""
+    if backend == "sqlite":
+        return {"path": str(tmp_path / "flintproxy.db")}
+    return {"backend": "postgresql", "dsn": await migrated_dsn(request)}
+
+
+@pytest.fixture
+async def store_db(backend: str, tmp_path: Path, request: pytest.FixtureRequest
+                   ) -> AsyncIterator[Database]:
+    """A migrated, empty store on ``backend``, closed after the test."""
+    db: Database
+    if backend == "sqlite":
+        db = await SqliteDatabase.open(tmp_path / "flint.db")
+    else:
+        db = await postgres.open_database(await migrated_dsn(request), 4)
+    yield db
+    await db.close()
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ async def wait_until(check: Callable[[], Any], timeout_s: float = 5.0) -> None:
 @pytest.fixture
 def shared_raw(tmp_path: Path, mock_upstream: MockServer, redis_url: str) -> dict[str, Any]:
     raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
-    raw["cluster"] = {"redis_url": redis_url, "nodes": 3}
+    raw["cluster"] = {"redis_url": redis_url, "nodes": 3, "redis_timeout_s": 5.0}
     return raw
 
 

@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from flintproxy.app.supervisor import refusal
+from flintproxy.config import StorageBackend, load_config
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 
@@ -71,6 +74,16 @@ def test_the_nodes_config_is_the_shared_mode_with_secrets_from_the_environment()
     workers = int(compose()["x-gateway"]["command"][-1])
     nodes = sum(1 for n in compose()["services"] if n.startswith("gateway-"))
     assert cfg["cluster"]["nodes"] == workers * nodes
+
+
+def test_the_nodes_config_loads_with_the_environment_compose_gives() -> None:
+    env = {k: str(v) for k, v in compose()["x-gateway"]["environment"].items()}
+    cfg = load_config(DEPLOY / "flintproxy.toml", env)
+    assert cfg.storage.backend is StorageBackend.POSTGRESQL
+    assert cfg.cluster.redis_url == env["FLINTPROXY_REDIS_URL"]
+    assert cfg.server.host == "0.0.0.0" and cfg.console.host == "0.0.0.0"
+    # The supervisor would run these nodes' --workers: the shared mode, fixed ports.
+    assert refusal(cfg, int(compose()["x-gateway"]["command"][-1])) is None
 
 
 def test_the_systemd_unit_is_hardened() -> None:

@@ -6,8 +6,11 @@ later); each resource's closer is pushed on the caller's exit stack as it opens,
 shutdown closes them in the reverse order; every background job is a task of the
 caller's ``TaskGroup``. The order, and why:
 
-    store        the migrating connection first (before anyone else connects), then
-                 the accounts connection, change feed, key cache, IP guard
+    store        the engine ([storage] backend, picked here and nowhere else):
+                 SQLite migrates on its first connection (before anyone else
+                 connects); PostgreSQL opens one pool, refuses a schema behind this
+                 release (``flintproxy admin migrate``) and LISTENs for changes.
+                 Then the accounts repository, change feed, key cache, IP guard
     ledger       balances and the usage writer (its own connection; drained at exit),
                  retention, the usage API's read connection
     observers    access log and metrics, which the gate tells of every finish
@@ -21,14 +24,11 @@ caller's ``TaskGroup``. The order, and why:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-import aiosqlite
-
-from flintproxy.config import Config
+from flintproxy.config import Config, StorageBackend
 from flintproxy.errors import SharedStateDown
 from flintproxy.gate.billing import Billing
 from flintproxy.gate.ipguard import IpGuard
@@ -42,9 +42,10 @@ from flintproxy.ops.health import DbProbe, Readiness, open_probe_db
 from flintproxy.ops.metrics import MULTIPROCESS_SYNC_S, Metrics
 from flintproxy.relay.relay import Relay, StreamGauge
 from flintproxy.relay.routing import Router
-from flintproxy.store import retention, sqlite
+from flintproxy.store import postgres, retention, sqlite
 from flintproxy.store.accounts import Accounts, bootstrap_demo_account
 from flintproxy.store.changes import ChangeWatcher
+from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
 from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
 from flintproxy.store.redislink import RedisLink
 from flintproxy.tasks import TaskGroup
@@ -68,7 +69,7 @@ class Components:
     guard: IpGuard
     billing: Billing
     usage: UsageWriter
-    usage_db: aiosqlite.Connection
+    usage_db: Database
     retention: retention.RetentionJob
     access_log: AccessLog | None
     metrics: Metrics
@@ -88,15 +89,24 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
     """Open every component in start-up order; ``stack`` closes them, ``tasks`` owns
     their background jobs (close ``tasks`` first, then ``stack``)."""
     path = config.storage.path
-    # -- store: migrations run on this first connection, before any other opens
-    accounts_db = await sqlite.open_store(path)
-    stack.push_async_callback(accounts_db.close)
-    # The connection's transaction lock: a poll never runs inside an open transaction.
-    lock = asyncio.Lock()
-    watcher = ChangeWatcher(accounts_db, config.accounts.change_poll_s, lock=lock)
+    shared = config.storage.backend is StorageBackend.POSTGRESQL
+    # -- store
+    pg: PgDatabase | None = None
+    accounts_db: Database
+    if shared:
+        assert config.storage.dsn is not None
+        pg = await postgres.open_database(config.storage.dsn, config.storage.pool_size)
+        stack.push_async_callback(pg.close)
+        await postgres.check_schema(pg)
+        accounts_db = pg
+    else:
+        # Migrations run on this first connection, before any other opens.
+        accounts_db = SqliteDatabase(await sqlite.open_store(path))
+        stack.push_async_callback(accounts_db.close)
+    watcher = ChangeWatcher(accounts_db, config.accounts.change_poll_s)
     await watcher.start()
     accounts = Accounts(accounts_db, config.accounts.bcrypt_cost,
-                        config.accounts.session_ttl_s, notify=watcher.publish, lock=lock)
+                        config.accounts.session_ttl_s, notify=watcher.publish)
     keys = KeyAuthenticator(accounts)
     stack.push_async_callback(keys.close)  # writes the last last_used_at marks
     watcher.subscribe(keys.on_change)
@@ -104,20 +114,29 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
     await accounts.warm()
     demo_key = await bootstrap_demo_account(accounts, config)
     tasks.every("change feed poll", config.accounts.change_poll_s, watcher.poll)
+    if pg is not None:
+        assert config.storage.dsn is not None
+        tasks.spawn("change feed listen", watcher.listen(config.storage.dsn, postgres.CHANNEL))
     tasks.every("last_used_at flush", LAST_USED_FLUSH_S, keys.flush_last_used)
     tasks.every("session and event cleanup", JANITOR_S,
                 lambda: accounts.sweep(EVENTS_KEEP_MS))
 
     # -- ledger: balances and the usage writer, on a connection of their own
-    writer_db = await open_writer_db(path)
-    stack.push_async_callback(writer_db.close)
+    writer_db: Database
+    usage_db: Database
+    if pg is not None:
+        writer_db = usage_db = pg
+    else:
+        writer_db = await open_writer_db(path)
+        stack.push_async_callback(writer_db.close)
     billing = Billing(config.models, config.billing, Balances(writer_db))
     watcher.subscribe(billing.on_change)
     usage = UsageWriter(writer_db, billing, config.billing)
     usage.start()
     stack.push_async_callback(usage.drain, config.server.shutdown_timeout_s)
-    usage_db = await sqlite.connect(path)
-    stack.push_async_callback(usage_db.close)
+    if pg is None:
+        usage_db = SqliteDatabase(await sqlite.connect(path))
+        stack.push_async_callback(usage_db.close)
     job = retention.RetentionJob(usage_db, config.billing.retention_days)
     tasks.every("usage retention", retention.INTERVAL_S, job.run_once, now=True)
 
@@ -162,9 +181,12 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
                   + ([access_log.rejected] if access_log else []))
 
     # -- readiness
-    probe_db = await open_probe_db(path)
-    stack.push_async_callback(probe_db.close)
-    probe = DbProbe(probe_db)
+    if pg is not None:
+        probe = DbProbe(pg)
+    else:
+        probe_db = await open_probe_db(path)
+        stack.push_async_callback(probe_db.close)
+        probe = DbProbe(probe_db)
     stack.push_async_callback(probe.close)
     readiness = Readiness(probe, router, usage, limits)
 

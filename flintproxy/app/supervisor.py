@@ -36,7 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from flintproxy.config import Config
+from flintproxy.config import Config, StorageBackend
 
 __all__ = ["Supervisor", "refusal", "worker_argv"]
 
@@ -57,8 +57,7 @@ def refusal(config: Config, workers: int) -> str | None:
     if workers == 1:
         return None
     missing = []
-    # getattr: [storage] backend arrives with the PostgreSQL store (issue 14, pgstore).
-    if getattr(config.storage, "backend", "sqlite") != "postgresql":
+    if config.storage.backend is not StorageBackend.POSTGRESQL:
         missing.append('[storage] backend = "postgresql" with a dsn (balances, keys and '
                        "the ledger shared by every worker)")
     if config.cluster.redis_url is None:

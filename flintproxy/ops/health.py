@@ -4,7 +4,8 @@ Checks, each reported with detail in the JSON body:
     database      the SQLite file is writable: ``BEGIN IMMEDIATE``, a write that touches
                   no row, ``ROLLBACK``, on a connection of its own, at most once per
                   ``PROBE_TTL_S`` (never a disk write per request); a database locked
-                  by another writer counts as writable
+                  by another writer counts as writable. On PostgreSQL: a pooled
+                  connection answers and the server is a primary (not in recovery)
     usage_writer  UsageWriter.ready(): its task runs, its flushes succeed, its backlog
                   is under the bound
     upstreams     at least one upstream can be tried (circuit closed, or its cooldown over)
@@ -31,6 +32,7 @@ from flintproxy.gate.sharedlimits import SharedLimiter
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.relay.routing import Router
 from flintproxy.store import sqlite
+from flintproxy.store.db import PgDatabase
 from flintproxy.store.ledger import UsageWriter
 
 PROBE_TTL_S = 1.0
@@ -41,7 +43,7 @@ PROBE_BUSY_MS = 200
 class DbProbe:
     """Is the database writable? Cached; one probe in flight at a time."""
 
-    def __init__(self, db: aiosqlite.Connection, ttl_s: float = PROBE_TTL_S,
+    def __init__(self, db: aiosqlite.Connection | PgDatabase, ttl_s: float = PROBE_TTL_S,
                  timeout_s: float = PROBE_TIMEOUT_S) -> None:
         self._db = db
         self._ttl = ttl_s
@@ -67,6 +69,12 @@ class DbProbe:
 
     async def _probe(self) -> tuple[bool, str]:
         db = self._db
+        if isinstance(db, PgDatabase):
+            try:
+                primary = await db.fetchval("SELECT NOT pg_is_in_recovery()")
+            except Exception as exc:
+                return False, type(exc).__name__  # its message may name the server
+            return (True, "writable") if primary else (False, "read-only (in recovery)")
         try:
             await db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:

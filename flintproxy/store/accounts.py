@@ -1,4 +1,4 @@
-"""Accounts, API keys and login sessions in the embedded SQLite store (no ORM).
+"""Accounts, API keys and login sessions, on either store engine (no ORM).
 
 Privacy rules this module enforces (CONTRACT.md promises 1, 2, 6, 7):
 
@@ -9,9 +9,10 @@ Privacy rules this module enforces (CONTRACT.md promises 1, 2, 6, 7):
 * bcrypt runs in the default thread pool, never on the event loop.
 
 Every change another process must see (key revoked, account disabled, credit...)
-writes an ``events`` row in the same transaction as the change itself; servers poll
-that table (``store.changes.ChangeWatcher``) and drop what they cached. That is how
-``flintproxy admin`` reaches a running server, within ``accounts.change_poll_s``.
+writes an ``events`` row in the same transaction as the change itself (and, on
+PostgreSQL, a ``pg_notify`` that commits with it); servers poll that table and
+listen (``store.changes.ChangeWatcher``) and drop what they cached. That is how
+``flintproxy admin`` or another node reaches a running server, within one second.
 
 Why one module of this size: every method is one transaction on the same connection,
 under the same lock, writing the same events; split by entity (accounts, keys,
@@ -26,21 +27,20 @@ import hashlib
 import os
 import re
 import secrets
-import sqlite3
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
 import bcrypt
 import orjson
 
 from flintproxy.config import Config, usd_to_nano
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
 from flintproxy.money import NANO_PER_USD, format_usd
-from flintproxy.store import sqlite
+from flintproxy.store.db import Database, Dialect, Queries
+from flintproxy.store.postgres import CHANNEL
 from flintproxy.store.sqlite import now_ms
 
 # events.kind values; subscribers of store.changes.ChangeWatcher receive these.
@@ -292,42 +292,41 @@ def _key(row: Any) -> KeyInfo:
 
 
 class Accounts:
-    """SQL for accounts, keys and sessions on one connection.
+    """SQL for accounts, keys and sessions on one ``Database`` (either engine).
 
-    Write transactions are serialised by a lock because aiosqlite connections are
-    shared by coroutines: without it one coroutine's statements would land inside
-    another's open transaction. ``notify(event_id, kind, account_id, key_id)`` is
-    called after each committed change so this process reacts at once.
+    Every method is one transaction (``Database.transaction``).
+    ``notify(event_id, kind, account_id, key_id)`` is called after each committed
+    change so this process reacts at once.
     """
 
-    def __init__(self, db: aiosqlite.Connection, bcrypt_cost: int, session_ttl_s: int,
-                 *, notify: Notify | None = None, clock: Callable[[], int] = now_ms,
-                 lock: asyncio.Lock | None = None) -> None:
+    def __init__(self, db: Database, bcrypt_cost: int, session_ttl_s: int,
+                 *, notify: Notify | None = None, clock: Callable[[], int] = now_ms) -> None:
         self.db = db
         self.bcrypt_cost = bcrypt_cost
         self.session_ttl_s = session_ttl_s
         self.notify = notify
         self.clock = clock
-        # Held for each write transaction; share it with anyone else using ``db``.
-        self.lock = lock or asyncio.Lock()
+        self._notify_sql = ("SELECT pg_notify(?, ?)" if db.dialect is Dialect.POSTGRESQL
+                            else None)
         # At most this many bcrypt jobs in the thread pool at once: a login flood then
         # waits here, as cheap coroutines, instead of occupying every pool thread
         # (the pool also serves DNS lookups for upstream connections).
         self._bcrypt_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         self._dummy_hash: str | None = None
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A transaction on the accounts connection (``sqlite.transaction``)."""
-        async with sqlite.transaction(self.db, self.lock) as db:
-            yield db
+    def transaction(self) -> AbstractAsyncContextManager[Queries]:
+        """A transaction on the accounts database (``Database.transaction``)."""
+        return self.db.transaction()
 
-    async def _event(self, db: aiosqlite.Connection, kind: str, account_id: int | None,
+    async def _event(self, db: Queries, kind: str, account_id: int | None,
                      key_id: int | None = None) -> tuple[int, str, int | None, int | None]:
-        cur = await db.execute(
-            "INSERT INTO events (kind, account_id, key_id, created_at) VALUES (?, ?, ?, ?)",
-            (kind, account_id, key_id, self.clock()))
-        return (cur.lastrowid or 0, kind, account_id, key_id)
+        event_id = int(await db.fetchval(
+            "INSERT INTO events (kind, account_id, key_id, created_at) VALUES (?, ?, ?, ?) "
+            "RETURNING id", kind, account_id, key_id, self.clock()))
+        if self._notify_sql is not None:
+            # Delivered to every listening node when (and only if) this commits.
+            await db.fetchval(self._notify_sql, CHANNEL, str(event_id))
+        return (event_id, kind, account_id, key_id)
 
     async def _hash(self, password: bytes) -> str:
         async with self._bcrypt_slots:
@@ -353,29 +352,26 @@ class Accounts:
         pw_hash = None if password is None else await self._hash(password)
         try:
             async with self.transaction() as db:
-                cur = await db.execute(
-                    "INSERT INTO accounts (email, password_hash, created_at) VALUES (?, ?, ?)",
-                    (email, pw_hash, self.clock()))
-                account_id = cur.lastrowid or 0
+                account_id = int(await db.fetchval(
+                    "INSERT INTO accounts (email, password_hash, created_at) VALUES (?, ?, ?) "
+                    "RETURNING id", email, pw_hash, self.clock()))
                 ev = await self._event(db, EV_ACCOUNT_CREATED, account_id)
-        except sqlite3.IntegrityError:
+        except Conflict:
             raise Conflict("An account with this email already exists.", param="email",
                            code="email_taken") from None
         self._publish(ev)
         return account_id
 
     async def get(self, account_id: int) -> AccountInfo:
-        async with self.db.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ?",  # noqa: S608
-                                   (account_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self.db.fetchrow(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ?",  # noqa: S608
+                                     account_id)
         if row is None:
             raise NotFound("No such account.")
         return _account(row)
 
     async def by_email(self, email: str) -> AccountInfo:
-        async with self.db.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE email = ?",  # noqa: S608
-                                   (email,)) as cur:
-            row = await cur.fetchone()
+        row = await self.db.fetchrow(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE email = ?",  # noqa: S608
+                                     email)
         if row is None:
             raise NotFound(f"No account with email {email!r}.")
         return _account(row)
@@ -384,8 +380,7 @@ class Accounts:
         """Every account with its count of live (unrevoked) keys."""
         sql = (f"SELECT {_ACCOUNT_COLS}, (SELECT COUNT(*) FROM api_keys k WHERE "  # noqa: S608
                "k.account_id = accounts.id AND k.revoked_at IS NULL) FROM accounts ORDER BY id")
-        async with self.db.execute(sql) as cur:
-            rows = await cur.fetchall()
+        rows = await self.db.fetch(sql)
         return [(_account(r[:7]), int(r[7])) for r in rows]
 
     async def verify_login(self, email: str, password: bytes) -> int:
@@ -395,10 +390,8 @@ class Accounts:
         An unknown email is checked against a dummy hash of the same cost, so both
         answers take one bcrypt verification.
         """
-        async with self.db.execute(
-                "SELECT id, password_hash, status FROM accounts WHERE email = ?",
-                (email,)) as cur:
-            row = await cur.fetchone()
+        row = await self.db.fetchrow(
+            "SELECT id, password_hash, status FROM accounts WHERE email = ?", email)
         if row is not None and row[1] is not None:
             if await self._check(password, row[1]):
                 if row[2] == "disabled":  # told only to who knows the password
@@ -412,9 +405,8 @@ class Accounts:
 
     async def check_password_of(self, account_id: int, password: bytes) -> None:
         """Confirm a logged-in user's password before a sensitive change (else 401)."""
-        async with self.db.execute("SELECT password_hash FROM accounts WHERE id = ? AND "
-                                   "status != 'deleted'", (account_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self.db.fetchrow("SELECT password_hash FROM accounts WHERE id = ? AND "
+                                     "status != 'deleted'", account_id)
         if row is None:
             raise AuthenticationError("This account no longer exists.", code="invalid_session")
         if row[0] is None or not await self._check(password, row[0]):
@@ -425,9 +417,9 @@ class Accounts:
         try:
             async with self.transaction() as db:
                 await db.execute("UPDATE accounts SET email = ? WHERE id = ?",
-                                 (new_email, account_id))
+                                 new_email, account_id)
                 ev = await self._event(db, EV_EMAIL_CHANGED, account_id)
-        except sqlite3.IntegrityError:
+        except Conflict:
             raise Conflict("An account with this email already exists.", param="new_email",
                            code="email_taken") from None
         self._publish(ev)
@@ -437,9 +429,9 @@ class Accounts:
         pw_hash = await self._hash(new)
         async with self.transaction() as db:
             await db.execute("UPDATE accounts SET password_hash = ? WHERE id = ?",
-                             (pw_hash, account_id))
-            await db.execute("DELETE FROM sessions WHERE account_id = ? AND token_hash IS NOT ?",
-                             (account_id, keep_session))
+                             pw_hash, account_id)
+            await db.execute("DELETE FROM sessions WHERE account_id = ? AND "
+                             "token_hash IS DISTINCT FROM ?", account_id, keep_session)
             ev = await self._event(db, EV_PASSWORD_CHANGED, account_id)
         self._publish(ev)
 
@@ -450,15 +442,15 @@ class Accounts:
         """
         now = self.clock()
         async with self.transaction() as db:
-            cur = await db.execute(
+            changed = await db.execute(
                 "UPDATE accounts SET status = 'deleted', email = NULL, password_hash = NULL, "
-                "deleted_at = ? WHERE id = ? AND status != 'deleted'", (now, account_id))
-            if cur.rowcount == 0:
+                "deleted_at = ? WHERE id = ? AND status != 'deleted'", now, account_id)
+            if changed == 0:
                 raise NotFound("No such account.")
             # Key names are free text a user chose: erase them with the account.
             await db.execute("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?), "
-                             "name = '' WHERE account_id = ?", (now, account_id))
-            await db.execute("DELETE FROM sessions WHERE account_id = ?", (account_id,))
+                             "name = '' WHERE account_id = ?", now, account_id)
+            await db.execute("DELETE FROM sessions WHERE account_id = ?", account_id)
             ev = await self._event(db, EV_ACCOUNT_DELETED, account_id)
         self._publish(ev)
 
@@ -466,10 +458,10 @@ class Accounts:
         """'active' or 'disabled'; False when it already was (or is deleted)."""
         kind = EV_ACCOUNT_DISABLED if status == "disabled" else EV_ACCOUNT_ENABLED
         async with self.transaction() as db:
-            cur = await db.execute(
+            changed = await db.execute(
                 "UPDATE accounts SET status = ? WHERE id = ? AND status NOT IN (?, 'deleted')",
-                (status, account_id, status))
-            if cur.rowcount == 0:
+                status, account_id, status)
+            if changed == 0:
                 return False
             ev = await self._event(db, kind, account_id)
         self._publish(ev)
@@ -480,20 +472,17 @@ class Accounts:
         if amount_nano <= 0:
             raise BadRequest("A credit must be positive.")
         async with self.transaction() as db:
-            cur = await db.execute(
+            balance = await db.fetchval(
                 "UPDATE accounts SET credited_nano = credited_nano + ?, "
-                "balance_nano = balance_nano + ? WHERE id = ? AND status != 'deleted'",
-                (amount_nano, amount_nano, account_id))
-            if cur.rowcount == 0:
+                "balance_nano = balance_nano + ? WHERE id = ? AND status != 'deleted' "
+                "RETURNING balance_nano", amount_nano, amount_nano, account_id)
+            if balance is None:
                 raise NotFound("No such account.")
             await db.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
-                             "VALUES (?, ?, ?)", (account_id, amount_nano, self.clock()))
+                             "VALUES (?, ?, ?)", account_id, amount_nano, self.clock())
             ev = await self._event(db, EV_CREDIT, account_id)
-            async with db.execute("SELECT balance_nano FROM accounts WHERE id = ?",
-                                  (account_id,)) as c:
-                row = await c.fetchone()
         self._publish(ev)
-        return 0 if row is None else int(row[0])
+        return int(balance)
 
     # keys ----------------------------------------------------------------------------
 
@@ -506,23 +495,20 @@ class Accounts:
         models = None if allowed_models is None else orjson.dumps(list(allowed_models)).decode()
         now = self.clock()
         async with self.transaction() as db:
-            async with db.execute("SELECT status FROM accounts WHERE id = ?", (account_id,)) as c:
-                row = await c.fetchone()
+            row = await db.fetchrow("SELECT status FROM accounts WHERE id = ?", account_id)
             if row is None or row[0] == "deleted":
                 raise NotFound("No such account.")
             if row[0] == "disabled":
                 raise PermissionDenied("This account is disabled.", code="account_disabled")
-            async with db.execute("SELECT COUNT(*) FROM api_keys WHERE account_id = ? AND "
-                                  "revoked_at IS NULL", (account_id,)) as c:
-                live = await c.fetchone()
-            if live is not None and live[0] >= MAX_LIVE_KEYS:
+            live = await db.fetchval("SELECT COUNT(*) FROM api_keys WHERE account_id = ? AND "
+                                     "revoked_at IS NULL", account_id)
+            if live is not None and live >= MAX_LIVE_KEYS:
                 raise Conflict(f"An account may have at most {MAX_LIVE_KEYS} active keys; "
                                "revoke one first.", code="too_many_keys")
-            cur = await db.execute(
+            key_id = int(await db.fetchval(
                 "INSERT INTO api_keys (account_id, key_hash, prefix, last4, name, created_at, "
-                "expires_at, allowed_models) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (account_id, hash_key(key), prefix, key[-4:], name, now, expires_at, models))
-            key_id = cur.lastrowid or 0
+                "expires_at, allowed_models) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                account_id, hash_key(key), prefix, key[-4:], name, now, expires_at, models))
             ev = await self._event(db, EV_KEY_CREATED, account_id, key_id)
         self._publish(ev)
         info = KeyInfo(key_id, account_id, prefix, key[-4:], name, now, None, expires_at, None,
@@ -531,12 +517,11 @@ class Accounts:
 
     async def find_key(self, key_hash: bytes) -> KeyRecord | None:
         """The key with this SHA-256 and its account's status and limits (a cache miss)."""
-        async with self.db.execute(
-                "SELECT k.id, k.account_id, k.expires_at, k.revoked_at, k.allowed_models, "
-                "k.rpm, k.tpm, k.max_concurrent, a.status, a.rpm, a.tpm, a.max_concurrent "
-                "FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
-                (key_hash,)) as cur:
-            row = await cur.fetchone()
+        row = await self.db.fetchrow(
+            "SELECT k.id, k.account_id, k.expires_at, k.revoked_at, k.allowed_models, "
+            "k.rpm, k.tpm, k.max_concurrent, a.status, a.rpm, a.tpm, a.max_concurrent "
+            "FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
+            key_hash)
         if row is None:
             return None
         return KeyRecord(
@@ -556,8 +541,7 @@ class Accounts:
 
     async def list_keys(self, account_id: int) -> list[KeyInfo]:
         sql = f"SELECT {_KEY_COLS} FROM api_keys WHERE account_id = ? ORDER BY id"  # noqa: S608
-        async with self.db.execute(sql, (account_id,)) as cur:
-            return [_key(r) for r in await cur.fetchall()]
+        return [_key(r) for r in await self.db.fetch(sql, account_id)]
 
     async def revoke_key(self, key_id: int, account_id: int | None = None) -> bool:
         """Revoke a key (only the account's own when ``account_id`` is given).
@@ -565,15 +549,14 @@ class Accounts:
         Returns False when it was already revoked; NotFound when there is no such key.
         """
         async with self.transaction() as db:
-            async with db.execute("SELECT account_id, revoked_at FROM api_keys WHERE id = ?",
-                                  (key_id,)) as c:
-                row = await c.fetchone()
+            row = await db.fetchrow("SELECT account_id, revoked_at FROM api_keys WHERE id = ?",
+                                    key_id)
             if row is None or (account_id is not None and row[0] != account_id):
                 raise NotFound(f"No API key with id {key_id}.")
             if row[1] is not None:
                 return False
             await db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?",
-                             (self.clock(), key_id))
+                             self.clock(), key_id)
             ev = await self._event(db, EV_KEY_REVOKED, int(row[0]), key_id)
         self._publish(ev)
         return True
@@ -590,15 +573,15 @@ class Accounts:
                 raise BadRequest(f"'{name}' must be a positive integer.", param=name)
         async with self.transaction() as db:
             if key_id is None:
-                cur = await db.execute(
+                changed = await db.execute(
                     "UPDATE accounts SET rpm = ?, tpm = ?, max_concurrent = ? WHERE id = ?",
-                    (rpm, tpm, max_concurrent, account_id))
+                    rpm, tpm, max_concurrent, account_id)
             else:
-                cur = await db.execute(
+                changed = await db.execute(
                     "UPDATE api_keys SET rpm = ?, tpm = ?, max_concurrent = ? "
                     "WHERE id = ? AND account_id = ?",
-                    (rpm, tpm, max_concurrent, key_id, account_id))
-            if cur.rowcount != 1:
+                    rpm, tpm, max_concurrent, key_id, account_id)
+            if changed != 1:
                 raise NotFound("No such account or key.")
             ev = await self._event(db, EV_LIMITS, account_id, key_id)
         self._publish(ev)
@@ -615,11 +598,11 @@ class Accounts:
             await db.execute(
                 "DELETE FROM sessions WHERE account_id = ? AND token_hash NOT IN (SELECT "
                 "token_hash FROM sessions WHERE account_id = ? ORDER BY created_at DESC "
-                "LIMIT ?)", (account_id, account_id, MAX_SESSIONS - 1))
+                "LIMIT ?)", account_id, account_id, MAX_SESSIONS - 1)
             await db.execute(
                 "INSERT INTO sessions (token_hash, account_id, csrf_token, created_at, "
                 "expires_at) VALUES (?, ?, ?, ?, ?)",
-                (session.token_hash, account_id, session.csrf_token, now, session.expires_at))
+                session.token_hash, account_id, session.csrf_token, now, session.expires_at)
         return token, session
 
     async def get_session(self, token: str) -> Session | None:
@@ -627,12 +610,10 @@ class Accounts:
         if not 20 <= len(token) <= 128:
             return None
         h = session_hash(token)
-        async with self.db.execute(
-                "SELECT s.account_id, s.csrf_token, s.expires_at, a.status "
-                "FROM sessions s JOIN accounts a "
-                "ON a.id = s.account_id WHERE s.token_hash = ? AND a.status != 'deleted'",
-                (h,)) as cur:
-            row = await cur.fetchone()
+        row = await self.db.fetchrow(
+            "SELECT s.account_id, s.csrf_token, s.expires_at, a.status "
+            "FROM sessions s JOIN accounts a "
+            "ON a.id = s.account_id WHERE s.token_hash = ? AND a.status != 'deleted'", h)
         if row is None:
             return None
         if row[2] <= self.clock():
@@ -642,7 +623,7 @@ class Accounts:
 
     async def delete_session(self, token_hash: bytes) -> None:
         async with self.transaction() as db:
-            await db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+            await db.execute("DELETE FROM sessions WHERE token_hash = ?", token_hash)
 
     async def sweep(self, events_keep_ms: int) -> None:
         """Delete expired sessions, and change events older than ``events_keep_ms``
@@ -650,15 +631,14 @@ class Accounts:
         await self.purge_expired_sessions()
         async with self.transaction() as db:
             await db.execute("DELETE FROM events WHERE created_at < ?",
-                             (self.clock() - events_keep_ms,))
+                             self.clock() - events_keep_ms)
 
     async def purge_expired_sessions(self) -> int:
         async with self.transaction() as db:
-            cur = await db.execute("DELETE FROM sessions WHERE expires_at <= ?", (self.clock(),))
-            return cur.rowcount
+            return await db.execute("DELETE FROM sessions WHERE expires_at <= ?", self.clock())
 
 
-async def bootstrap_demo(db: aiosqlite.Connection, cfg: Config) -> str | None:
+async def bootstrap_demo(db: Database, cfg: Config) -> str | None:
     """Create the funded demo account and a key on first start; return the plaintext key.
 
     Returns None when ``accounts.bootstrap_demo`` is off or the demo account already

@@ -22,6 +22,14 @@ together with their charges: normally those of the last flush interval
 (200 ms by default) plus the batch being committed; while the disk is failing,
 the whole backlog. A graceful shutdown (SIGTERM/SIGINT) drains the queue.
 
+Engines. The queue, retries and backlog bound are engine-neutral; only the batch
+statement differs: on SQLite an ``executemany`` and one debit UPDATE per chunk on
+the writer's own connection (below), on PostgreSQL one statement per batch
+(``store.postgres.batch_sql``: unnest + ON CONFLICT DO NOTHING + the debit of what
+was inserted), idempotent by request id, so a batch retried after an ambiguous
+COMMIT never charges twice. A PostgreSQL that is down or restarting is one more
+"disk fault" below: /readyz unready, the backlog bounded, nothing lost.
+
 Disk faults. A failing transaction (read-only file, disk full, locked, I/O
 error) is retried with exponential backoff (50 ms doubling to 5 s) and nothing is
 dropped; ``stalled``/``ready()`` report it (/readyz unready), ``backlog`` shows
@@ -51,7 +59,8 @@ import orjson
 
 from flintproxy.config import BillingConfig
 from flintproxy.errors import ServiceUnavailable
-from flintproxy.store import sqlite
+from flintproxy.store import postgres, sqlite
+from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
 
 log = logging.getLogger("flintproxy.store.ledger")
 
@@ -125,9 +134,10 @@ class BalanceBook(Protocol):
 class UsageWriter:
     """The in-memory usage queue and the task that commits it; see the module docstring."""
 
-    def __init__(self, db: aiosqlite.Connection, billing: BalanceBook,
-                 cfg: BillingConfig) -> None:
+    def __init__(self, db: Database, billing: BalanceBook, cfg: BillingConfig) -> None:
         self._db = db
+        self._pg_sql = (postgres.batch_sql(UsageRow._fields) if isinstance(db, PgDatabase)
+                        else None)
         self._billing = billing
         self._batch_rows = cfg.flush_batch_rows
         self._interval = cfg.flush_interval_s
@@ -357,15 +367,24 @@ class UsageWriter:
 
     async def _commit(self, batch: list[tuple[Any, ...]],
                       debits: dict[int, int]) -> list[tuple[int, int]]:
+        db = self._db
+        if isinstance(db, PgDatabase):
+            assert self._pg_sql is not None
+            return await postgres.commit_usage(db, self._pg_sql, batch, list(debits))
+        assert isinstance(db, SqliteDatabase)
+        return await self._commit_sqlite(db, batch, debits)
+
+    async def _commit_sqlite(self, sdb: SqliteDatabase, batch: list[tuple[Any, ...]],
+                             debits: dict[int, int]) -> list[tuple[int, int]]:
         returned: list[tuple[int, int]] = []
-        async with sqlite.transaction(self._db) as db:
+        async with sqlite.transaction(sdb.conn, sdb.lock) as db:
             async with db.execute("SELECT COALESCE(MAX(id), 0) FROM usage") as cur:
                 row = await cur.fetchone()
             max_before = int(row[0]) if row else 0
             cur = await db.executemany(INSERT_SQL, batch)
             inserted = cur.rowcount
             if inserted != len(batch):
-                inserted += await self._insert_renamed(batch, max_before)
+                inserted += await self._insert_renamed(db, batch, max_before)
             if inserted != len(batch):  # never debit rows that are not in the ledger
                 raise RuntimeError(f"inserted {inserted} of {len(batch)} usage rows")
             pairs = [(a, d) for a, d in debits.items() if d]
@@ -376,10 +395,11 @@ class UsageWriter:
                 returned.extend((int(a), int(b)) for a, b in rows)
         return returned
 
-    async def _insert_renamed(self, batch: list[tuple[Any, ...]], max_before: int) -> int:
+    async def _insert_renamed(self, db: aiosqlite.Connection, batch: list[tuple[Any, ...]],
+                              max_before: int) -> int:
         # Some request ids were already in the ledger (or repeated in the batch).
         # Dropping those rows would lose their charges: store them renamed.
-        fresh = await self._db.execute_fetchall(
+        fresh = await db.execute_fetchall(
             "SELECT request_id FROM usage WHERE id > ?", (max_before,))
         first = {str(r[0]) for r in fresh}
         again = []
@@ -388,16 +408,16 @@ class UsageWriter:
                 first.discard(row[0])
             else:
                 again.append((f"{row[0]}~{secrets.token_hex(8)}", *row[1:]))
-        cur = await self._db.executemany(INSERT_SQL.replace("OR IGNORE ", ""), again)
+        cur = await db.executemany(INSERT_SQL.replace("OR IGNORE ", ""), again)
         self.rows_renamed += len(again)
         log.warning("%d usage rows reused a request id already in the ledger; stored with "
                     "a suffix", len(again))
         return cur.rowcount
 
 
-async def open_writer_db(path: Path) -> aiosqlite.Connection:
+async def open_writer_db(path: Path) -> SqliteDatabase:
     """The usage writer's own connection (store pragmas, migrated, larger WAL)."""
-    db = await sqlite.open_store(path)
+    db = await SqliteDatabase.open(path)
     # Checkpoint every ~40 MB of WAL instead of 4 MB: a batch dirties index pages all
     # over the file (random request ids, one insertion point per account), and
     # copying them back less often, coalesced, doubles the rows/s. The checkpoint
@@ -410,13 +430,13 @@ class Balances:
     """Account balances as stored: what ``gate.billing.Billing`` reads on first use and
     after changes made elsewhere (the embedded implementation of its ``BalanceSource``)."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
 
     async def read(self, account_ids: list[int]) -> dict[int, int]:
         """Balance in nano-USD per account id; an unknown id is left out."""
         marks = ",".join("?" * len(account_ids))
-        rows = await self._db.execute_fetchall(
+        rows = await self._db.fetch(
             f"SELECT id, balance_nano FROM accounts WHERE id IN ({marks})",  # noqa: S608
-            account_ids)
+            *account_ids)
         return {int(r[0]): int(r[1]) for r in rows}

@@ -144,8 +144,10 @@ class RedisLink:
         self.round_trips += 1
         self.calls += len(batch)
         try:
+            if self._conn is None:  # connecting has its own deadline (socket_connect_timeout)
+                self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
             async with asyncio.timeout(self._timeout):
-                replies = await self._exchange([c.command for c in batch])
+                replies = await self._exchange(self._conn, [c.command for c in batch])
         except (RedisError, OSError, TimeoutError) as exc:
             err = self._down(exc)
             await self._drop_connection()
@@ -167,10 +169,8 @@ class RedisLink:
         if unknown:
             await self._load([c.script for c in unknown], unknown)
 
-    async def _exchange(self, commands: list[tuple[Arg, ...]]) -> list[object]:
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+    @staticmethod
+    async def _exchange(conn: Connection, commands: list[tuple[Arg, ...]]) -> list[object]:
         # hiredis packs in C: 2 µs a call where redis-py's Python packer took 9.5.
         packed = b"".join([hiredis.pack_command(c) for c in commands])  # type: ignore[arg-type]
         await conn.send_packed_command(packed, check_health=False)

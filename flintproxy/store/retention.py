@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import aiosqlite
-
 from flintproxy.store import sqlite
+from flintproxy.store.db import Queries
 
 __all__ = ["DAY_MS", "RetentionJob", "purge"]
 
@@ -21,7 +20,7 @@ PURGE_CHUNK = 5000
 DAY_MS = 86_400_000
 
 
-async def purge(db: aiosqlite.Connection, retention_days: int, now_ms: int) -> int:
+async def purge(db: Queries, retention_days: int, now_ms: int) -> int:
     """Delete usage rows of accounts deleted at least ``retention_days`` ago; returns rows.
 
     Deletes in chunks (separate short transactions) so the writer is never blocked
@@ -30,12 +29,12 @@ async def purge(db: aiosqlite.Connection, retention_days: int, now_ms: int) -> i
     cutoff = now_ms - retention_days * DAY_MS
     total = 0
     while True:
-        cur = await db.execute(
+        n = await db.execute(
             "DELETE FROM usage WHERE id IN (SELECT u.id FROM accounts a "
             "JOIN usage u ON u.account_id = a.id WHERE a.status = 'deleted' "
-            "AND a.deleted_at <= ? LIMIT ?)", (cutoff, PURGE_CHUNK))
-        total += cur.rowcount
-        if cur.rowcount < PURGE_CHUNK:
+            "AND a.deleted_at <= ? LIMIT ?)", cutoff, PURGE_CHUNK)
+        total += n
+        if n < PURGE_CHUNK:
             return total
 
 
@@ -45,7 +44,7 @@ INTERVAL_S = 3600.0  # how often the composition root runs it
 class RetentionJob:
     """``purge`` with the configured retention; the clock is injectable (tests)."""
 
-    def __init__(self, db: aiosqlite.Connection, retention_days: int, *,
+    def __init__(self, db: Queries, retention_days: int, *,
                  clock: Callable[[], int] = sqlite.now_ms) -> None:
         self.db = db
         self.retention_days = retention_days

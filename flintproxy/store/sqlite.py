@@ -169,6 +169,14 @@ async def transaction(db: aiosqlite.Connection, lock: asyncio.Lock | None = None
             raise
 
 
+async def schema_version(db: aiosqlite.Connection) -> int:
+    """The version reached (0 on a new file)."""
+    async with db.execute("SELECT name FROM sqlite_master WHERE name = 'schema_version'") as c:
+        if await c.fetchone() is None:
+            return 0
+    return await _version(db)
+
+
 async def _version(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cur:
         row = await cur.fetchone()

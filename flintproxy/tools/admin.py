@@ -1,24 +1,36 @@
 """``flintproxy admin``: operator tasks against the store, safe while the server runs.
 
 Each verb is one short transaction that also writes an ``events`` row; a running
-server polls that table (``accounts.change_poll_s``, default 0.25 s) and applies
-the change within one second. Exit status: 0 done, 1 refused (unknown account,
-duplicate email...), 2 bad usage or configuration.
+server polls that table (``accounts.change_poll_s``, default 0.25 s; on PostgreSQL
+it is also woken by a NOTIFY) and applies the change within one second. Exit
+status: 0 done, 1 refused (unknown account, duplicate email, schema behind...),
+2 bad usage or configuration.
+
+On PostgreSQL the schema is migrated only by ``migrate`` (every other verb checks
+it is current); ``copy-to-postgres`` moves an embedded install (tools/copy.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from flintproxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from flintproxy.errors import FlintError
+from flintproxy.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    StorageBackend,
+    load_config,
+    mask_dsn,
+)
+from flintproxy.errors import FlintError, SchemaBehind
 from flintproxy.money import format_usd
-from flintproxy.store import sqlite
+from flintproxy.store import postgres, sqlite
 from flintproxy.store.accounts import (
     Accounts,
     key_name,
@@ -27,7 +39,9 @@ from flintproxy.store.accounts import (
     normalize_email,
     parse_usd,
 )
+from flintproxy.store.db import Database, SqliteDatabase
 from flintproxy.store.retention import purge
+from flintproxy.tools.copy import copy_to_postgres
 
 Verb = Callable[[Accounts, argparse.Namespace, Config], Awaitable[int]]
 
@@ -146,6 +160,46 @@ async def _list_keys(repo: Accounts, args: argparse.Namespace, cfg: Config) -> i
     return 0
 
 
+async def _migrate(repo: Accounts | None, args: argparse.Namespace, cfg: Config) -> int:
+    if cfg.storage.backend is StorageBackend.POSTGRESQL:
+        assert cfg.storage.dsn is not None
+        db = await postgres.open_database(cfg.storage.dsn, 2)
+        try:
+            before, after = await postgres.migrate(db)
+        finally:
+            await db.close()
+        where = mask_dsn(cfg.storage.dsn)
+    else:
+        conn = await sqlite.connect(cfg.storage.path)
+        try:
+            before = await sqlite.schema_version(conn)
+            after = await sqlite.migrate(conn)
+        finally:
+            await conn.close()
+        where = str(cfg.storage.path)
+    print(f"schema of {where}: version {after}"
+          + (f" (applied {after - before} migrations)" if after != before else " (up to date)"))
+    return 0
+
+
+async def _copy(repo: Accounts | None, args: argparse.Namespace, cfg: Config) -> int:
+    dsn = cfg.storage.dsn
+    if args.dsn_env:
+        dsn = os.environ.get(args.dsn_env)
+        if not dsn:
+            _err(f"the environment variable {args.dsn_env} is not set")
+            return 2
+    elif args.dsn:
+        dsn = args.dsn
+    if not dsn:
+        _err("give the target with --dsn-env VAR (preferred), --dsn, or [storage] dsn/dsn_env")
+        return 2
+    report = await copy_to_postgres(cfg.storage.path, dsn)
+    for line in report:
+        print(line)
+    return 0
+
+
 def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -210,11 +264,38 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("purge", help="run the usage retention job now (billing.retention_days)"
                    ).set_defaults(run=_purge)
+
+    sub.add_parser("migrate", help="apply pending schema migrations (safe to run on "
+                   "several nodes at once)").set_defaults(run=_migrate, raw=True)
+
+    v = sub.add_parser("copy-to-postgres",
+                       help="copy this install's SQLite store (storage.path) into an empty "
+                            "PostgreSQL database, verify counts and money, and report them")
+    v.add_argument("--dsn-env", metavar="VAR",
+                   help="environment variable holding the target DSN (preferred)")
+    v.add_argument("--dsn", help="the target DSN (visible in the process list: prefer "
+                   "--dsn-env)")
+    v.set_defaults(run=_copy, raw=True)
     return p
 
 
+async def _open(cfg: Config) -> Database:
+    if cfg.storage.backend is StorageBackend.POSTGRESQL:
+        assert cfg.storage.dsn is not None
+        db = await postgres.open_database(cfg.storage.dsn, 2)
+        try:
+            await postgres.check_schema(db)
+        except BaseException:
+            await db.close()
+            raise
+        return db
+    return SqliteDatabase(await sqlite.open_store(cfg.storage.path))
+
+
 async def _run(verb: Verb, args: argparse.Namespace, cfg: Config) -> int:
-    db = await sqlite.open_store(cfg.storage.path)
+    if getattr(args, "raw", False):  # verbs that open the store themselves
+        return await verb(None, args, cfg)  # type: ignore[arg-type]
+    db = await _open(cfg)
     try:
         repo = Accounts(db, cfg.accounts.bcrypt_cost, cfg.accounts.session_ttl_s)
         return await verb(repo, args, cfg)
@@ -235,3 +316,6 @@ def main(argv: list[str]) -> int:
     except FlintError as exc:
         _err(exc.message)
         return 2 if exc.status == 400 else 1
+    except SchemaBehind as exc:
+        _err(str(exc))
+        return 1

@@ -16,7 +16,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-import aiosqlite
 from aiohttp import web
 
 from flintproxy.config import Config
@@ -24,6 +23,7 @@ from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadToo
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
 from flintproxy.web import api, usage_api
 from flintproxy.web.keys import (
@@ -121,7 +121,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
-                       usage: UsageWriter, usage_db: aiosqlite.Connection,
+                       usage: UsageWriter, usage_db: Database,
                        refusal_observers: Iterable[RefusalObserver] = (),
                        extra_routes: Iterable[tuple[str, str, Handler]] = ()
                        ) -> web.Application:

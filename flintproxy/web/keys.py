@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiosqlite
 from aiohttp import web
 
 from flintproxy.config import Config, CookieSecurity
@@ -17,6 +16,7 @@ from flintproxy.errors import FlintError
 from flintproxy.gate.ipguard import IpGuard, Network
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
+from flintproxy.store.db import Database
 from flintproxy.store.ledger import UsageWriter
 
 __all__ = ["ACCOUNTS", "LOGIN_GUARD", "REFUSAL_OBSERVERS", "SETTINGS", "USAGE", "USAGE_DB",
@@ -47,7 +47,7 @@ SETTINGS = web.AppKey("flint.auth_settings", AuthSettings)
 LOGIN_GUARD = web.AppKey("flint.login_guard", IpGuard)
 USAGE = web.AppKey("flint.usage", UsageWriter)
 # A connection for /api/usage reads and deletes (not the writer's).
-USAGE_DB = web.AppKey("flint.usage_db", aiosqlite.Connection)
+USAGE_DB = web.AppKey("flint.usage_db", Database)
 # Told of every error response (metrics: rate-limited logins).
 REFUSAL_OBSERVERS = web.AppKey("flint.refusal_observers",
                                tuple[Callable[[Exchange, FlintError], None], ...])

@@ -28,11 +28,11 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-import aiosqlite
 import orjson
 from aiohttp import web
 
 from flintproxy.errors import BadRequest, ServiceUnavailable
+from flintproxy.store.db import Database, Dialect
 from flintproxy.web.api import require_csrf, session_account
 from flintproxy.web.keys import USAGE, USAGE_DB
 
@@ -46,23 +46,37 @@ SYNC_TIMEOUT_S = 5.0
 _CURSOR_RE = re.compile(r"([0-9]{1,18})_([0-9]{1,18})")  # < 2**63: a SQLite integer
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
-# Rows are formatted by SQLite itself (C, not a Python dict per row): the export
-# of a million rows is bound by the disk and the socket, not the interpreter.
-_ISO = ("strftime('%Y-%m-%dT%H:%M:%S', started_at / 1000, 'unixepoch') "
-        "|| printf('.%03dZ', started_at % 1000)")
-_FRAC = "rtrim(printf('%09d', cost_nano % 1000000000), '0')"
-# Exact decimal USD with at least two decimals, as money.format_usd (costs are >= 0).
-_USD = (f"printf('%d.', cost_nano / 1000000000) || CASE WHEN length({_FRAC}) < 2 "
-        f"THEN substr({_FRAC} || '00', 1, 2) ELSE {_FRAC} END")
+# Rows are formatted by the database itself (C, not a Python dict per row): the
+# export of a million rows is bound by the disk and the socket, not the interpreter.
+# Each engine spells the time and the decimal its own way.
+_ISO = {
+    Dialect.SQLITE: ("strftime('%Y-%m-%dT%H:%M:%S', started_at / 1000, 'unixepoch') "
+                     "|| printf('.%03dZ', started_at % 1000)"),
+    Dialect.POSTGRESQL: ("to_char(to_timestamp(started_at / 1000) AT TIME ZONE 'UTC', "
+                         "'YYYY-MM-DD\"T\"HH24:MI:SS') || '.' || "
+                         "lpad((started_at % 1000)::text, 3, '0') || 'Z'"),
+}
+_FRAC = {Dialect.SQLITE: "rtrim(printf('%09d', cost_nano % 1000000000), '0')",
+         Dialect.POSTGRESQL: "rtrim(lpad((cost_nano % 1000000000)::text, 9, '0'), '0')"}
+_WHOLE = {Dialect.SQLITE: "printf('%d.', cost_nano / 1000000000)",
+          Dialect.POSTGRESQL: "(cost_nano / 1000000000)::text || '.'"}
+
+
+def _usd(d: Dialect) -> str:
+    """Exact decimal USD with at least two decimals, as money.format_usd (costs >= 0)."""
+    frac = _FRAC[d]
+    return (f"{_WHOLE[d]} || CASE WHEN length({frac}) < 2 "
+            f"THEN substr({frac} || '00', 1, 2) ELSE {frac} END")
+
 # (name, SQL expression, kind): kind "text" is quoted in CSV, "plain" needs no quoting.
 _FIELDS = (
-    ("request_id", "request_id", "text"), ("started_at", _ISO, "plain"),
+    ("request_id", "request_id", "text"), ("started_at", "{iso}", "plain"),
     ("started_at_ms", "started_at", "int"), ("model", "model", "text"),
     ("upstream", "upstream", "text"), ("key_id", "key_id", "int"),
     ("prompt_tokens", "prompt_tokens", "int"), ("completion_tokens", "completion_tokens", "int"),
     ("cached_tokens", "cached_tokens", "int"), ("reasoning_tokens", "reasoning_tokens", "int"),
     ("total_tokens", "prompt_tokens + completion_tokens", "int"),
-    ("cost_nano", "cost_nano", "int"), ("cost_usd", _USD, "plain"), ("status", "status", "int"),
+    ("cost_nano", "cost_nano", "int"), ("cost_usd", "{usd}", "plain"), ("status", "status", "int"),
     ("outcome", "outcome", "text"), ("stream", "stream", "bool"),
     ("estimated", "estimated", "bool"), ("duration_ms", "duration_ms", "int"),
     ("ttfb_ms", "ttfb_ms", "int"),
@@ -70,20 +84,33 @@ _FIELDS = (
 FIELDS = tuple(name for name, _, _ in _FIELDS)
 
 
-def _json_expr(expr: str, kind: str) -> str:
-    return f"json(CASE WHEN {expr} THEN 'true' ELSE 'false' END)" if kind == "bool" else expr
+def _json_expr(expr: str, kind: str, d: Dialect) -> str:
+    if kind != "bool":
+        return expr
+    if d is Dialect.POSTGRESQL:
+        return f"({expr} <> 0)"
+    return f"json(CASE WHEN {expr} THEN 'true' ELSE 'false' END)"
 
 
 def _csv_expr(expr: str, kind: str) -> str:
     if kind == "bool":
-        return f"CASE WHEN {expr} THEN 'true' ELSE 'false' END"
+        return f"CASE WHEN {expr} <> 0 THEN 'true' ELSE 'false' END"
     if kind == "text":
         return f"""COALESCE('"' || replace({expr}, '"', '""') || '"', '')"""
-    return f"COALESCE({expr}, '')"
+    return f"COALESCE(CAST({expr} AS TEXT), '')"
 
 
-JSON_SQL = "json_object(" + ", ".join(f"'{n}', {_json_expr(e, k)}" for n, e, k in _FIELDS) + ")"
-CSV_SQL = " || ',' || ".join(_csv_expr(e, k) for _, e, k in _FIELDS)
+def _row_sql(d: Dialect) -> tuple[str, str]:
+    """(JSON, CSV) expressions of one usage row in dialect ``d``."""
+    fields = [(n, e.format(iso=_ISO[d], usd=_usd(d)), k) for n, e, k in _FIELDS]
+    pairs = ", ".join(f"'{n}', {_json_expr(e, k, d)}" for n, e, k in fields)
+    json_sql = (f"json_build_object({pairs})::text" if d is Dialect.POSTGRESQL
+                else f"json_object({pairs})")
+    return json_sql, " || ',' || ".join(_csv_expr(e, k) for _, e, k in fields)
+
+
+ROW_SQL = {d: _row_sql(d) for d in Dialect}
+JSON_SQL, CSV_SQL = ROW_SQL[Dialect.SQLITE]
 CSV_HEADER = ",".join(FIELDS) + "\r\n"
 
 
@@ -150,9 +177,10 @@ async def list_usage(request: web.Request) -> web.Response:
             raise BadRequest("Invalid 'cursor'.", param="cursor")
         where += " AND (started_at, id) < (?, ?)"
         args += [int(m[1]), int(m[2])]
-    rows = list(await request.app[USAGE_DB].execute_fetchall(
-        f"SELECT started_at, id, {JSON_SQL} FROM usage WHERE {where} "  # noqa: S608
-        "ORDER BY started_at DESC, id DESC LIMIT ?", [*args, limit + 1]))
+    db = request.app[USAGE_DB]
+    rows = await db.fetch(
+        f"SELECT started_at, id, {ROW_SQL[db.dialect][0]} FROM usage WHERE {where} "  # noqa: S608
+        "ORDER BY started_at DESC, id DESC LIMIT ?", *args, limit + 1)
     page = rows[:limit]
     more = len(rows) > limit
     cursor_out = orjson.dumps(f"{page[-1][0]}_{page[-1][1]}" if more else None)
@@ -163,15 +191,16 @@ async def list_usage(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-async def _chunks(db: aiosqlite.Connection, account_id: int, f: Filters,
-                  expr: str) -> AsyncIterator[list[str]]:
+async def _chunks(db: Database, account_id: int, f: Filters,
+                  as_csv: bool) -> AsyncIterator[list[str]]:
     """The account's rows, oldest first, formatted by ``expr``, EXPORT_CHUNK at a time."""
     where, args = _where(account_id, f)
+    expr = ROW_SQL[db.dialect][1 if as_csv else 0]
     sql = (f"SELECT started_at, id, {expr} FROM usage WHERE {where} "  # noqa: S608
            "AND (started_at, id) > (?, ?) ORDER BY started_at, id LIMIT ?")
     after: tuple[int, int] = (-1, -1)
     while True:
-        rows = list(await db.execute_fetchall(sql, [*args, *after, EXPORT_CHUNK]))
+        rows = await db.fetch(sql, *args, *after, EXPORT_CHUNK)
         if not rows:
             return
         yield [r[2] for r in rows]
@@ -198,8 +227,7 @@ async def export_usage(request: web.Request) -> web.StreamResponse:
     await resp.write(CSV_HEADER.encode() if as_csv else b"[")
     sep = "\r\n" if as_csv else ",\n"
     lead = "" if as_csv else "\n"
-    async for lines in _chunks(request.app[USAGE_DB], account_id, f,
-                               CSV_SQL if as_csv else JSON_SQL):
+    async for lines in _chunks(request.app[USAGE_DB], account_id, f, as_csv):
         # write() waits while the client is slow (flow control): memory stays bounded.
         await resp.write((lead + sep.join(lines) + ("\r\n" if as_csv else "")).encode())
         lead = "" if as_csv else ",\n"
@@ -220,11 +248,11 @@ async def delete_usage(request: web.Request) -> web.Response:
     deleted = 0
     while True:
         # Chunks, each its own short transaction: never blocks the writer for long.
-        cur = await db.execute(
+        n = await db.execute(
             "DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE account_id = ? "
-            "LIMIT ?)", (account_id, DELETE_CHUNK))
-        deleted += cur.rowcount
-        if cur.rowcount < DELETE_CHUNK:
+            "LIMIT ?)", account_id, DELETE_CHUNK)
+        deleted += n
+        if n < DELETE_CHUNK:
             break
     return web.Response(body=orjson.dumps({"deleted": deleted}),
                         content_type="application/json")

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiosqlite
 import pytest
 
 from flintproxy.errors import AuthenticationError, PermissionDenied
@@ -15,13 +14,14 @@ from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.store import sqlite
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.changes import ChangeWatcher
+from flintproxy.store.db import SqliteDatabase
 from flintproxy.tasks import TaskGroup
 
 
 @dataclass
 class World:
-    db: aiosqlite.Connection  # the server's connection
-    other: aiosqlite.Connection  # another process (flintproxy admin)
+    db: SqliteDatabase  # the server's connection
+    other: SqliteDatabase  # another process (flintproxy admin)
     repo: Accounts  # server-side, publishing to the watcher
     admin: Accounts  # the other process: events only via the table
     watcher: ChangeWatcher
@@ -32,13 +32,12 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    db = await sqlite.open_store(tmp_path / "a.db")
-    other = await sqlite.connect(tmp_path / "a.db")
+    db = SqliteDatabase(await sqlite.open_store(tmp_path / "a.db"))
+    other = SqliteDatabase(await sqlite.connect(tmp_path / "a.db"))
     clock, wall = [100.0], [1_700_000_000_000]
-    lock = asyncio.Lock()
-    watcher = ChangeWatcher(db, 0.01, lock=lock)
+    watcher = ChangeWatcher(db, 0.01)
     await watcher.start()
-    repo = Accounts(db, 4, 60, notify=watcher.publish, clock=lambda: wall[0], lock=lock)
+    repo = Accounts(db, 4, 60, notify=watcher.publish, clock=lambda: wall[0])
     keys = KeyAuthenticator(repo, clock=lambda: clock[0], wall_ms=lambda: wall[0])
     watcher.subscribe(keys.on_change)
     yield World(db, other, repo, Accounts(other, 4, 60, clock=lambda: wall[0]), watcher, keys,
@@ -181,29 +180,22 @@ async def test_key_expiry(world: World) -> None:
 
 async def test_stale_read_is_not_cached(world: World) -> None:
     _, kid, key = await new_key(world)
-    real_execute = world.db.execute
+    real_fetchrow = world.db.fetchrow
     # Hold the lookup until after the revocation event has been handled.
     gate = asyncio.Event()
 
-    class SlowCtx:
-        def __init__(self, ctx: object) -> None:
-            self.ctx = ctx
+    async def slow_fetchrow(sql: str, *args: object) -> object:
+        await gate.wait()
+        return await real_fetchrow(sql, *args)
 
-        async def __aenter__(self) -> object:
-            await gate.wait()
-            return await self.ctx.__aenter__()  # type: ignore[attr-defined]
-
-        async def __aexit__(self, *a: object) -> None:
-            await self.ctx.__aexit__(*a)  # type: ignore[attr-defined]
-
-    world.db.execute = lambda *a, **k: SlowCtx(real_execute(*a, **k))  # type: ignore[method-assign,assignment]
+    world.db.fetchrow = slow_fetchrow  # type: ignore[method-assign,assignment]
     pending = asyncio.ensure_future(world.keys.authenticate(key))
     for _ in range(5):  # let the lookup start and block
         await asyncio.sleep(0)
     world.keys.on_change("key_revoked", None, kid)  # an invalidation while it is in flight
     gate.set()
     await pending  # the in-flight request itself may pass...
-    world.db.execute = real_execute  # type: ignore[method-assign]
+    world.db.fetchrow = real_fetchrow  # type: ignore[method-assign]
     assert world.keys.db_lookups == 1
     await world.keys.authenticate(key)  # ...but its read was not cached: asked again
     assert world.keys.db_lookups == 2
@@ -217,13 +209,12 @@ async def test_last_used_is_flushed_in_batches(world: World) -> None:
     for _ in range(10):
         await world.keys.authenticate(key)
     await world.keys.authenticate(key2)
-    async with world.db.execute("SELECT COUNT(*) FROM api_keys WHERE last_used_at IS NOT NULL"
-                                ) as cur:
-        assert (await cur.fetchone()) == (0,)  # nothing written per request
+    assert await world.db.fetchval(
+        "SELECT COUNT(*) FROM api_keys WHERE last_used_at IS NOT NULL") == 0  # none per request
     assert await world.keys.flush_last_used() == 2
     assert await world.keys.flush_last_used() == 0
-    async with world.db.execute("SELECT id, last_used_at FROM api_keys ORDER BY id") as cur:
-        rows = [tuple(r) for r in await cur.fetchall()]
+    rows = [tuple(r) for r in await world.db.fetch("SELECT id, last_used_at FROM api_keys "
+                                                   "ORDER BY id")]
     assert rows == [(kid, world.wall[0]), (kid2, world.wall[0])]
 
 
@@ -231,8 +222,8 @@ async def test_close_flushes(world: World) -> None:
     _, kid, key = await new_key(world)
     await world.keys.authenticate(key)
     await world.keys.close()
-    async with world.db.execute("SELECT last_used_at FROM api_keys WHERE id = ?", (kid,)) as cur:
-        assert (await cur.fetchone()) == (world.wall[0],)
+    assert await world.db.fetchval("SELECT last_used_at FROM api_keys WHERE id = ?",
+                                   kid) == world.wall[0]
 
 
 async def test_poll_never_reads_inside_an_open_transaction(world: World) -> None:

@@ -1,4 +1,5 @@
-"""Billing: exact integer costs, atomic reservations, the balance book on a real SQLite file."""
+"""Billing: exact integer costs, atomic reservations, the balance book on both store
+engines (a real SQLite file, a real PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 
-import aiosqlite
 import openai
 import pytest
 
@@ -18,7 +18,8 @@ from flintproxy.gate.billing import Billing, cost_nano, max_cost_nano
 from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Outcome
 from flintproxy.money import NANO_PER_USD, format_usd
-from flintproxy.store import sqlite
+from flintproxy.store import postgres, sqlite
+from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter
 from tests.conftest import Gateway, MockServer, raw_config
 
@@ -88,39 +89,37 @@ def test_cost_clamps_nonsense_counts() -> None:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
-    conn = await sqlite.open_store(tmp_path / "billing.db")
-    yield conn
-    await conn.close()
+async def db(store_db: Database) -> AsyncIterator[Database]:
+    yield store_db
 
 
-async def add_account(db: aiosqlite.Connection, credit_nano: int) -> int:
-    cur = await db.execute(
-        "INSERT INTO accounts (email, created_at, credited_nano, balance_nano) VALUES (?, 0, ?, ?)",
-        (f"u{random.random()}@x", credit_nano, credit_nano))
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+async def add_account(db: Database, credit_nano: int) -> int:
+    return int(await db.fetchval(
+        "INSERT INTO accounts (email, created_at, credited_nano, balance_nano) VALUES (?, 0, ?, ?) "
+        "RETURNING id", f"u{random.random()}@x", credit_nano, credit_nano))
 
 
-async def credit(path: Path, account_id: int, amount: int) -> None:
+async def credit(db: Database, tmp_path: Path, account_id: int, amount: int) -> None:
     """What `flintproxy admin credit` does, from another connection (another process)."""
-    other = await sqlite.connect(path)
+    other: Database
+    if isinstance(db, PgDatabase):
+        other = await postgres.open_database(db.dsn, 1)
+    else:
+        other = SqliteDatabase(await sqlite.connect(tmp_path / "flint.db"))
     try:
-        await other.execute("BEGIN IMMEDIATE")
-        await other.execute("UPDATE accounts SET credited_nano = credited_nano + ?, "
-                            "balance_nano = balance_nano + ? WHERE id = ?",
-                            (amount, amount, account_id))
-        await other.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
-                            "VALUES (?, ?, 0)", (account_id, amount))
-        await other.execute("COMMIT")
+        async with other.transaction() as tx:
+            await tx.execute("UPDATE accounts SET credited_nano = credited_nano + ?, "
+                             "balance_nano = balance_nano + ? WHERE id = ?",
+                             amount, amount, account_id)
+            await tx.execute("INSERT INTO credits (account_id, amount_nano, created_at) "
+                             "VALUES (?, ?, 0)", account_id, amount)
     finally:
         await other.close()
 
 
-async def db_totals(db: aiosqlite.Connection, account_id: int) -> tuple[int, int, int]:
-    async with db.execute("SELECT credited_nano, charged_nano, balance_nano FROM accounts "
-                          "WHERE id = ?", (account_id,)) as cur:
-        row = await cur.fetchone()
+async def db_totals(db: Database, account_id: int) -> tuple[int, int, int]:
+    row = await db.fetchrow("SELECT credited_nano, charged_nano, balance_nano FROM accounts "
+                            "WHERE id = ?", account_id)
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
 
@@ -141,7 +140,7 @@ def row_for(request_id: str, account_id: int, cost: int) -> UsageRow:
                     200, "ok", 1, sqlite.now_ms(), 5, 1)
 
 
-async def test_200_concurrent_reservations_for_10(db: aiosqlite.Connection) -> None:
+async def test_200_concurrent_reservations_for_10(db: Database) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     one = max_cost_nano(MINI, 100, 1000)
     account = await add_account(db, 10 * one + one - 1)  # affords 10 in full, not 11
@@ -168,7 +167,7 @@ async def test_200_concurrent_reservations_for_10(db: aiosqlite.Connection) -> N
     assert 0 <= billing.available(account) < max_cost_nano(MINI, 100, 1)
 
 
-async def test_settle_releases_and_charges_actual(db: aiosqlite.Connection) -> None:
+async def test_settle_releases_and_charges_actual(db: Database) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     writer = UsageWriter(db, billing, CFG)
     account = await add_account(db, NANO_PER_USD)
@@ -189,7 +188,7 @@ async def test_settle_releases_and_charges_actual(db: aiosqlite.Connection) -> N
     await writer.drain(5)
 
 
-async def test_release_and_default_ceiling(db: aiosqlite.Connection) -> None:
+async def test_release_and_default_ceiling(db: Database) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     account = await add_account(db, NANO_PER_USD)
     await billing.load(account)
@@ -204,7 +203,7 @@ async def test_release_and_default_ceiling(db: aiosqlite.Connection) -> None:
     assert (emb.max_tokens, emb.limit) == (0, None)
 
 
-async def test_unpriced_model_is_refused_not_free(db: aiosqlite.Connection) -> None:
+async def test_unpriced_model_is_refused_not_free(db: Database) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     account = await add_account(db, NANO_PER_USD)
     await billing.load(account)
@@ -216,7 +215,7 @@ async def test_unpriced_model_is_refused_not_free(db: aiosqlite.Connection) -> N
 
 
 async def test_usage_above_the_reservation_is_charged_the_reservation_only(
-        db: aiosqlite.Connection, caplog: pytest.LogCaptureFixture) -> None:
+        db: Database, caplog: pytest.LogCaptureFixture) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     writer = UsageWriter(db, billing, CFG)
     writer.start()
@@ -237,7 +236,7 @@ async def test_usage_above_the_reservation_is_charged_the_reservation_only(
 
 
 async def test_a_limit_larger_than_the_balance_affords_is_lowered(
-        db: aiosqlite.Connection) -> None:
+        db: Database) -> None:
     price = ModelPrice(0, usd_to_nano("1.00", "out"), 0)  # 1,000 nano a completion token
     billing = Billing({"m": price}, CFG, Balances(db))
     account = await add_account(db, 123_456)
@@ -252,7 +251,7 @@ async def test_a_limit_larger_than_the_balance_affords_is_lowered(
     assert (res.max_tokens, res.amount) == (41, 123_000)
 
 
-async def test_the_models_max_output_tokens_caps_the_limit(db: aiosqlite.Connection) -> None:
+async def test_the_models_max_output_tokens_caps_the_limit(db: Database) -> None:
     price = ModelPrice(0, usd_to_nano("1.00", "out"), 0, max_output_tokens=16)
     billing = Billing({"m": price}, CFG, Balances(db))
     account = await add_account(db, NANO_PER_USD)
@@ -262,22 +261,22 @@ async def test_the_models_max_output_tokens_caps_the_limit(db: aiosqlite.Connect
     assert billing.reserve(account, "m", bound(10, 8)).limit is None  # already lower
 
 
-async def test_concurrent_loads_share_one_read(db: aiosqlite.Connection) -> None:
+async def test_concurrent_loads_share_one_read(db: Database) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     account = await add_account(db, 12345)
     reads = 0
-    real = db.execute_fetchall
+    real = db.fetch
 
     def counting(*args: object, **kw: object) -> object:
         nonlocal reads
         reads += 1
         return real(*args, **kw)  # type: ignore[arg-type]
 
-    db.execute_fetchall = counting  # type: ignore[method-assign]
+    db.fetch = counting  # type: ignore[method-assign,assignment]
     try:
         await asyncio.gather(*(billing.load(account) for _ in range(50)))
     finally:
-        db.execute_fetchall = real  # type: ignore[method-assign]
+        db.fetch = real  # type: ignore[method-assign]
     assert reads == 1
     assert billing.available(account) == 12345
     await billing.load(99999)  # no such account: nothing to spend
@@ -285,7 +284,7 @@ async def test_concurrent_loads_share_one_read(db: aiosqlite.Connection) -> None
 
 
 async def test_credit_from_another_process_reloads_without_double_count(
-        db: aiosqlite.Connection, tmp_path: Path) -> None:
+        db: Database, tmp_path: Path) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     writer = UsageWriter(db, billing, CFG)
     writer.start()
@@ -296,7 +295,7 @@ async def test_credit_from_another_process_reloads_without_double_count(
         for i in range(30):
             writer.record(row_for(f"c{round_}-{i}", account, 1000 + i))
         if round_ % 3 == 0:
-            await credit(tmp_path / "billing.db", account, 1_000_000)
+            await credit(db, tmp_path, account, 1_000_000)
             billing.on_change("credit", account, None)
         await asyncio.sleep(0.005)
     assert await writer.sync(10)
@@ -313,7 +312,7 @@ async def test_credit_from_another_process_reloads_without_double_count(
     await writer.drain(5)
 
 
-async def test_change_for_unknown_or_all_accounts(db: aiosqlite.Connection,
+async def test_change_for_unknown_or_all_accounts(db: Database,
                                                   tmp_path: Path) -> None:
     billing = Billing(PRICES, CFG, Balances(db))
     a = await add_account(db, 100)
@@ -322,8 +321,8 @@ async def test_change_for_unknown_or_all_accounts(db: aiosqlite.Connection,
     await billing.load(b)
     billing.on_change("credit", 424242, None)  # not loaded here: nothing to do
     assert not billing.has_stale()
-    await credit(tmp_path / "billing.db", a, 5)
-    await credit(tmp_path / "billing.db", b, 7)
+    await credit(db, tmp_path, a, 5)
+    await credit(db, tmp_path, b, 7)
     billing.on_change("resync", None, None)
     assert billing.has_stale()
     await billing.reload_stale()
@@ -372,9 +371,9 @@ async def test_200_concurrent_streams_for_an_account_that_affords_10_in_full(
     db = gw.components.usage_db
     credited, charged, balance = await db_totals(db, gw.account_id)
     assert (credited, charged, balance) == (10 * one + one - 1, 10 * one + 19_000, 999)
-    rows = await db.execute_fetchall(
+    rows = [tuple(r) for r in await db.fetch(
         "SELECT cost_nano, stream, outcome, completion_tokens FROM usage WHERE account_id = ?",
-        (gw.account_id,))
+        gw.account_id)]
     # Streams are billed, never zero.
     assert sorted(rows) == [(19_000, 1, "ok", 19)] + [(one, 1, "ok", 20)] * 10
     assert gw.components.billing.available(gw.account_id) == 999

@@ -42,17 +42,17 @@ async def long_mock() -> AsyncIterator[MockServer]:
 async def totals(gw: Gateway) -> tuple[int, int, int]:
     """(credited, charged, balance) of the test account, after the ledger caught up."""
     assert await gw.components.usage.sync(10)
-    rows = await gw.components.usage_db.execute_fetchall(
+    rows = await gw.components.usage_db.fetch(
         "SELECT credited_nano, charged_nano, balance_nano FROM accounts WHERE id = ?",
-        (gw.account_id,))
+        gw.account_id)
     (credited, charged, balance), = rows
     return int(credited), int(charged), int(balance)
 
 
 async def usage_rows(gw: Gateway) -> list[tuple[int, int, str]]:
-    rows = await gw.components.usage_db.execute_fetchall(
+    rows = await gw.components.usage_db.fetch(
         "SELECT cost_nano, completion_tokens, outcome FROM usage WHERE account_id = ?",
-        (gw.account_id,))
+        gw.account_id)
     return [(int(r[0]), int(r[1]), str(r[2])) for r in rows]
 
 

@@ -1,40 +1,36 @@
-"""The accounts repository against a real SQLite file: validation, privacy, money."""
+"""The accounts repository on both engines (a real SQLite file, a real PostgreSQL):
+validation, privacy, money."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiosqlite
 import pytest
 
 from flintproxy.config import build_config
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
 from flintproxy.money import format_usd
 from flintproxy.store import accounts as acc
-from flintproxy.store import sqlite
 from flintproxy.store.accounts import Accounts, bootstrap_demo, hash_key
+from flintproxy.store.db import Database
 from tests.conftest import raw_config
 
 PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
-    conn = await sqlite.open_store(tmp_path / "flint.db")
-    yield conn
-    await conn.close()
+async def db(store_db: Database) -> AsyncIterator[Database]:
+    yield store_db
 
 
 @pytest.fixture
-def repo(db: aiosqlite.Connection) -> Accounts:
+def repo(db: Database) -> Accounts:
     return Accounts(db, bcrypt_cost=4, session_ttl_s=3600)
 
 
-async def scalar(db: aiosqlite.Connection, sql: str, *args: object) -> object:
-    async with db.execute(sql, args) as cur:
-        row = await cur.fetchone()
-    return None if row is None else row[0]
+async def scalar(db: Database, sql: str, *args: object) -> object:
+    return await db.fetchval(sql, *args)
 
 
 # --- validation -------------------------------------------------------------------
@@ -114,7 +110,7 @@ def test_api_key_format() -> None:
 # --- repository -------------------------------------------------------------------
 
 
-async def test_signup_login_and_duplicate(repo: Accounts, db: aiosqlite.Connection) -> None:
+async def test_signup_login_and_duplicate(repo: Accounts, db: Database) -> None:
     aid = await repo.create_account("a@example.com", acc.new_password(PASSWORD))
     assert await repo.verify_login("a@example.com", acc.given_password(PASSWORD)) == aid
     with pytest.raises(Conflict) as info:
@@ -129,7 +125,7 @@ async def test_signup_login_and_duplicate(repo: Accounts, db: aiosqlite.Connecti
     assert isinstance(stored, str) and stored.startswith("$2b$04$")
 
 
-async def test_default_cost_is_12(db: aiosqlite.Connection) -> None:
+async def test_default_cost_is_12(db: Database) -> None:
     repo = Accounts(db, bcrypt_cost=12, session_ttl_s=60)
     aid = await repo.create_account("c@example.com", acc.new_password(PASSWORD))
     stored = await scalar(db, "SELECT password_hash FROM accounts WHERE id = ?", aid)
@@ -139,7 +135,7 @@ async def test_default_cost_is_12(db: aiosqlite.Connection) -> None:
     assert cfg.accounts.bcrypt_cost == 12
 
 
-async def test_credit_keeps_balance_invariant(repo: Accounts, db: aiosqlite.Connection) -> None:
+async def test_credit_keeps_balance_invariant(repo: Accounts, db: Database) -> None:
     aid = await repo.create_account("m@example.com", None)
     assert await repo.credit(aid, 5_000_000_000) == 5_000_000_000
     assert await repo.credit(aid, 250_000_000) == 5_250_000_000
@@ -154,7 +150,7 @@ async def test_credit_keeps_balance_invariant(repo: Accounts, db: aiosqlite.Conn
         await repo.credit(999, 1)
 
 
-async def test_events_and_notify(db: aiosqlite.Connection) -> None:
+async def test_events_and_notify(db: Database) -> None:
     seen: list[tuple[int, str, int | None, int | None]] = []
     repo = Accounts(db, 4, 60, notify=lambda *ev: seen.append(ev))
     aid = await repo.create_account("e@example.com", None)
@@ -168,18 +164,15 @@ async def test_events_and_notify(db: aiosqlite.Connection) -> None:
     assert kinds == [("account_created", aid, None), ("key_created", aid, info.id),
                      ("key_revoked", aid, info.id), ("account_disabled", aid, None),
                      ("account_enabled", aid, None), ("account_deleted", aid, None)]
-    async with db.execute("SELECT id, kind FROM events ORDER BY id") as cur:
-        rows = await cur.fetchall()
+    rows = await db.fetch("SELECT id, kind FROM events ORDER BY id")
     assert [(r[0], r[1]) for r in rows] == [(ev[0], ev[1]) for ev in seen]
 
 
-async def test_keys_stored_hashed(repo: Accounts, db: aiosqlite.Connection) -> None:
+async def test_keys_stored_hashed(repo: Accounts, db: Database) -> None:
     aid = await repo.create_account("k@example.com", None)
     info, key = await repo.create_key(aid, "ci", allowed_models=("gpt-4o-mini",))
     assert info.prefix == key[:13] and info.last4 == key[-4:]
-    async with db.execute("SELECT key_hash, prefix, last4, name, allowed_models FROM api_keys"
-                          ) as cur:
-        row = await cur.fetchone()
+    row = await db.fetchrow("SELECT key_hash, prefix, last4, name, allowed_models FROM api_keys")
     assert row is not None
     assert row[0] == hash_key(key) and len(row[0]) == 32
     assert tuple(row[1:4]) == (info.prefix, info.last4, "ci")
@@ -203,7 +196,7 @@ async def test_disabled_account_cannot_create_keys(repo: Accounts) -> None:
 
 
 async def test_delete_account_erases_personal_data(repo: Accounts,
-                                                   db: aiosqlite.Connection) -> None:
+                                                   db: Database) -> None:
     aid = await repo.create_account("gone@example.com", acc.new_password(PASSWORD))
     await repo.create_key(aid, "my personal laptop")
     await repo.create_key(aid)
@@ -211,12 +204,10 @@ async def test_delete_account_erases_personal_data(repo: Accounts,
     await db.execute("INSERT INTO usage (request_id, account_id, key_id, model, prompt_tokens, "
                      "completion_tokens, cost_nano, status, outcome, stream, started_at, "
                      "duration_ms) VALUES ('r1', ?, 1, 'gpt-4o-mini', 1, 1, 1, 200, 'ok', 0, "
-                     "0, 1)", (aid,))
+                     "0, 1)", aid)
     await repo.delete_account(aid)
-    async with db.execute("SELECT email, password_hash, status, deleted_at FROM accounts"
-                          ) as cur:
-        row = await cur.fetchone()
-    assert row is not None and row[:3] == (None, None, "deleted") and row[3] is not None
+    row = await db.fetchrow("SELECT email, password_hash, status, deleted_at FROM accounts")
+    assert row is not None and tuple(row[:3]) == (None, None, "deleted") and row[3] is not None
     assert await scalar(db, "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL") == 0
     assert await scalar(db, "SELECT COUNT(*) FROM api_keys WHERE name != ''") == 0
     assert await scalar(db, "SELECT COUNT(*) FROM sessions") == 0
@@ -227,7 +218,7 @@ async def test_delete_account_erases_personal_data(repo: Accounts,
     assert await repo.create_account("gone@example.com", None) != aid
 
 
-async def test_sessions(db: aiosqlite.Connection) -> None:
+async def test_sessions(db: Database) -> None:
     now = [1_000_000]
     repo = Accounts(db, 4, 60, clock=lambda: now[0])
     aid = await repo.create_account("s@example.com", acc.new_password(PASSWORD))
@@ -270,7 +261,7 @@ async def test_change_email(repo: Accounts) -> None:
         await repo.change_email(a, "two@example.com")
 
 
-async def test_transaction_rolls_back(repo: Accounts, db: aiosqlite.Connection) -> None:
+async def test_transaction_rolls_back(repo: Accounts, db: Database) -> None:
     with pytest.raises(RuntimeError):
         async with repo.transaction() as conn:
             await conn.execute("INSERT INTO accounts (email, created_at) VALUES ('x@y.zz', 0)")
@@ -280,7 +271,7 @@ async def test_transaction_rolls_back(repo: Accounts, db: aiosqlite.Connection) 
         pass  # and the connection is usable again
 
 
-async def test_bootstrap_demo(tmp_path: Path, db: aiosqlite.Connection) -> None:
+async def test_bootstrap_demo(tmp_path: Path, db: Database) -> None:
     raw = raw_config(tmp_path, {"u": "http://127.0.0.1:1/v1"})
     assert await bootstrap_demo(db, build_config(raw, {})) is None  # off by default
     raw["accounts"] = {"bcrypt_cost": 4, "bootstrap_demo": True, "demo_credit_usd": "2.50"}
@@ -295,7 +286,7 @@ async def test_bootstrap_demo(tmp_path: Path, db: aiosqlite.Connection) -> None:
     assert await scalar(db, "SELECT password_hash FROM accounts WHERE id = ?", demo.id) is None
 
 
-async def test_caps_on_keys_and_sessions(repo: Accounts, db: aiosqlite.Connection) -> None:
+async def test_caps_on_keys_and_sessions(repo: Accounts, db: Database) -> None:
     aid = await repo.create_account("cap@example.com", None)
     for _ in range(acc.MAX_LIVE_KEYS):
         info, _ = await repo.create_key(aid)

@@ -29,6 +29,7 @@ from flintproxy.config import BillingConfig, Config, ModelPrice, build_config
 from flintproxy.errors import ServiceUnavailable
 from flintproxy.gate.billing import Billing
 from flintproxy.store import sqlite
+from flintproxy.store.db import Database, SqliteDatabase
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter, open_writer_db
 from flintproxy.store.retention import DAY_MS, PURGE_CHUNK, RetentionJob, purge
 from tests.support import to_toml
@@ -87,7 +88,9 @@ async def ledger(tmp_path: Path) -> AsyncIterator[tuple[aiosqlite.Connection, Pa
     await db.close()
 
 
-def make_writer(db: aiosqlite.Connection, **cfg: Any) -> tuple[Billing, UsageWriter]:
+def make_writer(conn: aiosqlite.Connection | Database, **cfg: Any
+                ) -> tuple[Billing, UsageWriter]:
+    db = SqliteDatabase(conn) if isinstance(conn, aiosqlite.Connection) else conn
     bcfg = BillingConfig(**{"flush_interval_s": 0.02, "flush_batch_rows": 100, **cfg})
     billing = Billing(PRICES, bcfg, Balances(db))
     return billing, UsageWriter(db, billing, bcfg)
@@ -203,7 +206,7 @@ class Fault:
 
     name = "fault"
 
-    def __init__(self, path: Path, wdb: aiosqlite.Connection | None = None) -> None:
+    def __init__(self, path: Path, wdb: SqliteDatabase | None = None) -> None:
         self.path = path
         self.wdb = wdb
 
@@ -219,14 +222,14 @@ class PageLimit(Fault):
 
     async def apply(self) -> None:
         assert self.wdb is not None
-        async with self.wdb.execute("PRAGMA page_count") as cur:
+        async with self.wdb.conn.execute("PRAGMA page_count") as cur:
             pages = await cur.fetchone()
         assert pages is not None
-        await self.wdb.execute(f"PRAGMA max_page_count = {pages[0]}")
+        await self.wdb.conn.execute(f"PRAGMA max_page_count = {pages[0]}")
 
     async def heal(self) -> None:
         assert self.wdb is not None
-        await self.wdb.execute("PRAGMA max_page_count = 1073741823")
+        await self.wdb.conn.execute("PRAGMA max_page_count = 1073741823")
 
 
 class Immutable(Fault):
@@ -303,7 +306,7 @@ async def test_disk_failure_retries_then_lands_everything(
             await db.close()
 
 
-async def run_fault_scenario(db: aiosqlite.Connection, wdb: aiosqlite.Connection,
+async def run_fault_scenario(db: aiosqlite.Connection, wdb: SqliteDatabase,
                              fault: Fault) -> None:
     billing, writer = make_writer(wdb, max_backlog_rows=3000)
     accounts = [await add_account(db, 10**12) for _ in range(4)]
@@ -446,7 +449,9 @@ class Api:
 
     @property
     def db(self) -> aiosqlite.Connection:
-        return self.components.accounts.db
+        db = self.components.accounts.db
+        assert isinstance(db, SqliteDatabase)
+        return db.conn
 
     async def login(self, email: str) -> tuple[int, dict[str, str]]:
         repo = self.components.accounts
@@ -591,12 +596,12 @@ async def test_retention_purges_after_the_configured_days(
     await bulk_rows(db, alive, 10)
     await db.execute("UPDATE accounts SET charged_nano = 5, credited_nano = 5")
     now = CLOCK0 + 90 * DAY_MS - 1
-    job = RetentionJob(db, 90, clock=lambda: now)
+    job = RetentionJob(SqliteDatabase(db), 90, clock=lambda: now)
     assert await job.run_once() == 0
     now += 1
     assert await job.run_once() == PURGE_CHUNK * 2 + 17
-    assert await purge(db, 90, CLOCK0 + 139 * DAY_MS) == 0
-    assert await purge(db, 30, CLOCK0 + 80 * DAY_MS) == 10  # configurable days
+    assert await purge(SqliteDatabase(db), 90, CLOCK0 + 139 * DAY_MS) == 0
+    assert await purge(SqliteDatabase(db), 30, CLOCK0 + 80 * DAY_MS) == 10  # configurable days
     async with db.execute("SELECT account_id, COUNT(*) FROM usage GROUP BY account_id") as cur:
         assert list(await cur.fetchall()) == [(alive, 10)]
     async with db.execute("SELECT SUM(charged_nano) FROM accounts") as cur:
@@ -727,7 +732,7 @@ async def test_server_sigkill_under_load_then_restart(tmp_path: Path,
     config = tmp_path / "flintproxy.toml"
     config.write_text(to_toml(raw))
     db = await sqlite.open_store(tmp_path / "flintproxy.db")
-    repo = Accounts(db, 4, 3600)
+    repo = Accounts(SqliteDatabase(db), 4, 3600)
     account = await repo.create_account("load@example.com", None)
     await repo.credit(account, 1000 * 10**9)
     _, key = await repo.create_key(account, "load")

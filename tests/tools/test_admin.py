@@ -142,8 +142,7 @@ async def test_password_stdin_allows_login(server: Gateway, run: Run) -> None:
             json={"email": "p@example.com", "password": "a long password"}) as resp:
         assert resp.status == 200
     repo = server.components.accounts
-    async with repo.db.execute("SELECT password_hash FROM accounts") as cur:
-        row = await cur.fetchone()
+    row = await repo.db.fetchrow("SELECT password_hash FROM accounts")
     assert row is not None and row[0].startswith("$2b$04$")
 
 

@@ -312,8 +312,8 @@ async def test_delete_account(gw: Gateway, browser: Browser) -> None:
     assert (await browser.call("GET", "/api/account"))[0] == 401
     assert await browser.login("bye@example.com") == 401
     repo = gw.components.accounts
-    async with repo.db.execute("SELECT email, password_hash, status FROM accounts") as cur:
-        assert [tuple(r) for r in await cur.fetchall()] == [(None, None, "deleted")]
+    rows = await repo.db.fetch("SELECT email, password_hash, status FROM accounts")
+    assert [tuple(r) for r in rows] == [(None, None, "deleted")]
 
 
 async def test_disabled_account_keys_stop(gw: Gateway, browser: Browser) -> None:
@@ -440,8 +440,7 @@ async def test_db_files_hold_no_secrets(gw: Gateway, browser: Browser) -> None:
     blob = b"".join(p.read_bytes() for p in files)
     for secret in (password, key, key[9:], session):
         assert secret.encode() not in blob
-    async with gw.components.accounts.db.execute("SELECT password_hash FROM accounts") as cur:
-        row = await cur.fetchone()
+    row = await gw.components.accounts.db.fetchrow("SELECT password_hash FROM accounts")
     assert row is not None and row[0].startswith("$2b$04$") and len(row[0]) == 60
 
 
