@@ -4,6 +4,7 @@ where it runs (real processes, real signals)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import MockServer, raw_config
+from tests.conftest import MockServer, migrated_dsn, raw_config
 from tests.support import LiveGateway, to_toml
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -122,3 +123,69 @@ async def test_sigterm_drains_every_worker_and_exits_0(supervised: LiveGateway) 
     assert await asyncio.to_thread(gw.proc.wait, 30) == 0
     assert "draining 1 workers" in gw.stderr
     assert not await healthy(gw.url)
+
+
+def established_on(pid: int, port: int) -> int:
+    """Server-side TCP connections on ``port`` that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01" and fields[9] in inodes:
+            count += 1
+    return count
+
+
+@pytest.mark.timeout(120)
+async def test_two_workers_on_postgresql_and_redis_serve_and_both_take_requests(
+        tmp_path: Path, mock_upstream: MockServer, redis_url: str,
+        request: pytest.FixtureRequest) -> None:
+    raw = raw_config(tmp_path, {"local": mock_upstream.base_url})
+    raw["storage"] = {"backend": "postgresql", "dsn": await migrated_dsn(request)}
+    raw["cluster"] = {"redis_url": redis_url, "nodes": 2}
+    gw = LiveGateway(tmp_path, raw, serve_args=("--workers", "2"))
+    await asyncio.to_thread(gw.start)
+    try:
+        async def both_listening() -> bool:
+            return gw.stderr.count("data plane (/v1, /healthz, /readyz) listening") == 2
+
+        await wait_for(both_listening)
+        pids = [pid for _, pid in workers(gw)]
+        assert len(pids) == 2
+        # Each client its own keep-alive connection; the kernel spreads them.
+        clients = [openai.AsyncOpenAI(base_url=gw.base_url, api_key=gw.key, max_retries=0)
+                   for _ in range(24)]
+        try:
+            for cl in clients:
+                answer = await cl.chat.completions.create(model="gpt-4o-mini",
+                                                          messages=MESSAGES)  # type: ignore[arg-type]
+                assert answer.choices[0].message.content
+            port = int(gw.url.rsplit(":", 1)[1])
+            held = [established_on(pid, port) for pid in pids]
+            assert sum(held) == 24
+            assert all(n > 0 for n in held), held
+        finally:
+            for cl in clients:
+                await cl.close()
+        # Any worker's /metrics reports both (the supervisor's multiprocess directory;
+        # each worker writes its numbers there once a second).
+        async def all_counted() -> bool:
+            async with aiohttp.ClientSession() as http, \
+                    http.get(gw.console_url + "/metrics") as r:
+                text = await r.text()
+            served = sum(float(v) for v in re.findall(
+                r'^flintproxy_requests_total\{model="gpt-4o-mini",status="2xx"\} (\S+)$',
+                text, re.M))
+            assert served <= 24
+            return served == 24
+
+        await wait_for(all_counted, 10.0)
+        assert gw.stop(30) == 0
+    finally:
+        gw.stop()
