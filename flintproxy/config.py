@@ -171,6 +171,15 @@ class BillingConfig:
     # Rows that may wait in memory before /v1 refuses with 503.
     max_backlog_rows: int = 200_000
     retention_days: int = 90
+    # Shared mode (storage.backend = "postgresql"): credit leases (gate.leases). A
+    # node's lease lives lease_ttl_s past its last renewal (a crashed node's lease
+    # returns to the account then); a slice is sized from the account's recent spend
+    # rate within [lease_min_nano, lease_max_nano]; a lease unused for
+    # lease_idle_return_s goes back to the account.
+    lease_ttl_s: float = 30.0
+    lease_min_nano: int = 500_000_000  # $0.50
+    lease_max_nano: int = 50_000_000_000  # $50
+    lease_idle_return_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +494,19 @@ def _limits(raw: Mapping[str, Any]) -> LimitsConfig:
 def _billing(raw: Mapping[str, Any]) -> BillingConfig:
     p = "billing."
     _check_keys(raw, {"default_max_tokens", "max_tokens_per_media_part", "flush_interval_s",
-                      "flush_batch_rows", "max_backlog_rows", "retention_days"}, p)
+                      "flush_batch_rows", "max_backlog_rows", "retention_days",
+                      "lease_ttl_s", "lease_min_usd", "lease_max_usd",
+                      "lease_idle_return_s"}, p)
+    lease_min = usd_to_nano(raw.get("lease_min_usd", "0.50"), f"{p}lease_min_usd")
+    lease_max = usd_to_nano(raw.get("lease_max_usd", "50.00"), f"{p}lease_max_usd")
+    if lease_min < 1:
+        raise _fail(f"{p}lease_min_usd", raw.get("lease_min_usd"), "must be above zero")
+    if lease_max < lease_min:
+        raise _fail(f"{p}lease_max_usd", raw.get("lease_max_usd"),
+                    "must be at least billing.lease_min_usd")
+    ttl = _float(raw, "lease_ttl_s", p, 30.0, 2.0)
+    if ttl > 3600:
+        raise _fail(f"{p}lease_ttl_s", ttl, "must be a number of seconds in [2, 3600]")
     return BillingConfig(
         default_max_tokens=_int(raw, "default_max_tokens", p, 4096, 1, 10**7),
         max_tokens_per_media_part=_int(raw, "max_tokens_per_media_part", p, 40_000, 1,
@@ -494,6 +515,10 @@ def _billing(raw: Mapping[str, Any]) -> BillingConfig:
         flush_batch_rows=_int(raw, "flush_batch_rows", p, 5000, 1, 10**7),
         max_backlog_rows=_int(raw, "max_backlog_rows", p, 200_000, 1, 10**9),
         retention_days=_int(raw, "retention_days", p, 90, 0, 100_000),
+        lease_ttl_s=ttl,
+        lease_min_nano=lease_min,
+        lease_max_nano=lease_max,
+        lease_idle_return_s=_float(raw, "lease_idle_return_s", p, 60.0, 0.1),
     )
 
 

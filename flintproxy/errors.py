@@ -9,6 +9,8 @@
     │   └── UnsupportedMediaType    415 code=unsupported_media_type
     ├── AuthenticationError         401 invalid_api_key / invalid_credentials
     ├── InsufficientQuota           402 insufficient_quota
+    │   └── LeaseShortfall          402 (shared mode: this node's lease is short; the
+    │                               gate waits for one top-up, then answers 402)
     ├── PermissionDenied            403 (disabled account, model not allowed, CSRF)
     ├── NotFound                    404 (unknown model, path)
     │   └── ModelNotFound           404 code=model_not_found
@@ -133,6 +135,16 @@ class InsufficientQuota(FlintError):
     status = 402
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+class LeaseShortfall(InsufficientQuota):
+    """Shared mode: the node's lease on the account cannot cover this request, but
+    the account may still have unleased credit. The gate awaits ONE lease top-up
+    (bounded) and reserves again; uncaught it is an ordinary 402."""
+
+    def __init__(self, message: str, *, need_nano: int) -> None:
+        super().__init__(message)
+        self.need_nano = need_nano
 
 
 class PermissionDenied(FlintError):

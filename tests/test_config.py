@@ -80,6 +80,17 @@ def test_a_models_output_limit_and_limit_param_are_read(tmp_path: Path) -> None:
     assert cfg.billing.max_tokens_per_media_part == 2000
 
 
+def test_lease_settings_are_read_exactly(tmp_path: Path) -> None:
+    raw = base(tmp_path)
+    raw["billing"] = {"lease_ttl_s": 12, "lease_min_usd": "0.000000001",
+                      "lease_max_usd": "1000", "lease_idle_return_s": 5}
+    cfg = build_config(raw, {}).billing
+    assert (cfg.lease_ttl_s, cfg.lease_min_nano, cfg.lease_max_nano,
+            cfg.lease_idle_return_s) == (12.0, 1, 1_000_000_000_000, 5.0)
+    defaults = build_config(base(tmp_path), {}).billing
+    assert (defaults.lease_min_nano, defaults.lease_max_nano) == (500_000_000, 50_000_000_000)
+
+
 def test_base_url_trailing_slash_is_dropped(tmp_path: Path) -> None:
     raw = base(tmp_path)
     raw["upstreams"][0]["base_url"] = "https://api.example.com/v1/"
@@ -156,6 +167,18 @@ ERRORS: dict[str, tuple[Callable[[Raw], None], tuple[str, ...]]] = {
                          "max_completion_tokens")),
     "bad media part bound": (_set("billing", "max_tokens_per_media_part", -1),
                              ("billing.max_tokens_per_media_part", "= -1")),
+    "lease ttl too short": (_set("billing", "lease_ttl_s", 1),
+                            ("billing.lease_ttl_s", "= 1", ">= 2.0")),
+    "lease ttl too long": (_set("billing", "lease_ttl_s", 86400),
+                           ("billing.lease_ttl_s", "86400", "[2, 3600]")),
+    "lease slice as float": (_set("billing", "lease_min_usd", 0.5),
+                             ("billing.lease_min_usd", "0.5", "floats are inexact")),
+    "zero lease slice": (_set("billing", "lease_min_usd", "0"),
+                         ("billing.lease_min_usd", "'0'", "above zero")),
+    "lease max below min": (_set("billing", "lease_max_usd", "0.10"),
+                            ("billing.lease_max_usd", "'0.10'", "lease_min_usd")),
+    "lease idle return 0": (_set("billing", "lease_idle_return_s", 0),
+                            ("billing.lease_idle_return_s", "= 0")),
     "unknown storage key": (_set("storage", "file", "x.db"), ("storage.file", "unknown key")),
     "duplicate upstream names": (_dup_upstream, ("upstreams[].name", "'local'", "unique")),
     "bad trusted proxy": (_set("limits", "trusted_proxies", ["10.0.0.0/8", "not-an-ip"]),

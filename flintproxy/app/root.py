@@ -11,7 +11,8 @@ caller's ``TaskGroup``. The order, and why:
                  connects); PostgreSQL opens one pool, refuses a schema behind this
                  release (``flintproxy admin migrate``) and LISTENs for changes.
                  Then the accounts repository, change feed, key cache, IP guard
-    ledger       balances and the usage writer (its own connection; drained at exit),
+    ledger       balances (shared mode: the node's credit leases, returned after the
+                 writer drained) and the usage writer (its own connection; drained at exit),
                  retention, the usage API's read connection
     observers    access log and metrics, which the gate tells of every finish
     limits       with [cluster] redis_url: the Redis link and the shared limiter, its
@@ -33,6 +34,7 @@ from flintproxy.errors import SharedStateDown
 from flintproxy.gate.billing import Billing
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.gate.keys import KeyAuthenticator
+from flintproxy.gate.leases import RENEWALS_PER_TTL, LeaseBook
 from flintproxy.gate.service import ServiceGate
 from flintproxy.gate.sharedlimits import SharedLimiter
 from flintproxy.http.client import UpstreamClient
@@ -46,6 +48,7 @@ from flintproxy.store import postgres, retention, sqlite
 from flintproxy.store.accounts import Accounts, bootstrap_demo_account
 from flintproxy.store.changes import ChangeWatcher
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
+from flintproxy.store.leases import LeaseStore
 from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
 from flintproxy.store.redislink import RedisLink
 from flintproxy.tasks import TaskGroup
@@ -82,6 +85,8 @@ class Components:
     # The demo key created at this start (``accounts.bootstrap_demo``), printed once
     # on stdout by the runner: never logged, never written to disk.
     demo_key: str | None
+    # Shared mode: this node's credit leases (None on the embedded store).
+    leases: LeaseBook | None = None
 
 
 async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGroup,
@@ -130,8 +135,26 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         writer_db = await open_writer_db(path)
         stack.push_async_callback(writer_db.close)
     billing = Billing(config.models, config.billing, Balances(writer_db))
-    watcher.subscribe(billing.on_change)
-    usage = UsageWriter(writer_db, billing, config.billing)
+    leases: LeaseBook | None = None
+    if pg is not None:
+        # Shared mode: balances are this node's credit leases (gate.leases). Their
+        # closer is pushed before the writer's drain, so it runs after it: every
+        # lease is returned once its rows are charged.
+        lease_store = LeaseStore(pg)
+        leases = LeaseBook(lease_store, billing, config.billing)
+        stack.push_async_callback(leases.close)
+        watcher.subscribe(leases.on_change)
+        ttl = config.billing.lease_ttl_s
+        tasks.spawn("credit lease top-ups", leases.run())
+        tasks.every("credit lease renewal", ttl / RENEWALS_PER_TTL, leases.renew)
+        tasks.every("credit lease expiry sweep", ttl / 2, leases.sweep, now=True)
+        tasks.every("credit lease idle return", config.billing.lease_idle_return_s / 2,
+                    leases.return_idle)
+        usage = UsageWriter(writer_db, billing, config.billing, leases=lease_store,
+                            lease_of=leases.lease_of)
+    else:
+        watcher.subscribe(billing.on_change)
+        usage = UsageWriter(writer_db, billing, config.billing)
     usage.start()
     stack.push_async_callback(usage.drain, config.server.shutdown_timeout_s)
     if pg is None:
@@ -162,7 +185,7 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         access_log = AccessLog(config, access_sink)
         stack.push_async_callback(access_log.close)  # writes what is left, last
         tasks.every("access log flush", FLUSH_S, access_log.flush)
-    metrics = Metrics(config, router, streams, usage, access_log, billing, limits)
+    metrics = Metrics(config, router, streams, usage, access_log, billing, leases, limits)
     stack.callback(metrics.close)
     if metrics.multiprocess:
         tasks.every("metrics sync", MULTIPROCESS_SYNC_S, metrics.sync)
@@ -194,4 +217,4 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
                       guard=guard, billing=billing, usage=usage, usage_db=usage_db,
                       retention=job, access_log=access_log, metrics=metrics, gate=gate,
                       limits=limits, router=router, relay=relay, readiness=readiness,
-                      demo_key=demo_key)
+                      demo_key=demo_key, leases=leases)

@@ -31,6 +31,16 @@ cost more than it reserved. Should an upstream still report more (one that ignor
 overrun (``Billing.overruns``, a log line without content). A balance never goes
 below zero.
 
+Shared mode (``storage.backend = "postgresql"``, many nodes). ``balance`` is not
+the account's balance but what remains of this node's credit lease on it
+(``gate.leases``): the formula, ``reserve`` and ``settle`` are unchanged, so the hot
+path stays the same O(1) code with no ``await``. A reservation that takes the
+available amount below the lease's low-water mark wakes the lease book (once per
+slice) to top up in the background; a request the lease cannot cover while the
+account may still have unleased credit raises ``LeaseShortfall``, on which the gate
+awaits ONE top-up before reserving again (the rare path). Commits lower ``balance``
+by their debits (the lease was spent) instead of setting it from the database.
+
 Consistency with the DB. All reads of ``balance_nano`` run on the usage
 writer's own connection, and the writer sets the balances of the accounts a
 batch touched from the values its transaction returned. aiosqlite executes one
@@ -49,7 +59,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from flintproxy.config import BillingConfig, ModelPrice
-from flintproxy.errors import InsufficientQuota, ModelNotFound
+from flintproxy.errors import (
+    InsufficientQuota,
+    LeaseShortfall,
+    ModelNotFound,
+    ServiceUnavailable,
+)
 from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Outcome
 from flintproxy.money import format_usd
@@ -95,18 +110,38 @@ class Reservation:
 
 
 class _Book:
-    __slots__ = ("balance", "pending", "reserved")
+    __slots__ = ("balance", "low_water", "pending", "reserved")
 
     def __init__(self) -> None:
         self.balance: int | None = None  # None: not read from the DB yet
         self.pending = 0
         self.reserved = 0
+        # Shared mode: below this availability the lease book is told (then 0 until it
+        # re-arms it). Always 0 embedded, where availability never goes below 0.
+        self.low_water = 0
 
 
 class BalanceSource(Protocol):
     """Where balances are stored (``store.ledger.Balances`` embedded)."""
 
     async def read(self, account_ids: list[int]) -> dict[int, int]: ...
+
+
+class LeaseSupply(Protocol):
+    """Shared mode: this node's credit leases (``gate.leases.LeaseBook``)."""
+
+    async def take(self, account_id: int) -> None:
+        """Take the first lease on the account (``lease_changed`` reports it)."""
+
+    def may_grow(self, account_id: int) -> bool:
+        """Whether a top-up could still add to the account's lease."""
+
+    def low(self, account_id: int) -> None:
+        """The lease fell below its low-water mark: top it up soon (O(1), no await)."""
+
+    async def top_up(self, account_id: int, need_nano: int) -> bool:
+        """Top the lease up by at least ``need_nano`` if the account has it (bounded
+        wait); whether it grew."""
 
 
 class Billing:
@@ -129,6 +164,11 @@ class Billing:
         self._reload_all = False
         # Set by the usage writer: wakes it to run ``reload_stale`` soon.
         self.on_stale: Callable[[], None] | None = None
+        # Shared mode: set by the lease book (gate.leases) when it is built; None embedded.
+        self.leases: LeaseSupply | None = None
+        # Shared mode: the lease book's local deadline passed (the shared store was not
+        # reachable to renew): no reservation until it is renewed.
+        self.frozen = False
 
     # --- reading balances ---------------------------------------------------------
 
@@ -155,6 +195,9 @@ class Billing:
             task.exception()  # mark retrieved: every waiter may have gone away
 
     async def _read_first(self, account_id: int) -> None:
+        if self.leases is not None:
+            await self.leases.take(account_id)
+            return
         while True:
             self._dirty_loads.discard(account_id)
             balances = await self._balances.read([account_id])
@@ -171,6 +214,8 @@ class Billing:
         Re-reading is always correct (balances are set, never adjusted), so this does
         not need to know which event kinds move money (``credit`` today).
         """
+        if self.leases is not None:
+            return  # shared mode: balances are leases (gate.leases hears the changes)
         if account_id is None:
             self._reload_all = True
         elif account_id in self._loads:
@@ -234,6 +279,10 @@ class Billing:
         book = self._books.get(account_id)
         if book is None or book.balance is None:
             raise RuntimeError(f"Billing.reserve before Billing.load for account {account_id}")
+        if self.frozen:
+            raise ServiceUnavailable("The shared balance store has been unreachable for too "
+                                     "long to spend credit safely; please retry shortly.",
+                                     headers={"Retry-After": "1"})
         available = book.balance - book.pending - book.reserved
         text, media, choices, requested, largest, _ = bound
         prompt = text + media * self._per_media_part if media else text
@@ -255,12 +304,16 @@ class Billing:
                 room = available * TOKENS_PER_PRICE_UNIT - exact
                 affordable = room // per_choice if room > 0 else 0
                 if affordable < granted:
+                    if self.leases is not None:
+                        self._shortfall(account_id, exact + granted * per_choice, available)
                     granted = affordable
                 exact += granted * per_choice
             if largest is None or largest > granted:
                 limit = granted  # the body must say it: it is absent or larger
         amount = -(-exact // TOKENS_PER_PRICE_UNIT)
         if amount > available or (choices and granted < 1):
+            if self.leases is not None:
+                self._shortfall(account_id, exact, available)
             need = max_cost_nano(price, prompt, choices)
             raise InsufficientQuota(
                 "You exceeded your current quota: this request may cost up to "
@@ -268,7 +321,43 @@ class Billing:
                 f"${format_usd(max(available, 0))} available. Add credit, or send a "
                 "shorter request.")
         book.reserved += amount
+        if available - amount < book.low_water:
+            book.low_water = 0  # once per slice: the lease book re-arms it
+            if self.leases is not None:
+                self.leases.low(account_id)
         return Reservation(account_id, model, price, amount, granted, limit)
+
+    def _shortfall(self, account_id: int, exact: int, available: int) -> None:
+        """Shared mode: raise LeaseShortfall when a top-up could cover ``exact``."""
+        assert self.leases is not None
+        if self.leases.may_grow(account_id):
+            need = -(-exact // TOKENS_PER_PRICE_UNIT) - available
+            raise LeaseShortfall(
+                "You exceeded your current quota: this node could not reserve the "
+                "request's maximum cost from the account's credit.", need_nano=need)
+
+    async def top_up(self, account_id: int, need_nano: int) -> bool:
+        """Shared mode: wait (bounded) for one top-up of the lease; False embedded."""
+        if self.leases is None:
+            return False
+        grew = await self.leases.top_up(account_id, need_nano)
+        if not self.is_loaded(account_id):  # the lease ended meanwhile (idle, expired)
+            await self.load(account_id)
+        return grew
+
+    def lease_changed(self, account_id: int, delta: int | None, low_water: int) -> None:
+        """Shared mode (the lease book): the node's lease on the account grew (delta >
+        0) or shrank (< 0), with a new low-water mark; None: it ended (unloaded, so the
+        next request takes a new one; reservations and pending rows still count)."""
+        book = self._books.get(account_id)
+        if book is None:
+            book = self._books[account_id] = _Book()
+        if delta is None:
+            book.balance = None
+            book.low_water = 0
+            return
+        book.balance = (book.balance or 0) + delta
+        book.low_water = low_water
 
     def settle(self, res: Reservation, outcome: Outcome) -> int:
         """Release the reservation; return the actual cost, never more than reserved.
@@ -319,6 +408,10 @@ class Billing:
             book = self._books.get(account_id)
             if book is not None:
                 book.pending -= debit
+                if self.leases is not None and book.balance is not None:
+                    book.balance -= debit  # shared mode: spent from the lease
+        if self.leases is not None:
+            return
         for account_id, balance in balances:
             book = self._books.get(account_id)
             if book is not None and book.balance is not None:

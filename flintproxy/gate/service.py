@@ -4,7 +4,9 @@ Per /v1 request, in memory only (see ``gate`` for the seam):
 
     authenticate   key cache (a miss goes to the DB once); a failure only -> IP guard
     admit          usage backlog bound (503) -> first use of an account loads its
-                   balance (once) -> limiter acquire (429) -> balance reserve (402)
+                   balance (once; shared mode: takes a credit lease) -> limiter
+                   acquire (429) -> balance reserve (402; shared mode: a lease too short
+                   waits for one top-up first, see gate.leases)
     finish         limiter true-up/release -> settle the reservation -> enqueue the
                    usage row for the background writer
 
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from flintproxy.config import Config
-from flintproxy.errors import AuthenticationError, FlintError
+from flintproxy.errors import AuthenticationError, FlintError, LeaseShortfall
 from flintproxy.gate.billing import Billing, Reservation
 from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_token
@@ -143,7 +145,13 @@ class ServiceGate:
             ticket = await self.limiter.admit(principal, tokens)
         headers = self.limiter.headers(ticket)
         try:
-            reservation = billing.reserve(account_id, call.model, bound)
+            try:
+                reservation = billing.reserve(account_id, call.model, bound)
+            except LeaseShortfall as short:
+                # Shared mode, the rare path: wait (bounded) for ONE top-up of this
+                # node's lease, then reserve again; a second shortfall is a 402.
+                await billing.top_up(account_id, short.need_nano)
+                reservation = billing.reserve(account_id, call.model, bound)
         except FlintError as exc:
             exc.headers = {**headers, **exc.headers}
             self.limiter.release(ticket, 0)

@@ -58,6 +58,7 @@ from flintproxy.config import Config
 from flintproxy.errors import FlintError, ModelNotFound
 from flintproxy.gate.billing import Billing
 from flintproxy.gate.gate import Admission, Ending, Outcome
+from flintproxy.gate.leases import LeaseBook
 from flintproxy.gate.sharedlimits import SharedLimiter
 from flintproxy.http.exchange import Exchange
 from flintproxy.ops.accesslog import AccessLog
@@ -130,10 +131,12 @@ class Metrics:
 
     def __init__(self, config: Config, router: Router, streams: StreamGauge,
                  usage: UsageWriter, access_log: AccessLog | None,
-                 billing: Billing | None = None, limits: SharedLimiter | None = None) -> None:
+                 billing: Billing | None = None, leases: LeaseBook | None = None,
+                 limits: SharedLimiter | None = None) -> None:
         self.router = router
         self.billing = billing
-        self.limits = limits
+        self.leases = leases  # shared mode only
+        self.limits = limits  # [cluster] redis_url only
         self.streams = streams
         self.usage = usage
         self.access_log = access_log  # None with [metrics] access_log = false
@@ -189,6 +192,19 @@ class Metrics:
         self.over_reservation = Counter("flintproxy_usage_over_reservation", "Requests whose "
                                         "upstream reported more usage than was reserved "
                                         "(each charged the reservation).", registry=reg)
+        self.money_trips = Counter("flintproxy_money_round_trips", "Shared mode: round "
+                                   "trips to the shared store for credit leases, by "
+                                   "operation (debit: statements the lease rules add to "
+                                   "usage batches).", ["op"], registry=reg)
+        self.written_off = Counter("flintproxy_usage_written_off_nano", "Shared mode: cost "
+                                   "of usage rows of an expired lease that the account's "
+                                   "free credit could not cover (not charged), nano-USD.",
+                                   registry=reg)
+        self.leases_frozen = Gauge("flintproxy_leases_frozen", "Shared mode: 1 while this "
+                                   "node cannot renew its credit leases (no reservations).",
+                                   multiprocess_mode="livemax", registry=reg)
+        self._seen_trips: dict[str, int] = {}
+        self._seen_written_off = 0
         self.access_dropped = Counter("flintproxy_access_log_dropped_lines", "Access log "
                                       "lines lost: stdout not keeping up, failing, or "
                                       "still blocked at shutdown.", registry=reg)
@@ -347,6 +363,14 @@ class Metrics:
             self.redis_round_trips.inc(now[0] - seen[0])
             self.redis_errors.inc(now[1] - seen[1])
             self.limiter_fail_open.inc(now[2] - seen[2])
+        leases = self.leases
+        if leases is not None:
+            for op, total in leases.store.round_trips.items():
+                self.money_trips.labels(op).inc(total - self._seen_trips.get(op, 0))
+                self._seen_trips[op] = total
+            self.written_off.inc(leases.store.written_off_nano - self._seen_written_off)
+            self._seen_written_off = leases.store.written_off_nano
+            self.leases_frozen.set(1 if billing is not None and billing.frozen else 0)
         access = self.access_log
         if access is not None:
             # AccessLog.dropped only grows, and only on the loop, like this sync.

@@ -27,7 +27,9 @@ statement differs: on SQLite an ``executemany`` and one debit UPDATE per chunk o
 the writer's own connection (below), on PostgreSQL one statement per batch
 (``store.postgres.batch_sql``: unnest + ON CONFLICT DO NOTHING + the debit of what
 was inserted), idempotent by request id, so a batch retried after an ambiguous
-COMMIT never charges twice. A PostgreSQL that is down or restarting is one more
+COMMIT never charges twice. With credit leases (shared mode), the batch is one
+transaction instead that also draws the node's leases down (``store.leases``:
+``LeaseStore.commit_usage``). A PostgreSQL that is down or restarting is one more
 "disk fault" below: /readyz unready, the backlog bounded, nothing lost.
 
 Disk faults. A failing transaction (read-only file, disk full, locked, I/O
@@ -61,6 +63,7 @@ from flintproxy.config import BillingConfig
 from flintproxy.errors import ServiceUnavailable
 from flintproxy.store import postgres, sqlite
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
+from flintproxy.store.leases import LeaseStore
 
 log = logging.getLogger("flintproxy.store.ledger")
 
@@ -134,8 +137,14 @@ class BalanceBook(Protocol):
 class UsageWriter:
     """The in-memory usage queue and the task that commits it; see the module docstring."""
 
-    def __init__(self, db: Database, billing: BalanceBook, cfg: BillingConfig) -> None:
+    def __init__(self, db: Database, billing: BalanceBook, cfg: BillingConfig, *,
+                 leases: LeaseStore | None = None,
+                 lease_of: Callable[[int], int | None] | None = None) -> None:
         self._db = db
+        # Shared mode: batches are charged to this node's credit leases (store.leases);
+        # ``lease_of`` names the lease an account's rows are charged to (gate.leases).
+        self._leases = leases
+        self._lease_of = lease_of
         self._pg_sql = (postgres.batch_sql(UsageRow._fields) if isinstance(db, PgDatabase)
                         else None)
         self._billing = billing
@@ -368,6 +377,8 @@ class UsageWriter:
     async def _commit(self, batch: list[tuple[Any, ...]],
                       debits: dict[int, int]) -> list[tuple[int, int]]:
         db = self._db
+        if self._leases is not None and self._lease_of is not None:
+            return await self._leases.commit_usage(UsageRow._fields, batch, self._lease_of)
         if isinstance(db, PgDatabase):
             assert self._pg_sql is not None
             return await postgres.commit_usage(db, self._pg_sql, batch, list(debits))

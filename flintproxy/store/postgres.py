@@ -120,6 +120,25 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  BIGINT NOT NULL
     );
     """,
+    # 2: credit leases (store.leases): accounts.leased_nano = the unspent part of the
+    # account's open leases; a lease is a slice of balance a node spends locally.
+    """
+    ALTER TABLE accounts ADD COLUMN leased_nano BIGINT NOT NULL DEFAULT 0
+        CHECK (leased_nano >= 0);
+    CREATE TABLE credit_leases (
+        id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        account_id    BIGINT NOT NULL REFERENCES accounts(id),
+        node_id       TEXT NOT NULL,
+        granted_nano  BIGINT NOT NULL CHECK (granted_nano >= 0),
+        spent_nano    BIGINT NOT NULL DEFAULT 0
+                      CHECK (spent_nano >= 0 AND spent_nano <= granted_nano),
+        created_at    BIGINT NOT NULL,
+        expires_at    BIGINT NOT NULL
+    );
+    CREATE INDEX credit_leases_node ON credit_leases(node_id);
+    CREATE INDEX credit_leases_account ON credit_leases(account_id);
+    CREATE INDEX credit_leases_expiry ON credit_leases(expires_at);
+    """,
 )
 
 
@@ -192,6 +211,21 @@ async def check_schema(db: PgDatabase) -> int:
 _TEXT = frozenset({"request_id", "model", "upstream", "outcome", "endpoint"})
 
 
+def _arrays(fields: Sequence[str]) -> str:
+    return ", ".join(f"${i}::{'text' if f in _TEXT else 'bigint'}[]"
+                     for i, f in enumerate(fields, start=1))
+
+
+def insert_sql(fields: Sequence[str]) -> str:
+    """Shared mode's batch insert, without the debit (``store.leases`` debits the rows
+    it returns, in the same transaction): one array per column, ``ON CONFLICT
+    (request_id) DO NOTHING``, returning the rows actually inserted."""
+    return (f"INSERT INTO usage ({', '.join(fields)}) "  # noqa: S608
+            f"SELECT * FROM unnest({_arrays(fields)}) "
+            "ON CONFLICT (request_id) DO NOTHING "
+            "RETURNING request_id, account_id, cost_nano")
+
+
 def batch_sql(fields: Sequence[str]) -> str:
     """The one statement that stores a batch and debits what it inserted.
 
@@ -201,8 +235,7 @@ def batch_sql(fields: Sequence[str]) -> str:
     attempt) are returned too, read from the same snapshot.
     """
     cols = ", ".join(fields)
-    arrays = ", ".join(f"${i}::{'text' if f in _TEXT else 'bigint'}[]"
-                       for i, f in enumerate(fields, start=1))
+    arrays = _arrays(fields)
     ids = len(fields) + 1
     return (
         f"WITH ins AS (INSERT INTO usage ({cols}) SELECT * FROM unnest({arrays}) "  # noqa: S608

@@ -100,6 +100,25 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  INTEGER NOT NULL
     );
     """,
+    # 2: credit leases (shared mode, gate.leases); mirrored here so both engines keep
+    # one schema (copy-to-postgres, the parity check). Unused by the embedded mode.
+    """
+    ALTER TABLE accounts ADD COLUMN leased_nano INTEGER NOT NULL DEFAULT 0
+        CHECK (leased_nano >= 0);
+    CREATE TABLE credit_leases (
+        id            INTEGER PRIMARY KEY,
+        account_id    INTEGER NOT NULL REFERENCES accounts(id),
+        node_id       TEXT NOT NULL,
+        granted_nano  INTEGER NOT NULL CHECK (granted_nano >= 0),
+        spent_nano    INTEGER NOT NULL DEFAULT 0
+                      CHECK (spent_nano >= 0 AND spent_nano <= granted_nano),
+        created_at    INTEGER NOT NULL,
+        expires_at    INTEGER NOT NULL
+    );
+    CREATE INDEX credit_leases_node ON credit_leases(node_id);
+    CREATE INDEX credit_leases_account ON credit_leases(account_id);
+    CREATE INDEX credit_leases_expiry ON credit_leases(expires_at);
+    """,
 )
 
 

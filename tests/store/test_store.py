@@ -11,7 +11,8 @@ import pytest
 
 from flintproxy.store import sqlite
 
-TABLES = {"accounts", "credits", "api_keys", "sessions", "usage", "events", "schema_version"}
+TABLES = {"accounts", "credits", "api_keys", "sessions", "usage", "events", "schema_version",
+          "credit_leases"}
 
 
 async def scalar(db: aiosqlite.Connection, sql: str) -> object:
