@@ -172,9 +172,9 @@ async def test_traffic_moves_counters_by_exact_amounts(gateway: Gateway,
     assert total_delta(before, after, "flintproxy_request_duration_seconds_count") == 4
     # Tokens and cost equal the usage ledger's, to the token.
     assert await gateway.components.usage.sync(5)
-    rows = await gateway.components.usage_db.execute_fetchall(
+    rows = await gateway.components.usage_db.fetch(
         "SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_nano), COUNT(*) "
-        "FROM usage WHERE model = ?", (mini,))
+        "FROM usage WHERE model = ?", mini)
     prompt, completion, cost_nano, n = rows[0]
     assert n == 4
     assert ok.usage is not None and chunks[-1].usage is not None

@@ -33,9 +33,9 @@ def auth(gw: Gateway, **headers: str) -> dict[str, str]:
 async def usage_rows(gw: Gateway) -> list[tuple[Any, ...]]:
     """(status, outcome, cost_nano, estimated) of every usage row, in order."""
     assert await gw.components.usage.sync(10)
-    return list(await gw.components.usage_db.execute_fetchall(
+    return [tuple(r) for r in await gw.components.usage_db.fetch(
         "SELECT status, outcome, cost_nano, estimated FROM usage WHERE account_id = ? "
-        "ORDER BY started_at, request_id", (gw.account_id,)))
+        "ORDER BY started_at, request_id", gw.account_id)]
 
 
 async def still_serves(gw: Gateway) -> None:
