@@ -84,12 +84,12 @@ class Distributed:
     def say(self, msg: str) -> None:
         self.b.say(msg)
 
-    def config(self, name: str, port: int, console: int) -> Path:
+    def config(self, name: str, port: int, console: int, pg: bool = True) -> Path:
         b = self.b
         text = b.gw_config.read_text()
         text = text.replace(f"port = {b.gw_port}\n", f"port = {port}\n")
         text = text.replace(f"port = {b.gw_console_port}\n", f"port = {console}\n")
-        if self.pg is not None:
+        if self.pg is not None and pg:
             text = re.sub(r'(?m)^path = ".*"$',
                           f'backend = "postgresql"\ndsn = "{self.pg.dsn(self.pg_db)}"', text,
                           count=1)
@@ -98,15 +98,18 @@ class Distributed:
         path.write_text(text)
         return path
 
-    def start(self, name: str, workers: int | None, cpus: str) -> Target:
+    def start(self, name: str, workers: int | None, cpus: str, pg: bool = True) -> Target:
         from run import Target
 
         b = self.b
         port, console = procs.free_port(), procs.free_port()
-        cfg = self.config(name, port, console)
+        cfg = self.config(name, port, console, pg)
         self.consoles[name] = console
-        if self.key is None:
-            self.key = self.provision(cfg)
+        key = self.b.targets["flintproxy"].key
+        if pg and self.pg is not None:
+            if self.key is None:
+                self.key = self.provision(cfg)
+            key = self.key
         cmd = [*b.flint_cmd(), "serve", "--config", str(cfg)]
         if workers is not None:
             cmd += ["--workers", str(workers)]
@@ -115,7 +118,7 @@ class Distributed:
         time.sleep(0.5 if workers is None else 2.0)  # every worker listening
         base = b.targets["flintproxy"]
         return Target(name, name, f"http://127.0.0.1:{port}", base.json_path, base.sse_path,
-                      base.slow_path, key=self.key, child=child)
+                      base.slow_path, key=key, child=child)
 
     def provision(self, cfg: Path) -> str:
         if self.pg is None:  # the embedded store file is shared: the bench's key works
@@ -153,7 +156,7 @@ class Distributed:
         return res
 
     def run(self) -> dict[str, Any]:
-        from run import GW_CPU
+        from run import GW_CPU, UP_CPU
 
         b, p = self.b, self.b.plan
         out: dict[str, Any] = {"pg_store": has_pg_store()}
@@ -163,6 +166,10 @@ class Distributed:
         try:
             if has_pg_store():
                 self.pg = PostgresServer.start()
+                # Off the gateway's core: its work (the usage batches, lease renewals)
+                # is not on a request's path. Backends inherit the postmaster's CPUs.
+                for pid in (self.pg.proc.pid, *procs.descendants(self.pg.proc.pid)):
+                    procs.run(["taskset", "-apc", UP_CPU, str(pid)], timeout=10)
                 self.pg_db = self.pg.new_database("bench").rsplit("/", 1)[1]
                 self.pg.psql(self.pg_db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             else:
@@ -171,6 +178,9 @@ class Distributed:
             shared = self.start("flintproxy-shared", None, GW_CPU)
             embedded = b.targets["flintproxy"]
             rows = {"embedded": embedded, "shared": shared}
+            if self.pg is not None:  # Redis alone (the embedded store): the limits' part
+                rows["redis-only"] = self.start("flintproxy-redis-only", None, GW_CPU,
+                                                pg=False)
 
             def sat(name: str) -> dict[str, Any]:
                 t = rows[name]
@@ -197,7 +207,13 @@ class Distributed:
             cpu_ratio = s["shared"]["cpu_ms_per_req"] / s["embedded"]["cpu_ms_per_req"]
             out["cpu_ratio"] = cpu_ratio
             out["added_p50_ms"] = m["shared"]["p50_ms"] - m["embedded"]["p50_ms"]
-            shared.child.stop(30) if shared.child else None
+            for name in ("shared", "redis-only"):
+                child = rows[name].child if name in rows else None
+                if child is not None:
+                    child.stop(30)
+            if "redis-only" in s:
+                out["redis_only_cpu_ratio"] = (s["redis-only"]["cpu_ms_per_req"]
+                                               / s["embedded"]["cpu_ms_per_req"])
             if self.pg is not None:
                 out["workers"] = self.workers()
             else:
@@ -232,6 +248,9 @@ class Distributed:
                  f"trips/request {s['shared']['redis_rt_per_req']:.3f} (target <= 1)"
                  + (f"; PostgreSQL round trips/request {s['shared']['pg_rt_per_req']:.4f} "
                     "(target <= 0.1)" if "pg_rt_per_req" in s["shared"] else ""))
+        if "redis_only_cpu_ratio" in out:
+            self.say(f"  (e) Redis limits alone (embedded store) / embedded: CPU per request "
+                     f"{out['redis_only_cpu_ratio']:.2f}x")
         w = out.get("workers")
         if w:
             self.say(f"  (e) --workers 2 / --workers 1: requests/s {w['rps_ratio']:.2f}x")
