@@ -1,8 +1,9 @@
 """Limits across nodes, end to end: several gateways, one Redis, the openai SDK.
 
-The nodes here are in-process gateways sharing one SQLite file (accounts and keys)
+Most nodes here are in-process gateways sharing one SQLite file (accounts and keys)
 and one Redis database (limits): what the shared limiter does is the same whichever
-store holds the accounts. tests/app/test_supervisor.py runs real processes.
+store holds the accounts. The last test runs two ``flintproxy serve`` processes on
+PostgreSQL + Redis; tests/test_supervisor.py runs ``--workers``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Gateway, MockServer, raw_config
+from tests.conftest import Gateway, MockServer, migrated_dsn, raw_config
 from tests.engines import RedisServer, free_port
+from tests.support import LiveGateway
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -244,3 +246,43 @@ async def test_a_redis_that_hangs_costs_each_request_its_timeout_then_nothing(
                for r in results)
     async with aiohttp.ClientSession() as http, http.get(gw.url + "/healthz") as r:
         assert r.status == 200  # the server keeps serving
+
+
+@pytest.mark.timeout(120)
+async def test_two_serve_processes_on_postgresql_and_redis_admit_exactly_ten_a_minute(
+        tmp_path: Path, mock_upstream: MockServer, redis_url: str,
+        request: pytest.FixtureRequest) -> None:
+    dsn = await migrated_dsn(request)
+    nodes: list[LiveGateway] = []
+    try:
+        for name in ("a", "b"):
+            raw = raw_config(tmp_path / name, {"local": mock_upstream.base_url})
+            raw["storage"] = {"backend": "postgresql", "dsn": dsn}
+            raw["cluster"] = {"redis_url": redis_url, "nodes": 2}
+            (tmp_path / name).mkdir()
+            nodes.append(await asyncio.to_thread(LiveGateway(tmp_path / name, raw).start))
+        a = nodes[0]
+        a.admin("set-limits", a.email, "--rpm", "10")
+        await asyncio.sleep(1.5)  # every node hears of it within 1 s (LISTEN/NOTIFY)
+        remaining: list[int] = []
+        refused = 0
+        for i in range(24):
+            node = nodes[i % 2]
+            async with openai.AsyncOpenAI(base_url=node.base_url, api_key=a.key,
+                                          max_retries=0) as cl:
+                try:
+                    raw_response = await cl.chat.completions.with_raw_response.create(
+                        model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+                except openai.RateLimitError as exc:
+                    refused += 1
+                    assert exc.code == "rate_limit_requests"
+                    assert exc.response.headers["x-ratelimit-remaining-requests"] == "0"
+                    assert 1 <= int(exc.response.headers["retry-after"]) <= 6
+                    continue
+                remaining.append(int(raw_response.headers["x-ratelimit-remaining-requests"]))
+        assert remaining == list(range(9, -1, -1))
+        assert refused == 14
+        assert [n.stop(30) for n in nodes] == [0, 0]
+    finally:
+        for n in nodes:
+            n.stop()
