@@ -219,7 +219,9 @@ async def silent_redis() -> AsyncIterator[int]:
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
-        await reader.read(1 << 16)
+        while await reader.read(1 << 16):  # read everything, answer nothing
+            pass
+        writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     yield server.sockets[0].getsockname()[1]

@@ -289,7 +289,9 @@ async def test_a_redis_that_never_answers_fails_within_the_timeout(
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
-        await reader.read(1 << 16)
+        while await reader.read(1 << 16):  # read everything, answer nothing
+            pass
+        writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
