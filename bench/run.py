@@ -24,8 +24,11 @@ client); (c) 1,000 and 5,000 concurrent slow streams (arriving at 500/s, offerin
 apart): TTFB, errors, and the gateway's RSS per concurrent stream; (d) gateway
 CPU-seconds per 1,000 requests; (e) flintproxy's CPU per streamed request of each API
 (chat, Responses and Messages relayed natively, Messages translated to chat), against
-one mock upstream, as ratios to chat's. The moderate-rate latency and the 1,000 streams
-run in BENCH_ROUNDS interleaved rounds (3; 1 when quick) and keep each row's median.
+one mock upstream, as ratios to chat's; (f) the shared mode (one node on PostgreSQL +
+Redis) against the embedded mode: CPU per request, added p50, the engines' round trips
+per request, and ``--workers 2`` against 1 (bench/distributed.py). The moderate-rate
+latency and the 1,000 streams run in BENCH_ROUNDS interleaved rounds (3; 1 when quick)
+and keep each row's median.
 
 Output: a table on stdout (every figure beside the direct baseline as a ratio),
 bench/results/bench-<time>.json and report-<time>.html (and latest.json /
@@ -59,6 +62,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import distributed
 import nginxconf
 import procs
 import report
@@ -857,6 +861,10 @@ bcrypt_cost = 4
             self.say("(e) relay CPU per streamed request by API (chat, Responses, Messages, "
                      "Messages translated to chat)")
             self.scenario_apis()
+        if "f" in p.scenarios:
+            self.say("(f) the shared mode (PostgreSQL + Redis) against the embedded mode, "
+                     "and --workers 2 against 1")
+            distributed.scenario(self)
         self.finish_features()
         return self.data
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import fcntl
 import logging
 import os
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from flintproxy import __version__
-from flintproxy.app import runner
-from flintproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from flintproxy.app import runner, supervisor
+from flintproxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from flintproxy.crypto import create_key_file, generate_key
 from flintproxy.errors import KeyringError, ListenError, SchemaBehind, StoreUnavailable
 from flintproxy.tools import admin, mock, mock_smtp
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int,
+                       help="run N worker processes on the same ports, supervised (needs "
+                       "the shared mode: PostgreSQL + Redis)")
+    # A worker of --workers: SO_REUSEPORT on both listeners.
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     mock = sub.add_parser("mock-upstream", help="run the OpenAI-compatible mock upstream")
     mock.add_argument("--host", default="127.0.0.1")
@@ -90,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _supervise(config: Config, args: argparse.Namespace) -> int:
+    """``serve --workers N``: refused with the reason, or supervised until SIGTERM."""
+    if args.port is not None:
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                        port=args.port))
+    why = supervisor.refusal(config, args.workers)
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    argv = supervisor.worker_argv(str(args.config), args.host, args.port)
+    return supervisor.Supervisor(argv, args.workers,
+                                 config.server.shutdown_timeout_s).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flintproxy`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -103,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 2
+        if args.workers is not None:
+            return _supervise(config, args)
         # Only the process that owns stdout writes the access log there.
         try:
             _run(runner.serve(config, host=args.host, port=args.port,
-                              access_sink=sys.stdout.buffer))
+                              access_sink=sys.stdout.buffer, reuse_port=args.reuse_port))
         except (ListenError, SchemaBehind, KeyringError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -222,6 +222,32 @@ class MetricsConfig:
     log_client_ip: bool = False
 
 
+class RedisDown(enum.Enum):
+    """``cluster.on_redis_down``: what admission does while Redis cannot be reached."""
+
+    CLOSED = "closed"  # 503 rate_limiter_unavailable: no request beyond the shared limits
+    OPEN = "open"  # per-node in-memory limits at limit / cluster.nodes
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The shared mode's Redis (limits exact across workers and nodes); see README
+    "Running more than one process". ``redis_url`` None: limits are this process's."""
+
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    on_redis_down: RedisDown = RedisDown.CLOSED
+    # The expected node (process) count: fail-open limits are limit / nodes per node.
+    nodes: int = 1
+    # A Redis round trip slower than this counts as Redis down (admissions then fail
+    # fast). Redis answers in well under a millisecond; this is for a sick one.
+    redis_timeout_s: float = 0.5
+    # Finished requests' slot releases and token true-ups go to Redis in one batch
+    # this often (never a round trip per request).
+    release_interval_s: float = 0.005
+    # A concurrency slot not renewed this long is free again (a crashed node's slots).
+    slot_ttl_s: float = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class EmailConfig:
     """``[email]``: the SMTP relay of the outbox; off (no mail sent) when no host."""
@@ -295,6 +321,7 @@ class Config:
     email: EmailConfig = EmailConfig()
     crypto: CryptoConfig = CryptoConfig()
     payments: PaymentsConfig = PaymentsConfig()
+    cluster: ClusterConfig = ClusterConfig()
     source: Path | None = None
 
     def upstreams_for(self, model: str) -> tuple[UpstreamConfig, ...]:
@@ -748,12 +775,66 @@ def _storage(raw: Mapping[str, Any], env: Mapping[str, str]) -> StorageConfig:
                          dsn_env=dsn_env, pool_size=_int(raw, "pool_size", p, 10, 1, 1000))
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: safe for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _cluster(raw: Mapping[str, Any], env: Mapping[str, str]) -> ClusterConfig:
+    p = "cluster."
+    _check_keys(raw, {"redis_url", "redis_url_env", "on_redis_down", "nodes",
+                      "redis_timeout_s", "release_interval_s", "slot_ttl_s"}, p)
+    url = _str(raw, "redis_url", p, None) if "redis_url" in raw else None
+    key = f"{p}redis_url"
+    url_env = _str(raw, "redis_url_env", p, None)
+    if url_env is not None:
+        if url is not None:
+            raise ConfigError(f"config error: {p}redis_url_env and {p}redis_url: set one, "
+                              "not both")
+        key = f"{url_env} (environment, from {p}redis_url_env)"
+        url = env.get(url_env) or None
+        if url is None:
+            raise ConfigError(f"config error: {key}: is not set or empty")
+    if url is not None:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(f"config error: {key} = {redact_url(url)!r}: bad port") from None
+        if parts.scheme not in REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+            # Never the value itself: a URL may carry a password.
+            raise ConfigError(f"config error: {key} = {redact_url(url)!r}: must be a URL "
+                              "such as redis://[:password@]host:6379/0 (or rediss://, "
+                              "unix://)")
+    policy = raw.get("on_redis_down", "closed")
+    try:
+        down = RedisDown(policy)
+    except ValueError:
+        raise _fail(f"{p}on_redis_down", policy, 'must be "closed" or "open"') from None
+    return ClusterConfig(
+        redis_url=url, on_redis_down=down,
+        nodes=_int(raw, "nodes", p, 1, 1, 10_000),
+        redis_timeout_s=_positive(raw, "redis_timeout_s", p, 0.5),
+        release_interval_s=_positive(raw, "release_interval_s", p, 0.005),
+        slot_ttl_s=_positive(raw, "slot_ttl_s", p, 30.0),
+    )
+
+
 def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
                  source: Path | None = None) -> Config:
     """Validate a parsed TOML document (plus env overrides) into a Config."""
     env = os.environ if env is None else env
     _check_keys(raw, {"server", "console", "storage", "upstreams", "models", "limits",
-                      "billing", "accounts", "metrics", "email", "crypto", "payments"}, "")
+                      "billing", "accounts", "metrics", "email", "crypto", "payments",
+                      "cluster"}, "")
     storage = _storage(_table(raw, "storage", ""), env)
     ups_raw = raw.get("upstreams", [])
     if not isinstance(ups_raw, list) or not ups_raw:
@@ -783,6 +864,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
         email=_email(_table(raw, "email", ""), env),
         crypto=_crypto(_table(raw, "crypto", ""), env),
         payments=_payments(_table(raw, "payments", ""), env),
+        cluster=_cluster(_table(raw, "cluster", ""), env),
         source=source,
     )
 

@@ -18,13 +18,16 @@
     ├── Conflict                    409
     ├── RateLimited                 429 rate_limit_exceeded (+ Retry-After)
     ├── ServiceUnavailable          503 (not ready, usage backlog full)
-    │   └── StoreUnavailable        503 code=store_unavailable (database unreachable)
+    │   ├── StoreUnavailable        503 code=store_unavailable (database unreachable)
+    │   └── RateLimiterUnavailable  503 code=rate_limiter_unavailable (Redis down, fail-closed)
     └── UpstreamError               502 upstream_error
         └── UpstreamTimeout         504 upstream_timeout
 
 Not a client's: ``ListenError``, a listener that cannot open, ``SchemaBehind``,
 a shared database not yet migrated, and ``KeyringError``, a missing or wrong data key
-(start-up fails).
+(start-up fails); ``SharedStateDown``, Redis unreachable or failing (converted from
+redis-py's errors in ``store.redislink`` alone; the limiter turns it into a 503 or
+per-node limits).
 
 Third-party exceptions (aiohttp client errors, timeouts) are converted into
 UpstreamError/UpstreamTimeout in one place, ``relay.upstream_failure``.
@@ -213,6 +216,12 @@ class StoreUnavailable(ServiceUnavailable):
     code = "store_unavailable"
 
 
+class RateLimiterUnavailable(ServiceUnavailable):
+    """The shared rate limiter (Redis) cannot be reached and the policy is fail-closed."""
+
+    code = "rate_limiter_unavailable"
+
+
 class UpstreamError(FlintError):
     status = 502
     type = "upstream_error"
@@ -263,3 +272,11 @@ class KeyringError(Exception):
     """The key that encrypts account data is missing, malformed or not the one the data
     was written under: start-up stops with this message rather than serve garbage.
     The message names where the key was looked for, never the key itself."""
+
+
+class SharedStateDown(Exception):
+    """Redis could not answer (refused, timed out, failed): never a client's error.
+
+    The message names the failure's kind only: never a URL (it may hold a password),
+    a key or a value.
+    """

@@ -147,23 +147,37 @@ class RedisServer:
 
     @classmethod
     def start(cls) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         root = Path(tempfile.mkdtemp(prefix="flintproxy-redis-"))
         port = free_port()
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(root), "--databases", "256",
-             "--protected-mode", "yes", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        server = cls(port=port, root=root, proc=proc)
+        server = cls(port=port, root=root, proc=cls._spawn(port, root))
         try:
-            _wait_port(port, proc, "redis-server")
+            _wait_port(port, server.proc, "redis-server")
         except BaseException:
             server.stop()
             raise
         return server
+
+    @staticmethod
+    def _spawn(port: int, root: Path) -> subprocess.Popen[bytes]:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        return subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(root), "--databases", "256",
+             "--protected-mode", "yes", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        """Stop the server abruptly (SIGKILL), keeping its port and directory for
+        ``restart``: a Redis outage as clients see it."""
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def restart(self) -> None:
+        """Start again on the same port (empty: no persistence), after ``kill``."""
+        self.proc = self._spawn(self.port, self.root)
+        _wait_port(self.port, self.proc, "redis-server")
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.engines import free_port
+
 __all__ = ["Leak", "LeakScanner", "LiveGateway", "LiveMock", "marker", "to_toml"]
 
 _LISTEN = re.compile(r"flintproxy (data|control) plane .* listening on (http://\S+)")
@@ -176,6 +178,9 @@ class LiveGateway:
     password: str = field(default_factory=lambda: "pw-" + secrets.token_urlsafe(12))
     credit_usd: str = "100.00"
     env: dict[str, str] = field(default_factory=dict)
+    # More ``serve`` arguments, e.g. ("--workers", "2"): then both ports are fixed
+    # free ones (the workers share them), not 0.
+    serve_args: Sequence[str] = ()
     key: str = ""
     url: str = ""
     console_url: str = ""
@@ -213,8 +218,11 @@ class LiveGateway:
     def start(self) -> LiveGateway:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.raw.setdefault("storage", {})["path"] = str(self.db_path)
-        self.raw["server"] = self.raw.get("server", {}) | {"host": "127.0.0.1", "port": 0}
-        self.raw["console"] = self.raw.get("console", {}) | {"host": "127.0.0.1", "port": 0}
+        fixed = bool(self.serve_args)
+        self.raw["server"] = self.raw.get("server", {}) | {
+            "host": "127.0.0.1", "port": free_port() if fixed else 0}
+        self.raw["console"] = self.raw.get("console", {}) | {
+            "host": "127.0.0.1", "port": free_port() if fixed else 0}
         self.config_path.write_text(to_toml(self.raw))
         self.admin("create-account", self.email, "--password-stdin", stdin=self.password + "\n")
         if self.credit_usd:
@@ -224,7 +232,7 @@ class LiveGateway:
                 (self.tmp / "stderr.log").open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "flintproxy", "serve", "--config",
-                 str(self.config_path)],
+                 str(self.config_path), *self.serve_args],
                 stdout=out, stderr=err, env=self._env(), start_new_session=True)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not (self.url and self.console_url):

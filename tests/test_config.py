@@ -15,6 +15,7 @@ from flintproxy.config import (
     Config,
     ConfigError,
     ModelPrice,
+    RedisDown,
     UpstreamKind,
     build_config,
     load_config,
@@ -383,3 +384,47 @@ def test_upstream_kinds_cache_prices_and_provider_storage_are_validated(
     assert (gpt4o.cache_write_nano_per_mtok, gpt4o.allow_provider_storage) == (
         3_750_000_000, True)
     assert cfg.models["gpt-4o-mini"].cache_write_nano_per_mtok is None  # the input price
+
+
+# --- [cluster] ----------------------------------------------------------------------
+
+
+def test_the_cluster_defaults_are_embedded_and_fail_closed(tmp_path: Path) -> None:
+    cfg = build_config(base(tmp_path), {})
+    assert cfg.cluster.redis_url is None
+    assert cfg.cluster.on_redis_down is RedisDown.CLOSED
+    assert cfg.cluster.nodes == 1
+
+
+def test_a_redis_url_from_the_environment_keeps_its_password_out_of_repr(
+        tmp_path: Path) -> None:
+    raw = base(tmp_path)
+    raw["cluster"] = {"redis_url_env": "FP_REDIS", "on_redis_down": "open", "nodes": 4}
+    cfg = build_config(raw, {"FP_REDIS": "redis://:pa55w0rd@10.0.0.5:6379/2"})
+    assert cfg.cluster.redis_url == "redis://:pa55w0rd@10.0.0.5:6379/2"
+    assert cfg.cluster.on_redis_down is RedisDown.OPEN and cfg.cluster.nodes == 4
+    assert "pa55w0rd" not in repr(cfg)
+
+
+@pytest.mark.parametrize(("cluster", "env", "expected"), [
+    ({"redis_url": "http://:pa55w0rd@host:6379"}, {},
+     "cluster.redis_url = 'http://:***@host:6379': must be a URL"),
+    ({"redis_url": "redis://:pa55w0rd@host:99999/0"}, {},
+     "cluster.redis_url = 'redis://:***@host:99999/0': bad port"),
+    ({"redis_url": "redis://"}, {}, "must be a URL such as redis://"),
+    ({"redis_url_env": "FP_REDIS"}, {}, "FP_REDIS (environment, from cluster.redis_url_env): "
+     "is not set or empty"),
+    ({"redis_url_env": "FP_REDIS", "redis_url": "redis://h"}, {"FP_REDIS": "redis://h"},
+     "set one, not both"),
+    ({"on_redis_down": "sometimes"}, {}, "cluster.on_redis_down = 'sometimes': must be"),
+    ({"nodes": 0}, {}, "cluster.nodes = 0"),
+    ({"redis_timeout_s": 0}, {}, "cluster.redis_timeout_s = 0.0"),
+    ({"redis_passwd": "x"}, {}, "cluster.redis_passwd: unknown key"),
+])
+def test_a_bad_cluster_value_is_named_and_a_password_never_shown(
+        tmp_path: Path, cluster: Raw, env: dict[str, str], expected: str) -> None:
+    raw = base(tmp_path)
+    raw["cluster"] = cluster
+    message = errors_of(raw, env)
+    assert expected in message
+    assert "pa55w0rd" not in message

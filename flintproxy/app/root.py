@@ -15,6 +15,9 @@ caller's ``TaskGroup``. The order, and why:
                  writer drained) and the usage writer (its own connection; drained at exit),
                  retention, the usage API's read connection
     observers    access log and metrics, which the gate tells of every finish
+    limits       with [cluster] redis_url: the Redis link and the shared limiter, its
+                 release flusher, slot renewal and reconnect jobs (closed after the
+                 data plane drained, so the last releases reach Redis)
     gate         keys + guard + limiter + billing + usage writer
     relay        routing, the pooled upstream client, heartbeats
     health       the readiness probe's connection
@@ -22,16 +25,19 @@ caller's ``TaskGroup``. The order, and why:
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from flintproxy.config import Config, StorageBackend
 from flintproxy.crypto import load_keyring
+from flintproxy.errors import SharedStateDown
 from flintproxy.gate.billing import Billing
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.leases import RENEWALS_PER_TTL, LeaseBook
 from flintproxy.gate.service import ServiceGate
+from flintproxy.gate.sharedlimits import SharedLimiter
 from flintproxy.http.client import UpstreamClient
 from flintproxy.http.heartbeat import Heartbeats
 from flintproxy.ops import mailer
@@ -49,6 +55,7 @@ from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
 from flintproxy.store.low_balance import LowBalance
 from flintproxy.store.outbox import Outbox
 from flintproxy.store.pii import PiiCodec
+from flintproxy.store.redislink import RedisLink
 from flintproxy.tasks import TaskGroup
 
 __all__ = ["Components", "open_components"]
@@ -56,6 +63,7 @@ __all__ = ["Components", "open_components"]
 LAST_USED_FLUSH_S = 5.0
 JANITOR_S = 600.0
 EVENTS_KEEP_MS = 24 * 3600 * 1000
+REDIS_RECONNECT_TICK_S = 0.05  # the link's own backoff decides when it really tries
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,8 @@ class Components:
     access_log: AccessLog | None
     metrics: Metrics
     gate: ServiceGate
+    # The Redis-backed limiter ([cluster] redis_url), else None: in-memory limits.
+    limits: SharedLimiter | None
     router: Router
     relay: Relay
     readiness: Readiness
@@ -168,6 +178,20 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
     job = retention.RetentionJob(usage_db, config.billing.retention_days)
     tasks.every("usage retention", retention.INTERVAL_S, job.run_once, now=True)
 
+    # -- shared limits: Redis, when configured
+    limits = None
+    if config.cluster.redis_url is not None:
+        link = RedisLink(config.cluster)
+        stack.push_async_callback(link.close)
+        tasks.spawn("redis pipeline", link.pipeline())
+        with contextlib.suppress(SharedStateDown):
+            await link.ping()  # down at start: served per on_redis_down until it is back
+        limits = SharedLimiter(config, link)
+        stack.push_async_callback(limits.close)  # the last releases, before link.close
+        tasks.every("limiter releases", config.cluster.release_interval_s, limits.flush)
+        tasks.every("limiter slot renewal", limits.renew_interval_s, limits.renew)
+        tasks.every("redis reconnect", REDIS_RECONNECT_TICK_S, link.reconnect)
+
     # -- observers of every request
     router = Router(config)
     streams = StreamGauge()
@@ -176,14 +200,14 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         access_log = AccessLog(config, access_sink)
         stack.push_async_callback(access_log.close)  # writes what is left, last
         tasks.every("access log flush", FLUSH_S, access_log.flush)
-    metrics = Metrics(config, router, streams, usage, access_log, billing, leases)
+    metrics = Metrics(config, router, streams, usage, access_log, billing, leases, limits)
     stack.callback(metrics.close)
     if metrics.multiprocess:
         tasks.every("metrics sync", MULTIPROCESS_SYNC_S, metrics.sync)
     observers = [metrics.finished] + ([access_log.finished] if access_log else [])
 
     # -- the gate, then the relay
-    gate = ServiceGate(config, keys, guard, billing, usage, observers)
+    gate = ServiceGate(config, keys, guard, billing, usage, observers, limits)
     # One pool of keep-alive connections for all upstream traffic, unbounded:
     # thousands of concurrent streams each hold one.
     client = UpstreamClient()
@@ -202,10 +226,10 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         stack.push_async_callback(probe_db.close)
         probe = DbProbe(probe_db)
     stack.push_async_callback(probe.close)
-    readiness = Readiness(probe, router, usage)
+    readiness = Readiness(probe, router, usage, limits)
 
     return Components(config=config, accounts=accounts, watcher=watcher, keys=keys,
                       guard=guard, billing=billing, usage=usage, usage_db=usage_db,
                       retention=job, access_log=access_log, metrics=metrics, gate=gate,
-                      router=router, relay=relay, readiness=readiness, demo_key=demo_key,
-                      leases=leases)
+                      limits=limits, router=router, relay=relay, readiness=readiness,
+                      demo_key=demo_key, leases=leases)

@@ -68,8 +68,11 @@ class DataPlane:
 class Server:
     """The gateway's lifecycle; ``components`` and the addresses once started."""
 
-    def __init__(self, config: Config, access_sink: Sink | None = None) -> None:
+    def __init__(self, config: Config, access_sink: Sink | None = None,
+                 reuse_port: bool = False) -> None:
         self.config = config
+        # SO_REUSEPORT on both planes: a worker of ``serve --workers`` (app.supervisor).
+        self._reuse_port = reuse_port
         self._access_sink = access_sink
         self._stack = AsyncExitStack()
         self._tasks = TaskGroup()
@@ -131,7 +134,8 @@ class Server:
                 await self._listen(side, cfg.console.host, cfg.metrics.port)
             self._lean = LeanServer(DataPlane(c), cfg.server, cfg.limits.trusted_proxies)
             await self._lean.start(host or cfg.server.host,
-                                   cfg.server.port if port is None else port)
+                                   cfg.server.port if port is None else port,
+                                   reuse_port=self._reuse_port)
         except BaseException:
             await self.shutdown()
             raise
@@ -147,7 +151,8 @@ class Server:
                                keepalive_timeout=self.config.server.keepalive_timeout_s)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True,
+                           reuse_port=self._reuse_port or None)
         try:
             await site.start()
         except OSError as exc:
@@ -219,6 +224,6 @@ def _captured_signals() -> Iterator[asyncio.Event]:
 
 
 async def serve(config: Config, host: str | None = None, port: int | None = None,
-                access_sink: Sink | None = None) -> None:
+                access_sink: Sink | None = None, reuse_port: bool = False) -> None:
     """``flintproxy serve``: the gateway until SIGINT/SIGTERM."""
-    await Server(config, access_sink).serve(host, port)
+    await Server(config, access_sink, reuse_port).serve(host, port)

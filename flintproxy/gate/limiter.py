@@ -204,6 +204,11 @@ class Limiter:
         st.busy += 1
         return Ticket(st, ast, tokens)
 
+    async def admit(self, principal: Principal, tokens: int) -> Ticket:
+        """``acquire`` as the gate's ``RateLimits`` protocol has it (the gate calls
+        ``acquire`` itself when it holds this in-memory limiter: no await)."""
+        return self.acquire(principal, tokens)
+
     def release(self, ticket: Ticket, actual_tokens: int) -> None:
         """Free the concurrency slot and true up TPM to ``actual_tokens``; idempotent."""
         if ticket.done:

@@ -16,7 +16,7 @@ Nothing is held when ``admit`` raises: whatever was acquired is released first.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from flintproxy.config import Config
 from flintproxy.errors import AuthenticationError, FlintError, LeaseShortfall
@@ -25,7 +25,7 @@ from flintproxy.gate.bounds import UNBILLED, Bound, default_limit_param
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_token
 from flintproxy.gate.ipguard import IpGuard, client_ip
 from flintproxy.gate.keys import KeyAuthenticator
-from flintproxy.gate.limiter import Limiter, Ticket
+from flintproxy.gate.limiter import Limiter
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.ledger import UsageRow
 
@@ -65,6 +65,25 @@ class UsageSink(Protocol):
         """Queue one row: O(1), never awaits, never raises."""
 
 
+class RateLimits(Protocol):
+    """The key and account limits: ``gate.limiter.Limiter`` in memory (embedded; the
+    gate calls its ``acquire`` without awaiting), ``gate.sharedlimits.SharedLimiter``
+    on Redis (``[cluster] redis_url``; one round trip per admission)."""
+
+    def set_account_limits(self, account_id: int, rpm: int | None = None,
+                           tpm: int | None = None, max_concurrent: int | None = None) -> None:
+        """Set (all None: clear) an account's overrides."""
+
+    async def admit(self, principal: Principal, tokens: int) -> Any:
+        """A ticket for one request reserving ``tokens``, or a 429 (503)."""
+
+    def headers(self, ticket: Any) -> dict[str, str]:
+        """The x-ratelimit-* headers of an admitted request."""
+
+    def release(self, ticket: Any, actual_tokens: int) -> None:
+        """Free the ticket's slot and true up its tokens; idempotent, never awaits."""
+
+
 class ServiceGate:
     """Composes the components opened before it; see the module docstring.
 
@@ -74,10 +93,13 @@ class ServiceGate:
 
     def __init__(self, config: Config, keys: KeyAuthenticator, guard: IpGuard,
                  billing: Billing, usage: UsageSink,
-                 finish_observers: Sequence[FinishObserver] = ()) -> None:
+                 finish_observers: Sequence[FinishObserver] = (),
+                 limiter: RateLimits | None = None) -> None:
         self._trusted = config.limits.trusted_proxies
         self._default_max_tokens = config.billing.default_max_tokens
-        self.limiter = Limiter(config.limits)
+        self.limiter: RateLimits = limiter or Limiter(config.limits)
+        # The in-memory limiter is called without an await (the embedded hot path).
+        self._local = self.limiter if isinstance(self.limiter, Limiter) else None
         self.keys = keys
         self.guard = guard
         self.billing = billing
@@ -117,7 +139,11 @@ class ServiceGate:
             principal.limits_applied = True
         completion = self._default_max_tokens if max_tokens is None else max_tokens
         tokens = 0 if unbilled else call.prompt_tokens_estimate + completion
-        ticket = self.limiter.acquire(principal, tokens)
+        local = self._local
+        if local is not None:
+            ticket: Any = local.acquire(principal, tokens)
+        else:
+            ticket = await self.limiter.admit(principal, tokens)
         headers = self.limiter.headers(ticket)
         try:
             if unbilled:
@@ -149,7 +175,7 @@ class ServiceGate:
         return admission
 
     def finish(self, admission: Admission, outcome: Outcome) -> None:
-        ticket: Ticket
+        ticket: Any
         reservation: Reservation
         ticket, reservation = admission.state  # type: ignore[misc]
         self.limiter.release(ticket, outcome.prompt_tokens + outcome.completion_tokens)

@@ -529,11 +529,15 @@ class LeanServer:
             return False
         return any(address in net for net in self._uncapped)
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen; ListenError (naming the address and why) if the socket cannot open."""
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Listen; ListenError (naming the address and why) if the socket cannot open.
+
+        ``reuse_port``: SO_REUSEPORT, for ``serve --workers``: every worker listens on
+        the same port and the kernel spreads new connections over them."""
         try:
             self._server = await self.loop.create_server(
-                lambda: HttpProtocol(self), host, port, backlog=4096, reuse_address=True)
+                lambda: HttpProtocol(self), host, port, backlog=4096, reuse_address=True,
+                reuse_port=reuse_port or None)
         except OSError as exc:
             raise ListenError.of(host, port, exc) from None
         self._tasks.every("connection sweep", SWEEP_S, self._sweep)

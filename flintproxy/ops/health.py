@@ -9,6 +9,9 @@ Checks, each reported with detail in the JSON body:
     usage_writer  UsageWriter.ready(): its task runs, its flushes succeed, its backlog
                   is under the bound
     upstreams     at least one upstream can be tried (circuit closed, or its cooldown over)
+    rate_limiter  with [cluster] redis_url only: Redis answers; while it does not, ok
+                  under on_redis_down = "open" (per-node limits, "degraded") and not
+                  ok under "closed" (every /v1 request is refused with 503)
 /healthz (liveness) answers while the event loop runs. Both are data-plane routes.
 """
 
@@ -24,6 +27,8 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from flintproxy.config import RedisDown
+from flintproxy.gate.sharedlimits import SharedLimiter
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.relay.routing import Router
 from flintproxy.store import sqlite
@@ -94,12 +99,14 @@ class DbProbe:
 
 
 class Readiness:
-    """The three checks behind /readyz."""
+    """The checks behind /readyz."""
 
-    def __init__(self, probe: DbProbe, router: Router, usage: UsageWriter) -> None:
+    def __init__(self, probe: DbProbe, router: Router, usage: UsageWriter,
+                 limits: SharedLimiter | None = None) -> None:
         self.probe = probe
         self.router = router
         self.usage = usage
+        self.limits = limits
 
     async def check(self) -> tuple[bool, dict[str, Any]]:
         db_ok, db_detail = await self.probe.check()
@@ -115,7 +122,19 @@ class Readiness:
                           "available": sorted(n for n, ok in ups.items() if ok),
                           "unavailable": sorted(n for n, ok in ups.items() if not ok)},
         }
+        if self.limits is not None:
+            checks["rate_limiter"] = _limiter_check(self.limits)
         return all(c["ok"] for c in checks.values()), checks
+
+
+def _limiter_check(limits: SharedLimiter) -> dict[str, Any]:
+    link = limits.link
+    if link.up:
+        return {"ok": True, "mode": "shared", "redis": "up"}
+    fail_open = limits.policy is RedisDown.OPEN
+    return {"ok": fail_open, "redis": "down", "last_error": link.last_error,
+            "mode": "per-node (fail-open, degraded)" if fail_open
+            else "unavailable (fail-closed: /v1 answers 503)"}
 
 
 JSON_HEAD = b"Content-Type: application/json\r\n"

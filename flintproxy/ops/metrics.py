@@ -59,6 +59,7 @@ from flintproxy.errors import FlintError, ModelNotFound
 from flintproxy.gate.billing import Billing
 from flintproxy.gate.gate import Admission, Ending, Outcome
 from flintproxy.gate.leases import LeaseBook
+from flintproxy.gate.sharedlimits import SharedLimiter
 from flintproxy.http.exchange import Exchange
 from flintproxy.ops.accesslog import AccessLog
 from flintproxy.relay.relay import StreamGauge
@@ -130,10 +131,12 @@ class Metrics:
 
     def __init__(self, config: Config, router: Router, streams: StreamGauge,
                  usage: UsageWriter, access_log: AccessLog | None,
-                 billing: Billing | None = None, leases: LeaseBook | None = None) -> None:
+                 billing: Billing | None = None, leases: LeaseBook | None = None,
+                 limits: SharedLimiter | None = None) -> None:
         self.router = router
         self.billing = billing
         self.leases = leases  # shared mode only
+        self.limits = limits  # [cluster] redis_url only
         self.streams = streams
         self.usage = usage
         self.access_log = access_log  # None with [metrics] access_log = false
@@ -209,6 +212,19 @@ class Metrics:
         self.access_dropped = Counter("flintproxy_access_log_dropped_lines", "Access log "
                                       "lines lost: stdout not keeping up, failing, or "
                                       "still blocked at shutdown.", registry=reg)
+        # The shared mode's Redis ([cluster] redis_url): its health and its cost.
+        self.redis_up = Gauge("flintproxy_redis_up", "1 while Redis (the shared limiter) "
+                              "answers; 0 while limits follow [cluster] on_redis_down.",
+                              multiprocess_mode="livemin", registry=reg)
+        self.redis_round_trips = Counter("flintproxy_redis_round_trips", "Round trips to "
+                                         "Redis (admissions, batched releases, renewals, "
+                                         "pings).", registry=reg)
+        self.redis_errors = Counter("flintproxy_redis_errors", "Redis calls that failed "
+                                    "(refused, timed out).", registry=reg)
+        self.limiter_fail_open = Counter("flintproxy_limiter_fail_open", "Requests admitted "
+                                         "or refused by per-node limits while Redis was "
+                                         "down (on_redis_down = \"open\").", registry=reg)
+        self._seen_redis = (0, 0, 0)
 
         # Pre-created children: the hot path and sync never call labels().
         self.models = (*config.models, OTHER)
@@ -358,6 +374,15 @@ class Metrics:
         if billing is not None:
             self.over_reservation.inc(billing.overruns - self._seen_overruns)
             self._seen_overruns = billing.overruns
+        limits = self.limits
+        if limits is not None:
+            link = limits.link
+            now = (link.round_trips, link.failures, limits.local_admissions)
+            seen, self._seen_redis = self._seen_redis, now
+            self.redis_up.set(1 if link.up else 0)
+            self.redis_round_trips.inc(now[0] - seen[0])
+            self.redis_errors.inc(now[1] - seen[1])
+            self.limiter_fail_open.inc(now[2] - seen[2])
         leases = self.leases
         if leases is not None:
             for op, total in leases.store.round_trips.items():
