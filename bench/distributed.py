@@ -32,17 +32,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import procs
 import redis
+from targets import GW_CPU, UP_CPU, Target
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.engines import PostgresServer, RedisServer
-
-if TYPE_CHECKING:
-    from run import Bench, Target
 
 # Commands Lua scripts run inside one EVALSHA: not round trips of their own.
 SCRIPT_INTERNAL = {"time", "hmget", "hset", "hget", "pexpire", "zremrangebyscore", "zcard",
@@ -65,14 +63,8 @@ def pg_round_trips(pg: PostgresServer, db: str) -> int:
     return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
 
 
-def has_pg_store() -> bool:
-    from flintproxy.config import StorageConfig
-
-    return "backend" in getattr(StorageConfig, "__dataclass_fields__", {})
-
-
 class Distributed:
-    def __init__(self, bench: Bench) -> None:
+    def __init__(self, bench: Any) -> None:
         self.b = bench
         self.redis: RedisServer | None = None
         self.pg: PostgresServer | None = None
@@ -99,7 +91,6 @@ class Distributed:
         return path
 
     def start(self, name: str, workers: int | None, cpus: str, pg: bool = True) -> Target:
-        from run import Target
 
         b = self.b
         port, console = procs.free_port(), procs.free_port()
@@ -156,25 +147,20 @@ class Distributed:
         return res
 
     def run(self) -> dict[str, Any]:
-        from run import GW_CPU, UP_CPU
 
         b, p = self.b, self.b.plan
-        out: dict[str, Any] = {"pg_store": has_pg_store()}
+        out: dict[str, Any] = {"pg_store": True}
         self.redis = RedisServer.start()
         procs.run(["taskset", "-pc", GW_CPU, str(self.redis.proc.pid)], timeout=10)
         self.redis_url = self.redis.url(1)
         try:
-            if has_pg_store():
-                self.pg = PostgresServer.start()
-                # Off the gateway's core: its work (the usage batches, lease renewals)
-                # is not on a request's path. Backends inherit the postmaster's CPUs.
-                for pid in (self.pg.proc.pid, *procs.descendants(self.pg.proc.pid)):
-                    procs.run(["taskset", "-apc", UP_CPU, str(pid)], timeout=10)
-                self.pg_db = self.pg.new_database("bench").rsplit("/", 1)[1]
-                self.pg.psql(self.pg_db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            else:
-                b.note("this build has no PostgreSQL store: the shared row is SQLite + Redis "
-                       "limits")
+            self.pg = PostgresServer.start()
+            # Off the gateway's core: its work (the usage batches, lease renewals)
+            # is not on a request's path. Backends inherit the postmaster's CPUs.
+            for pid in (self.pg.proc.pid, *procs.descendants(self.pg.proc.pid)):
+                procs.run(["taskset", "-apc", UP_CPU, str(pid)], timeout=10)
+            self.pg_db = self.pg.new_database("bench").rsplit("/", 1)[1]
+            self.pg.psql(self.pg_db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             shared = self.start("flintproxy-shared", None, GW_CPU)
             embedded = b.targets["flintproxy"]
             rows = {"embedded": embedded, "shared": shared}
@@ -256,7 +242,7 @@ class Distributed:
             self.say(f"  (e) --workers 2 / --workers 1: requests/s {w['rps_ratio']:.2f}x")
 
 
-def scenario(bench: Bench) -> None:
+def scenario(bench: Any) -> None:
     try:
         bench.data["scenarios"]["distributed"] = Distributed(bench).run()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:

@@ -54,7 +54,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,12 @@ import nginxconf
 import procs
 import report
 import wrk
+from targets import GW_CPU, LOAD_CPU, PROMPT, UP_CPU, Target
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 PY = sys.executable
-GW_CPU, LOAD_CPU, UP_CPU = "0", "1", "1"
 # A run during which other processes used more of the machine than this is repeated once.
 NOISE_RETRY_PCT = 10.0
 # At most this many seconds per run are spent repeating noisy runs (half when quick).
@@ -80,7 +80,6 @@ RETRY_BUDGET_S = 60.0
 # A direct slow-stream TTFB p99 above this (and 10x its p50) is a stalled baseline.
 BASELINE_P99_MS = 100.0
 EMAIL = "bench@example.com"
-PROMPT = [{"role": "user", "content": "Count from zero to nineteen, one token each."}]
 # The issue's targets, all judged on the same run.
 GOALS = {
     "nonstream_vs_nginx": 0.12,
@@ -163,39 +162,6 @@ class Plan:
     def ramp_s(self, n: int) -> float:
         """Streams start evenly over this many seconds (``slow_arrival`` new streams/s)."""
         return max(0.5, n / self.slow_arrival)
-
-
-@dataclass
-class Target:
-    name: str
-    label: str
-    base: str  # http://127.0.0.1:PORT
-    json_path: str
-    sse_path: str
-    slow_path: str
-    json_model: str = "bench-json"
-    sse_model: str = "bench-sse"
-    slow_model: str = "gpt-4o-mini"
-    key: str | None = None
-    child: procs.Child | None = None  # the process measured as "the gateway"
-    measured_pids: list[int] = field(default_factory=list)
-    payload: bytes | None = None  # a fixed body (scenario (e)'s APIs), else a chat one
-
-    def pids(self) -> list[int]:
-        return self.child.pids() if self.child is not None else list(self.measured_pids)
-
-    def url(self, kind: str) -> str:
-        return self.base + {"json": self.json_path, "sse": self.sse_path,
-                            "slow": self.slow_path}[kind]
-
-    def body(self, kind: str) -> bytes:
-        if self.payload is not None:
-            return self.payload
-        model = {"json": self.json_model, "sse": self.sse_model, "slow": self.slow_model}[kind]
-        obj: dict[str, Any] = {"model": model, "messages": PROMPT}
-        if kind != "json":
-            obj["stream"] = True
-        return orjson.dumps(obj)
 
 
 def litellm_version(exe: str) -> str:
