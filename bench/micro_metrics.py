@@ -10,18 +10,23 @@ budget for the metrics: < 5 µs per request. (The access log: micro_accesslog.py
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from microbench import bench
 
 from flintproxy.config import build_config
 from flintproxy.errors import AuthenticationError
+from flintproxy.gate.billing import Billing
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal
 from flintproxy.http.exchange import Exchange
 from flintproxy.ops.metrics import Metrics
-from flintproxy.relay.relay import Relay
+from flintproxy.relay.relay import StreamGauge
 from flintproxy.relay.routing import Router
+from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
 
 BUDGET_US = 5.0
 
@@ -39,8 +44,11 @@ def main() -> None:
     }
     config = build_config(raw, {})
     router = Router(config)
-    relay = Relay(config, router, None)  # type: ignore[arg-type]  # the gate is not used
-    metrics = Metrics(config, router, relay)
+    # A writer that is never started: Metrics only reads its counters.
+    db = asyncio.run(open_writer_db(Path(tempfile.mkdtemp(prefix="micro-metrics-")) / "m.db"))
+    usage = UsageWriter(db, Billing(config.models, config.billing, Balances(db)),
+                        config.billing)
+    metrics = Metrics(config, router, StreamGauge(), usage, None)
     call = Call("chat/completions", "model-3", False, 12, None, "req_0123456789abcdef")
     admission = Admission(call, Principal(key_id=1, account_id=1), 0.0, 0)
     outcome = Outcome(status=200, outcome="ok", upstream="up0", prompt_tokens=12,

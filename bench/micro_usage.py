@@ -20,6 +20,7 @@ from microbench import bench
 
 from flintproxy.config import BillingConfig, ModelPrice
 from flintproxy.gate.billing import Billing
+from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal
 from flintproxy.gate.service import usage_row
 from flintproxy.relay.routes import new_request_id
@@ -29,6 +30,8 @@ NANO = 1_000_000_000
 PRICES = {"gpt-4o-mini": ModelPrice(150_000_000, 600_000_000, 75_000_000)}
 
 
+# 160 bytes of body, no media, one choice, no client limit: the default output cap.
+BOUND = Bound(160, 0, 1, None, None, ())
 
 
 async def run(path: Path, n: int) -> None:
@@ -72,13 +75,13 @@ async def run(path: Path, n: int) -> None:
         def reserve_settle(n: int) -> None:
             reserve, settle = billing.reserve, billing.settle
             for _ in range(n):
-                settle(reserve(1, "gpt-4o-mini", 40, None), outcome)
+                settle(reserve(1, "gpt-4o-mini", BOUND), outcome)
 
         def finish(n: int) -> None:
             rec = fresh_writer().record
             reserve, settle = billing.reserve, billing.settle
             for _ in range(n):
-                res = reserve(1, "gpt-4o-mini", 40, None)
+                res = reserve(1, "gpt-4o-mini", BOUND)
                 rec(usage_row(admission, outcome, settle(res, outcome)))
 
         print(f"{n} iterations, best of 5, Python {sys.version.split()[0]}")
