@@ -9,23 +9,17 @@ in one transaction; ``confirm`` consumes the token and changes the email.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from collections.abc import Callable
 
 from flintproxy.errors import BadRequest, Conflict, NotFound
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.outbox import enqueue
+from flintproxy.store.tokens import consume, new_token, token_hash
 
 __all__ = ["TOKEN_TTL_MS", "EmailChanges"]
 
 TOKEN_TTL_MS = 24 * 3600 * 1000
-MAX_TOKEN_CHARS = 128
 COLUMN = "email_changes.new_email"
-
-
-def _hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 class EmailChanges:
@@ -42,14 +36,14 @@ class EmailChanges:
         else:
             raise Conflict("An account with this email already exists.", param="new_email",
                            code="email_taken")
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         subject, body = compose(token)
         pii = self.accounts.pii
         now = self.accounts.clock()
         async with self.accounts.transaction() as q:
             await q.execute("DELETE FROM email_changes WHERE account_id = ?", account_id)
             await q.execute("INSERT INTO email_changes (token_hash, account_id, new_email, "
-                            "expires_at) VALUES (?, ?, ?, ?)", _hash(token), account_id,
+                            "expires_at) VALUES (?, ?, ?, ?)", token_hash(token), account_id,
                             pii.seal_text(new_email, COLUMN), now + TOKEN_TTL_MS)
             await enqueue(q, new_email, subject, body, now, pii)
 
@@ -57,15 +51,9 @@ class EmailChanges:
         """Apply the change the token stands for; returns the account id."""
         refusal = BadRequest("This confirmation link is not valid or has expired.",
                              param="token", code="invalid_token")
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
-            raise refusal
-        now = self.accounts.clock()
-        async with self.accounts.transaction() as q:
-            row = await q.fetchrow("DELETE FROM email_changes WHERE token_hash = ? "
-                                   "RETURNING account_id, new_email, expires_at", _hash(token))
-            await q.execute("DELETE FROM email_changes WHERE expires_at <= ?", now)
-        if row is None or int(row[2]) <= now:
-            raise refusal
+        row = await consume(self.accounts.transaction, "email_changes",
+                            "account_id, new_email, expires_at", token,
+                            self.accounts.clock(), refusal)
         account_id = int(row[0])
         await self.accounts.change_email(account_id, self.accounts.pii.open_text(row[1], COLUMN))
         return account_id

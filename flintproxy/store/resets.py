@@ -9,25 +9,19 @@ every session of the account.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from collections.abc import Callable
 
 from flintproxy.errors import BadRequest
 from flintproxy.store.accounts import Accounts
 from flintproxy.store.outbox import enqueue
+from flintproxy.store.tokens import consume, new_token, token_hash
 
 __all__ = ["TOKEN_TTL_MS", "PasswordResets"]
 
 TOKEN_TTL_MS = 30 * 60 * 1000
-MAX_TOKEN_CHARS = 128
 
 # token -> (subject, body) of the email that carries it
 Compose = Callable[[str], tuple[str, str]]
-
-
-def _hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 class PasswordResets:
@@ -42,13 +36,13 @@ class PasswordResets:
             f"SELECT id FROM accounts WHERE {where} AND status = 'active'", *args)  # noqa: S608
         if row is None:
             return False
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         subject, body = compose(token)
         now = self.accounts.clock()
         async with self.accounts.transaction() as q:
             await q.execute("DELETE FROM password_resets WHERE account_id = ?", row[0])
             await q.execute("INSERT INTO password_resets (token_hash, account_id, expires_at) "
-                            "VALUES (?, ?, ?)", _hash(token), row[0], now + TOKEN_TTL_MS)
+                            "VALUES (?, ?, ?)", token_hash(token), row[0], now + TOKEN_TTL_MS)
             await enqueue(q, email, subject, body, now, self.accounts.pii)
         return True
 
@@ -57,16 +51,8 @@ class PasswordResets:
         400 ``invalid_token``, for an unknown, used or expired token."""
         refusal = BadRequest("This reset link is not valid or has expired; ask for a new one.",
                              param="token", code="invalid_token")
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
-            raise refusal
-        now = self.accounts.clock()
-        async with self.accounts.transaction() as q:
-            row = await q.fetchrow("DELETE FROM password_resets WHERE token_hash = ? "
-                                   "RETURNING account_id, expires_at", _hash(token))
-            # Expired tokens go too, whoever asks.
-            await q.execute("DELETE FROM password_resets WHERE expires_at <= ?", now)
-        if row is None or int(row[1]) <= now:
-            raise refusal
+        row = await consume(self.accounts.transaction, "password_resets",
+                            "account_id, expires_at", token, self.accounts.clock(), refusal)
         account_id = int(row[0])
         await self.accounts.set_password(account_id, password, None)
         return account_id
