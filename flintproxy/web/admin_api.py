@@ -84,24 +84,23 @@ async def get_account(request: web.Request) -> web.Response:
     return json_response({**summary, "keys": [k.as_json() for k in keys]})
 
 
-async def credit(request: web.Request) -> web.Response:
-    operator = await _operator(request, change=True)
-    account_id = _id(request, "account_id", "account")
-    body = await json_body(request, frozenset({"amount_usd", "note"}))
-    amount = _amount(body.get("amount_usd"))
-    note = audit_note(body.get("note"), required=True)
-    await request.app[OPERATORS].credit(operator, account_id, amount, note)
-    return await _summary(request, account_id)
+def _money(debit: bool) -> Any:
+    """The credit and debit handlers: an amount and a required note, audited."""
+    async def handler(request: web.Request) -> web.Response:
+        operator = await _operator(request, change=True)
+        account_id = _id(request, "account_id", "account")
+        body = await json_body(request, frozenset({"amount_usd", "note"}))
+        amount = _amount(body.get("amount_usd"))
+        note = audit_note(body.get("note"), required=True)
+        operators = request.app[OPERATORS]
+        change = operators.debit if debit else operators.credit
+        await change(operator, account_id, amount, note)
+        return await _summary(request, account_id)
+    return handler
 
 
-async def debit(request: web.Request) -> web.Response:
-    operator = await _operator(request, change=True)
-    account_id = _id(request, "account_id", "account")
-    body = await json_body(request, frozenset({"amount_usd", "note"}))
-    amount = _amount(body.get("amount_usd"))
-    note = audit_note(body.get("note"), required=True)
-    await request.app[OPERATORS].debit(operator, account_id, amount, note)
-    return await _summary(request, account_id)
+credit = _money(debit=False)
+debit = _money(debit=True)
 
 
 def _set_status(status: str) -> Any:
