@@ -124,7 +124,7 @@ class Server:
                 extra.append(("GET", "/metrics",
                               MetricsEndpoint(c.metrics, cfg.metrics.bearer_token).handle))
             console = create_console_app(cfg, c.accounts, c.guard, c.usage, c.usage_db,
-                                         [c.metrics.rejected], extra)
+                                         c.billing, [c.metrics.rejected], extra)
             await self._listen(console, cfg.console.host,
                                cfg.console.port if console_port is None else console_port)
             if cfg.metrics.port is not None:

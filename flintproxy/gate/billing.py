@@ -182,6 +182,9 @@ class Billing:
         self._dirty_loads: set[int] = set()
         self._stale: set[int] = set()
         self._reload_all = False
+        # Embedded: debits the control plane committed, held (as reserved) until a
+        # re-read that started after the commit has applied them (``debited``).
+        self._debited: dict[int, int] = {}
         # Set by the usage writer: wakes it to run ``reload_stale`` soon.
         self.on_stale: Callable[[], None] | None = None
         # Shared mode: set by the lease book (gate.leases) when it is built; None embedded.
@@ -258,15 +261,19 @@ class Billing:
             self._stale.update(a for a, b in self._books.items() if b.balance is not None)
         while self._stale:
             ids = [self._stale.pop() for _ in range(min(len(self._stale), _RELOAD_CHUNK))]
+            # Holds of debits committed before this read started: it sees them.
+            held = {a: self._debited.pop(a) for a in ids if a in self._debited}
             try:
                 balances = await self._balances.read(ids)
             except BaseException:
                 self._stale.update(ids)
+                self._debited.update(held)
                 raise
             for account_id in ids:
                 book = self._books.get(account_id)
                 if book is not None and book.balance is not None:
                     book.balance = balances.get(account_id, 0)
+                    book.reserved -= held.get(account_id, 0)
 
     # --- the hot path (synchronous) -------------------------------------------------
 
@@ -416,6 +423,45 @@ class Billing:
         book = self._books.get(res.account_id)
         if book is not None:
             book.reserved -= res.amount
+
+    # --- money the control plane takes (an operator's debit) ------------------------
+
+    async def hold(self, account_id: int, amount: int) -> bool:
+        """Set ``amount`` aside before the control plane debits it; False when less is
+        available (requests in flight hold reservations, queued rows are pending).
+
+        Embedded, the database's balance does not know what requests in flight have
+        reserved, so a debit checked against it alone could take their money and leave
+        the account below zero once they settle. After True, call exactly one of
+        ``unhold`` (the debit failed) or ``debited`` (it committed). Shared mode needs
+        no hold (the debit cannot take what the nodes' leases hold): always True.
+        """
+        if self.leases is not None:
+            return True
+        await self.load(account_id)
+        book = self._books[account_id]
+        assert book.balance is not None
+        if book.balance - book.pending - book.reserved < amount:
+            return False
+        book.reserved += amount
+        return True
+
+    def unhold(self, account_id: int, amount: int) -> None:
+        """The held debit was not made: the money is available again."""
+        book = self._books.get(account_id)
+        if self.leases is None and book is not None:
+            book.reserved -= amount
+
+    def debited(self, account_id: int, amount: int) -> None:
+        """The held debit committed. The hold ends when a re-read of the balance that
+        started after now has applied it: ending it at once would let a re-read begun
+        before the commit hand the money out a second time."""
+        if self.leases is not None:
+            return
+        self._debited[account_id] = self._debited.get(account_id, 0) + amount
+        self._stale.add(account_id)
+        if self.on_stale is not None:
+            self.on_stale()
 
     # --- the usage writer's side ----------------------------------------------------
 

@@ -200,9 +200,10 @@ class Metrics:
                                    "trips to the shared store for credit leases, by "
                                    "operation (debit: statements the lease rules add to "
                                    "usage batches).", ["op"], registry=reg)
-        self.written_off = Counter("flintproxy_usage_written_off_nano", "Shared mode: cost "
-                                   "of usage rows of an expired lease that the account's "
-                                   "free credit could not cover (not charged), nano-USD.",
+        self.written_off = Counter("flintproxy_usage_written_off_nano", "Cost of usage "
+                                   "rows their account could not cover, not charged: rows "
+                                   "of an expired lease (shared mode), or money debited "
+                                   "by another process meanwhile (SQLite), nano-USD.",
                                    registry=reg)
         self.leases_frozen = Gauge("flintproxy_leases_frozen", "Shared mode: 1 while this "
                                    "node cannot renew its credit leases (no reservations).",
@@ -384,12 +385,14 @@ class Metrics:
             self.redis_errors.inc(now[1] - seen[1])
             self.limiter_fail_open.inc(now[2] - seen[2])
         leases = self.leases
+        written_off = usage.written_off_nano + (
+            0 if leases is None else leases.store.written_off_nano)
+        self.written_off.inc(written_off - self._seen_written_off)
+        self._seen_written_off = written_off
         if leases is not None:
             for op, total in leases.store.round_trips.items():
                 self.money_trips.labels(op).inc(total - self._seen_trips.get(op, 0))
                 self._seen_trips[op] = total
-            self.written_off.inc(leases.store.written_off_nano - self._seen_written_off)
-            self._seen_written_off = leases.store.written_off_nano
             self.leases_frozen.set(1 if billing is not None and billing.frozen else 0)
         access = self.access_log
         if access is not None:

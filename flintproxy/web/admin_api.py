@@ -25,7 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
-from flintproxy.errors import BadRequest, NotFound, PermissionDenied
+from flintproxy.errors import BadRequest, Conflict, NotFound, PermissionDenied
+from flintproxy.money import format_usd
 from flintproxy.store.accounts import MAX_EMAIL_CHARS, parse_usd
 from flintproxy.store.operators import MAX_AUDIT_PAGE, audit_note
 from flintproxy.web.api import (
@@ -35,7 +36,7 @@ from flintproxy.web.api import (
     no_content,
     session_account,
 )
-from flintproxy.web.keys import ACCOUNTS, OPERATORS
+from flintproxy.web.keys import ACCOUNTS, BILLING, OPERATORS
 
 MAX_LIMIT_VALUE = 10**9
 
@@ -93,8 +94,26 @@ def _money(debit: bool) -> Any:
         amount = _amount(body.get("amount_usd"))
         note = audit_note(body.get("note"), required=True)
         operators = request.app[OPERATORS]
-        change = operators.debit if debit else operators.credit
-        await change(operator, account_id, amount, note)
+        if not debit:
+            await operators.credit(operator, account_id, amount, note)
+            return await _summary(request, account_id)
+        await operators.summary(account_id)  # NotFound for an unknown id
+        billing = request.app[BILLING]
+        if not await billing.hold(account_id, amount):
+            balance, pending, reserved = billing.snapshot(account_id)
+            available = max((balance or 0) - pending - reserved, 0)
+            raise Conflict(
+                f"The available balance is {format_usd(available)} USD "
+                f"({format_usd(reserved)} USD reserved by requests in flight, "
+                f"{format_usd(pending)} USD spent by usage not yet written): a debit of "
+                f"{format_usd(amount)} USD would make it negative.",
+                code="insufficient_balance")
+        try:
+            await operators.debit(operator, account_id, amount, note)
+        except BaseException:
+            billing.unhold(account_id, amount)
+            raise
+        billing.debited(account_id, amount)
         return await _summary(request, account_id)
     return handler
 

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from flintproxy.config import Config
 from flintproxy.errors import FlintError, MethodNotAllowed, NotFound, PayloadTooLarge
+from flintproxy.gate.billing import Billing
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
@@ -36,6 +37,7 @@ from flintproxy.web.checkout import Payments
 from flintproxy.web.console import ConsoleAssets, security_headers
 from flintproxy.web.keys import (
     ACCOUNTS,
+    BILLING,
     CODES,
     EMAIL,
     EMAIL_CHANGES,
@@ -153,7 +155,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
-                       usage: UsageWriter, usage_db: Database,
+                       usage: UsageWriter, usage_db: Database, billing: Billing,
                        refusal_observers: Iterable[RefusalObserver] = (),
                        extra_routes: Iterable[tuple[str, str, Handler]] = ()
                        ) -> web.Application:
@@ -172,6 +174,7 @@ def create_console_app(config: Config, accounts: Accounts, guard: IpGuard,
     app[SETTINGS] = AuthSettings.from_config(config)
     app[LOGIN_GUARD] = guard
     app[USAGE] = usage
+    app[BILLING] = billing
     app[USAGE_DB] = usage_db
     app[REFUSAL_OBSERVERS] = tuple(refusal_observers)
     app[OPERATORS] = Operators(accounts)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from flintproxy.config import Config, CookieSecurity, EmailConfig
 from flintproxy.errors import FlintError
+from flintproxy.gate.billing import Billing
 from flintproxy.gate.ipguard import IpGuard, Network
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.accounts import Accounts
@@ -71,6 +72,8 @@ PAYMENTS = web.AppKey("flint.payments", Payments)
 # failed API-key attempts.
 LOGIN_GUARD = web.AppKey("flint.login_guard", IpGuard)
 USAGE = web.AppKey("flint.usage", UsageWriter)
+# The gateway's balance book: an operator's debit holds its amount there first.
+BILLING = web.AppKey("flint.billing", Billing)
 # A connection for /api/usage reads and deletes (not the writer's).
 USAGE_DB = web.AppKey("flint.usage_db", Database)
 # Told of every error response (metrics: rate-limited logins).

@@ -184,6 +184,30 @@ async def test_reused_request_ids_are_all_charged(
     await writer.drain(5)
 
 
+async def test_rows_never_take_a_balance_below_zero_and_the_rest_is_written_off(
+        ledger: tuple[aiosqlite.Connection, Path]) -> None:
+    # Money left the account where this process's Billing could not see it (an
+    # operator's debit from another process) while these requests ran.
+    db, _ = ledger
+    _, writer = make_writer(db)
+    poor, rich = await add_account(db, 250), await add_account(db, 10**9)
+    writer.start()
+    for i, cost in enumerate((100, 100, 100, 100)):
+        writer.record(row(f"p{i}", poor, cost))
+        writer.record(row(f"r{i}", rich, cost))
+    assert await writer.sync(5)
+    assert writer.written_off_nano == 150
+    assert await check_invariant(db) == 8  # each row stored at the cost actually charged
+    async with db.execute("SELECT id, balance_nano FROM accounts WHERE id IN (?, ?)",
+                          (poor, rich)) as cur:
+        balances = dict(await cur.fetchall())
+    assert balances == {poor: 0, rich: 10**9 - 400}
+    async with db.execute("SELECT request_id, cost_nano FROM usage WHERE account_id = ? "
+                          "ORDER BY request_id", (poor,)) as cur:
+        assert await cur.fetchall() == [("p0", 100), ("p1", 100), ("p2", 50), ("p3", 0)]
+    await writer.drain(5)
+
+
 async def test_drain_commits_everything_at_shutdown(
         ledger: tuple[aiosqlite.Connection, Path]) -> None:
     db, _ = ledger

@@ -25,7 +25,7 @@ from flintproxy.tools import admin
 from flintproxy.web.console import CSP, STATIC_DIR
 from tests.conftest import Gateway, MockServer, raw_config
 from tests.support import to_toml
-from tests.web.test_api import Browser, chat
+from tests.web.test_api import MESSAGES, Browser, chat, sdk
 
 SECURITY = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
             "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
@@ -314,6 +314,48 @@ async def test_concurrent_debits_never_take_a_balance_below_zero(
     assert (await gw.components.accounts.get(target)).balance_nano == 0
     assert [r[1] for r in audit_rows(gw)].count("debit") == 5
     await op.http.close()
+
+
+async def test_a_debit_cannot_take_what_a_request_in_flight_has_reserved(
+        gw: Gateway, config_path: Path) -> None:
+    op = await operator(gw, config_path, "op@example.com")
+    holder = Browser(gw)
+    who = (await holder.signup("payer@example.com"))["account"]["id"]  # $1.00
+    _, key = await holder.new_key()
+    billing = gw.components.billing
+
+    async def slow_stream() -> None:
+        async with sdk(gw, key) as client:
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, stream=True,
+                extra_headers={"x-mock-first-delay-ms": "800"})
+            async for _ in stream:
+                pass
+
+    running = asyncio.create_task(slow_stream())
+    for _ in range(500):  # until the request holds its reservation (5 s at most)
+        if billing.snapshot(who)[2]:
+            break
+        await asyncio.sleep(0.01)
+    reserved = billing.snapshot(who)[2]
+    path = f"/api/admin/accounts/{who}/debit"
+    status, refused, _ = await op.call("POST", path, {"amount_usd": "1.00", "note": "all"})
+    assert status == 409, refused
+    assert "reserved by requests in flight" in refused["error"]["message"]
+    status, after, _ = await op.call("POST", path, {"amount_usd": "0.99", "note": "most"})
+    assert status == 200 and after["balance_nano"] == 10**7
+    await running
+    assert await gw.components.usage.sync(5)
+    with sqlite3.connect(gw.config.storage.path) as db:
+        credited, charged, balance = db.execute(
+            "SELECT credited_nano, charged_nano, balance_nano FROM accounts WHERE id = ?",
+            (who,)).fetchone()
+        rows = db.execute("SELECT SUM(cost_nano) FROM usage WHERE account_id = ?",
+                          (who,)).fetchone()[0]
+    assert 0 < charged == rows <= reserved and balance == credited - charged >= 0
+    assert gw.components.usage.written_off_nano == 0
+    await op.http.close()
+    await holder.http.close()
 
 
 # --- the other operator actions -------------------------------------------------------
