@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flintproxy.app.runner import Server as GatewayServer
 from flintproxy.config import BillingConfig, build_config
 from flintproxy.gate.billing import Billing
 from flintproxy.store import sqlite
@@ -82,10 +82,8 @@ async def burst(tmp: Path, rows: int, accounts: int, batch: int, ordered: bool) 
     await writer.sync()
     total = time.perf_counter() - t0
     await writer.drain()
-    async with db.execute("SELECT COUNT(*), SUM(cost_nano) FROM usage") as cur:
-        count, cost = await cur.fetchone()
-    async with db.execute("SELECT SUM(charged_nano) FROM accounts") as cur:
-        (charged,) = await cur.fetchone()
+    count, cost = await db.fetchrow("SELECT COUNT(*), SUM(cost_nano) FROM usage")
+    charged = await db.fetchval("SELECT SUM(charged_nano) FROM accounts")
     await db.close()
     assert count == rows and cost == charged, (count, rows, cost, charged)
     kind = "ordered" if ordered else "random"
@@ -145,10 +143,6 @@ def rss_mb() -> float:
 
 
 async def export(tmp: Path, rows: int) -> None:
-    from flintproxy.app import factory as app_module
-    from flintproxy.gate.keys import ACCOUNTS, accounts_ctx
-    from flintproxy.store.ledger import add_usage_routes, usage_ctx
-
     path = tmp / "export.db"
     db = await sqlite.open_store(path)
     await db.execute("INSERT INTO accounts (id, email, created_at) VALUES (1, 'x@bench', 0)")
@@ -167,17 +161,11 @@ async def export(tmp: Path, rows: int) -> None:
         "upstreams": [{"name": "x", "base_url": "http://127.0.0.1:9/v1", "models": ["m"]}],
         "models": {"m": {"input_usd_per_mtok": "1", "output_usd_per_mtok": "1"}},
         "accounts": {"bcrypt_cost": 4}}, {})
-    app = web.Application()
-    app[app_module.CONFIG] = cfg
-    app.cleanup_ctx.append(accounts_ctx)
-    app.cleanup_ctx.append(usage_ctx)
-    add_usage_routes(app)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    token, _ = await app[ACCOUNTS].create_session(1)
+    # The real gateway, console and all: the export goes through its real route.
+    server = GatewayServer(cfg)
+    await server.startup("127.0.0.1", 0, console_port=0)
+    port = int(server.console_addresses[0][1])
+    token, _ = await server.components.accounts.create_session(1)
     async with aiohttp.ClientSession(cookies={"flint_session": token}) as http:
         for fmt in ("csv", "json"):
             rss0 = rss_mb()
@@ -202,7 +190,7 @@ async def export(tmp: Path, rows: int) -> None:
             print(f"export {fmt}: {rows} rows, {size / 1e6:.0f} MB in {dt:.2f} s -> "
                   f"{rows / dt:,.0f} rows/s; process RSS {rss0:.0f} MB before, "
                   f"{peak[0]:.0f} MB peak during (server and client in one process)")
-    await runner.cleanup()
+    await server.shutdown()
 
 
 async def main() -> None:
