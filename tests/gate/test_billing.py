@@ -383,3 +383,28 @@ async def test_200_concurrent_streams_for_an_account_that_affords_10_in_full(
     # Streams are billed, never zero.
     assert sorted(rows) == [(19_000, 1, "ok", 19)] + [(one, 1, "ok", 20)] * 10
     assert gw.components.billing.available(gw.account_id) == 999
+
+
+async def test_a_held_debit_stays_out_of_reach_until_a_re_read_after_its_commit_applies_it(
+        db: Database) -> None:
+    billing = Billing(PRICES, CFG, Balances(db))
+    account = await add_account(db, 10 * NANO_PER_USD)
+    assert await billing.hold(account, 4 * NANO_PER_USD)
+    assert not await billing.hold(account, 7 * NANO_PER_USD)  # 6 left
+    assert billing.snapshot(account) == (10 * NANO_PER_USD, 0, 4 * NANO_PER_USD)
+    # A re-read that ran before the debit committed sees the old balance: the hold stays.
+    billing.on_change("credit", account, None)
+    await billing.reload_stale()
+    assert billing.available(account) == 6 * NANO_PER_USD
+    await db.execute("UPDATE accounts SET credited_nano = credited_nano - ?, "
+                     "balance_nano = balance_nano - ? WHERE id = ?",
+                     4 * NANO_PER_USD, 4 * NANO_PER_USD, account)
+    billing.debited(account, 4 * NANO_PER_USD)
+    assert billing.available(account) == 6 * NANO_PER_USD  # not 10 while not re-read
+    assert billing.has_stale()
+    await billing.reload_stale()
+    assert billing.snapshot(account) == (6 * NANO_PER_USD, 0, 0)
+    # A debit that failed gives its hold back at once.
+    assert await billing.hold(account, 6 * NANO_PER_USD)
+    billing.unhold(account, 6 * NANO_PER_USD)
+    assert billing.available(account) == 6 * NANO_PER_USD
