@@ -471,6 +471,14 @@ def money_live(tmp_path_factory: pytest.TempPathFactory, smtp: MockSmtp,
         mock.stop()
 
 
+async def tab_reaches(page: Page, label: str) -> None:
+    """From the view (which holds the focus), Tab lands on ``label``'s field, visibly."""
+    await page.keyboard.press("Tab")
+    field = page.get_by_label(label, exact=True)
+    await expect(field).to_be_focused()
+    assert await field.evaluate("e => getComputedStyle(e).outlineStyle") != "none"
+
+
 def new_holder(live: LiveGateway, prefix: str) -> str:
     """A fresh account (password ``PASSWORD``) made with the admin CLI; its email."""
     email = f"{prefix}-{secrets.token_hex(4)}@example.com"
@@ -512,6 +520,7 @@ async def test_a_holder_redeems_a_code_made_by_the_cli_and_sees_the_balance_and_
     await expect(page.locator("#balance")).to_have_text("$0.00")
     await expect(page.get_by_text("No credits yet")).to_be_visible()
     await w.check("page")
+    await tab_reaches(page, "Code")
 
     # A wrong code (well formed, unknown): refused in words; the field says so, keeps focus.
     wrong = code[:-1] + ("0" if code[-1] != "0" else "1")
@@ -574,6 +583,7 @@ async def test_a_holder_tops_up_through_stripe_checkout_and_sees_the_balance_onc
     await page.get_by_role("link", name="Top up", exact=True).click()
     await expect(page.get_by_role("heading", level=1)).to_have_text("Top up")
     await w.check("page")
+    await tab_reaches(page, "Amount (USD)")
 
     # Below the minimum: the browser refuses it (no request); past that, the server's 400.
     amount = page.get_by_label("Amount (USD)")
@@ -650,6 +660,7 @@ async def test_a_forgotten_password_is_reset_from_the_mailed_link_and_the_token_
     await page.get_by_role("link", name="Forgot password?").click()
     await expect(page.get_by_role("heading", level=1)).to_have_text("Forgot password")
     await w.check("ask")
+    await tab_reaches(page, "Email")
     await page.get_by_label("Email", exact=True).fill(email)
     await page.get_by_role("button", name="Send the link").click()
     await expect(page.get_by_role("status")).to_have_text(
@@ -662,6 +673,7 @@ async def test_a_forgotten_password_is_reset_from_the_mailed_link_and_the_token_
     await expect(page.get_by_role("heading", level=1)).to_have_text("Choose a new password")
     assert token not in page.url and page.url.endswith("#/reset")
     await w.check("choose")
+    await tab_reaches(page, "New password")
     new_password = "a new passphrase from the mail"
     await page.get_by_label("New password", exact=True).fill(new_password)
     await page.get_by_label("New password again").fill(new_password + "!")

@@ -110,7 +110,7 @@ async def test_the_ledger_route_lists_the_newest_entries_first_and_only_the_hold
     made = await codes(gateway, n=25, usd=1)
     for code in made[:22]:
         assert (await browser.call("POST", "/api/redeem", {"code": code}))[0] == 200
-    status, body, resp = await browser.call("GET", "/api/account/ledger")
+    status, body, _ = await browser.call("GET", "/api/account/ledger")
     assert status == 200 and len(body["data"]) == LEDGER_PAGE == 20
     ids = [e["id"] for e in body["data"]]
     assert ids == sorted(ids, reverse=True)
