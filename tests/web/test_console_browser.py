@@ -762,4 +762,11 @@ async def test_a_new_email_is_confirmed_from_the_mailed_link_and_low_balance_mai
 
     await page.get_by_role("link", name="Overview").click()
     await expect(page.get_by_text(new_email)).to_be_visible()
+    # Everything held about the account, downloaded from the Account page, says so too.
+    await page.get_by_role("link", name="Account", exact=True).click()
+    async with page.expect_download() as info:
+        await page.get_by_role("link", name=re.compile("^your account, keys")).click()
+    download = await info.value
+    held = json.loads(await asyncio.to_thread(Path(await download.path()).read_text))
+    assert held["account"]["email"] == new_email and held["object"] == "account_export"
     await w.context.close()

@@ -242,7 +242,8 @@
       h("button", { type: "submit", class: "danger", text: "Close my account" }));
     page("Account", h("p", {}, "Signed in as ", h("strong", { text: state.me.email }), "."), email, pw,
       lowBalanceForm(), close,
-      h("p", {}, "Everything we hold about you: ", h("a", { href: "/api/usage/export?format=json", download: "flintproxy-usage.json", text: "your usage records" }), "."));
+      h("p", {}, "Everything we hold about you: ", h("a", { href: "/api/account/export", download: "flintproxy-account.json", text: "your account, keys, balance history and usage (JSON)" }),
+        "; or ", h("a", { href: "/api/usage/export?format=json", download: "flintproxy-usage.json", text: "your usage records" }), " alone."));
     submitter(email, async (fd) => {
       const r = await api("POST", "/api/account/email", { new_email: fd.get("new_email"), password: fd.get("password") });
       email.reset();
