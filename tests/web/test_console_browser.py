@@ -3,9 +3,13 @@
 Two journeys against a real ``flintproxy serve`` (and the real mock upstream): an
 account holder from sign-up to closing the account, with the ``openai`` SDK using
 the key the console showed; and an operator granted from the command line who
-finds that account, credits it with a note and sees it in the audit log.
+finds that account, credits it with a note and sees it in the audit log. Then, on a
+gateway with ``[email]`` (the mock SMTP sink) and ``[payments]`` (the fake Stripe):
+redeeming a code made by ``admin create-codes``, a top-up through the Checkout page
+and its signed webhook, a password reset and an email change from the mailed links.
 
-On every page: each request the page makes must go to the console's own origin,
+On every page: each request the page makes must go to the console's own origin
+(and the Checkout page, where the top-up journey goes on purpose),
 the browser must report no error (a CSP violation is one), and axe-core (vendored
 under tests/web/vendor/axe-core with its licence) must find no serious or critical
 accessibility violation. Screenshots of every page at desktop and phone widths go
@@ -70,6 +74,57 @@ async def browser() -> AsyncIterator[Browser]:
             yield b
         finally:
             await b.close()
+
+
+# A second gateway, with [email] and [payments], for the money and recovery journeys.
+# The mock SMTP sink and the fake Stripe run in this module's event loop; the gateway
+# is a real ``flintproxy serve`` whose console port is fixed beforehand, so the links
+# it mails ([email] public_url) and Stripe's return URLs ([payments] return_url) name
+# the console the browser has open.
+
+SK, WH = "sk_test_console", "whsec_console"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def smtp() -> AsyncIterator[MockSmtp]:
+    sink = MockSmtp()
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stripe_fake() -> AsyncIterator[FakeStripe]:
+    fake = FakeStripe(secret_key=SK, webhook_secret=WH)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture(scope="module")
+def money_live(tmp_path_factory: pytest.TempPathFactory, smtp: MockSmtp,
+               stripe_fake: FakeStripe) -> Iterator[LiveGateway]:
+    tmp = tmp_path_factory.mktemp("console-money")
+    mock = LiveMock(tmp).start()
+    port = free_port()
+    console = f"http://127.0.0.1:{port}"
+    raw = raw_config(tmp, {"local": mock.base_url})
+    raw["email"] = {"host": "127.0.0.1", "port": smtp.port, "starttls": False,
+                    "from": "noreply@flint.test", "public_url": console, "max_per_second": 50}
+    raw["payments"] = {"stripe_secret_key_env": "SK", "stripe_webhook_secret_env": "WH",
+                       "api_base": stripe_fake.url, "return_url": console}
+    gw = LiveGateway(tmp, raw, env={"SK": SK, "WH": WH}, console_port=port).start()
+    assert gw.console_url == console
+    stripe_fake.webhook_url = console + "/api/stripe/webhook"
+    try:
+        yield gw
+    finally:
+        gw.stop()
+        mock.stop()
 
 
 class Watched:
@@ -141,6 +196,41 @@ async def first_load_weight(page: Page) -> dict[str, int]:
         "...performance.getEntriesByType('resource')]"
         ".map(e => [e.name, e.transferSize, e.decodedBodySize])")
     return {name: size for name, size, _ in entries}
+
+
+async def tab_reaches(page: Page, label: str) -> None:
+    """From the view (which holds the focus), Tab lands on ``label``'s field, visibly."""
+    await page.keyboard.press("Tab")
+    field = page.get_by_label(label, exact=True)
+    await expect(field).to_be_focused()
+    assert await field.evaluate("e => getComputedStyle(e).outlineStyle") != "none"
+
+
+def new_holder(live: LiveGateway, prefix: str) -> str:
+    """A fresh account (password ``PASSWORD``) made with the admin CLI; its email."""
+    email = f"{prefix}-{secrets.token_hex(4)}@example.com"
+    live.admin("create-account", email, "--password-stdin", stdin=PASSWORD + "\n")
+    return email
+
+
+async def log_in(w: Watched, email: str, password: str = PASSWORD) -> None:
+    await w.go("login", "Log in")
+    await w.page.get_by_label("Email").fill(email)
+    await w.page.get_by_label("Password").fill(password)
+    await w.page.get_by_role("button", name="Log in").click()
+    await expect(w.page.get_by_role("heading", level=1)).to_have_text("Overview")
+
+
+async def link_in_mail(smtp: MockSmtp, to: str, fragment: str) -> tuple[str, str]:
+    """The console link (and its token) of the newest message ``smtp`` received for ``to``."""
+    for _ in range(100):
+        mails = [m for m in smtp.messages if to in m.recipients]
+        if mails:
+            found = re.search(r"(http://\S+/#" + fragment + r"=([A-Za-z0-9_-]+))", mails[-1].text)
+            assert found, mails[-1].text
+            return found[1], found[2]
+        await smtp.wait_for(len(smtp.messages) + 1)
+    raise AssertionError(f"no mail for {to}")
 
 
 async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_to_end(
@@ -418,92 +508,6 @@ async def test_an_operator_granted_from_the_cli_credits_an_account_with_a_note_a
     await expect(page.get_by_role("cell", name="command line").first).to_be_visible()
     await w.check("audit")
     await w.context.close()
-
-
-# ---- money in and account recovery: a gateway with [email] and [payments] ------------
-# The mock SMTP sink and the fake Stripe run in this module's event loop; the gateway
-# is a real ``flintproxy serve`` whose console port is fixed beforehand, so the links
-# it mails ([email] public_url) and Stripe's return URLs ([payments] return_url) name
-# the console the browser has open.
-
-SK, WH = "sk_test_console", "whsec_console"
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def smtp() -> AsyncIterator[MockSmtp]:
-    sink = MockSmtp()
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.close()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stripe_fake() -> AsyncIterator[FakeStripe]:
-    fake = FakeStripe(secret_key=SK, webhook_secret=WH)
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
-
-
-@pytest.fixture(scope="module")
-def money_live(tmp_path_factory: pytest.TempPathFactory, smtp: MockSmtp,
-               stripe_fake: FakeStripe) -> Iterator[LiveGateway]:
-    tmp = tmp_path_factory.mktemp("console-money")
-    mock = LiveMock(tmp).start()
-    port = free_port()
-    console = f"http://127.0.0.1:{port}"
-    raw = raw_config(tmp, {"local": mock.base_url})
-    raw["email"] = {"host": "127.0.0.1", "port": smtp.port, "starttls": False,
-                    "from": "noreply@flint.test", "public_url": console, "max_per_second": 50}
-    raw["payments"] = {"stripe_secret_key_env": "SK", "stripe_webhook_secret_env": "WH",
-                       "api_base": stripe_fake.url, "return_url": console}
-    gw = LiveGateway(tmp, raw, env={"SK": SK, "WH": WH}, console_port=port).start()
-    assert gw.console_url == console
-    stripe_fake.webhook_url = console + "/api/stripe/webhook"
-    try:
-        yield gw
-    finally:
-        gw.stop()
-        mock.stop()
-
-
-async def tab_reaches(page: Page, label: str) -> None:
-    """From the view (which holds the focus), Tab lands on ``label``'s field, visibly."""
-    await page.keyboard.press("Tab")
-    field = page.get_by_label(label, exact=True)
-    await expect(field).to_be_focused()
-    assert await field.evaluate("e => getComputedStyle(e).outlineStyle") != "none"
-
-
-def new_holder(live: LiveGateway, prefix: str) -> str:
-    """A fresh account (password ``PASSWORD``) made with the admin CLI; its email."""
-    email = f"{prefix}-{secrets.token_hex(4)}@example.com"
-    live.admin("create-account", email, "--password-stdin", stdin=PASSWORD + "\n")
-    return email
-
-
-async def log_in(w: Watched, email: str, password: str = PASSWORD) -> None:
-    await w.go("login", "Log in")
-    await w.page.get_by_label("Email").fill(email)
-    await w.page.get_by_label("Password").fill(password)
-    await w.page.get_by_role("button", name="Log in").click()
-    await expect(w.page.get_by_role("heading", level=1)).to_have_text("Overview")
-
-
-async def link_in_mail(smtp: MockSmtp, to: str, fragment: str) -> tuple[str, str]:
-    """The console link (and its token) of the newest message ``smtp`` received for ``to``."""
-    for _ in range(100):
-        mails = [m for m in smtp.messages if to in m.recipients]
-        if mails:
-            found = re.search(r"(http://\S+/#" + fragment + r"=([A-Za-z0-9_-]+))", mails[-1].text)
-            assert found, mails[-1].text
-            return found[1], found[2]
-        await smtp.wait_for(len(smtp.messages) + 1)
-    raise AssertionError(f"no mail for {to}")
 
 
 async def test_a_holder_redeems_a_code_made_by_the_cli_and_sees_the_balance_and_its_ledger_entry(
