@@ -774,3 +774,24 @@ async def test_a_new_email_is_confirmed_from_the_mailed_link_and_low_balance_mai
     held = json.loads(await asyncio.to_thread(Path(await download.path()).read_text))
     assert held["account"]["email"] == new_email and held["object"] == "account_export"
     await w.context.close()
+
+
+async def test_hostile_fragments_open_an_ordinary_page_and_keep_nothing(
+        browser: Browser, live: LiveGateway) -> None:
+    w = await watched(browser, live, "fragments")
+    page = w.page
+    for fragment in ("#constructor=abc", "#/constructor", "#/__proto__/x", "#reset=<img src=x>",
+                     "#reset=" + "a" * 5000, "#topup=javascript:alert(1)", "#confirm-email=",
+                     "#/reset", "#/topup/done"):
+        await page.goto(f"{live.console_url}/{fragment}")
+        await expect(page.get_by_role("heading", level=1)).to_be_visible()
+        heading = await page.get_by_role("heading", level=1).text_content()
+        assert heading in ("Log in", "Choose a new password"), (fragment, heading)
+        assert await page.evaluate("Object.keys(window.flint.links).length") == 0
+    # A reset page without its token (reloaded, say) says the link cannot be used.
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Log in")  # needs a login
+    await page.goto(f"{live.console_url}/#/reset")
+    await expect(page.get_by_role("heading", name="This link cannot be used")).to_be_visible()
+    await expect(page.get_by_role("link", name="Ask for a new link")).to_be_visible()
+    await w.check("no-token")
+    await w.context.close()

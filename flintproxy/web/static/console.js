@@ -171,14 +171,14 @@
   const links = {};
   function takeLink() {
     const m = /^#([a-z-]+)=([A-Za-z0-9_-]{1,128})$/.exec(location.hash);
-    if (!m || !LINKS[m[1]]) return;
+    if (!m || !Object.hasOwn(LINKS, m[1])) return;
     links[m[1]] = m[2];
     history.replaceState(null, "", location.pathname + location.search + LINKS[m[1]](m[2]));
   }
   async function render() {
     takeLink();
     const [path, id] = location.hash.replace(/^#\/?/, "").split("/");
-    const name = VIEWS[path] ? path : (state.me ? "overview" : "login");
+    const name = Object.hasOwn(VIEWS, path) ? path : (state.me ? "overview" : "login");
     const view = VIEWS[name];
     if (!OPEN.has(name) && !state.me) { updateNav(); return go("#/login"); }
     if ((name === "login" || name === "signup" || name === "forgot") && state.me) return go("#/overview");
