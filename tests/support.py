@@ -181,6 +181,9 @@ class LiveGateway:
     # More ``serve`` arguments, e.g. ("--workers", "2"): then both ports are fixed
     # free ones (the workers share them), not 0.
     serve_args: Sequence[str] = ()
+    # A fixed console port (from ``free_port``), for configs that must name the
+    # console's address before it starts ([email] public_url, [payments] return_url).
+    console_port: int = 0
     key: str = ""
     url: str = ""
     console_url: str = ""
@@ -222,7 +225,7 @@ class LiveGateway:
         self.raw["server"] = self.raw.get("server", {}) | {
             "host": "127.0.0.1", "port": free_port() if fixed else 0}
         self.raw["console"] = self.raw.get("console", {}) | {
-            "host": "127.0.0.1", "port": free_port() if fixed else 0}
+            "host": "127.0.0.1", "port": self.console_port or (free_port() if fixed else 0)}
         self.config_path.write_text(to_toml(self.raw))
         self.admin("create-account", self.email, "--password-stdin", stdin=self.password + "\n")
         if self.credit_usd:

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import enum
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from flintproxy.errors import NotFound
 from flintproxy.money import format_usd
 from flintproxy.store.db import Database, Queries
 from flintproxy.store.sqlite import now_ms as clock_ms
 
-__all__ = ["Reason", "Reconciliation", "apply", "erase_usage", "reconcile"]
+__all__ = ["Reason", "Reconciliation", "apply", "erase_usage", "history", "recent_entries",
+           "reconcile"]
 
 ERASE_CHUNK = 5000
 
@@ -112,6 +115,20 @@ async def reconcile(db: Queries) -> Reconciliation:
     return out
 
 
+def _entry(row: Sequence[Any]) -> dict[str, object]:
+    """A ``credits`` row (id, amount_nano, reason, actor, created_at) as JSON."""
+    return {"id": row[0], "amount_usd": format_usd(int(row[1])), "amount_nano": int(row[1]),
+            "reason": row[2], "actor": row[3], "created_at_ms": int(row[4])}
+
+
+async def recent_entries(q: Queries, account_id: int, limit: int) -> list[dict[str, object]]:
+    """The account's ``limit`` newest ledger entries, newest first (the console's
+    balance history; the export has them all)."""
+    rows = await q.fetch("SELECT id, amount_nano, reason, actor, created_at FROM credits "
+                         "WHERE account_id = ? ORDER BY id DESC LIMIT ?", account_id, limit)
+    return [_entry(r) for r in rows]
+
+
 async def history(q: Queries, account_id: int) -> dict[str, list[dict[str, object]]]:
     """Everything held about an account's money but its usage rows (the export's):
     ledger entries, erased-usage totals, top-ups and redeemed codes (not the codes)."""
@@ -127,8 +144,7 @@ async def history(q: Queries, account_id: int) -> dict[str, list[dict[str, objec
     codes = await q.fetch("SELECT amount_nano, redeemed_at FROM redemption_codes "
                           "WHERE redeemed_by = ? ORDER BY redeemed_at", account_id)
     return {
-        "ledger": [{"id": r[0], "amount_usd": usd(r[1]), "amount_nano": int(r[1]),
-                    "reason": r[2], "actor": r[3], "created_at_ms": int(r[4])} for r in credits],
+        "ledger": [_entry(r) for r in credits],
         "usage_erased": [{"rows": int(r[0]), "cost_usd": usd(r[1]), "cost_nano": int(r[1]),
                           "erased_at_ms": int(r[2])} for r in erased],
         "topups": [{"checkout_session": r[0], "amount_usd": usd(r[1]),

@@ -36,6 +36,12 @@ class LowBalance:
                 "WHERE id = ? AND status != 'deleted'", threshold_nano, account_id):
             raise NotFound("No such account.")
 
+    async def threshold(self, account_id: int) -> int | None:
+        """The account's threshold in nano-USD, or None when it has not opted in."""
+        value = await self.accounts.db.fetchval(
+            "SELECT low_balance_nano FROM accounts WHERE id = ?", account_id)
+        return None if value is None else int(value)
+
     async def run_once(self) -> int:
         """Queue the notices due; returns how many were queued."""
         db, pii = self.accounts.db, self.accounts.pii

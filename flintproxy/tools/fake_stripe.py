@@ -11,7 +11,11 @@ taken from the package, so the gateway's verification is checked against the spe
 - ``GET /v1/checkout/sessions/{id}``: that session;
 - ``POST /pay/{id}``: "the customer paid": the session completes, and a
   ``checkout.session.completed`` event is POSTed to ``webhook_url``, signed.
-  The event is returned too, for tests that replay or reorder deliveries.
+  The event is returned too, for tests that replay or reorder deliveries;
+- ``GET /pay/{id}``: the "hosted Checkout page" a browser is sent to: a Pay button
+  (its form POST completes the session as above, then redirects to the session's
+  ``success_url``, as Stripe does) and a Cancel link (the ``cancel_url``), so the
+  console's whole top-up journey runs in a browser too.
 
 Card data never exists here either: there is no card form, only the button.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import re
 import secrets
 import time
@@ -65,6 +70,7 @@ class FakeStripe:
         app.router.add_post("/v1/checkout/sessions", self._create)
         app.router.add_get("/v1/checkout/sessions/{id}", self._get)
         app.router.add_post("/pay/{id}", self._pay)
+        app.router.add_get("/pay/{id}", self._checkout_page)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -131,7 +137,20 @@ class FakeStripe:
         session.update(status="complete", payment_status="paid")
         event = self.event("checkout.session.completed", session)
         status = await self.deliver(event) if self.webhook_url else None
+        if request.content_type == "application/x-www-form-urlencoded":  # the page's button
+            raise web.HTTPSeeOther(str(session["success_url"]))
         return web.json_response({"event": event, "delivered_status": status})
+
+    async def _checkout_page(self, request: web.Request) -> web.Response:
+        session = self.sessions.get(request.match_info["id"])
+        if session is None or session["status"] != "open":
+            return self._error(404, "No such open checkout.session")
+        amount = f"{session['amount_total'] // 100}.{session['amount_total'] % 100:02d}"
+        page = (f"<!doctype html><html lang=en><title>Fake Checkout</title>"
+                f"<h1>Pay {amount} {html.escape(session['currency'].upper())}</h1>"
+                f"<form method=post><button type=submit>Pay</button></form>"
+                f"<p><a href=\"{html.escape(str(session['cancel_url']))}\">Cancel</a></p>")
+        return web.Response(text=page, content_type="text/html")
 
     def event(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         """A new event of ``kind`` about ``obj`` (recorded in ``events``)."""

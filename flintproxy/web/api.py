@@ -48,9 +48,11 @@ from flintproxy.errors import (
     UnsupportedMediaType,
 )
 from flintproxy.gate.ipguard import client_ip, is_trusted_proxy
+from flintproxy.money import format_usd
 from flintproxy.store import accounts as acc
 from flintproxy.store.accounts import Session
-from flintproxy.web.keys import ACCOUNTS, LOGIN_GUARD, OPERATORS, SETTINGS
+from flintproxy.store.low_balance import LowBalance
+from flintproxy.web.keys import ACCOUNTS, LOGIN_GUARD, OPERATORS, PAYMENTS, SETTINGS
 
 SESSION_COOKIE = "flint_session"
 CSRF_COOKIE = "flint_csrf"
@@ -266,10 +268,22 @@ async def logout(request: web.Request) -> web.Response:
 
 
 async def get_account(request: web.Request) -> web.Response:
+    """The account, and what the console needs to draw its pages: whether the holder is
+    an operator, the low-balance threshold, and whether (and between what amounts)
+    top-ups are offered (``topups`` is null when ``[payments]`` is off)."""
     account_id = await session_account(request)
-    account = (await request.app[ACCOUNTS].get(account_id)).as_json()
-    # The console shows its operator pages to operators only (/api/admin/ checks again).
-    return _json({**account, "operator": await request.app[OPERATORS].is_operator(account_id)})
+    repo = request.app[ACCOUNTS]
+    account = (await repo.get(account_id)).as_json()
+    threshold = await LowBalance(repo).threshold(account_id)
+    payments = request.app.get(PAYMENTS)
+    return _json({
+        **account,
+        # The console shows its operator pages to operators only (/api/admin/ checks again).
+        "operator": await request.app[OPERATORS].is_operator(account_id),
+        "low_balance_usd": None if threshold is None else format_usd(threshold),
+        "topups": None if payments is None else {"min_usd": payments.cfg.min_topup_usd,
+                                                 "max_usd": payments.cfg.max_topup_usd},
+    })
 
 
 async def change_email(request: web.Request) -> web.Response:

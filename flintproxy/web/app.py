@@ -91,6 +91,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/api/admin/keys/{key_id}/revoke", admin_api.revoke_key),
     ("GET", "/api/admin/audit", admin_api.audit_log),
     ("GET", "/api/account/export", export.export_account),
+    ("GET", "/api/account/ledger", export.account_ledger),
     ("POST", "/api/redeem", payments.redeem),
     ("POST", "/api/topups", payments.create_topup),
     ("POST", "/api/stripe/webhook", payments.stripe_webhook),

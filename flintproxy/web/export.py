@@ -1,5 +1,6 @@
 """``GET /api/account/export``: everything held about the account, one JSON document
-(the right of access, CONTRACT promise 7).
+(the right of access, CONTRACT promise 7); ``GET /api/account/ledger``: its newest
+balance changes (the console's balance history).
 
 The profile (email, status, balance), the keys' metadata (never a key: only its
 SHA-256 is held), the ledger of balance changes, erased-usage totals, top-ups,
@@ -15,12 +16,14 @@ import time
 import orjson
 from aiohttp import web
 
-from flintproxy.store.entries import history
-from flintproxy.web.api import session_account
+from flintproxy.store.entries import history, recent_entries
+from flintproxy.web.api import json_response, session_account
 from flintproxy.web.keys import ACCOUNTS, USAGE, USAGE_DB
 from flintproxy.web.usage_api import SYNC_TIMEOUT_S, Filters, usage_rows
 
-__all__ = ["export_account"]
+__all__ = ["LEDGER_PAGE", "account_ledger", "export_account"]
+
+LEDGER_PAGE = 20  # entries the console shows; the export has them all
 
 
 async def export_account(request: web.Request) -> web.StreamResponse:
@@ -55,3 +58,11 @@ async def export_account(request: web.Request) -> web.StreamResponse:
     await resp.write(b"\n]}\n")
     await resp.write_eof()
     return resp
+
+
+async def account_ledger(request: web.Request) -> web.Response:
+    """200 ``{data: [entry...]}``: the ``LEDGER_PAGE`` newest ledger entries (credits,
+    redemptions, top-ups, adjustments), newest first."""
+    account_id = await session_account(request)
+    entries = await recent_entries(request.app[ACCOUNTS].db, account_id, LEDGER_PAGE)
+    return json_response({"data": entries})

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from flintproxy.store.codes import Codes
+from flintproxy.web.export import LEDGER_PAGE
 from tests.conftest import Gateway
 from tests.web.test_api import Browser
 
@@ -102,3 +103,36 @@ async def test_guessing_codes_is_throttled_and_a_real_code_then_waits_too(
     _, account, _ = await browser.call("GET", "/api/account")
     assert account["balance_usd"] == "0.00"
     assert gateway.components.guard.tracked() <= gateway.config.limits.max_tracked
+
+
+async def test_the_ledger_route_lists_the_newest_entries_first_and_only_the_holders_own(
+        gateway: Gateway, browser: Browser) -> None:
+    made = await codes(gateway, n=25, usd=1)
+    for code in made[:22]:
+        assert (await browser.call("POST", "/api/redeem", {"code": code}))[0] == 200
+    status, body, _ = await browser.call("GET", "/api/account/ledger")
+    assert status == 200 and len(body["data"]) == LEDGER_PAGE == 20
+    ids = [e["id"] for e in body["data"]]
+    assert ids == sorted(ids, reverse=True)
+    assert {(e["amount_usd"], e["amount_nano"], e["reason"]) for e in body["data"]} == {
+        ("1.00", USD, "redemption")}
+    # Another holder sees none of them; no session, no ledger.
+    other = Browser(gateway)
+    try:
+        assert (await other.call("GET", "/api/account/ledger"))[0] == 401
+        await other.call("POST", "/api/signup", {"email": "other@example.com",
+                                                 "password": "correct horse battery"})
+        assert (await other.call("GET", "/api/account/ledger"))[1] == {"data": []}
+        # A query string changes nothing: the page size is the server's.
+        status, body, _ = await other.call("GET", "/api/account/ledger?limit=100000")
+        assert (status, body) == (200, {"data": []})
+    finally:
+        await other.http.close()
+
+
+async def test_the_account_says_top_ups_are_off_without_a_payment_processor(
+        browser: Browser) -> None:
+    _, account, _ = await browser.call("GET", "/api/account")
+    assert account["topups"] is None and account["low_balance_usd"] is None
+    await browser.call("POST", "/api/account/low-balance", {"threshold_usd": "3"})
+    assert (await browser.call("GET", "/api/account"))[1]["low_balance_usd"] == "3.00"

@@ -205,3 +205,23 @@ async def test_without_payments_configured_top_ups_are_a_clear_404(gateway: Gate
         assert status == 404
     finally:
         await b.http.close()
+
+
+async def test_the_account_offers_top_ups_between_the_configured_amounts(
+        holder: Browser) -> None:
+    _, account, _ = await holder.call("GET", "/api/account")
+    assert account["topups"] == {"min_usd": "5.00", "max_usd": "1000.00"}
+
+
+async def test_the_fake_checkout_page_pays_and_returns_the_browser_to_the_success_url(
+        gw: Gateway, fake: FakeStripe, holder: Browser) -> None:
+    _, body, _ = await holder.call("POST", "/api/topups", {"amount_usd": "6.00"})
+    async with aiohttp.ClientSession() as http:
+        async with http.get(body["url"]) as page:
+            assert page.status == 200 and "Pay 6.00 USD" in await page.text()
+        async with http.post(body["url"], data={"pay": "1"}, allow_redirects=False) as paid:
+            assert paid.status == 303
+            assert paid.headers["Location"] == "https://console.flint.test/#topup=done"
+        async with http.get(body["url"]) as again:
+            assert again.status == 404  # no longer open
+    assert await balance(holder) == "6.00"

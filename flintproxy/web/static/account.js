@@ -1,5 +1,6 @@
 /* flintproxy console: the account holder's views (log in, sign up, overview, keys,
-   usage with its uPlot chart, account settings, privacy). */
+   usage with its uPlot chart, account settings with the low-balance notice, privacy).
+   Money in is money.js; password reset and email confirmation are recovery.js. */
 "use strict";
 (function () {
   const { state, h, field, table, when, say, fail, api, ApiError, submitter, confirmDialog, go,
@@ -16,7 +17,8 @@
       const r = await api("POST", "/api/login", { email: fd.get("email"), password: fd.get("password") });
       state.me = await api("GET", "/api/account");
       go("#/overview", "Welcome back, " + r.account.email + ".");
-    }), h("p", {}, "No account yet? ", h("a", { href: "#/signup", text: "Sign up" }), "."));
+    }), h("p", {}, h("a", { href: "#/forgot", text: "Forgot password?" })),
+    h("p", {}, "No account yet? ", h("a", { href: "#/signup", text: "Sign up" }), "."));
   };
   VIEWS.signup = async () => {
     const form = h("form", { class: "card narrow", "aria-labelledby": "signup-h" },
@@ -38,7 +40,8 @@
       h("section", { class: "card", "aria-labelledby": "bal-h" },
         h("h2", { id: "bal-h", text: "Balance" }),
         h("p", { class: "big", id: "balance", text: "$" + state.me.balance_usd }),
-        h("p", { class: "hint", text: "Each request reserves what it may cost at most and is charged what it did cost." })),
+        h("p", { class: "hint", text: "Each request reserves what it may cost at most and is charged what it did cost." }),
+        addFunds()),
       h("section", { class: "card", "aria-labelledby": "acc-h" },
         h("h2", { id: "acc-h", text: "Account" }),
         h("dl", { class: "facts" },
@@ -237,13 +240,17 @@
       h("p", { text: "Closing erases your email and password hash and revokes every key at once. Usage records (counts and fees only) are kept up to 90 days, then purged; delete them first on the Usage page if you want them gone now." }),
       field("Password", { type: "password", name: "password", required: true, autocomplete: "current-password" }),
       h("button", { type: "submit", class: "danger", text: "Close my account" }));
-    page("Account", h("p", {}, "Signed in as ", h("strong", { text: state.me.email }), "."), email, pw, close,
-      h("p", {}, "Everything we hold about you: ", h("a", { href: "/api/usage/export?format=json", download: "flintproxy-usage.json", text: "your usage records" }), "."));
+    page("Account", h("p", {}, "Signed in as ", h("strong", { text: state.me.email }), "."), email, pw,
+      lowBalanceForm(), close,
+      h("p", {}, "Everything we hold about you: ", h("a", { href: "/api/account/export", download: "flintproxy-account.json", text: "your account, keys, balance history and usage (JSON)" }),
+        "; or ", h("a", { href: "/api/usage/export?format=json", download: "flintproxy-usage.json", text: "your usage records" }), " alone."));
     submitter(email, async (fd) => {
-      state.me = await api("POST", "/api/account/email", { new_email: fd.get("new_email"), password: fd.get("password") });
+      const r = await api("POST", "/api/account/email", { new_email: fd.get("new_email"), password: fd.get("password") });
       email.reset();
       await VIEWS.settings();
-      say("Your email is now " + state.me.email + ".");
+      // With email on, the change waits for the new address's confirmation link.
+      say(r.pending_email ? "We sent a link to " + r.pending_email + ": your email changes once you open it."
+        : "Your email is now " + state.me.email + ".");
     });
     submitter(pw, async (fd) => {
       await api("POST", "/api/account/password", { current_password: fd.get("current_password"), new_password: fd.get("new_password") });
@@ -257,6 +264,34 @@
       go("#/login", "Your account is closed.");
     });
   };
+
+  // ---- money and notices (beside the views above; money.js has the money pages) -----
+  function addFunds() {
+    return h("p", {}, h("a", { href: "#/redeem", text: "Redeem a code" }),
+      state.me.topups ? [" · ", h("a", { href: "#/topup", text: "Top up by card" })] : null);
+  }
+  // The opt-in low-balance email (POST /api/account/low-balance; null opts out).
+  function lowBalanceForm() {
+    const on = state.me.low_balance_usd;
+    const form = h("form", { class: "card narrow", "aria-labelledby": "low-h" },
+      h("h2", { id: "low-h", text: "Low-balance email" }),
+      h("p", { id: "low-state", text: on ? "We email you once when your balance falls below $" + on + "."
+        : "Off: we send no email about your balance." }),
+      field("Email me when the balance falls below (USD)", { name: "threshold_usd", type: "number", required: true,
+        min: "0.01", max: "1000000", step: "0.01", inputmode: "decimal", value: on || "" }),
+      h("button", { type: "submit", text: on ? "Save threshold" : "Turn on" }),
+      on ? h("button", { type: "button", class: "secondary", text: "Turn off", onclick: () => setLow(null) }) : null);
+    async function setLow(threshold) {
+      try {
+        const r = await api("POST", "/api/account/low-balance", { threshold_usd: threshold });
+        await VIEWS.settings();
+        say(r.threshold_usd ? "We will email you when your balance falls below $" + r.threshold_usd + "."
+          : "Low-balance emails are off.");
+      } catch (e) { fail(e.message); }
+    }
+    form.addEventListener("submit", (ev) => { ev.preventDefault(); setLow(String(new FormData(form).get("threshold_usd"))); });
+    return form;
+  }
 
   VIEWS.privacy = async () => {
     const li = (t) => h("li", { text: t });

@@ -1,6 +1,9 @@
 /* flintproxy console, the core: DOM helpers, the API client, forms, views by URL
-   fragment (#/keys). account.js and operator.js add their views to flint.VIEWS; the
-   page starts once all three have run (they are deferred, in order).
+   fragment (#/keys). account.js, money.js, recovery.js and operator.js add their views
+   to flint.VIEWS; the page starts once all have run (they are deferred, in order).
+   Emailed links and Stripe's return URLs land as "#name=value" (#reset=TOKEN,
+   #confirm-email=TOKEN, #topup=done): the value is read into memory and the address
+   bar rewritten at once (history.replaceState), so a token stays in no history entry.
    No HTML built from strings: every value goes in through textContent. */
 "use strict";
 (function () {
@@ -61,6 +64,9 @@
     csrf_failed: "This page's session is out of date. Please reload the page.",
     account_disabled: "This account is disabled. You can still read, export and delete its data.",
     not_operator: "Only operators may do this.",
+    invalid_code: "That code is not valid: it may be mistyped, already used or expired.",
+    email_disabled: "This server sends no email, so a password cannot be reset here. Please ask the operator.",
+    payments_disabled: "Top-ups are not available on this server.",
     note_required: "Please write a note saying why: it is kept in the audit log.",
     insufficient_balance: null, // the server's sentence names the amounts
   };
@@ -147,7 +153,8 @@
     for (const li of document.querySelectorAll("#nav li")) {
       const w = li.dataset.when;
       li.hidden = (w === "in" && !state.me) || (w === "out" && !!state.me) ||
-        (w === "operator" && !(state.me && state.me.operator));
+        (w === "operator" && !(state.me && state.me.operator)) ||
+        (w === "topups" && !(state.me && state.me.topups));
     }
     const here = location.hash.split("?")[0];
     for (const a of document.querySelectorAll("#nav a")) {
@@ -156,12 +163,25 @@
     }
   }
   const VIEWS = {};
+  // Views for anyone, logged in or not; the rest need a login.
+  const OPEN = new Set(["login", "signup", "privacy", "forgot", "reset", "confirm-email"]);
+  // "#name=value" links: the view each opens, and the value (kept here only, in memory).
+  const LINKS = { reset: () => "#/reset", "confirm-email": () => "#/confirm-email",
+    topup: (v) => "#/topup/" + v };
+  const links = {};
+  function takeLink() {
+    const m = /^#([a-z-]+)=([A-Za-z0-9_-]{1,128})$/.exec(location.hash);
+    if (!m || !Object.hasOwn(LINKS, m[1])) return;
+    links[m[1]] = m[2];
+    history.replaceState(null, "", location.pathname + location.search + LINKS[m[1]](m[2]));
+  }
   async function render() {
+    takeLink();
     const [path, id] = location.hash.replace(/^#\/?/, "").split("/");
-    const view = VIEWS[path] || (state.me ? VIEWS.overview : VIEWS.login);
-    const open = view === VIEWS.login || view === VIEWS.signup || view === VIEWS.privacy;
-    if (!open && !state.me) { updateNav(); return go("#/login"); }
-    if ((view === VIEWS.login || view === VIEWS.signup) && state.me) return go("#/overview");
+    const name = Object.hasOwn(VIEWS, path) ? path : (state.me ? "overview" : "login");
+    const view = VIEWS[name];
+    if (!OPEN.has(name) && !state.me) { updateNav(); return go("#/login"); }
+    if ((name === "login" || name === "signup" || name === "forgot") && state.me) return go("#/overview");
     updateNav();
     try {
       await view(id);
@@ -184,12 +204,12 @@
     state.me = null;
     go("#/login", "You are logged out.");
   });
-  // After account.js and operator.js (deferred scripts run in order, before this event).
+  // After the other scripts (deferred scripts run in order, before this event).
   document.addEventListener("DOMContentLoaded", async () => {
     try { state.me = await api("GET", "/api/account"); } catch (e) { state.me = null; }
     render();
   });
 
   window.flint = { state, h, field, table, when, say, fail, api, ApiError, submitter,
-    confirmDialog, go, page, updateNav, VIEWS };
+    confirmDialog, go, page, updateNav, VIEWS, links };
 })();
