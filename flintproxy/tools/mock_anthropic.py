@@ -12,7 +12,7 @@ cache-read tokens. A stream's events, in order: ``message_start``,
 ``message_delta`` (stop reason, output tokens), ``message_stop``.
 
 Errors are Anthropic-shaped (``{"type": "error", "error": {"type", "message"}}``); the
-``x-mock-fault`` modes are the chat routes' (tools.mock), plus ``http529`` (overloaded).
+``x-mock-fault`` modes are the chat routes' (tools.mock_faults), plus ``http529`` (overloaded).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the mock's Anthropic and Responses formats share: the core they call back into,
 a named SSE event, and one stream writer with the mock's stream fault modes.
 
-The core is ``tools.mock``'s own (``MockCore`` names what these formats use of it),
+The core is ``tools.mock_core.Mock`` (``MockCore`` names what these formats use of it),
 so the formats count, record and fault requests exactly as the chat routes do.
 """
 
@@ -20,7 +20,7 @@ __all__ = ["MockCore", "Plan", "cache_tokens", "event", "stream_events", "tokens
 
 
 class MockCore(Protocol):
-    """What a format module uses of the mock (``tools.mock._Mock``)."""
+    """What a format module uses of the mock (``tools.mock_core.Mock``)."""
 
     ids: itertools.count[int]
     created: int
