@@ -12,7 +12,7 @@ cache-read tokens. A stream's events, in order: ``message_start``,
 ``message_delta`` (stop reason, output tokens), ``message_stop``.
 
 Errors are Anthropic-shaped (``{"type": "error", "error": {"type", "message"}}``); the
-``x-mock-fault`` modes are the chat routes' (tools.mock), plus ``http529`` (overloaded).
+``x-mock-fault`` modes are the chat routes' (tools.mock_faults), plus ``http529`` (overloaded).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from aiohttp import web
 
 from flintproxy.tools.mock_events import MockCore, Plan, cache_tokens, event, stream_events
 from flintproxy.tools.mock_events import tokens_of as _tokens
+from flintproxy.tools.mock_faults import Overrides
 
 __all__ = ["count_tokens", "messages"]
 
@@ -44,7 +45,7 @@ def anthropic_error(status: int, message: str) -> web.HTTPException:
         "type": _TYPES.get(status, "api_error"), "message": message}}).decode())
 
 
-async def _intake(core: MockCore, request: web.Request) -> tuple[dict[str, Any], Any]:
+async def _intake(core: MockCore, request: web.Request) -> tuple[dict[str, Any], Overrides]:
     """The mock's intake, its errors reshaped as Anthropic's."""
     if request.headers.get("x-mock-fault") == "http529":
         await request.read()

@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from flintproxy.tools.mock_events import MockCore, Plan, stream_events
+from flintproxy.tools.mock_faults import Overrides
 
 __all__ = ["forced_tool", "tool_call"]
 
@@ -35,7 +36,7 @@ def _data(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-async def tool_call(core: MockCore, request: web.Request, body: dict[str, Any], ov: Any,
+async def tool_call(core: MockCore, request: web.Request, body: dict[str, Any], ov: Overrides,
                     name: str, chunks: int, finish: str, usage: dict[str, Any]
                     ) -> web.StreamResponse:
     """Answer with one call of ``name`` whose arguments take ``chunks`` tokens."""

@@ -1,7 +1,7 @@
 """What the mock's Anthropic and Responses formats share: the core they call back into,
 a named SSE event, and one stream writer with the mock's stream fault modes.
 
-The core is ``tools.mock``'s own (``MockCore`` names what these formats use of it),
+The core is ``tools.mock_core.Mock`` (``MockCore`` names what these formats use of it),
 so the formats count, record and fault requests exactly as the chat routes do.
 """
 
@@ -16,16 +16,18 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from flintproxy.tools.mock_faults import Overrides
+
 __all__ = ["MockCore", "Plan", "cache_tokens", "event", "stream_events", "tokens_of"]
 
 
 class MockCore(Protocol):
-    """What a format module uses of the mock (``tools.mock._Mock``)."""
+    """What a format module uses of the mock (``tools.mock_core.Mock``)."""
 
     ids: itertools.count[int]
     created: int
 
-    async def intake(self, request: web.Request) -> tuple[dict[str, Any], Any]: ...
+    async def intake(self, request: web.Request) -> tuple[dict[str, Any], Overrides]: ...
 
     async def wait(self, request: web.BaseRequest, seconds: float) -> bool: ...
 
@@ -39,9 +41,10 @@ class MockCore(Protocol):
 
     def completed(self) -> None: ...
 
-    async def plain(self, request: web.Request, data: bytes, ov: Any) -> web.StreamResponse: ...
+    async def plain(self, request: web.Request, data: bytes, ov: Overrides
+                    ) -> web.StreamResponse: ...
 
-    def fault_headers(self, ov: Any) -> dict[str, str]: ...
+    def fault_headers(self, ov: Overrides) -> dict[str, str]: ...
 
 
 def event(obj: Mapping[str, Any]) -> bytes:
@@ -86,7 +89,7 @@ _STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cac
 
 
 async def stream_events(core: MockCore, request: web.Request, plan: Plan, chunks: int,
-                        ov: Any) -> web.StreamResponse:
+                        ov: Overrides) -> web.StreamResponse:
     """Send ``plan`` with ``chunks`` deltas, honouring the stream fault modes: malformed
     (a broken first event), reset:N (cut after N deltas), endless, huge_event:N, linger:MS,
     and the delays."""

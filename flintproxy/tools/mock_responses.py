@@ -10,7 +10,7 @@ order: ``response.created``, ``response.in_progress``, ``response.output_item.ad
 ``response.output_text.done``, ``response.content_part.done``,
 ``response.output_item.done``, then ``response.completed`` (or
 ``response.incomplete``), whose response repeats the output and carries the usage
-last. The ``x-mock-fault`` modes are the chat routes' (tools.mock).
+last. The ``x-mock-fault`` modes are the chat routes' (tools.mock_faults).
 """
 
 from __future__ import annotations
