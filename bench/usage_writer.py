@@ -82,9 +82,9 @@ async def burst(tmp: Path, rows: int, accounts: int, batch: int, ordered: bool) 
     await writer.sync()
     total = time.perf_counter() - t0
     await writer.drain()
-    async with db.execute("SELECT COUNT(*), SUM(cost_nano) FROM usage") as cur:
+    async with db.conn.execute("SELECT COUNT(*), SUM(cost_nano) FROM usage") as cur:
         count, cost = await cur.fetchone()
-    async with db.execute("SELECT SUM(charged_nano) FROM accounts") as cur:
+    async with db.conn.execute("SELECT SUM(charged_nano) FROM accounts") as cur:
         (charged,) = await cur.fetchone()
     await db.close()
     assert count == rows and cost == charged, (count, rows, cost, charged)
