@@ -186,6 +186,7 @@ class Billing:
         self._books: dict[int, _Book] = {}
         # The keys' spend-cap books (gate.spendcaps), read on the writer's task.
         self.caps = CapBooks(balances)
+        self._capped = self.caps.by_key  # the same dict: the writer's one probe
         self.caps.on_wanted = self._wake_writer
         # Set by the usage writer: its queued rows of some keys (cap books count them).
         self.queued_rows: QueuedRows | None = None
@@ -377,9 +378,11 @@ class Billing:
             book.low_water = 0  # once per slice: the lease book re-arms it
             if self.leases is not None:
                 self.leases.low(account_id)
-        for cb in caps:
-            cb.reserved += amount
-        return Reservation(account_id, model, price, amount, granted, limit, caps=caps)
+        if caps:
+            for cb in caps:
+                cb.reserved += amount
+            return Reservation(account_id, model, price, amount, granted, limit, caps=caps)
+        return Reservation(account_id, model, price, amount, granted, limit)
 
     def unbilled(self, account_id: int, model: str) -> Reservation:
         """A reservation of nothing, for a request that is not billed (count_tokens)."""
@@ -453,8 +456,9 @@ class Billing:
         book = self._books.get(res.account_id)
         if book is not None:
             book.reserved -= res.amount
-        for cb in res.caps:
-            cb.reserved -= res.amount
+        if res.caps:
+            for cb in res.caps:
+                cb.reserved -= res.amount
 
     # --- the usage writer's side ----------------------------------------------------
 
@@ -465,7 +469,7 @@ class Billing:
         if book is None:
             book = self._books[account_id] = _Book()
         book.pending += cost
-        if self.caps and key_id is not None:
+        if self._capped and key_id in self._capped:
             self.caps.add_pending(key_id, started_ms, cost)
 
     def committed(self, debits: Mapping[int, int], balances: Iterable[tuple[int, int]],
@@ -473,7 +477,7 @@ class Billing:
                   spent: Iterable[tuple[int, str, int]] = ()) -> None:
         """A batch committed: its debits left ``pending``; set the balances it returned
         (and the spend of the keys' cap books)."""
-        if spends and self.caps:
+        if spends and self._capped:
             self.caps.committed(spends, spent, self.leases is not None)
         for account_id, debit in debits.items():
             book = self._books.get(account_id)

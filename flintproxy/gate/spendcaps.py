@@ -131,7 +131,9 @@ class CapBooks:
 
     def __init__(self, source: CapSource) -> None:
         self._source = source
-        self._by_key: dict[int, list[CapBook]] = {}
+        # key -> its books; Billing reads it directly on the hot path (one dict probe).
+        self.by_key: dict[int, list[CapBook]] = {}
+        self._by_key = self.by_key
         # Books asked for and not yet read: (key, period) -> the waiters' future.
         self._wanted: dict[tuple[int, str], asyncio.Future[None]] = {}
         self._day = -1
@@ -259,9 +261,6 @@ class CapBooks:
                     self._by_key[key_id] = keep
                 else:
                     del self._by_key[key_id]
-
-    def __bool__(self) -> bool:
-        return bool(self._by_key)
 
     def held(self, key_id: int) -> list[CapBook]:
         """The key's books (tests, diagnostics, the lease book)."""

@@ -108,6 +108,8 @@ _KEY = UsageRow._fields.index("key_id")
 _COST = UsageRow._fields.index("cost_nano")
 _STARTED = UsageRow._fields.index("started_at")
 _DAY_MS = caps.DAY_MS
+if (_ACCOUNT, _COST, _KEY, _STARTED) != (1, 10, 2, 14):  # UsageWriter.record's indexes
+    raise ImportError("UsageRow's columns moved: update UsageWriter.record")
 _COLS = ", ".join(UsageRow._fields)
 _MARKS = ", ".join("?" * len(UsageRow._fields))
 INSERT_SQL = f"INSERT OR IGNORE INTO usage ({_COLS}) VALUES ({_MARKS})"  # noqa: S608
@@ -199,7 +201,9 @@ class UsageWriter:
         q = self._q
         q.append(tuple(row))
         self.recorded += 1
-        self._billing.add_pending(row.account_id, row.cost_nano, row.key_id, row.started_at)
+        # Literal indexes (account_id, cost_nano, key_id, started_at; checked at import):
+        # a NamedTuple's attribute is a property call, twice the price on this path.
+        self._billing.add_pending(row[1], row[10], row[2], row[14])
         n = len(q)
         if n == 1:
             self._first_at = time.monotonic()
