@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -147,6 +148,14 @@ async def test_the_tightest_cap_binds_lowers_max_tokens_and_is_named(
         assert mock_upstream.stats.last_body["max_tokens"] == 7
         assert (await one_call(c, False)).startswith(
             "402 spend_cap_reached: This API key's daily spend cap of $0.000007 is reached")
+    # The Anthropic route answers in Anthropic's shape, naming the cap all the same.
+    async with aiohttp.ClientSession() as http, http.post(
+            gw.base_url + "/messages", headers={"x-api-key": key2},
+            json={"model": "gpt-4o-mini", "max_tokens": 20, "messages": MESSAGES}) as resp:
+        assert resp.status == 402
+        body = await resp.json()
+    assert body["type"] == "error" and body["error"]["type"] == "billing_error"
+    assert "daily spend cap of $0.000007 is reached" in body["error"]["message"]
     # A balance tighter than every cap still says insufficient_quota.
     repo = gw.components.accounts
     poor = await repo.create_account("poor@example.com", None)
@@ -237,6 +246,15 @@ async def test_caps_are_set_listed_and_cleared_through_the_console_api(
         status, listed, _ = await b.call("GET", "/api/keys")
         mine = next(k for k in listed["data"] if k["id"] == created["id"])
         assert (mine["spent_today_usd"], mine["spent_this_month_usd"]) == ("0.00004", "0.00004")
+        # Erasing the usage rows (the holder's right) does not reset the cap.
+        status, erased, _ = await b.call("DELETE", "/api/usage")
+        assert status == 200 and erased["deleted"] == 2
+        status, listed, _ = await b.call("GET", "/api/keys")
+        mine = next(k for k in listed["data"] if k["id"] == created["id"])
+        assert mine["spent_today_usd"] == "0.00004"
+        async with openai.AsyncOpenAI(base_url=gw.base_url, api_key=created["key"],
+                                      max_retries=0) as c:
+            assert (await one_call(c, False)).startswith("402 spend_cap_reached")
         path = f"/api/keys/{created['id']}"
         for bad in (-1, "NaN", "1e400", "abc", "0.0000000001", True, [1], 10**12):
             status, err, _ = await b.call("PATCH", path, {"spend_cap_day_usd": bad})
