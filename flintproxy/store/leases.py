@@ -330,8 +330,11 @@ class LeaseStore:
                        if c != int(r[2])]
                 await con.execute(WRITE_OFF_SQL, [r for r, _ in cut], [c for _, c in cut])
             balances = await self.apply_debits(con, plan)
-            spends = caps.spends_of((r[3], int(r[4]), c)
-                                    for r, c in zip(inserted, plan.costs, strict=True))
+            # In (key, period) order: nodes' writers lock the rows they share in one
+            # order, so two batches never deadlock on them.
+            spends = dict(sorted(caps.spends_of(
+                (r[3], int(r[4]), c) for r, c in zip(inserted, plan.costs, strict=True)
+            ).items()))
             if spends:
                 await con.execute(caps.PG_SPEND_SQL, [k for k, _ in spends],
                                   [p for _, p in spends], list(spends.values()))

@@ -379,7 +379,7 @@ def batch_sql(fields: Sequence[str]) -> str:
         "'YYYY-MM-DD')), "
         "('m' || to_char(to_timestamp(ins.started_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM'))"
         ") AS v(p) WHERE ins.key_id IS NOT NULL AND ins.cost_nano > 0 "
-        "GROUP BY ins.key_id, v.p ON CONFLICT (key_id, period) DO UPDATE "
+        "GROUP BY ins.key_id, v.p ORDER BY 1, 2 ON CONFLICT (key_id, period) DO UPDATE "
         "SET spent_nano = key_spend.spent_nano + excluded.spent_nano), "
         "debit AS (UPDATE accounts a SET charged_nano = a.charged_nano + d.amount, "
         "balance_nano = a.balance_nano - d.amount FROM d WHERE a.id = d.account_id "
