@@ -9,6 +9,7 @@
     │   └── UnsupportedMediaType    415 code=unsupported_media_type
     ├── AuthenticationError         401 invalid_api_key / invalid_credentials
     ├── InsufficientQuota           402 insufficient_quota
+    │   ├── SpendCapReached         402 spend_cap_reached (a key's daily/monthly cap)
     │   └── LeaseShortfall          402 (shared mode: this node's lease is short; the
     │                               gate waits for one top-up, then answers 402)
     ├── PermissionDenied            403 (disabled account, model not allowed, CSRF)
@@ -136,6 +137,13 @@ class InsufficientQuota(FlintError):
     status = 402
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+class SpendCapReached(InsufficientQuota):
+    """A spend cap of the API key (per UTC day or month) cannot cover the request; the
+    message names the cap (``gate.spendcaps``)."""
+
+    code = "spend_cap_reached"
 
 
 class LeaseShortfall(InsufficientQuota):

@@ -70,6 +70,7 @@ from flintproxy.errors import (
 )
 from flintproxy.gate.bounds import Bound
 from flintproxy.gate.gate import Outcome
+from flintproxy.gate.spendcaps import CapBook, CapBooks, QueuedRows, cap_refusal
 from flintproxy.money import format_usd
 
 log = logging.getLogger("flintproxy.gate.billing")
@@ -127,6 +128,8 @@ class Reservation:
     limit: int | None = None
     done: bool = False
     cost: int = 0
+    # The key's spend-cap books the amount is also booked in (gate.spendcaps).
+    caps: tuple[CapBook, ...] = ()
 
 
 class _Book:
@@ -145,6 +148,10 @@ class BalanceSource(Protocol):
     """Where balances are stored (``store.ledger.Balances`` embedded)."""
 
     async def read(self, account_ids: list[int]) -> dict[int, int]: ...
+
+    async def read_spend(self, key_ids: list[int], periods: list[str]
+                         ) -> dict[tuple[int, str], int]:
+        """``key_spend.spent_nano`` per (key, period) (spend caps)."""
 
 
 class LeaseSupply(Protocol):
@@ -177,6 +184,12 @@ class Billing:
         self.overruns = 0
         self._balances = balances
         self._books: dict[int, _Book] = {}
+        # The keys' spend-cap books (gate.spendcaps), read on the writer's task.
+        self.caps = CapBooks(balances)
+        self._capped = self.caps.by_key  # the same dict: the writer's one probe
+        self.caps.on_wanted = self._wake_writer
+        # Set by the usage writer: its queued rows of some keys (cap books count them).
+        self.queued_rows: QueuedRows | None = None
         self._loads: dict[int, asyncio.Task[None]] = {}
         # Accounts whose load was running when a change event arrived: re-read.
         self._dirty_loads: set[int] = set()
@@ -251,11 +264,22 @@ class Billing:
         if self.on_stale is not None:
             self.on_stale()
 
+    def _wake_writer(self) -> None:
+        if self.on_stale is not None:
+            self.on_stale()
+
     def has_stale(self) -> bool:
-        return self._reload_all or bool(self._stale)
+        return self._reload_all or bool(self._stale) or self.caps.has_wanted()
 
     async def reload_stale(self) -> None:
-        """Re-read balances flagged by ``on_change`` (run by the usage writer's task)."""
+        """Re-read balances flagged by ``on_change`` and read the cap books requests
+        wait for (run by the usage writer's task, between two batches)."""
+        if self.caps.has_wanted():
+            try:
+                await self.caps.read_wanted(self.queued_rows)
+            except BaseException as exc:
+                self.caps.fail_wanted(exc)
+                raise
         if self._reload_all:
             self._reload_all = False
             self._stale.update(a for a, b in self._books.items() if b.balance is not None)
@@ -293,14 +317,17 @@ class Billing:
             return None
         return book.balance - book.pending - book.reserved
 
-    def reserve(self, account_id: int, model: str, bound: Bound) -> Reservation:
+    def reserve(self, account_id: int, model: str, bound: Bound,
+                caps: tuple[CapBook, ...] = ()) -> Reservation:
         """Book the request's maximum cost, or raise 402 insufficient_quota.
 
         The completion limit per choice is the client's (else
         ``billing.default_max_tokens``), capped by the model's ``max_output_tokens``
         and lowered to what the available balance affords; the result is in
         ``Reservation.max_tokens`` / ``.limit``. The account must be loaded
-        (``await load``) first.
+        (``await load``) first. ``caps``: the key's spend-cap books
+        (``CapBooks.books``), booked too; the tightest of all the books binds, and a
+        refusal that a cap causes is 402 ``spend_cap_reached`` naming it.
         """
         price = self.price(model)
         book = self._books.get(account_id)
@@ -310,7 +337,14 @@ class Billing:
             raise ServiceUnavailable("The shared balance store has been unreachable for too "
                                      "long to spend credit safely; please retry shortly.",
                                      headers={"Retry-After": "1"})
-        available = book.balance - book.pending - book.reserved
+        own = available = book.balance - book.pending - book.reserved
+        binding: CapBook | None = None
+        if caps:
+            shared = self.leases is not None
+            for cb in caps:
+                left = (cb.balance if shared else cb.limit - cb.spent) - cb.pending - cb.reserved
+                if left < available:
+                    available, binding = left, cb
         text, media, choices, requested, largest, _ = bound
         prompt = text + media * self._per_media_part if media else text
         exact = prompt * prompt_rate(price)  # the maximum cost, x 1e6, before rounding up
@@ -328,7 +362,7 @@ class Billing:
                 room = available * TOKENS_PER_PRICE_UNIT - exact
                 affordable = room // per_choice if room > 0 else 0
                 if affordable < granted:
-                    if self.leases is not None:
+                    if self.leases is not None and binding is None:
                         self._shortfall(account_id, exact + granted * per_choice, available)
                     granted = affordable
                 exact += granted * per_choice
@@ -336,19 +370,25 @@ class Billing:
                 limit = granted  # the body must say it: it is absent or larger
         amount = -(-exact // TOKENS_PER_PRICE_UNIT)
         if amount > available or (choices and granted < 1):
-            if self.leases is not None:
+            if self.leases is not None and binding is None:
                 self._shortfall(account_id, exact, available)
             need = max_cost_nano(price, prompt, choices)
+            if binding is not None:
+                raise cap_refusal(binding, available, max(amount, need))
             raise InsufficientQuota(
                 "You exceeded your current quota: this request may cost up to "
                 f"${format_usd(max(amount, need))} but the account has "
                 f"${format_usd(max(available, 0))} available. Add credit, or send a "
                 "shorter request.")
         book.reserved += amount
-        if available - amount < book.low_water:
+        if own - amount < book.low_water:
             book.low_water = 0  # once per slice: the lease book re-arms it
             if self.leases is not None:
                 self.leases.low(account_id)
+        if caps:
+            for cb in caps:
+                cb.reserved += amount
+            return Reservation(account_id, model, price, amount, granted, limit, caps=caps)
         return Reservation(account_id, model, price, amount, granted, limit)
 
     def unbilled(self, account_id: int, model: str) -> Reservation:
@@ -423,6 +463,9 @@ class Billing:
         book = self._books.get(res.account_id)
         if book is not None:
             book.reserved -= res.amount
+        if res.caps:
+            for cb in res.caps:
+                cb.reserved -= res.amount
 
     # --- money the control plane takes (an operator's debit) ------------------------
 
@@ -465,15 +508,23 @@ class Billing:
 
     # --- the usage writer's side ----------------------------------------------------
 
-    def add_pending(self, account_id: int, cost: int) -> None:
+    def add_pending(self, account_id: int, cost: int, key_id: int | None = None,
+                    started_ms: int = 0) -> None:
         """A usage row with this cost was queued (called by ``UsageWriter.record``)."""
         book = self._books.get(account_id)
         if book is None:
             book = self._books[account_id] = _Book()
         book.pending += cost
+        if self._capped and key_id in self._capped:
+            self.caps.add_pending(key_id, started_ms, cost)
 
-    def committed(self, debits: Mapping[int, int], balances: Iterable[tuple[int, int]]) -> None:
-        """A batch committed: its debits left ``pending``; set the balances it returned."""
+    def committed(self, debits: Mapping[int, int], balances: Iterable[tuple[int, int]],
+                  spends: Mapping[tuple[int, str], int] | None = None,
+                  spent: Iterable[tuple[int, str, int]] = ()) -> None:
+        """A batch committed: its debits left ``pending``; set the balances it returned
+        (and the spend of the keys' cap books)."""
+        if spends and self._capped:
+            self.caps.committed(spends, spent, self.leases is not None)
         for account_id, debit in debits.items():
             book = self._books.get(account_id)
             if book is not None:

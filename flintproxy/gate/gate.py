@@ -44,6 +44,8 @@ class Principal:
     account_limits: tuple[int | None, int | None, int | None] = (None, None, None)
     # Set once the limiter has been told of account_limits (per cached Principal).
     limits_applied: bool = False
+    # The key's spend caps (day, month) in nano-USD; None: no cap at all (gate.spendcaps).
+    caps: tuple[int | None, int | None] | None = None
 
 
 @dataclass(slots=True)

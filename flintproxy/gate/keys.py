@@ -133,7 +133,8 @@ class KeyAuthenticator:
         principal = Principal(key_id=rec.key_id, account_id=rec.account_id,
                               allowed_models=rec.allowed_models, rpm=rec.rpm, tpm=rec.tpm,
                               max_concurrent=rec.max_concurrent,
-                              account_limits=rec.account_limits)
+                              account_limits=rec.account_limits,
+                              caps=None if rec.caps == (None, None) else rec.caps)
         entry = _Entry(principal, rec.expires_at, self._clock() + self._cache_ttl,
                        rec.account_status == "disabled")
         if generation == self._generation:

@@ -19,13 +19,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from flintproxy.config import Config
-from flintproxy.errors import AuthenticationError, FlintError, LeaseShortfall
+from flintproxy.errors import (
+    AuthenticationError,
+    FlintError,
+    LeaseShortfall,
+    ServiceUnavailable,
+)
 from flintproxy.gate.billing import Billing, Reservation
 from flintproxy.gate.bounds import UNBILLED, Bound, default_limit_param
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_token
 from flintproxy.gate.ipguard import IpGuard, client_ip
 from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.limiter import Limiter
+from flintproxy.gate.spendcaps import CapBook, shared_mode_refusal
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.ledger import UsageRow
 
@@ -129,6 +135,19 @@ class ServiceGate:
         account_id = principal.account_id
         if not billing.is_loaded(account_id):
             await billing.load(account_id)  # once per account per process
+        caps = principal.caps
+        books: tuple[CapBook, ...] = ()
+        if caps is not None:  # a key with a spend cap: its books for this period
+            if billing.leases is not None:
+                raise shared_mode_refusal()
+            found = billing.caps.books(principal.key_id, caps, started_ms)
+            if found is None:  # once per key per period per process
+                await billing.caps.load(principal.key_id, caps, started_ms)
+                found = billing.caps.books(principal.key_id, caps, started_ms)
+                if found is None:  # never uncapped by accident
+                    raise ServiceUnavailable("Could not read the API key's spend; please "
+                                             "retry shortly.", headers={"Retry-After": "1"})
+            books = found
         # Embeddings produce no completion tokens: reserve only the prompt.
         max_tokens = 0 if call.endpoint == "embeddings" else call.max_tokens
         unbilled = call.endpoint in UNBILLED
@@ -150,12 +169,12 @@ class ServiceGate:
                 reservation = billing.unbilled(account_id, call.model)
             else:
                 try:
-                    reservation = billing.reserve(account_id, call.model, bound)
+                    reservation = billing.reserve(account_id, call.model, bound, books)
                 except LeaseShortfall as short:
                     # Shared mode, the rare path: wait (bounded) for ONE top-up of this
                     # node's lease, then reserve again; a second shortfall is a 402.
                     await billing.top_up(account_id, short.need_nano)
-                    reservation = billing.reserve(account_id, call.model, bound)
+                    reservation = billing.reserve(account_id, call.model, bound, books)
         except FlintError as exc:
             exc.headers = {**headers, **exc.headers}
             self.limiter.release(ticket, 0)

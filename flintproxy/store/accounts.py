@@ -39,6 +39,7 @@ import orjson
 from flintproxy.config import Config, usd_to_nano
 from flintproxy.errors import AuthenticationError, BadRequest, Conflict, NotFound, PermissionDenied
 from flintproxy.money import NANO_PER_USD, format_usd
+from flintproxy.store import caps as key_caps
 from flintproxy.store import entries
 from flintproxy.store.db import Database, Dialect, Queries
 from flintproxy.store.entries import Reason
@@ -57,6 +58,7 @@ EV_CREDIT = "credit"
 EV_KEY_CREATED = "key_created"
 EV_KEY_REVOKED = "key_revoked"
 EV_LIMITS = "limits_changed"
+EV_KEY_CAPS = "key_caps_changed"  # a key's spend caps (store.caps)
 
 KEY_PREFIX = "sk-flint-"
 KEY_RANDOM_CHARS = 40  # 40 base62 characters: ~238 bits
@@ -269,6 +271,8 @@ class KeyRecord:
     max_concurrent: int | None
     account_status: str  # "active" | "disabled" | "deleted"
     account_limits: tuple[int | None, int | None, int | None]
+    # Spend caps (day, month) in nano-USD, None each when not set (store.caps).
+    caps: tuple[int | None, int | None] = (None, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,8 +532,11 @@ class Accounts:
 
     async def create_key(self, account_id: int, name: str = "", *,
                          expires_at: int | None = None,
-                         allowed_models: tuple[str, ...] | None = None) -> tuple[KeyInfo, str]:
-        """A new key: (its record, the plaintext). The plaintext is never stored."""
+                         allowed_models: tuple[str, ...] | None = None,
+                         caps: tuple[int | None, int | None] = (None, None)
+                         ) -> tuple[KeyInfo, str]:
+        """A new key: (its record, the plaintext). The plaintext is never stored.
+        ``caps``: its spend caps per UTC day and month, nano-USD (``store.caps``)."""
         key = new_api_key()
         prefix = key[:len(KEY_PREFIX) + KEY_DISPLAY_CHARS]
         models = None if allowed_models is None else orjson.dumps(list(allowed_models)).decode()
@@ -547,8 +554,10 @@ class Accounts:
                                "revoke one first.", code="too_many_keys")
             key_id = int(await db.fetchval(
                 "INSERT INTO api_keys (account_id, key_hash, prefix, last4, name, created_at, "
-                "expires_at, allowed_models) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                account_id, hash_key(key), prefix, key[-4:], name, now, expires_at, models))
+                "expires_at, allowed_models, cap_day_nano, cap_month_nano) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                account_id, hash_key(key), prefix, key[-4:], name, now, expires_at, models,
+                *caps))
             ev = await self._event(db, EV_KEY_CREATED, account_id, key_id)
         self._publish(ev)
         info = KeyInfo(key_id, account_id, prefix, key[-4:], name, now, None, expires_at, None,
@@ -559,7 +568,8 @@ class Accounts:
         """The key with this SHA-256 and its account's status and limits (a cache miss)."""
         row = await self.db.fetchrow(
             "SELECT k.id, k.account_id, k.expires_at, k.revoked_at, k.allowed_models, "
-            "k.rpm, k.tpm, k.max_concurrent, a.status, a.rpm, a.tpm, a.max_concurrent "
+            "k.rpm, k.tpm, k.max_concurrent, a.status, a.rpm, a.tpm, a.max_concurrent, "
+            "k.cap_day_nano, k.cap_month_nano "
             "FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
             key_hash)
         if row is None:
@@ -569,7 +579,7 @@ class Accounts:
             revoked=row[3] is not None,
             allowed_models=None if row[4] is None else frozenset(orjson.loads(row[4])),
             rpm=row[5], tpm=row[6], max_concurrent=row[7], account_status=row[8],
-            account_limits=(row[9], row[10], row[11]))
+            account_limits=(row[9], row[10], row[11]), caps=(row[12], row[13]))
 
     async def mark_keys_used(self, used: dict[int, int]) -> None:
         """Record last_used_at (unix ms) per key id; an older mark never overwrites."""
@@ -631,6 +641,18 @@ class Accounts:
             if also is not None:
                 await also(db)
         self._publish(ev)
+
+    async def set_key_caps(self, key_id: int, account_id: int | None,
+                           caps: dict[str, int | None], *, also: Also | None = None) -> int:
+        """Set a key's spend caps (``store.caps.set_caps``: "day"/"month" in nano-USD,
+        None: no cap) with its event, in one transaction; returns the key's account."""
+        async with self.transaction() as db:
+            owner = await key_caps.set_caps(db, key_id, account_id, caps)
+            ev = await self._event(db, EV_KEY_CAPS, owner, key_id)
+            if also is not None:
+                await also(db)
+        self._publish(ev)
+        return owner
 
     # sessions ------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from flintproxy.store import postgres
+from flintproxy.store import caps, postgres
 from flintproxy.store.db import PgDatabase, converted
 
 log = logging.getLogger("flintproxy.store.leases")
@@ -330,6 +330,14 @@ class LeaseStore:
                        if c != int(r[2])]
                 await con.execute(WRITE_OFF_SQL, [r for r, _ in cut], [c for _, c in cut])
             balances = await self.apply_debits(con, plan)
+            # In (key, period) order: nodes' writers lock the rows they share in one
+            # order, so two batches never deadlock on them.
+            spends = dict(sorted(caps.spends_of(
+                (r[3], int(r[4]), c) for r, c in zip(inserted, plan.costs, strict=True)
+            ).items()))
+            if spends:
+                await con.execute(caps.PG_SPEND_SQL, [k for k, _ in spends],
+                                  [p for _, p in spends], list(spends.values()))
         self.written_off(plan)
         return balances
 

@@ -7,6 +7,9 @@ Each batch is ONE transaction on the writer's own connection that inserts the
 rows and debits ``accounts.charged_nano`` / ``balance_nano`` by the cost of the
 rows it inserted, so the stored balance always equals credits minus charges and,
 while no user deleted rows, ``charged_nano`` equals the sum of the rows' costs.
+The same transaction adds each keyed row's charged cost to ``key_spend`` for the
+UTC day and month it started in (``store.caps``: one UPSERT per batch, aggregated
+per key and period), what spend caps are enforced against.
 
 No double charge, no lost charge. A batch leaves the queue for ``_inflight``
 before its transaction and is dropped only after COMMIT succeeded; a failed
@@ -61,7 +64,7 @@ import orjson
 
 from flintproxy.config import BillingConfig
 from flintproxy.errors import ServiceUnavailable
-from flintproxy.store import postgres, sqlite
+from flintproxy.store import caps, postgres, sqlite
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
 from flintproxy.store.leases import DebitPlan, LeaseStore, plan_debits
 
@@ -101,7 +104,12 @@ class UsageRow(NamedTuple):
 
 
 _ACCOUNT = UsageRow._fields.index("account_id")
+_KEY = UsageRow._fields.index("key_id")
 _COST = UsageRow._fields.index("cost_nano")
+_STARTED = UsageRow._fields.index("started_at")
+_DAY_MS = caps.DAY_MS
+if (_ACCOUNT, _COST, _KEY, _STARTED) != (1, 10, 2, 14):  # UsageWriter.record's indexes
+    raise ImportError("UsageRow's columns moved: update UsageWriter.record")
 _COLS = ", ".join(UsageRow._fields)
 _MARKS = ", ".join("?" * len(UsageRow._fields))
 INSERT_SQL = f"INSERT OR IGNORE INTO usage ({_COLS}) VALUES ({_MARKS})"  # noqa: S608
@@ -121,16 +129,31 @@ def _debit_sql(pairs: int) -> str:
             "RETURNING accounts.id, accounts.balance_nano")
 
 
+def spends_of(batch: Iterable[tuple[Any, ...]]) -> dict[tuple[int, str], int]:
+    """What the keys of these rows spent, per (key, UTC day or month): ``key_spend``."""
+    per_day: dict[tuple[int, int], int] = {}  # (key, UTC day) -> cost
+    for row in batch:
+        key, cost = row[_KEY], row[_COST]
+        if key is not None and cost:
+            kd = (key, row[_STARTED] // _DAY_MS)
+            per_day[kd] = per_day.get(kd, 0) + cost
+    return caps.by_period(per_day)
+
+
 class BalanceBook(Protocol):
     """What the writer tells the in-memory balances (``gate.billing.Billing``): rows
     queued, batches committed, and when balances changed elsewhere must be reloaded."""
 
     on_stale: Callable[[], None] | None
+    # The writer's queued rows of some keys, (key_id, started_ms, cost): spend caps.
+    queued_rows: Callable[[set[int]], Iterable[tuple[int, int, int]]] | None
 
-    def add_pending(self, account_id: int, cost_nano: int) -> None: ...
+    def add_pending(self, account_id: int, cost_nano: int, key_id: int | None = None,
+                    started_ms: int = 0) -> None: ...
 
-    def committed(self, debits: Mapping[int, int],
-                  balances: Iterable[tuple[int, int]]) -> None: ...
+    def committed(self, debits: Mapping[int, int], balances: Iterable[tuple[int, int]],
+                  spends: Mapping[tuple[int, str], int] | None = None,
+                  spent: Iterable[tuple[int, str, int]] = ()) -> None: ...
 
     def has_stale(self) -> bool: ...
 
@@ -169,6 +192,7 @@ class UsageWriter:
         self._flush_started: float | None = None
         self._reload_retry_at = 0.0
         billing.on_stale = self._wake.set
+        billing.queued_rows = self._queued_rows
         # Metrics, read by the metrics module (plain numbers, no labels).
         self.recorded = 0
         self.rows_written = 0
@@ -191,13 +215,21 @@ class UsageWriter:
         q = self._q
         q.append(tuple(row))
         self.recorded += 1
-        self._billing.add_pending(row.account_id, row.cost_nano)
+        # Literal indexes (account_id, cost_nano, key_id, started_at; checked at import):
+        # a NamedTuple's attribute is a property call, twice the price on this path.
+        self._billing.add_pending(row[1], row[10], row[2], row[14])
         n = len(q)
         if n == 1:
             self._first_at = time.monotonic()
             self._wake.set()
         elif n == self._batch_rows:
             self._wake.set()
+
+    def _queued_rows(self, key_ids: set[int]) -> list[tuple[int, int, int]]:
+        """(key_id, started_ms, cost) of the rows of these keys not yet committed (a
+        cap book's first read: rare, O(backlog))."""
+        return [(row[_KEY], row[_STARTED], row[_COST]) for part in (self._inflight, self._q)
+                for row in part if row[_KEY] in key_ids]
 
     @property
     def backlog(self) -> int:
@@ -346,9 +378,10 @@ class UsageWriter:
         debits: dict[int, int] = {}
         for row in batch:
             debits[row[_ACCOUNT]] = debits.get(row[_ACCOUNT], 0) + row[_COST]
+        spends = spends_of(batch)
         self._flush_started = started = time.monotonic()
         try:
-            balances = await self._commit(batch, debits)
+            balances, spent = await self._commit(batch, debits, spends)
         except Exception as exc:
             # Rolled back; retried as is: a full or read-only disk, a lock, a bug.
             self.flush_errors += 1
@@ -362,7 +395,7 @@ class UsageWriter:
             self._flush_started = None
         elapsed = time.monotonic() - started
         self._inflight = []
-        self._billing.committed(debits, balances)
+        self._billing.committed(debits, balances, spends, spent)
         if self.consecutive_errors:
             log.warning("usage writer recovered after %d failed attempts",
                         self.consecutive_errors)
@@ -379,21 +412,26 @@ class UsageWriter:
             observe(elapsed, len(batch))
         return True
 
-    async def _commit(self, batch: list[tuple[Any, ...]],
-                      debits: dict[int, int]) -> list[tuple[int, int]]:
+    async def _commit(self, batch: list[tuple[Any, ...]], debits: dict[int, int],
+                      spends: dict[tuple[int, str], int]
+                      ) -> tuple[list[tuple[int, int]], list[tuple[int, str, int]]]:
+        """Returns (account, balance) and (key, period, spent) as committed."""
         db = self._db
         if self._leases is not None and self._lease_of is not None:
-            return await self._leases.commit_usage(UsageRow._fields, batch, self._lease_of)
+            return (await self._leases.commit_usage(UsageRow._fields, batch, self._lease_of),
+                    [])
         if isinstance(db, PgDatabase):
             assert self._pg_sql is not None
-            return await postgres.commit_usage(db, self._pg_sql, batch, list(debits),
-                                               UsageRow._fields)
+            return (await postgres.commit_usage(db, self._pg_sql, batch, list(debits),
+                                                UsageRow._fields), [])
         assert isinstance(db, SqliteDatabase)
-        return await self._commit_sqlite(db, batch, debits)
+        return await self._commit_sqlite(db, batch, debits, spends)
 
     async def _commit_sqlite(self, sdb: SqliteDatabase, batch: list[tuple[Any, ...]],
-                             debits: dict[int, int]) -> list[tuple[int, int]]:
+                             debits: dict[int, int], spends: dict[tuple[int, str], int]
+                             ) -> tuple[list[tuple[int, int]], list[tuple[int, str, int]]]:
         returned: list[tuple[int, int]] = []
+        spent: list[tuple[int, str, int]] = []
         plan: DebitPlan | None = None
         async with sqlite.transaction(sdb.conn, sdb.lock) as db:
             plan = await self._over_balance(db, batch, debits)
@@ -401,6 +439,7 @@ class UsageWriter:
                 batch = [row if cost == row[_COST] else (*row[:_COST], cost, *row[_COST + 1:])
                          for row, cost in zip(batch, plan.costs, strict=True)]
                 debits = plan.charges
+                spends = spends_of(batch)  # keys spent what their rows were charged
             async with db.execute("SELECT COALESCE(MAX(id), 0) FROM usage") as cur:
                 row = await cur.fetchone()
             max_before = int(row[0]) if row else 0
@@ -416,12 +455,17 @@ class UsageWriter:
                 rows = await db.execute_fetchall(_debit_sql(len(chunk)),
                                                  [x for pair in chunk for x in pair])
                 returned.extend((int(a), int(b)) for a, b in rows)
+            # Every row of the batch is in the ledger (checked above): its key's spend.
+            for params in caps.spend_triples(spends):
+                rows = await db.execute_fetchall(caps.spend_upsert_sql(len(params) // 3),
+                                                 params)
+                spent.extend((int(k), str(p), int(v)) for k, p, v in rows)
         if plan is not None:
             self.written_off_nano += plan.written_off
             log.warning("usage rows cost %d nano-USD more than their accounts' balances "
                         "(money debited by another process while they ran); written off",
                         plan.written_off)
-        return returned
+        return returned, spent
 
     async def _over_balance(self, db: aiosqlite.Connection, batch: list[tuple[Any, ...]],
                             debits: dict[int, int]) -> DebitPlan | None:
@@ -493,3 +537,8 @@ class Balances:
             f"SELECT id, balance_nano FROM accounts WHERE id IN ({marks})",  # noqa: S608
             *account_ids)
         return {int(r[0]): int(r[1]) for r in rows}
+
+    async def read_spend(self, key_ids: list[int], periods: list[str]
+                         ) -> dict[tuple[int, str], int]:
+        """``key_spend.spent_nano`` per (key, period); absent: 0 (spend caps)."""
+        return await caps.read_spend(self._db, key_ids, periods)

@@ -56,6 +56,7 @@ class Action(StrEnum):
     ENABLE = "enable_account"
     REVOKE_KEY = "revoke_key"
     SET_LIMITS = "set_limits"
+    SET_KEY_CAPS = "set_key_caps"
 
 
 def audit_note(raw: object, *, required: bool) -> str:
@@ -312,3 +313,13 @@ class Operators:
             account_id, key_id, rpm, tpm, conc,
             also=self._audit(operator_id, Action.SET_LIMITS, account_id=account_id,
                              key_id=key_id, note=f"{shown}; {note}" if note else shown))
+
+    async def set_key_caps(self, operator_id: int | None, key_id: int,
+                           caps: dict[str, int | None], note: str) -> int:
+        """Set a key's spend caps (``Accounts.set_key_caps``), audited; returns its account."""
+        shown = ", ".join(f"{n}={'none' if v is None else '$' + format_usd(v)}"
+                          for n, v in caps.items())
+        return await self.accounts.set_key_caps(
+            key_id, None, caps,
+            also=self._audit(operator_id, Action.SET_KEY_CAPS, key_id=key_id,
+                             note=f"{shown}; {note}" if note else shown))

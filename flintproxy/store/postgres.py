@@ -255,6 +255,34 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX credit_leases_account ON credit_leases(account_id);
     CREATE INDEX credit_leases_expiry ON credit_leases(expires_at);
     """,
+    # 13 (sqlite's 13): spend caps per key (gate.spendcaps): the caps, the durable spend per UTC
+    # period (never derived from usage rows, which users may erase) and, in shared
+    # mode, the nodes' leases on a cap's free part (mirrors credit_leases).
+    """
+    ALTER TABLE api_keys ADD COLUMN cap_day_nano BIGINT CHECK (cap_day_nano >= 0);
+    ALTER TABLE api_keys ADD COLUMN cap_month_nano BIGINT CHECK (cap_month_nano >= 0);
+    CREATE TABLE key_spend (
+        key_id       BIGINT NOT NULL,          -- like usage.key_id: no foreign key
+        period       TEXT NOT NULL,           -- 'd2026-12-03' | 'm2026-12' (UTC)
+        spent_nano   BIGINT NOT NULL DEFAULT 0 CHECK (spent_nano >= 0),
+        leased_nano  BIGINT NOT NULL DEFAULT 0 CHECK (leased_nano >= 0),
+        PRIMARY KEY (key_id, period)
+    );
+    CREATE TABLE cap_leases (
+        id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        key_id        BIGINT NOT NULL,
+        period        TEXT NOT NULL,
+        node_id       TEXT NOT NULL,
+        granted_nano  BIGINT NOT NULL CHECK (granted_nano >= 0),
+        spent_nano    BIGINT NOT NULL DEFAULT 0
+                      CHECK (spent_nano >= 0 AND spent_nano <= granted_nano),
+        created_at    BIGINT NOT NULL,
+        expires_at    BIGINT NOT NULL
+    );
+    CREATE INDEX cap_leases_node ON cap_leases(node_id);
+    CREATE INDEX cap_leases_key ON cap_leases(key_id, period);
+    CREATE INDEX cap_leases_expiry ON cap_leases(expires_at);
+    """,
 )
 
 
@@ -340,9 +368,19 @@ def batch_sql(fields: Sequence[str]) -> str:
     cols = ", ".join(fields)
     return (
         f"WITH ins AS (INSERT INTO usage ({cols}) SELECT {cols} FROM {STAGING} s "  # noqa: S608
-        "ON CONFLICT (request_id) DO NOTHING RETURNING account_id, cost_nano), "
+        "ON CONFLICT (request_id) DO NOTHING RETURNING account_id, cost_nano, key_id, "
+        "started_at), "
         "d AS (SELECT account_id, SUM(cost_nano)::bigint AS amount FROM ins "
         "GROUP BY account_id), "
+        # The keys' spend per UTC day and month (store.caps.periods, in SQL).
+        "ks AS (INSERT INTO key_spend (key_id, period, spent_nano) "
+        "SELECT ins.key_id, v.p, SUM(ins.cost_nano)::bigint FROM ins, LATERAL (VALUES "
+        "('d' || to_char(to_timestamp(ins.started_at / 1000) AT TIME ZONE 'UTC', "
+        "'YYYY-MM-DD')), "
+        "('m' || to_char(to_timestamp(ins.started_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM'))"
+        ") AS v(p) WHERE ins.key_id IS NOT NULL AND ins.cost_nano > 0 "
+        "GROUP BY ins.key_id, v.p ORDER BY 1, 2 ON CONFLICT (key_id, period) DO UPDATE "
+        "SET spent_nano = key_spend.spent_nano + excluded.spent_nano), "
         "debit AS (UPDATE accounts a SET charged_nano = a.charged_nano + d.amount, "
         "balance_nano = a.balance_nano - d.amount FROM d WHERE a.id = d.account_id "
         "RETURNING a.id, a.balance_nano) "
@@ -357,7 +395,7 @@ def insert_staged_sql(fields: Sequence[str]) -> str:
     cols = ", ".join(fields)
     return (f"INSERT INTO usage ({cols}) SELECT {cols} FROM {STAGING} s "  # noqa: S608
             "ON CONFLICT (request_id) DO NOTHING "
-            "RETURNING request_id, account_id, cost_nano")
+            "RETURNING request_id, account_id, cost_nano, key_id, started_at")
 
 
 async def stage_usage(con: Any, batch: Sequence[tuple[Any, ...]],

@@ -236,6 +236,34 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX credit_leases_account ON credit_leases(account_id);
     CREATE INDEX credit_leases_expiry ON credit_leases(expires_at);
     """,
+    # 13: spend caps per key (gate.spendcaps): the caps, the durable spend per UTC
+    # period (never derived from usage rows, which users may erase) and, in shared
+    # mode, the nodes' leases on a cap's free part (mirrors credit_leases).
+    """
+    ALTER TABLE api_keys ADD COLUMN cap_day_nano INTEGER CHECK (cap_day_nano >= 0);
+    ALTER TABLE api_keys ADD COLUMN cap_month_nano INTEGER CHECK (cap_month_nano >= 0);
+    CREATE TABLE key_spend (
+        key_id       INTEGER NOT NULL,         -- like usage.key_id: no foreign key
+        period       TEXT NOT NULL,           -- 'd2026-12-03' | 'm2026-12' (UTC)
+        spent_nano   INTEGER NOT NULL DEFAULT 0 CHECK (spent_nano >= 0),
+        leased_nano  INTEGER NOT NULL DEFAULT 0 CHECK (leased_nano >= 0),
+        PRIMARY KEY (key_id, period)
+    );
+    CREATE TABLE cap_leases (
+        id            INTEGER PRIMARY KEY,
+        key_id        INTEGER NOT NULL,
+        period        TEXT NOT NULL,
+        node_id       TEXT NOT NULL,
+        granted_nano  INTEGER NOT NULL CHECK (granted_nano >= 0),
+        spent_nano    INTEGER NOT NULL DEFAULT 0
+                      CHECK (spent_nano >= 0 AND spent_nano <= granted_nano),
+        created_at    INTEGER NOT NULL,
+        expires_at    INTEGER NOT NULL
+    );
+    CREATE INDEX cap_leases_node ON cap_leases(node_id);
+    CREATE INDEX cap_leases_key ON cap_leases(key_id, period);
+    CREATE INDEX cap_leases_expiry ON cap_leases(expires_at);
+    """,
 )
 
 

@@ -1,7 +1,7 @@
 """``flintproxy admin``: operator tasks against the store, safe while the server runs.
 
 Each verb is one short transaction that also writes an ``events`` row (and, for
-credit, revoke-key, disable/enable-account, set-limits and the operator role, an
+credit, revoke-key, disable/enable-account, set-limits, set-key-cap and the operator role, an
 ``audit`` row whose operator is the command line: ``store.operators``); a running
 server polls that table (``accounts.change_poll_s``, default 0.25 s; on PostgreSQL
 it is also woken by a NOTIFY) and applies the change within one second. Exit
@@ -42,6 +42,7 @@ from flintproxy.store.accounts import (
     normalize_email,
     parse_usd,
 )
+from flintproxy.store.caps import KeyCaps, key_caps, parse_cap
 from flintproxy.store.db import Database, SqliteDatabase
 from flintproxy.store.operators import Operators, audit_note
 from flintproxy.store.pii import PiiCodec
@@ -114,6 +115,22 @@ async def _revoke_key(repo: Accounts, args: argparse.Namespace, cfg: Config) -> 
     return 0
 
 
+async def _set_key_cap(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
+    limits: dict[str, int | None] = {}
+    for kind, raw in (("day", args.day_usd), ("month", args.month_usd)):
+        if raw is not None:
+            limits[kind] = None if raw.strip().lower() == "none" else parse_cap(
+                raw, f"--{kind}-usd")
+    if not limits:
+        _err("give --day-usd and/or --month-usd (a USD amount, or 'none' to clear)")
+        return 2
+    await Operators(repo).set_key_caps(None, args.key_id, limits, _note(args))
+    shown = ", ".join(f"{n}={'none' if v is None else format_usd(v) + ' USD'}"
+                      for n, v in limits.items())
+    print(f"spend caps of key {args.key_id}: {shown}")
+    return 0
+
+
 async def _set_limits(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
     account = await repo.by_email(normalize_email(args.email))
     await Operators(repo).set_limits(None, account.id, args.key,
@@ -180,11 +197,16 @@ async def _purge(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
 
 async def _list_keys(repo: Accounts, args: argparse.Namespace, cfg: Config) -> int:
     account = await repo.by_email(normalize_email(args.email))
-    rows = [("ID", "KEY", "NAME", "CREATED", "LAST_USED", "EXPIRES", "REVOKED", "MODELS")]
+    rows = [("ID", "KEY", "NAME", "CREATED", "LAST_USED", "EXPIRES", "REVOKED", "MODELS",
+             "DAY_CAP", "TODAY", "MONTH_CAP", "THIS_MONTH")]
+    spend = await key_caps(repo.db, account.id, repo.clock())
     for k in await repo.list_keys(account.id):
+        c = spend.get(k.id, KeyCaps(None, None, 0, 0)).as_json()
         rows.append((str(k.id), f"{k.prefix}...{k.last4}", k.name or "-", _when(k.created_at),
                      _when(k.last_used_at), _when(k.expires_at), _when(k.revoked_at),
-                     ",".join(k.allowed_models) if k.allowed_models else "*"))
+                     ",".join(k.allowed_models) if k.allowed_models else "*",
+                     c["spend_cap_day_usd"] or "-", c["spent_today_usd"],
+                     c["spend_cap_month_usd"] or "-", c["spent_this_month_usd"]))
     _table(rows)
     return 0
 
@@ -283,6 +305,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-concurrent", type=int, help="requests in flight at once")
     v.add_argument("--note", help="why (kept in the audit log)")
     v.set_defaults(run=_set_limits)
+
+    v = sub.add_parser("set-key-cap", help="set or clear (none) a key's spend caps per UTC "
+                       "day and month (options left out keep their value)")
+    v.add_argument("key_id", type=int)
+    v.add_argument("--day-usd", metavar="USD", help="e.g. 5.00, or none")
+    v.add_argument("--month-usd", metavar="USD", help="e.g. 50, or none")
+    v.add_argument("--note", help="why (kept in the audit log)")
+    v.set_defaults(run=_set_key_cap)
 
     v = sub.add_parser("delete-account",
                        help="close an account: erase email and password, revoke keys")

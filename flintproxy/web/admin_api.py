@@ -16,6 +16,8 @@ Routes:
     POST /api/admin/accounts/{id}/enable  {note?}   -> summary
     POST /api/admin/accounts/{id}/limits  {key_id?, rpm?, tpm?, max_concurrent?, note?}
     POST /api/admin/keys/{id}/revoke      {note?}   -> 204
+    POST /api/admin/keys/{id}/caps        {spend_cap_day_usd?, spend_cap_month_usd?, note?}
+                                                    -> summary + keys (null: no cap)
     GET  /api/admin/audit?limit=&before=            -> {data: [entry...], next_before}
 """
 
@@ -30,9 +32,12 @@ from flintproxy.money import format_usd
 from flintproxy.store.accounts import MAX_EMAIL_CHARS, parse_usd
 from flintproxy.store.operators import MAX_AUDIT_PAGE, audit_note
 from flintproxy.web.api import (
+    CAP_FIELDS,
     active_account,
+    cap_fields,
     json_body,
     json_response,
+    keys_json,
     no_content,
     session_account,
 )
@@ -81,8 +86,8 @@ async def get_account(request: web.Request) -> web.Response:
     await _operator(request)
     account_id = _id(request, "account_id", "account")
     summary = (await request.app[OPERATORS].summary(account_id)).as_json()
-    keys = await request.app[ACCOUNTS].list_keys(account_id)
-    return json_response({**summary, "keys": [k.as_json() for k in keys]})
+    return json_response({**summary, "keys": await keys_json(request.app[ACCOUNTS],
+                                                             account_id)})
 
 
 def _money(debit: bool) -> Any:
@@ -161,6 +166,16 @@ async def set_limits(request: web.Request) -> web.Response:
     limits = (_limit(body, "rpm"), _limit(body, "tpm"), _limit(body, "max_concurrent"))
     note = audit_note(body.get("note"), required=False)
     await request.app[OPERATORS].set_limits(operator, account_id, key_id, limits, note)
+    return await _summary(request, account_id)
+
+
+async def set_key_caps(request: web.Request) -> web.Response:
+    operator = await _operator(request, change=True)
+    key_id = _id(request, "key_id", "API key")
+    body = await json_body(request, frozenset({*CAP_FIELDS, "note"}))
+    limits = cap_fields(body)
+    note = audit_note(body.get("note"), required=False)
+    account_id = await request.app[OPERATORS].set_key_caps(operator, key_id, limits, note)
     return await _summary(request, account_id)
 
 

@@ -23,9 +23,15 @@ Routes:
     POST   /api/account/password  {current_password, new_password} -> 204
     DELETE /api/account           {password}  (also POST /api/account/delete) -> 204
     GET    /api/keys                                           -> 200 {data: [key...]}
-    POST   /api/keys              {name?, expires_at? | expires_in_days?, allowed_models?}
+    POST   /api/keys              {name?, expires_at? | expires_in_days?, allowed_models?,
+                                   spend_cap_day_usd?, spend_cap_month_usd?}
                                                                -> 201 key + "key" (once)
+    PATCH  /api/keys/{id}         {spend_cap_day_usd?, spend_cap_month_usd?} (null: no cap;
+                                   absent: unchanged)          -> 200 key
     DELETE /api/keys/{id}         (also POST /api/keys/{id}/revoke) -> 204
+
+A key's listing shows its spend caps and what it spent today and this month (UTC),
+from ``key_spend`` (``store.caps``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from flintproxy.errors import (
 from flintproxy.gate.ipguard import client_ip, is_trusted_proxy
 from flintproxy.money import format_usd
 from flintproxy.store import accounts as acc
+from flintproxy.store import caps
 from flintproxy.store.accounts import Session
 from flintproxy.store.low_balance import LowBalance
 from flintproxy.web.keys import ACCOUNTS, LOGIN_GUARD, OPERATORS, PAYMENTS, SETTINGS
@@ -316,23 +323,64 @@ async def delete_account(request: web.Request) -> web.Response:
     return resp
 
 
+CAP_FIELDS = {"spend_cap_day_usd": "day", "spend_cap_month_usd": "month"}
+
+
+async def keys_json(repo: acc.Accounts, account_id: int) -> list[dict[str, Any]]:
+    """The account's keys as JSON, each with its spend caps and spend (also /api/admin)."""
+    keys = await repo.list_keys(account_id)
+    spend = await caps.key_caps(repo.db, account_id, repo.clock())
+    none = caps.KeyCaps(None, None, 0, 0)
+    return [{**k.as_json(), **spend.get(k.id, none).as_json()} for k in keys]
+
+
+def cap_fields(body: dict[str, Any]) -> dict[str, int | None]:
+    """The spend caps a body sets ("day"/"month" -> nano-USD or None); absent ones are
+    left out (unchanged); a hostile value is a 400 naming its field."""
+    return {kind: caps.parse_cap(body[name], name) for name, kind in CAP_FIELDS.items()
+            if name in body}
+
+
 async def list_keys(request: web.Request) -> web.Response:
     account_id = await session_account(request)
-    keys = await request.app[ACCOUNTS].list_keys(account_id)
-    return _json({"object": "list", "data": [k.as_json() for k in keys]})
+    return _json({"object": "list",
+                  "data": await keys_json(request.app[ACCOUNTS], account_id)})
 
 
 async def create_key(request: web.Request) -> web.Response:
     account_id = await active_account(request)
     body = await _body(request, frozenset({"name", "expires_at", "expires_in_days",
-                                           "allowed_models"}))
+                                           "allowed_models", *CAP_FIELDS}))
     repo = request.app[ACCOUNTS]
     name = acc.key_name(body.get("name"))
     models = acc.model_list(body.get("allowed_models"), request.app[SETTINGS].models)
     expires_at = _expiry(body, repo.clock())
+    limits = cap_fields(body)
     info, key = await repo.create_key(account_id, name, expires_at=expires_at,
-                                      allowed_models=models)
-    return _json({**info.as_json(), "key": key}, 201)
+                                      allowed_models=models,
+                                      caps=(limits.get("day"), limits.get("month")))
+    shown = caps.KeyCaps(limits.get("day"), limits.get("month"), 0, 0)
+    return _json({**info.as_json(), **shown.as_json(), "key": key}, 201)
+
+
+async def update_key(request: web.Request) -> web.Response:
+    """PATCH a key's spend caps (null clears one; a field left out keeps its value)."""
+    account_id = await active_account(request)
+    key_id = _key_id(request)
+    body = await _body(request, frozenset(CAP_FIELDS))
+    repo = request.app[ACCOUNTS]
+    await repo.set_key_caps(key_id, account_id, cap_fields(body))
+    for key in await keys_json(repo, account_id):
+        if key["id"] == key_id:
+            return _json(key)
+    raise NotFound(f"No API key with id {key_id}.")
+
+
+def _key_id(request: web.Request) -> int:
+    raw = request.match_info["key_id"]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise NotFound(f"No API key with id {raw[:32]!r}.")
+    return int(raw)
 
 
 def _expiry(body: dict[str, Any], now_ms: int) -> int | None:
@@ -355,10 +403,7 @@ def _expiry(body: dict[str, Any], now_ms: int) -> int | None:
 
 async def revoke_key(request: web.Request) -> web.Response:
     account_id = await active_account(request)
-    raw = request.match_info["key_id"]
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        raise NotFound(f"No API key with id {raw[:32]!r}.")
-    await request.app[ACCOUNTS].revoke_key(int(raw), account_id)
+    await request.app[ACCOUNTS].revoke_key(_key_id(request), account_id)
     return _no_content()
 
 

@@ -16,7 +16,9 @@ TABLES = {"accounts", "credits", "api_keys", "sessions", "usage", "events", "sch
           # issue 17: the ledger, codes, outbox, tokens, top-ups, notices
           "usage_erased", "redemption_codes", "email_outbox", "password_resets", "topups",
           "payment_events", "notices", "email_changes",
-          "credit_leases"}
+          "credit_leases",
+          # issue 17: spend caps per key
+          "key_spend", "cap_leases"}
 
 
 async def scalar(db: aiosqlite.Connection, sql: str) -> object:

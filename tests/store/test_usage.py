@@ -205,6 +205,9 @@ async def test_rows_never_take_a_balance_below_zero_and_the_rest_is_written_off(
     async with db.execute("SELECT request_id, cost_nano FROM usage WHERE account_id = ? "
                           "ORDER BY request_id", (poor,)) as cur:
         assert await cur.fetchall() == [("p0", 100), ("p1", 100), ("p2", 50), ("p3", 0)]
+    async with db.execute("SELECT SUM(spent_nano) FROM key_spend WHERE key_id = 7 "
+                          "GROUP BY substr(period, 1, 1)") as cur:
+        assert await cur.fetchall() == [(250 + 400,), (250 + 400,)]  # the day, the month
     await writer.drain(5)
 
 

@@ -290,6 +290,15 @@ async def test_an_account_holder_manages_keys_usage_and_data_in_the_console_end_
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
             assert done.usage is not None and done.usage.total_tokens > 0
 
+    # Give the key a daily spend cap: the list then shows the day's spend against it.
+    await page.get_by_role("button", name="Edit spend caps of journey").click()
+    edit = page.locator("#new-key")
+    await edit.get_by_label("Daily spend cap (USD)").fill("5")
+    await edit.get_by_role("button", name="Save caps").click()
+    await expect(page.get_by_text(re.compile(r"of \$5\.00 today; no monthly cap"))
+                 ).to_be_visible()
+    await w.check("keys-caps")
+
     # The usage appears in the table and the chart (once the usage writer has
     # committed it: a batch every 0.2 s, so "Apply" again until it has).
     await page.get_by_role("link", name="Usage").click()

@@ -61,18 +61,54 @@
       field("Expires after (days)", { name: "days", type: "number", min: 1, max: 3650, inputmode: "numeric" },
         "Leave empty for a key that does not expire."),
       field("Allowed models", { name: "models" }, "Comma-separated, e.g. gpt-4o-mini. Leave empty for all models."),
+      ...capFields({}),
       h("button", { type: "submit", text: "Create key" }));
     submitter(form, async (fd) => {
       const body = { name: fd.get("name") || "" };
       if (fd.get("days")) body.expires_in_days = Number(fd.get("days"));
       const models = String(fd.get("models") || "").split(",").map((s) => s.trim()).filter(Boolean);
       if (models.length) body.allowed_models = models;
+      Object.assign(body, capBody(fd));
       await VIEWS.keys(null, await api("POST", "/api/keys", body));
     });
+    // Spend caps: decimal USD strings, sent as typed (the server parses them exactly);
+    // an empty field means no cap.
+    function capFields(k) {
+      return [
+        field("Daily spend cap (USD)", { name: "cap_day", inputmode: "decimal", value: k.spend_cap_day_usd || "" },
+          "The most this key may spend per UTC day. Leave empty for no cap."),
+        field("Monthly spend cap (USD)", { name: "cap_month", inputmode: "decimal", value: k.spend_cap_month_usd || "" },
+          "The most this key may spend per UTC month. Leave empty for no cap.")];
+    }
+    function capBody(fd) {
+      const day = String(fd.get("cap_day") || "").trim(), month = String(fd.get("cap_month") || "").trim();
+      return { spend_cap_day_usd: day || null, spend_cap_month_usd: month || null };
+    }
+    function capsText(k) {
+      const part = (cap, spent, when, name) => cap === null ? "no " + name + " cap" : "$" + spent + " of $" + cap + " " + when;
+      return part(k.spend_cap_day_usd, k.spent_today_usd, "today", "daily") + "; " +
+        part(k.spend_cap_month_usd, k.spent_this_month_usd, "this month", "monthly");
+    }
+    function editCaps(k) {
+      const edit = h("form", { class: "card narrow", "aria-labelledby": "caps-h" },
+        h("h2", { id: "caps-h", text: "Spend caps of " + (k.name || k.display) }),
+        ...capFields(k),
+        h("button", { type: "submit", text: "Save caps" }));
+      submitter(edit, async (fd) => {
+        await api("PATCH", "/api/keys/" + k.id, capBody(fd));
+        await VIEWS.keys();
+        say("The spend caps of " + k.display + " are saved.");
+      });
+      shown.replaceChildren(edit);
+      edit.querySelector("input").focus();
+    }
     const rows = list.data.map((k) => [
       k.name || "(no name)", h("code", { text: k.display }), when(k.created_at), when(k.last_used_at),
       k.expires_at ? when(k.expires_at) : "never",
       k.allowed_models ? k.allowed_models.join(", ") : "all",
+      k.revoked_at ? "-" : h("span", {}, capsText(k), " ",
+        h("button", { type: "button", class: "small secondary", "aria-label": "Edit spend caps of " + (k.name || k.display),
+          onclick: () => editCaps(k) }, "Edit")),
       k.revoked_at ? "revoked " + when(k.revoked_at) :
         h("button", { type: "button", class: "small danger", "aria-label": "Revoke key " + (k.name || k.display),
           onclick: async () => {
@@ -84,7 +120,7 @@
             } catch (e) { fail(e.message); }
           } }, "Revoke")]);
     page("API keys", shown, form, h("h2", { text: "Your keys" }),
-      list.data.length ? table("API keys", ["Name", "Key", "Created", "Last used", "Expires", "Models", "State"], rows)
+      list.data.length ? table("API keys", ["Name", "Key", "Created", "Last used", "Expires", "Models", "Spend caps (UTC)", "State"], rows)
         : h("p", { text: "You have no keys yet." }));
     if (created) showKey(created);
     function showKey(k) {
