@@ -78,12 +78,17 @@ class Usage:
 
 
 def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    # ``type() is int``: what JSON parses to a whole number, never a bool (which
+    # isinstance lets through); one check instead of two isinstance calls.
+    return value if type(value) is int and value >= 0 else 0
 
 
 def _detail(obj: dict[str, object], name: str, key: str) -> int:
     details = obj.get(name)
-    return _int(details.get(key)) if isinstance(details, dict) else 0
+    if type(details) is not dict:
+        return 0
+    value = details.get(key)
+    return value if type(value) is int and value >= 0 else 0
 
 
 def usage_from_dict(obj: object) -> Usage | None:
@@ -104,12 +109,10 @@ def usage_from_dict(obj: object) -> Usage | None:
             cache_write_tokens=written + _detail(obj, "input_tokens_details",
                                                  "cache_write_tokens"),
         )
-    return Usage(
-        prompt_tokens=_int(obj.get("prompt_tokens")),
-        completion_tokens=_int(obj.get("completion_tokens")),
-        cached_tokens=_detail(obj, "prompt_tokens_details", "cached_tokens"),
-        reasoning_tokens=_detail(obj, "completion_tokens_details", "reasoning_tokens"),
-    )
+    # Chat's shape, once per stream: positional, as the fields are declared.
+    return Usage(_int(obj.get("prompt_tokens")), _int(obj.get("completion_tokens")),
+                 _detail(obj, "prompt_tokens_details", "cached_tokens"),
+                 _detail(obj, "completion_tokens_details", "reasoning_tokens"))
 
 
 def _object_end(buf: bytes, start: int) -> int:
@@ -208,11 +211,6 @@ def _last_boundary(buf: bytes, end: int) -> int:
     # A CRLF boundary only matters after the last LF one: search just that far back.
     crlf = buf.rfind(b"\r\n\r\n", max(lf, 0), end)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
-def _event_start(buf: bytes, pos: int) -> int:
-    """Offset where the event holding ``buf[pos]`` begins."""
-    return _last_boundary(buf, pos)
 
 
 def _event_end(buf: bytes, pos: int) -> int:
@@ -315,7 +313,7 @@ class StreamScanner:
         anthropic = self.style is StreamStyle.ANTHROPIC
         seen: set[int] = set()
         for match in USAGE_RE.finditer(complete, pos):
-            start = _event_start(complete, match.start())
+            start = _last_boundary(complete, match.start())  # where its event begins
             if start in seen:
                 continue
             seen.add(start)
@@ -359,7 +357,7 @@ class StreamScanner:
         # first, at pos) are handled last to first so earlier offsets stay valid.
         latest: Usage | None = None
         for match in reversed(list(USAGE_RE.finditer(complete, pos))):
-            start = _event_start(complete, match.start())
+            start = _last_boundary(complete, match.start())  # where its event begins
             end = _event_end(complete, match.end())
             try:
                 obj = orjson.loads(_event_data(complete[start:end]))
