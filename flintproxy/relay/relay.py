@@ -180,6 +180,11 @@ class Relay:
         # Anthropic upstreams beside OpenAI-compatible ones: candidates are filtered by
         # what their kind serves (relay.formats); without, chat and kin skip that.
         self.mixed_kinds = any(up.anthropic for up in router.upstreams)
+        # The one kind of a model's upstreams, when they share one: whether they serve
+        # an endpoint is then one look-up, not a pass over the candidates per request.
+        kinds = {model: {up.kind for tier in tiers for up in tier}
+                 for model, tiers in router.by_model.items()}
+        self.one_kind = {model: next(iter(k)) for model, k in kinds.items() if len(k) == 1}
         # Told of every error response of a request the gate did not admit (metrics,
         # access log); admitted requests are accounted for once, by the gate's finish.
         self.refusal_observers = tuple(refusal_observers)
@@ -266,7 +271,9 @@ class Relay:
                                    param="model", code="model_not_allowed")
         candidates = self.router.candidates(call.model)
         if self.mixed_kinds or endpoint not in OPENAI_NATIVE:  # else every one serves it
-            candidates = self._serving(candidates, endpoint, call.model)
+            kind = self.one_kind.get(call.model)
+            if kind is None or upstream_endpoint(endpoint, kind) is None:
+                candidates = self._serving(candidates, endpoint, call.model)
         price = self.config.models.get(call.model)
         body = provider_storage(endpoint, data, body,
                                 price is not None and price.allow_provider_storage)
