@@ -94,6 +94,9 @@ def main() -> int:
     p.add_argument("--conns", type=int, default=50)
     p.add_argument("--lines", action="store_true",
                    help="keep line numbers in the stacks (functions split by line)")
+    p.add_argument("--native", action="store_true",
+                   help="also sample C frames (uvloop, orjson, the parser, syscalls): "
+                        "what the Python frames' self time is made of")
     p.add_argument("--nonblocking", action="store_true",
                    help="don't pause the gateway per sample (less overhead; stacks read "
                         "mid-change are dropped, which skews towards time in syscalls)")
@@ -139,6 +142,7 @@ def main() -> int:
             time.sleep(1.0)
             cpu0 = procs.cpu_seconds([t.child.pid])
             spied = procs.run([spy, "record", *(["--nonblocking"] if args.nonblocking else []),
+                               *(["--native"] if args.native else []),
                                *(["--nolineno"] if not args.lines else []), "-r",
                                str(args.rate), "-d", f"{args.seconds:g}", "-f", "raw", "-o",
                                str(raw), "-p", str(t.child.pid)],

@@ -24,7 +24,7 @@ from flintproxy.gate.billing import Billing
 from flintproxy.gate.gate import Admission, Call, Outcome, Principal
 from flintproxy.http.exchange import Exchange
 from flintproxy.ops.metrics import Metrics
-from flintproxy.relay.relay import StreamGauge
+from flintproxy.relay.answer import StreamGauge
 from flintproxy.relay.routing import Router
 from flintproxy.store.ledger import Balances, UsageWriter, open_writer_db
 

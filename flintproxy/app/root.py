@@ -44,7 +44,8 @@ from flintproxy.ops import mailer
 from flintproxy.ops.accesslog import FLUSH_S, AccessLog, Sink
 from flintproxy.ops.health import DbProbe, Readiness, open_probe_db
 from flintproxy.ops.metrics import MULTIPROCESS_SYNC_S, Metrics
-from flintproxy.relay.relay import Relay, StreamGauge
+from flintproxy.relay.answer import StreamGauge
+from flintproxy.relay.relay import Relay
 from flintproxy.relay.routing import Router
 from flintproxy.store import low_balance, postgres, retention, sqlite
 from flintproxy.store.accounts import Accounts, bootstrap_demo_account

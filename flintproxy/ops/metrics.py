@@ -62,7 +62,7 @@ from flintproxy.gate.leases import LeaseBook
 from flintproxy.gate.sharedlimits import SharedLimiter
 from flintproxy.http.exchange import Exchange
 from flintproxy.ops.accesslog import AccessLog
-from flintproxy.relay.relay import StreamGauge
+from flintproxy.relay.answer import StreamGauge
 from flintproxy.relay.routes import ENDPOINT_PATHS, ENDPOINTS
 from flintproxy.relay.routing import FAILURE_REASONS, Router
 from flintproxy.store.ledger import UsageWriter

@@ -1,4 +1,4 @@
-"""The /v1 hot path: parse once, admit, call the upstream, relay bytes, hand off usage.
+"""The /v1 hot path: parse once, admit, call the upstream (failing over), hand off usage.
 
 Per request: one JSON parse of the body (orjson), the gate's in-memory checks, one
 pooled upstream call, and the response forwarded as it arrives. Upstream failures
@@ -13,15 +13,15 @@ Bounds: the upstream head (http.client.MAX_HEAD), a non-streaming body
 (``server.max_upstream_body_bytes``) and one SSE event (``server.max_sse_event_bytes``);
 a breach is a 502, or mid-stream a final error event, with failure reason too_large.
 
-Why one module of this size: it is the hot path, kept in one reading order (parse,
-admit, forward, relay, settle); its header filters are ``relay.headers`` and its route
-table ``relay.routes``.
+Kept in one reading order (parse, admit, choose and call an upstream, settle); what
+becomes of the upstream's response (the stream copied, the body checked, the outcome
+set) is ``relay.answer``, its header filters ``relay.headers``, its route table
+``relay.routes``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,34 +41,35 @@ from flintproxy.errors import (
     PermissionDenied,
     UnsupportedMediaType,
     UpstreamError,
-    UpstreamTimeout,
-    header_lines,
 )
-from flintproxy.gate.bounds import UNBILLED, with_limit
-from flintproxy.gate.gate import CLIENT_CLOSED, Admission, Ending, Gate, Outcome, parse_call
+from flintproxy.gate.bounds import with_limit
+from flintproxy.gate.gate import Admission, Ending, Gate, Outcome, parse_call
 from flintproxy.http.client import (
     UpstreamClient,
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamReadTimeout,
     UpstreamResponse,
-    UpstreamTooLarge,
 )
 from flintproxy.http.exchange import Exchange, Responder
 from flintproxy.http.heartbeat import Heartbeat, Heartbeats
-from flintproxy.http.sse import SSE_HEAD, StreamScanner, Usage, parse_body
+from flintproxy.relay.answer import (
+    Answer,
+    StreamGauge,
+    client_left,
+    failure_reason,
+    upstream_failure,
+)
 from flintproxy.relay.formats import (
-    NAMED_EVENTS,
     OPENAI_NATIVE,
     STORED_STATE,
     error_event,
     error_response,
     provider_storage,
-    stream_style,
     translation,
     upstream_endpoint,
 )
-from flintproxy.relay.headers import request_head, response_head
+from flintproxy.relay.headers import request_head
 from flintproxy.relay.routes import (
     MODEL_ROUTE,
     PATHS,
@@ -83,37 +84,7 @@ from flintproxy.relay.translate import Translation
 log = logging.getLogger("flintproxy")
 
 JSON_HEAD = b"Content-Type: application/json\r\n"
-# After a stream's [DONE], how long its upstream connection may take to end the
-# response and go back to the pool (it is closed otherwise).
-DONE_GRACE_S = 1.0
 MAX_REQUEST_ID = 128
-
-# The upstream client's errors: what the client sees, and the metrics reason.
-_FAILURES: tuple[tuple[type[Exception], type[UpstreamError], str, str], ...] = (
-    (UpstreamTooLarge, UpstreamError, "too_large", "Upstream '{}' sent a response too large."),
-    (UpstreamReadTimeout, UpstreamTimeout, "timeout", "Upstream '{}' timed out."),
-    (UpstreamConnectError, UpstreamError, "connect", "Could not connect to upstream '{}'."),
-    (UpstreamDisconnected, UpstreamError, "reset", "Upstream '{}' failed: {}."),
-)
-
-
-def _classify(exc: BaseException) -> tuple[type[UpstreamError], str, str]:
-    for kind, error, reason, message in _FAILURES:
-        if isinstance(exc, kind):
-            return error, reason, message
-    return UpstreamError, "other", "Upstream '{}' failed: {}."
-
-
-def upstream_failure(exc: BaseException, up: Upstream) -> UpstreamError:
-    """The one place where upstream-client errors become our error classes."""
-    error, _, message = _classify(exc)
-    return error(message.format(up.name, type(exc).__name__))
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The ``routing.FAILURE_REASONS`` entry (a metrics label) for a failed attempt."""
-    return _classify(exc)[1]
-
 
 
 def _encode(data: dict[str, Any]) -> bytes:
@@ -149,15 +120,6 @@ _USAGE_OPTION = frozenset(("chat/completions", "completions"))
 RefusalObserver = Callable[[Exchange, FlintError], None]
 
 
-class StreamGauge:
-    """Streams open now: written by the relay, read by metrics (a plain number)."""
-
-    __slots__ = ("open",)
-
-    def __init__(self) -> None:
-        self.open = 0
-
-
 class Relay:
     """The /v1 routes (``ROUTES``), bound to one pooled upstream client.
 
@@ -174,12 +136,17 @@ class Relay:
         self.client = client
         self.max_body = config.server.max_body_bytes
         self.max_upstream_body = config.server.max_upstream_body_bytes
-        self.max_sse_event = config.server.max_sse_event_bytes
         self.heartbeats = heartbeats
-        self.streams = streams
+        self.streams = streams  # open now (the answer counts them; metrics read them)
+        self.answer = Answer(router, streams, config.server.max_sse_event_bytes)
         # Anthropic upstreams beside OpenAI-compatible ones: candidates are filtered by
         # what their kind serves (relay.formats); without, chat and kin skip that.
         self.mixed_kinds = any(up.anthropic for up in router.upstreams)
+        # The one kind of a model's upstreams, when they share one: whether they serve
+        # an endpoint is then one look-up, not a pass over the candidates per request.
+        kinds = {model: {up.kind for tier in tiers for up in tier}
+                 for model, tiers in router.by_model.items()}
+        self.one_kind = {model: next(iter(k)) for model, k in kinds.items() if len(k) == 1}
         # Told of every error response of a request the gate did not admit (metrics,
         # access log); admitted requests are accounted for once, by the gate's finish.
         self.refusal_observers = tuple(refusal_observers)
@@ -266,7 +233,9 @@ class Relay:
                                    param="model", code="model_not_allowed")
         candidates = self.router.candidates(call.model)
         if self.mixed_kinds or endpoint not in OPENAI_NATIVE:  # else every one serves it
-            candidates = self._serving(candidates, endpoint, call.model)
+            kind = self.one_kind.get(call.model)
+            if kind is None or upstream_endpoint(endpoint, kind) is None:
+                candidates = self._serving(candidates, endpoint, call.model)
         price = self.config.models.get(call.model)
         body = provider_storage(endpoint, data, body,
                                 price is not None and price.allow_provider_storage)
@@ -288,7 +257,7 @@ class Relay:
             await self._forward(out, exchange, admission, candidates, data, body, head,
                                 client_wants_usage, outcome)
         except asyncio.CancelledError:
-            _client_left(outcome, out)
+            client_left(outcome, out)
             if not outcome.prompt_tokens:  # gone before any usage: charge the estimate
                 outcome.prompt_tokens = call.prompt_tokens_estimate
                 outcome.estimated = True
@@ -399,168 +368,15 @@ class Relay:
             return
         try:
             if resp.status != 200:
-                await self._upstream_error(out, resp, first, admission, outcome, conv)
+                await self.answer.upstream_error(out, resp, first, admission, outcome, conv)
             elif not call.stream:
-                self._plain(out, up, resp, first, admission, outcome, conv)
+                self.answer.plain(out, up, resp, first, admission, outcome, conv)
             else:
-                await self._stream(out, up, resp, first, admission, outcome,
-                                   client_wants_usage, conv)
+                await self.answer.stream(out, up, resp, first, admission, outcome,
+                                         client_wants_usage, conv)
         finally:
             resp.release()
-
-    def _response_head(self, resp: UpstreamResponse, admission: Admission) -> tuple[bytes, bool]:
-        head, content_type = response_head(resp.raw_headers)
-        if admission.headers:
-            head += header_lines(admission.headers)
-        return (head + b"X-Request-Id: " + admission.call.trace_id.encode("ascii") + b"\r\n",
-                content_type)
-
-    async def _upstream_error(self, out: Responder, resp: UpstreamResponse, body: bytes,
-                              admission: Admission, outcome: Outcome,
-                              conv: Translation | None) -> None:
-        # 4xx are the client's own errors and an upstream 429 is passed through
-        # (ours say "rate_limit_requests/tokens/concurrency"); 5xx become 502.
-        outcome.status = resp.status if resp.status < 500 else 502
-        outcome.outcome = Ending.UPSTREAM_ERROR
-        endpoint = admission.call.endpoint
-        if resp.status >= 500:
-            message = f"Upstream '{outcome.upstream}' returned HTTP {resp.status}."
-            if not out.started:
-                raise UpstreamError(message)  # no local holds it: no cycle via this frame
-            await out.end(error_event(endpoint, UpstreamError(message)))
-            return
-        if conv is not None:
-            body = conv.error(resp.status, body)
-        if out.started:  # one event: the upstream's line breaks cannot start another
-            flat = body.strip().replace(b"\r", b" ").replace(b"\n", b" ")
-            named = b"event: error\n" if endpoint in NAMED_EVENTS else b""
-            await out.end(named + b"data: " + flat + b"\n\n")
-            return
-        out.respond(resp.status, self._response_head(resp, admission)[0], body)
-
-    def _plain(self, out: Responder, up: Upstream, resp: UpstreamResponse, body: bytes,
-               admission: Admission, outcome: Outcome, conv: Translation | None) -> None:
-        call = admission.call
-        well_formed, usage = parse_body(body, conv.upstream_endpoint if conv else call.endpoint)
-        if well_formed and conv is not None:
-            translated = conv.response(body)
-            well_formed, body = translated is not None, translated or b""
-        if not well_formed:
-            # Charged as any upstream error is (nothing known, nothing used).
-            raise UpstreamError(f"Upstream '{up.name}' sent a malformed response.")
-        outcome.status, outcome.outcome = 200, Ending.OK
-        outcome.ttfb_s = time.perf_counter() - admission.started
-        if usage is not None:
-            _apply_usage(outcome, usage)
-        elif call.endpoint not in UNBILLED:
-            outcome.prompt_tokens = call.prompt_tokens_estimate
-            outcome.estimated = True
-        out.respond(200, self._response_head(resp, admission)[0], body)
-
-    async def _stream(self, out: Responder, up: Upstream, resp: UpstreamResponse,
-                      first: bytes, admission: Admission, outcome: Outcome,
-                      client_wants_usage: bool, conv: Translation | None) -> None:
-        call = admission.call
-        # Usage is read from the upstream's own events; a translation needs them all.
-        scanner = StreamScanner(strip_usage=not client_wants_usage and conv is None,
-                                max_event=self.max_sse_event,
-                                style=stream_style(conv.upstream_endpoint if conv
-                                                   else call.endpoint))
-        outcome.status = 200
-        self.streams.open += 1
-        read = resp.readany
-        try:
-            # What has arrived is sent at once; when it is the upstream's last piece it
-            # goes out with the end of the stream, in the same write. Once the stream's
-            # last event ([DONE], message_stop, response.completed) has been relayed the
-            # client has it all: the stream ends there, whatever the upstream still
-            # sends (its lingering bytes are dropped with it).
-            chunk = scanner.feed(first)
-            done = resp.at_eof or scanner.done
-            if done and not scanner.done:
-                chunk += scanner.flush()
-            if conv is not None:
-                chunk = conv.stream(chunk) + (conv.finish() if done else b"")
-            if not out.started:
-                head, content_type = self._response_head(resp, admission)
-                await out.stream(200, head if content_type else head + SSE_HEAD, chunk,
-                                 end=done)
-            elif done:  # heartbeats began it
-                await out.end(chunk)
-            elif chunk:
-                await out.write(chunk)
-            if done:
-                outcome.outcome = Ending.OK
-            outcome.ttfb_s = time.perf_counter() - admission.started
-            while not done:
-                data = await read()
-                chunk = scanner.feed(data) if data else b""
-                done = not data or resp.at_eof or scanner.done
-                if done and not scanner.done:
-                    chunk += scanner.flush()
-                if conv is not None:
-                    chunk = conv.stream(chunk) + (conv.finish() if done else b"")
-                if done:  # the last event goes out with the end, in one write
-                    await out.end(chunk)
-                    outcome.outcome = Ending.OK
-                elif chunk:
-                    await out.write(chunk)
-        except (UpstreamDisconnected, UpstreamReadTimeout) as exc:  # incl. UpstreamTooLarge
-            self.router.failure(up, failure_reason(exc))
-            outcome.outcome = Ending.UPSTREAM_ERROR
-            if not out.started:  # its first bytes were already too much: a plain 502
-                raise upstream_failure(exc, up) from None
-            with contextlib.suppress(ConnectionError):
-                await out.end(error_event(call.endpoint, upstream_failure(exc, up)))
-        except ConnectionError:  # our write failed: the client left
-            _client_left(outcome, out)
-        except asyncio.CancelledError:  # the handler was cancelled: the client left
-            _client_left(outcome, out)
-            raise
-        finally:
-            self.streams.open -= 1
-            if outcome.outcome is not Ending.OK:
-                resp.close()
-            elif not resp.at_eof:  # the last event before the upstream's end: keep it
-                resp.release_at_end(DONE_GRACE_S)
-            _stream_usage(outcome, scanner, call.prompt_tokens_estimate)
 
 
 def _model_object(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "flintproxy"}
-
-
-def _client_left(outcome: Outcome, out: Responder) -> None:
-    """The client went away: say so, unless it already had the whole answer ([DONE])."""
-    if outcome.outcome is Ending.OK:
-        return
-    outcome.outcome = Ending.CLIENT_DISCONNECT
-    if not out.started:  # as nginx: 499 unless a status was sent
-        outcome.status = CLIENT_CLOSED
-    elif outcome.status == 500:  # heartbeats had sent its 200
-        outcome.status = 200
-
-
-def _apply_usage(outcome: Outcome, usage: Usage) -> None:
-    outcome.prompt_tokens = usage.prompt_tokens
-    outcome.completion_tokens = usage.completion_tokens
-    outcome.cached_tokens = usage.cached_tokens
-    outcome.reasoning_tokens = usage.reasoning_tokens
-    outcome.cache_write_tokens = usage.cache_write_tokens
-
-
-def _stream_usage(outcome: Outcome, scanner: StreamScanner, prompt_estimate: int) -> None:
-    """A stream's usage: the upstream's total, or, when it broke off before reporting
-    one, what it had reported (Anthropic's prompt in message_start) with the relayed
-    events as the completion estimate."""
-    usage = scanner.usage
-    if usage is not None and scanner.final:
-        _apply_usage(outcome, usage)
-        return
-    if usage is not None:
-        _apply_usage(outcome, usage)
-    if not outcome.prompt_tokens:
-        outcome.prompt_tokens = prompt_estimate
-    outcome.completion_tokens = max(outcome.completion_tokens,
-                                    scanner.estimated_completion_tokens())
-    outcome.estimated = True

@@ -100,9 +100,9 @@ class Router:
                 f"The model `{model}` does not exist or you do not have access to it.",
                 param="model",
             )
-        now = self.clock()
         if len(tiers) == 1 and len(tiers[0]) == 1:  # the common case: one upstream
             return [tiers[0][0]]
+        now = self.clock()
         ready: list[Upstream] = []
         last_resort: list[Upstream] = []
         for tier in tiers:
