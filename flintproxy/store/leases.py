@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from flintproxy.store import caps, postgres
+from flintproxy.store.cap_leases import CapLeaseStore, Pot
 from flintproxy.store.db import PgDatabase, converted
 
 log = logging.getLogger("flintproxy.store.leases")
@@ -183,6 +184,21 @@ WHERE usage.request_id = d.request_id
 """
 
 
+# A key's cap leases by period on this node; None: no cap books for the key here.
+CapLeasesOf = Callable[[int], Mapping[str, int | None] | None]
+
+
+def _pots_of(key_id: int | None, started_ms: int,
+             capped: Mapping[int, Mapping[str, int | None]]) -> list[tuple[Pot, int | None]]:
+    """A row's pots (the day and the month of its start) with its node's cap lease."""
+    if key_id is None:
+        return []
+    held = capped.get(key_id)
+    if held is None:
+        return []
+    return [((key_id, p), held.get(p)) for p in caps.periods(started_ms)]
+
+
 class Grant(NamedTuple):
     lease_id: int
     granted_nano: int
@@ -197,6 +213,8 @@ class DebitPlan:
     from_leases: dict[int, int] = field(default_factory=dict)  # account -> of it, leased
     spends: dict[int, int] = field(default_factory=dict)  # lease -> spent
     written_off: int = 0  # nano the rows cost but no lease nor free money covered
+    cap_spends: dict[int, int] = field(default_factory=dict)  # cap lease -> spent
+    cap_from_leases: dict[Pot, int] = field(default_factory=dict)  # pot -> of it, leased
 
 
 class LeaseStore:
@@ -215,6 +233,7 @@ class LeaseStore:
             "debit": 0}
         self.swept_leases = 0
         self.written_off_nano = 0
+        self.caps = CapLeaseStore(db, self.round_trips)  # spend caps' leases, same pool
 
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
         self.round_trips[op] += 1
@@ -307,29 +326,57 @@ class LeaseStore:
         return [(int(r[0]), int(r[1])) for r in rows]
 
     async def commit_usage(self, fields: Sequence[str], batch: Sequence[tuple[Any, ...]],
-                           lease_of: Callable[[int], int | None]) -> list[tuple[int, int]]:
+                           lease_of: Callable[[int], int | None],
+                           cap_leases_of: CapLeasesOf | None = None
+                           ) -> list[tuple[int, int]]:
         """The usage writer's batch in shared mode: ONE transaction that locks, inserts
         (idempotent by request id: a retried batch inserts and charges nothing twice),
         charges what it inserted to the node's leases (``plan_debits``), and stores a
-        written-off row at the cost actually charged. Returns (account, balance)."""
+        written-off row at the cost actually charged. Returns (account, balance).
+
+        ``cap_leases_of(key)``: None for a key without cap books on this node, else its
+        cap lease per period (``gate.capleases``). A batch with such keys also locks
+        ALL its (key, period) pots after the credit leases (``store.cap_leases``: one
+        sorted sweep, so writers never deadlock on them) and charges the cap leases.
+        """
         key = tuple(fields)
         sql = self._insert_sql.get(key)
         if sql is None:
             sql = self._insert_sql[key] = postgres.insert_staged_sql(fields)
-        account_at = key.index("account_id")
+        account_at, key_at, started_at = (key.index("account_id"), key.index("key_id"),
+                                          key.index("started_at"))
         leases = {row[account_at]: lease_of(row[account_at]) for row in batch}
+        capped: dict[int, Mapping[str, int | None]] = {}
+        if cap_leases_of is not None:
+            for row in batch:
+                key_id = row[key_at]
+                if key_id is not None and key_id not in capped:
+                    held = cap_leases_of(key_id)
+                    if held is not None:
+                        capped[key_id] = held
         async with self._db.connection() as con, con.transaction():
-            free, held = await self.lock_for_debits(
+            free, held_leases = await self.lock_for_debits(
                 con, leases, [lease for lease in leases.values() if lease is not None])
+            pot_free: dict[Pot, int | None] = {}
+            pot_leases: dict[int, tuple[Pot, int]] = {}
+            if capped:
+                pots = {(row[key_at], p) for row in batch if row[key_at] is not None
+                        for p in caps.periods(row[started_at])}
+                pot_free, pot_leases = await self.caps.lock(
+                    con, pots, [x for held in capped.values() for x in held.values()
+                                if x is not None])
             await postgres.stage_usage(con, batch, fields)
             inserted = await con.fetch(sql)
+            row_pots = [_pots_of(r[3], int(r[4]), capped) for r in inserted] if capped else []
             plan = plan_debits([(int(r[1]), int(r[2]), leases.get(int(r[1])))
-                                for r in inserted], free, held)
+                                for r in inserted], free, held_leases, row_pots, pot_free,
+                               pot_leases)
             if plan.written_off:
                 cut = [(str(r[0]), c) for r, c in zip(inserted, plan.costs, strict=True)
                        if c != int(r[2])]
                 await con.execute(WRITE_OFF_SQL, [r for r, _ in cut], [c for _, c in cut])
             balances = await self.apply_debits(con, plan)
+            await self.caps.apply(con, plan.cap_from_leases, plan.cap_spends)
             # In (key, period) order: nodes' writers lock the rows they share in one
             # order, so two batches never deadlock on them.
             spends = dict(sorted(caps.spends_of(
@@ -350,31 +397,62 @@ class LeaseStore:
 
 
 def plan_debits(rows: Sequence[tuple[int, int, int | None]], free: Mapping[int, int],
-                leases: Mapping[int, tuple[int, int]]) -> DebitPlan:
+                leases: Mapping[int, tuple[int, int]],
+                pots: Sequence[Sequence[tuple[Pot, int | None]]] = (),
+                pot_free: Mapping[Pot, int | None] | None = None,
+                pot_leases: Mapping[int, tuple[Pot, int]] | None = None) -> DebitPlan:
     """Charge each ``(account, cost, lease or None)`` row; see the module docstring.
 
     A row is charged to its lease while the lease exists and covers it; the rest
     (a late row, or a lease that cannot cover it) only from the account's free
     money. The total charged never exceeds what the leases and free money hold.
+
+    Spend caps (``store.cap_leases``): ``pots[i]`` names row i's capped pots, each
+    with the cap lease its node charges it to; ``pot_free`` is each pot's free part
+    (None: not capped), ``pot_leases`` each live cap lease's ``(pot, unspent)``. A
+    row is charged at most what EVERY pot it touches covers (its lease's unspent part
+    plus the pot's free part), so neither a balance nor a cap is ever exceeded.
     """
     free = dict(free)
     left = {lease: unspent for lease, (_acct, unspent) in leases.items()}
     owner = {lease: acct for lease, (acct, _u) in leases.items()}
+    pfree = dict(pot_free or {})
+    cap_left = {lease: unspent for lease, (_pot, unspent) in (pot_leases or {}).items()}
+    cap_owner = {lease: pot for lease, (pot, _u) in (pot_leases or {}).items()}
     plan = DebitPlan(costs=[])
-    for account_id, cost, lease_id in rows:
-        from_lease = 0
+    for i, (account_id, cost, lease_id) in enumerate(rows):
+        leased = 0
         if lease_id is not None and owner.get(lease_id) == account_id:
-            from_lease = min(cost, left[lease_id])
-            if from_lease:
-                left[lease_id] -= from_lease
-                plan.spends[lease_id] = plan.spends.get(lease_id, 0) + from_lease
-                plan.from_leases[account_id] = plan.from_leases.get(account_id, 0) + from_lease
-        rest = cost - from_lease
-        from_free = min(rest, max(free.get(account_id, 0), 0))
-        if from_free:
-            free[account_id] -= from_free
-        plan.written_off += rest - from_free
-        charged = from_lease + from_free
+            leased = left[lease_id]
+        charged = min(cost, leased + max(free.get(account_id, 0), 0))
+        row_pots = pots[i] if i < len(pots) else ()
+        for pot, cap_lease in row_pots:
+            room = pfree.get(pot)
+            if room is not None:
+                held = cap_left[cap_lease] if cap_lease is not None and \
+                    cap_owner.get(cap_lease) == pot else 0
+                charged = min(charged, held + max(room, 0))
+        from_lease = min(charged, leased)
+        if from_lease:
+            assert lease_id is not None
+            left[lease_id] -= from_lease
+            plan.spends[lease_id] = plan.spends.get(lease_id, 0) + from_lease
+            plan.from_leases[account_id] = plan.from_leases.get(account_id, 0) + from_lease
+        if charged - from_lease:
+            free[account_id] -= charged - from_lease
+        for pot, cap_lease in row_pots:
+            from_cap = 0
+            if cap_lease is not None and cap_owner.get(cap_lease) == pot:
+                from_cap = min(charged, cap_left[cap_lease])
+            if from_cap:
+                assert cap_lease is not None
+                cap_left[cap_lease] -= from_cap
+                plan.cap_spends[cap_lease] = plan.cap_spends.get(cap_lease, 0) + from_cap
+                plan.cap_from_leases[pot] = plan.cap_from_leases.get(pot, 0) + from_cap
+            room = pfree.get(pot)
+            if room is not None:
+                pfree[pot] = room - (charged - from_cap)
+        plan.written_off += cost - charged
         plan.costs.append(charged)
         plan.charges[account_id] = plan.charges.get(account_id, 0) + charged
     return plan
