@@ -31,7 +31,7 @@ from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_tok
 from flintproxy.gate.ipguard import IpGuard, client_ip
 from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.limiter import Limiter
-from flintproxy.gate.spendcaps import CapBook, shared_mode_refusal
+from flintproxy.gate.spendcaps import CapBook
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.ledger import UsageRow
 
@@ -138,8 +138,6 @@ class ServiceGate:
         caps = principal.caps
         books: tuple[CapBook, ...] = ()
         if caps is not None:  # a key with a spend cap: its books for this period
-            if billing.leases is not None:
-                raise shared_mode_refusal()
             found = billing.caps.books(principal.key_id, caps, started_ms)
             if found is None:  # once per key per period per process
                 await billing.caps.load(principal.key_id, caps, started_ms)
@@ -172,9 +170,15 @@ class ServiceGate:
                     reservation = billing.reserve(account_id, call.model, bound, books)
                 except LeaseShortfall as short:
                     # Shared mode, the rare path: wait (bounded) for ONE top-up of this
-                    # node's lease, then reserve again; a second shortfall is a 402.
-                    await billing.top_up(account_id, short.need_nano)
-                    reservation = billing.reserve(account_id, call.model, bound, books)
+                    # node's lease (or of the key's cap lease that binds), then reserve
+                    # again; a second shortfall is a 402 (spend_cap_reached for a cap).
+                    await billing.top_up(account_id, short.need_nano, short.cap)
+                    try:
+                        reservation = billing.reserve(account_id, call.model, bound, books)
+                    except LeaseShortfall as again:
+                        if again.refusal is not None:
+                            raise again.refusal from None
+                        raise
         except FlintError as exc:
             exc.headers = {**headers, **exc.headers}
             self.limiter.release(ticket, 0)

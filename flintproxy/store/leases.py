@@ -41,7 +41,11 @@ The rules:
 Round trips are counted per operation (``LeaseStore.round_trips``, metric
 ``flintproxy_money_round_trips_total{op}``); ``debit`` counts the statements the
 lease rules add to a usage batch's transaction: the lock and the debit, 2 a batch
-whatever its size (staging, insert, BEGIN and COMMIT are the ledger's own).
+whatever its size (staging, insert, BEGIN and COMMIT are the ledger's own); a batch
+with rows of keys that have cap books on this node adds 3 (``store.cap_leases``: the
+pots' rows made, locked, and the cap leases' charge). Cap lease operations are
+counted as ``cap_grant``, ``cap_top_up``, ``cap_give_back``, ``cap_close``,
+``cap_extend`` and ``cap_sweep``.
 
 Times are unix milliseconds on PostgreSQL's clock only: no node's clock takes part
 in deciding that a lease expired.
