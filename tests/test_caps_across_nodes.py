@@ -198,3 +198,19 @@ async def test_a_sigkilled_nodes_cap_lease_expires_back_to_the_cap_and_spend_sta
         for gw in nodes:
             gw.stop()
         mock.stop()
+
+
+async def test_a_burst_that_finds_the_credit_lease_and_the_cap_lease_short_together_is_served(
+        gateway_factory: Callable[..., Any], tmp_path: Path, mock_upstream: MockServer,
+        pg: PgDatabase) -> None:
+    # Both leases start as the same small slice (5 requests): request 6 on finds both
+    # short; it waits for each top-up once, and none is refused (the cap is generous).
+    raw = shared_raw(tmp_path, mock_upstream.base_url, pg.dsn)
+    a: Gateway = await gateway_factory(raw, credit_nano=10**9)
+    key_id = await key_of(pg, a.account_id)
+    await a.components.accounts.set_key_caps(key_id, None, {"day": 10**9, "month": 10**9})
+    answers = await asyncio.gather(*[ask(a.base_url, a.key) for _ in range(24)])
+    assert answers == ["ok"] * 24, answers
+    assert await a.components.usage.sync(10)
+    books = await pot(pg, key_id, today())
+    assert books["spent"] == books["rows_cost"] == 24 * ONE, books

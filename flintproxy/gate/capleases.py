@@ -153,7 +153,8 @@ class CapLeaseBook:
             return
         self._credit.renewed_unless_held(started)
         self._leases[pot] = _CapLease(book, grant.lease_id, started, now,
-                                      _available(book) + grant.granted_nano)
+                                      _available(book) + grant.granted_nano,
+                                      slice=grant.granted_nano)
         book.balance += grant.granted_nano
         book.low_water = grant.granted_nano // 2
 

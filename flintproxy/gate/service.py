@@ -169,16 +169,8 @@ class ServiceGate:
                 try:
                     reservation = billing.reserve(account_id, call.model, bound, books)
                 except LeaseShortfall as short:
-                    # Shared mode, the rare path: wait (bounded) for ONE top-up of this
-                    # node's lease (or of the key's cap lease that binds), then reserve
-                    # again; a second shortfall is a 402 (spend_cap_reached for a cap).
-                    await billing.top_up(account_id, short.need_nano, short.cap)
-                    try:
-                        reservation = billing.reserve(account_id, call.model, bound, books)
-                    except LeaseShortfall as again:
-                        if again.refusal is not None:
-                            raise again.refusal from None
-                        raise
+                    reservation = await self._after_shortfall(call, account_id, bound, books,
+                                                              short)
         except FlintError as exc:
             exc.headers = {**headers, **exc.headers}
             self.limiter.release(ticket, 0)
@@ -196,6 +188,29 @@ class ServiceGate:
         call.admitted = True
         admission.headers = headers
         return admission
+
+    async def _after_shortfall(self, call: Call, account_id: int, bound: Bound,
+                               books: tuple[CapBook, ...], short: LeaseShortfall
+                               ) -> Reservation:
+        """Shared mode, the rare path: wait (bounded) for ONE top-up of the lease that
+        fell short (this node's credit lease, or the key's cap lease that binds), then
+        reserve again. Each lease is waited for at most once per request: a burst can
+        find the credit lease and a cap lease short together (both sliced from the
+        same sizes), and the second is then a pot of its own, not a second try. A
+        second shortfall of the same lease is the 402 (spend_cap_reached for a cap)."""
+        billing = self.billing
+        waited: list[object | None] = []
+        while True:
+            if any(pot is short.cap for pot in waited):
+                if short.refusal is not None:
+                    raise short.refusal from None
+                raise short
+            waited.append(short.cap)
+            await billing.top_up(account_id, short.need_nano, short.cap)
+            try:
+                return billing.reserve(account_id, call.model, bound, books)
+            except LeaseShortfall as again:
+                short = again
 
     def finish(self, admission: Admission, outcome: Outcome) -> None:
         ticket: Any
