@@ -8,7 +8,7 @@ cap's free part (``store.cap_leases``) in the pot's ``CapBook.balance``, and
 a pot never sum to more than ``cap - spent``, so **no interleaving of requests on
 any number of nodes lets a key's charged spend in a UTC day or month exceed its
 cap**; a late row of an expired cap lease is charged only the cap's free part
-(``store.leases.plan_debits``), the rest written off.
+(``store.debitplan.plan_debits``), the rest written off.
 
 Same mechanics as the credit leases, and the same jobs: the first request of a key
 in a period awaits one grant (``take``); slices are sized by ``gate.leases.

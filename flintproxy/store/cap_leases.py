@@ -21,7 +21,7 @@ Lock order (deadlocks otherwise): the usage writer locks accounts, credit leases
 then the batch's ``key_spend`` rows in (key, period) order, then cap leases by id;
 every statement here locks one ``key_spend`` row, then its cap leases.
 
-The writer's charge (``lock``, then ``store.leases.plan_debits`` with the pots, then
+The writer's charge (``lock``, then ``store.debitplan.plan_debits`` with the pots, then
 ``apply``): a row's cost is charged to its node's cap lease while that lease exists;
 a row whose cap lease is gone (a node that could not reach the database for a whole
 TTL) is charged only what is free on every pot it touches: the account's free money,

@@ -66,7 +66,8 @@ from flintproxy.config import BillingConfig
 from flintproxy.errors import ServiceUnavailable
 from flintproxy.store import caps, postgres, sqlite
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
-from flintproxy.store.leases import CapLeasesOf, DebitPlan, LeaseStore, plan_debits
+from flintproxy.store.debitplan import DebitPlan, plan_debits
+from flintproxy.store.leases import CapLeasesOf, LeaseStore
 
 log = logging.getLogger("flintproxy.store.ledger")
 

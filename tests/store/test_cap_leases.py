@@ -13,7 +13,8 @@ import pytest
 
 from flintproxy.store import caps, postgres
 from flintproxy.store.db import PgDatabase
-from flintproxy.store.leases import LeaseStore, plan_debits
+from flintproxy.store.debitplan import plan_debits
+from flintproxy.store.leases import LeaseStore
 from flintproxy.store.ledger import UsageRow
 
 pytestmark = pytest.mark.timeout(120)
