@@ -214,3 +214,25 @@ async def test_a_burst_that_finds_the_credit_lease_and_the_cap_lease_short_toget
     assert await a.components.usage.sync(10)
     books = await pot(pg, key_id, today())
     assert books["spent"] == books["rows_cost"] == 24 * ONE, books
+
+
+async def test_a_revoked_capped_key_gives_its_cap_leases_back_on_every_node_within_a_second(
+        gateway_factory: Callable[..., Any], tmp_path: Path, mock_upstream: MockServer,
+        pg: PgDatabase) -> None:
+    raw = shared_raw(tmp_path, mock_upstream.base_url, pg.dsn, slice_usd="0.5")
+    a: Gateway = await gateway_factory(raw, credit_nano=10**9)
+    b: Gateway = await gateway_factory(raw, credit_nano=0)
+    key_id = await key_of(pg, a.account_id)
+    await a.components.accounts.set_key_caps(key_id, None, {"day": 10**9})
+    assert [await ask(n.base_url, a.key) for n in (a, b)] == ["ok", "ok"]
+    assert (await pot(pg, key_id, today()))["leases"] == 2  # one slice on each node
+    assert await b.components.accounts.revoke_key(key_id)
+    deadline = time.monotonic() + 1.0
+    while (books := await pot(pg, key_id, today()))["leased"]:
+        assert time.monotonic() < deadline, f"a node kept its cap lease: {books}"
+        await asyncio.sleep(0.05)
+    assert [await ask(n.base_url, a.key) for n in (a, b)] == ["401 invalid_api_key"] * 2
+    for node in (a, b):
+        assert await node.components.usage.sync(10)
+    books = await pot(pg, key_id, today())
+    assert books["spent"] == books["rows_cost"] == 2 * ONE, books

@@ -339,9 +339,8 @@ class LeaseStore:
         leases = {row[account_at]: lease_of(row[account_at]) for row in batch}
         capped: dict[int, Mapping[str, int | None]] = {}
         if cap_leases_of is not None:
-            for row in batch:
-                key_id = row[key_at]
-                if key_id is not None and key_id not in capped:
+            for key_id in {row[key_at] for row in batch}:  # one probe per key
+                if key_id is not None:
                     held = cap_leases_of(key_id)
                     if held is not None:
                         capped[key_id] = held
