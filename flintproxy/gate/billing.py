@@ -39,7 +39,10 @@ available amount below the lease's low-water mark wakes the lease book (once per
 slice) to top up in the background; a request the lease cannot cover while the
 account may still have unleased credit raises ``LeaseShortfall``, on which the gate
 awaits ONE top-up before reserving again (the rare path). Commits lower ``balance``
-by their debits (the lease was spent) instead of setting it from the database.
+by their debits (the lease was spent) instead of setting it from the database. A
+key's spend-cap books hold the node's cap leases the same way (``gate.capleases``):
+a cap that binds and falls short raises ``LeaseShortfall`` naming its book, and the
+gate waits once for that lease too.
 
 Consistency with the DB. All reads of ``balance_nano`` run on the usage
 writer's own connection, and the writer sets the balances of the accounts a

@@ -29,6 +29,10 @@ back to the account through the sweep any node runs. Leases idle for
 ``billing.lease_idle_return_s`` are returned; at shutdown (after the usage writer
 drained) all are; a disabled or deleted account's unreserved lease is given back
 as soon as the change feed reports it (within a second).
+
+Spend caps per key are leased the same way (``gate.capleases``, a book beside this
+one that reuses ``slice_size``); this book's periodic jobs run its jobs too, so one
+renewal job (one more statement) and one freeze cover both kinds of lease.
 """
 
 from __future__ import annotations
