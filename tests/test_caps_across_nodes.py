@@ -18,6 +18,7 @@ from typing import Any
 import openai
 import pytest
 
+from flintproxy.gate.capleases import CapLeaseBook
 from flintproxy.store import caps, postgres
 from flintproxy.store.db import PgDatabase
 from tests.conftest import Gateway, MockServer, raw_config
@@ -235,4 +236,33 @@ async def test_a_revoked_capped_key_gives_its_cap_leases_back_on_every_node_with
     for node in (a, b):
         assert await node.components.usage.sync(10)
     books = await pot(pg, key_id, today())
+    assert books["spent"] == books["rows_cost"] == 2 * ONE, books
+
+
+async def test_a_cap_lease_in_use_is_renewed_past_its_ttl_and_an_idle_one_is_returned(
+        gateway_factory: Callable[..., Any], tmp_path: Path, mock_upstream: MockServer,
+        pg: PgDatabase) -> None:
+    raw = shared_raw(tmp_path, mock_upstream.base_url, pg.dsn, slice_usd="0.5")
+    raw["billing"] |= {"lease_ttl_s": 2, "lease_idle_return_s": 60}
+    a: Gateway = await gateway_factory(raw, credit_nano=10**9)
+    key_id = await key_of(pg, a.account_id)
+    await a.components.accounts.set_key_caps(key_id, None, {"day": 10**9})
+    assert await ask(a.base_url, a.key) == "ok"
+    first = await pg.pool.fetchval("SELECT id FROM cap_leases WHERE key_id = $1", key_id)
+    await asyncio.sleep(3.0)  # past the TTL: renewed (every TTL/4), never swept
+    assert await ask(a.base_url, a.key) == "ok"
+    assert await pg.pool.fetchval("SELECT id FROM cap_leases WHERE key_id = $1",
+                                  key_id) == first
+    leases = a.components.leases
+    assert leases is not None and leases.store.round_trips["cap_extend"] >= 2
+    # Idle: returned by the idle job (run here, with a short idle time), the leased
+    # part freed exactly.
+    assert isinstance(leases.caps, CapLeaseBook)
+    leases.caps.idle_s = 0.1
+    assert await a.components.usage.sync(10)
+    await leases.return_idle()  # notes what each book looked like
+    await asyncio.sleep(0.2)
+    await leases.return_idle()  # unchanged for 0.1 s, nothing outstanding: returned
+    books = await pot(pg, key_id, today())
+    assert (books["leased"], books["leases"]) == (0, 0), books
     assert books["spent"] == books["rows_cost"] == 2 * ONE, books
