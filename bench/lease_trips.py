@@ -1,15 +1,17 @@
 """Money round trips per request in the shared mode (issue 14 target: <= 0.1).
 
     .venv/bin/python bench/lease_trips.py [REQUESTS] [--nodes N] [--accounts A]
-        [--model M] [--max-tokens T]
+        [--model M] [--max-tokens T] [--cap-usd USD]
 
 Starts a throwaway PostgreSQL (tests/engines.py), the mock upstream and N gateway
 nodes in this process on one database, sends REQUESTS chat completions (32 at a
 time, round-robin over the nodes, A accounts with one key each) and prints the
 gateways' own counters (``flintproxy_money_round_trips_total{op}``): lease
 operations (grant, top-up, give-back, close, renewal, sweep) per request, and the
-statements the lease rules add to usage batches (``debit``) per request. The
-counts, not the time, are the measurement: the machine may be busy.
+statements the lease rules add to usage batches (``debit``) per request. With
+``--cap-usd``, every key carries that daily and monthly spend cap, so its requests
+also spend cap leases (``cap_*`` operations, gate.capleases). The counts, not the
+time, are the measurement: the machine may be busy.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flintproxy.money import usd_to_nano
 from flintproxy.store import postgres
 from tests.conftest import raw_config, start_gateway, start_mock
 from tests.engines import PostgresServer
@@ -35,7 +38,8 @@ def body(model: str, max_tokens: int) -> bytes:
             '"messages": [{"role": "user", "content": "hi"}]}').encode()
 
 
-async def run(requests: int, nodes: int, accounts: int, data: bytes) -> None:
+async def run(requests: int, nodes: int, accounts: int, data: bytes, cap_nano: int | None
+              ) -> None:
     server = PostgresServer.start()
     mock = await start_mock()
     gateways = []
@@ -57,7 +61,11 @@ async def run(requests: int, nodes: int, accounts: int, data: bytes) -> None:
             for i in range(accounts):
                 account = await repo.create_account(f"bench{i}@example.com", None)
                 await repo.credit(account, 100 * 10**9)
-                keys.append((await repo.create_key(account, "bench"))[1])
+                record, plaintext = await repo.create_key(account, "bench")
+                keys.append(plaintext)
+                if cap_nano is not None:
+                    await repo.set_key_caps(record.id, None,
+                                            {"day": cap_nano, "month": cap_nano})
             sent = 0
             started = time.perf_counter()
             async with aiohttp.ClientSession() as http:
@@ -71,8 +79,8 @@ async def run(requests: int, nodes: int, accounts: int, data: bytes) -> None:
                                 gw.url + "/v1/chat/completions", data=data,
                                 headers={"Authorization": f"Bearer {keys[i % accounts]}",
                                          "Content-Type": "application/json"}) as resp:
-                            await resp.read()
-                            assert resp.status == 200, resp.status
+                            text = await resp.read()
+                            assert resp.status == 200, (resp.status, text[:300])
                 await asyncio.gather(*[worker(w) for w in range(32)])
             elapsed = time.perf_counter() - started
             for gw in gateways:
@@ -88,6 +96,8 @@ async def run(requests: int, nodes: int, accounts: int, data: bytes) -> None:
                   f"{requests / elapsed:.0f} requests/s")
             print(f"money round trips by operation: {trips}")
             print(f"lease operations per request: {lease_ops / requests:.4f}")
+            cap_ops = sum(n for op, n in trips.items() if op.startswith("cap_"))
+            print(f"of them cap lease operations per request: {cap_ops / requests:.4f}")
             print(f"debit statements per request: {trips['debit'] / requests:.4f}")
             print(f"all money round trips per request: "
                   f"{(lease_ops + trips['debit']) / requests:.4f}")
@@ -107,9 +117,12 @@ def main() -> None:
     # covers ~12, so the rate-sized top-ups are exercised.
     parser.add_argument("--model", default="gpt-4o-mini")
     parser.add_argument("--max-tokens", type=int, default=50)
+    parser.add_argument("--cap-usd", default=None,
+                        help="a daily and monthly spend cap on every key (USD)")
     args = parser.parse_args()
+    cap = None if args.cap_usd is None else usd_to_nano(args.cap_usd)
     asyncio.run(run(args.requests, args.nodes, args.accounts,
-                    body(args.model, args.max_tokens)))
+                    body(args.model, args.max_tokens), cap))
 
 
 if __name__ == "__main__":

@@ -149,11 +149,18 @@ class SpendCapReached(InsufficientQuota):
 class LeaseShortfall(InsufficientQuota):
     """Shared mode: the node's lease on the account cannot cover this request, but
     the account may still have unleased credit. The gate awaits ONE lease top-up
-    (bounded) and reserves again; uncaught it is an ordinary 402."""
+    (bounded) and reserves again; uncaught it is an ordinary 402.
 
-    def __init__(self, message: str, *, need_nano: int) -> None:
+    ``cap``: the key's spend-cap book whose cap lease fell short (``gate.spendcaps``),
+    None for the account's credit lease; ``refusal``: what a second shortfall answers
+    instead (the 402 ``spend_cap_reached`` naming the cap)."""
+
+    def __init__(self, message: str, *, need_nano: int, cap: object | None = None,
+                 refusal: FlintError | None = None) -> None:
         super().__init__(message)
         self.need_nano = need_nano
+        self.cap = cap
+        self.refusal = refusal
 
 
 class PermissionDenied(FlintError):

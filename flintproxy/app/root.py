@@ -33,6 +33,7 @@ from flintproxy.config import Config, StorageBackend
 from flintproxy.crypto import load_keyring
 from flintproxy.errors import SharedStateDown
 from flintproxy.gate.billing import Billing
+from flintproxy.gate.capleases import CapLeaseBook
 from flintproxy.gate.ipguard import IpGuard
 from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.leases import RENEWALS_PER_TTL, LeaseBook
@@ -160,14 +161,19 @@ async def open_components(config: Config, stack: AsyncExitStack, tasks: TaskGrou
         leases = LeaseBook(lease_store, billing, config.billing)
         stack.push_async_callback(leases.close)
         watcher.subscribe(leases.on_change)
+        # Spend caps' leases (gate.capleases): run by the lease book's periodic jobs.
+        cap_leases = CapLeaseBook(lease_store.caps, billing, leases)
+        watcher.subscribe(cap_leases.on_change)
         ttl = config.billing.lease_ttl_s
         tasks.spawn("credit lease top-ups", leases.run())
+        tasks.spawn("cap lease top-ups", cap_leases.run())
         tasks.every("credit lease renewal", ttl / RENEWALS_PER_TTL, leases.renew)
         tasks.every("credit lease expiry sweep", ttl / 2, leases.sweep)
         tasks.every("credit lease idle return", config.billing.lease_idle_return_s / 2,
                     leases.return_idle)
         usage = UsageWriter(writer_db, billing, config.billing, leases=lease_store,
-                            lease_of=leases.lease_of)
+                            lease_of=leases.lease_of,
+                            cap_leases_of=cap_leases.cap_leases_of)
     else:
         watcher.subscribe(billing.on_change)
         usage = UsageWriter(writer_db, billing, config.billing)

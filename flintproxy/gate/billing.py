@@ -39,7 +39,10 @@ available amount below the lease's low-water mark wakes the lease book (once per
 slice) to top up in the background; a request the lease cannot cover while the
 account may still have unleased credit raises ``LeaseShortfall``, on which the gate
 awaits ONE top-up before reserving again (the rare path). Commits lower ``balance``
-by their debits (the lease was spent) instead of setting it from the database.
+by their debits (the lease was spent) instead of setting it from the database. A
+key's spend-cap books hold the node's cap leases the same way (``gate.capleases``):
+a cap that binds and falls short raises ``LeaseShortfall`` naming its book, and the
+gate waits once for that lease too.
 
 Consistency with the DB. All reads of ``balance_nano`` run on the usage
 writer's own connection, and the writer sets the balances of the accounts a
@@ -362,16 +365,17 @@ class Billing:
                 room = available * TOKENS_PER_PRICE_UNIT - exact
                 affordable = room // per_choice if room > 0 else 0
                 if affordable < granted:
-                    if self.leases is not None and binding is None:
-                        self._shortfall(account_id, exact + granted * per_choice, available)
+                    if self.leases is not None:
+                        self._shortfall(account_id, exact + granted * per_choice, available,
+                                        binding, price, prompt, choices)
                     granted = affordable
                 exact += granted * per_choice
             if largest is None or largest > granted:
                 limit = granted  # the body must say it: it is absent or larger
         amount = -(-exact // TOKENS_PER_PRICE_UNIT)
         if amount > available or (choices and granted < 1):
-            if self.leases is not None and binding is None:
-                self._shortfall(account_id, exact, available)
+            if self.leases is not None:
+                self._shortfall(account_id, exact, available, binding, price, prompt, choices)
             need = max_cost_nano(price, prompt, choices)
             if binding is not None:
                 raise cap_refusal(binding, available, max(amount, need))
@@ -386,8 +390,12 @@ class Billing:
             if self.leases is not None:
                 self.leases.low(account_id)
         if caps:
+            supply = self.caps.leases  # shared mode: the cap leases
             for cb in caps:
                 cb.reserved += amount
+                if supply is not None and cb.balance - cb.pending - cb.reserved < cb.low_water:
+                    cb.low_water = 0  # once per slice: the cap lease book re-arms it
+                    supply.low(cb)
             return Reservation(account_id, model, price, amount, granted, limit, caps=caps)
         return Reservation(account_id, model, price, amount, granted, limit)
 
@@ -398,20 +406,39 @@ class Billing:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         return Reservation(account_id, model, price, 0)
 
-    def _shortfall(self, account_id: int, exact: int, available: int) -> None:
-        """Shared mode: raise LeaseShortfall when a top-up could cover ``exact``."""
+    def _shortfall(self, account_id: int, exact: int, available: int,
+                   binding: CapBook | None, price: ModelPrice, prompt: int, choices: int
+                   ) -> None:
+        """Shared mode: raise LeaseShortfall when a top-up could cover ``exact``: of the
+        account's credit lease, or of the binding cap book's cap lease."""
         assert self.leases is not None
+        need = -(-exact // TOKENS_PER_PRICE_UNIT) - available
+        if binding is not None:
+            supply = self.caps.leases
+            if supply is not None and supply.may_grow(binding):
+                most = max(-(-exact // TOKENS_PER_PRICE_UNIT),
+                           max_cost_nano(price, prompt, choices))
+                raise LeaseShortfall(
+                    "This node could not reserve the request's maximum cost from the API "
+                    "key's spend cap.", need_nano=need, cap=binding,
+                    refusal=cap_refusal(binding, available, most))
+            return
         if self.leases.may_grow(account_id):
-            need = -(-exact // TOKENS_PER_PRICE_UNIT) - available
             raise LeaseShortfall(
                 "You exceeded your current quota: this node could not reserve the "
                 "request's maximum cost from the account's credit.", need_nano=need)
 
-    async def top_up(self, account_id: int, need_nano: int) -> bool:
-        """Shared mode: wait (bounded) for one top-up of the lease; False embedded."""
+    async def top_up(self, account_id: int, need_nano: int, cap: object | None = None
+                     ) -> bool:
+        """Shared mode: wait (bounded) for one top-up of the lease (of the cap book's
+        cap lease when ``cap`` is one); False embedded."""
         if self.leases is None:
             return False
-        grew = await self.leases.top_up(account_id, need_nano)
+        if isinstance(cap, CapBook):
+            supply = self.caps.leases
+            grew = supply is not None and await supply.top_up(cap, need_nano)
+        else:
+            grew = await self.leases.top_up(account_id, need_nano)
         if not self.is_loaded(account_id):  # the lease ended meanwhile (idle, expired)
             await self.load(account_id)
         return grew

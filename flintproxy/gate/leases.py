@@ -29,6 +29,10 @@ back to the account through the sweep any node runs. Leases idle for
 ``billing.lease_idle_return_s`` are returned; at shutdown (after the usage writer
 drained) all are; a disabled or deleted account's unreserved lease is given back
 as soon as the change feed reports it (within a second).
+
+Spend caps per key are leased the same way (``gate.capleases``, a book beside this
+one that reuses ``slice_size``); this book's periodic jobs run its jobs too, so one
+renewal job (one more statement) and one freeze cover both kinds of lease.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Protocol
 
 from flintproxy.config import BillingConfig
 from flintproxy.gate.billing import Billing
@@ -62,6 +67,33 @@ def new_node_id() -> str:
     """A node identity unique to this process's life: a restarted node never resumes
     the leases of its previous life (it no longer knows what they spent)."""
     return f"{socket.gethostname()[:40]}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
+def slice_size(lo: int, hi: int, last_slice: int, grown_at: float, available_then: int,
+               available: int) -> int:
+    """The next slice of a pot (an account, or a key's cap in a period): ``lo`` at
+    first, then ``SLICE_HORIZON_S`` of the spend rate seen since the last grow."""
+    if last_slice == 0:
+        return lo
+    elapsed = time.monotonic() - grown_at
+    spent = max(available_then - available, 0)
+    rate = spent / elapsed if elapsed > 0 else 0.0
+    return min(max(int(rate * SLICE_HORIZON_S), lo), hi)
+
+
+class CapLeaseJobs(Protocol):
+    """The spend caps' leases (``gate.capleases.CapLeaseBook``), run by this book's
+    periodic jobs so that ONE renewal covers both kinds of lease."""
+
+    def holds_any(self) -> bool: ...
+
+    async def renew(self, sent: float) -> None: ...
+
+    async def sweep(self) -> None: ...
+
+    async def return_idle(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -106,6 +138,9 @@ class LeaseBook:
         # Read by metrics.
         self.top_ups = 0
         self.freezes = 0
+        # Shared mode with spend caps: the cap leases (gate.capleases registers itself).
+        self.caps: CapLeaseJobs | None = None
+        self.min_nano, self.max_nano, self.ttl_ms = self._min, self._max, self._ttl_ms
 
     # --- the hot path's hooks (synchronous, O(1)) ------------------------------------
 
@@ -210,12 +245,10 @@ class LeaseBook:
             return False
 
     def _slice(self, lease: _Lease | None, available: int) -> int:
-        if lease is None or lease.slice == 0:
+        if lease is None:
             return self._min
-        elapsed = time.monotonic() - lease.grown_at
-        spent = max(lease.available_then - available, 0)
-        rate = spent / elapsed if elapsed > 0 else 0.0
-        return min(max(int(rate * SLICE_HORIZON_S), self._min), self._max)
+        return slice_size(self._min, self._max, lease.slice, lease.grown_at,
+                          lease.available_then, available)
 
     async def _grow(self, account_id: int, need: int) -> bool:
         lease = self._leases.get(account_id)
@@ -285,11 +318,15 @@ class LeaseBook:
         no longer has, and lift a freeze (periodic, every TTL/4)."""
         held = {lease.lease_id: lease for lease in self._leases.values()
                 if lease.lease_id is not None}
-        if not held:
+        caps = self.caps
+        if not held and (caps is None or not caps.holds_any()):
             self._unfreeze()
             return
         sent = time.monotonic()
-        alive = await self.store.extend(self.node_id, self._ttl_ms, list(held))
+        alive = await self.store.extend(self.node_id, self._ttl_ms, list(held)) if held \
+            else set()
+        if caps is not None:
+            await caps.renew(sent)  # one more statement: the node's cap leases
         for lease_id, lease in held.items():
             if lease_id not in alive and lease.taken_at < sent and \
                     self._leases.get(lease.account_id) is lease:
@@ -306,7 +343,14 @@ class LeaseBook:
                 self.low(lease.account_id)
 
     def _holds_any(self) -> bool:
-        return any(lease.lease_id is not None for lease in self._leases.values())
+        return any(lease.lease_id is not None for lease in self._leases.values()) or \
+            (self.caps is not None and self.caps.holds_any())
+
+    def renewed_unless_held(self, sent: float) -> None:
+        """A first lease (a cap lease) granted at ``sent``: arm the renewal deadline
+        when this node held no lease before (the cap lease book)."""
+        if not self._holds_any():
+            self._set_renewed(sent)
 
     def _set_renewed(self, sent: float) -> None:
         self._renewed_at = sent
@@ -318,7 +362,7 @@ class LeaseBook:
         self._unfreeze()
 
     def _freeze(self) -> None:
-        if self._leases and not self._billing.frozen:
+        if (self._leases or self._holds_any()) and not self._billing.frozen:
             log.error("credit leases could not be renewed for %.1f s: no new reservations "
                       "until the shared store answers", self.ttl_s * SAFE_FRACTION)
             self.freezes += 1
@@ -330,8 +374,11 @@ class LeaseBook:
             self._billing.frozen = False
 
     async def sweep(self) -> None:
-        """Return expired leases (any node's) to their accounts (periodic)."""
+        """Return expired leases (any node's) to their accounts (periodic); expired cap
+        leases to their caps."""
         await self.store.sweep()
+        if self.caps is not None:
+            await self.caps.sweep()
 
     async def return_idle(self) -> None:
         """Close leases that nothing used for ``idle_s`` (periodic)."""
@@ -347,12 +394,17 @@ class LeaseBook:
                         self._billing.lease_changed(lease.account_id, None, 0)
                 else:
                     await self._guarded(self._return_rest, lease.account_id)
+        if self.caps is not None:
+            await self.caps.return_idle()
 
     async def close(self) -> None:
         """Shutdown, after the usage writer drained: return every lease with nothing
         outstanding (the others expire)."""
         if self._deadline is not None:
             self._deadline.cancel()
+        if self.caps is not None:
+            with suppress(Exception):
+                await self.caps.close()
         for lease in list(self._leases.values()):
             if lease.lease_id is not None:
                 with suppress(Exception):

@@ -31,7 +31,7 @@ from flintproxy.gate.gate import Admission, Call, Outcome, Principal, bearer_tok
 from flintproxy.gate.ipguard import IpGuard, client_ip
 from flintproxy.gate.keys import KeyAuthenticator
 from flintproxy.gate.limiter import Limiter
-from flintproxy.gate.spendcaps import CapBook, shared_mode_refusal
+from flintproxy.gate.spendcaps import CapBook
 from flintproxy.http.exchange import Exchange
 from flintproxy.store.ledger import UsageRow
 
@@ -138,8 +138,6 @@ class ServiceGate:
         caps = principal.caps
         books: tuple[CapBook, ...] = ()
         if caps is not None:  # a key with a spend cap: its books for this period
-            if billing.leases is not None:
-                raise shared_mode_refusal()
             found = billing.caps.books(principal.key_id, caps, started_ms)
             if found is None:  # once per key per period per process
                 await billing.caps.load(principal.key_id, caps, started_ms)
@@ -171,10 +169,8 @@ class ServiceGate:
                 try:
                     reservation = billing.reserve(account_id, call.model, bound, books)
                 except LeaseShortfall as short:
-                    # Shared mode, the rare path: wait (bounded) for ONE top-up of this
-                    # node's lease, then reserve again; a second shortfall is a 402.
-                    await billing.top_up(account_id, short.need_nano)
-                    reservation = billing.reserve(account_id, call.model, bound, books)
+                    reservation = await self._after_shortfall(call, account_id, bound, books,
+                                                              short)
         except FlintError as exc:
             exc.headers = {**headers, **exc.headers}
             self.limiter.release(ticket, 0)
@@ -192,6 +188,29 @@ class ServiceGate:
         call.admitted = True
         admission.headers = headers
         return admission
+
+    async def _after_shortfall(self, call: Call, account_id: int, bound: Bound,
+                               books: tuple[CapBook, ...], short: LeaseShortfall
+                               ) -> Reservation:
+        """Shared mode, the rare path: wait (bounded) for ONE top-up of the lease that
+        fell short (this node's credit lease, or the key's cap lease that binds), then
+        reserve again. Each lease is waited for at most once per request: a burst can
+        find the credit lease and a cap lease short together (both sliced from the
+        same sizes), and the second is then a pot of its own, not a second try. A
+        second shortfall of the same lease is the 402 (spend_cap_reached for a cap)."""
+        billing = self.billing
+        waited: list[object | None] = []
+        while True:
+            if any(pot is short.cap for pot in waited):
+                if short.refusal is not None:
+                    raise short.refusal from None
+                raise short
+            waited.append(short.cap)
+            await billing.top_up(account_id, short.need_nano, short.cap)
+            try:
+                return billing.reserve(account_id, call.model, bound, books)
+            except LeaseShortfall as again:
+                short = again
 
     def finish(self, admission: Admission, outcome: Outcome) -> None:
         ticket: Any

@@ -12,7 +12,7 @@ What a cap book still allows::
     embedded:  available = cap - spent (key_spend.spent_nano as committed)
                                - pending (rows of the key queued, not yet committed)
                                - reserved (maximum costs in flight)
-    shared:    available = lease (this node's cap lease, store.leases) - pending - reserved
+    shared:    available = lease (this node's cap lease, gate.capleases) - pending - reserved
 
 A book is made on the first request of a key in a period (the gate awaits it once);
 it is read on the usage writer's own task between two batches (``Billing.
@@ -43,10 +43,10 @@ __all__ = [
     "CapBooks",
     "CapKind",
     "CapSource",
+    "CapSupply",
     "QueuedRows",
     "cap_refusal",
     "period_bounds",
-    "shared_mode_refusal",
 ]
 
 LOAD_WAIT_S = 5.0  # the first request of a key in a period waits this long at most
@@ -105,14 +105,20 @@ def cap_refusal(book: CapBook, available: int, need: int) -> SpendCapReached:
         "or wait.")
 
 
+class CapSupply(Protocol):
+    """Shared mode: this node's cap leases (``gate.capleases.CapLeaseBook``)."""
 
-def shared_mode_refusal() -> SpendCapReached:
-    """Shared mode (many nodes) has no cap leases yet: a capped key is refused rather
-    than let nodes together exceed its cap (fail closed)."""
-    return SpendCapReached(
-        "This API key has a spend cap, and spend caps are not yet enforced across nodes "
-        "in shared mode (PostgreSQL storage): the key is refused rather than risk "
-        "exceeding its cap. Remove the cap, or use a key without one.")
+    async def take(self, key_id: int, period: str) -> None:
+        """Make the pot's book with a first cap lease (``CapBooks.add`` it)."""
+
+    def may_grow(self, book: CapBook) -> bool:
+        """Whether a top-up could still add to the book's cap lease."""
+
+    def low(self, book: CapBook) -> None:
+        """The cap lease fell below its low-water mark (O(1), no await)."""
+
+    async def top_up(self, book: CapBook, need_nano: int) -> bool:
+        """Top the cap lease up by at least ``need_nano`` if the cap has it (bounded)."""
 
 
 class CapSource(Protocol):
@@ -139,6 +145,8 @@ class CapBooks:
         self._day = -1
         self._periods = ("", "")
         self.on_wanted: Callable[[], None] | None = None
+        # Shared mode: the cap leases (set by gate.capleases); books hold leases then.
+        self.leases: CapSupply | None = None
 
     def _now_periods(self, started_ms: int) -> tuple[str, str]:
         day = started_ms // DAY_MS
@@ -172,6 +180,17 @@ class CapBooks:
         """Have the key's books of these periods read (on the writer's task); bounded."""
         day, month = self._now_periods(started_ms)
         held = {b.period for b in self._by_key.get(key_id, ())}
+        if self.leases is not None:  # shared mode: a book is a first cap lease
+            try:
+                async with asyncio.timeout(LOAD_WAIT_S):
+                    for cap, period in ((caps[0], day), (caps[1], month)):
+                        if cap is not None and period not in held:
+                            await self.leases.take(key_id, period)
+            except TimeoutError:
+                raise ServiceUnavailable("The shared spend store is slow or failing; "
+                                         "please retry shortly.",
+                                         headers={"Retry-After": "1"}) from None
+            return
         futs = []
         for cap, period in ((caps[0], day), (caps[1], month)):
             if cap is None or period in held:
@@ -261,6 +280,15 @@ class CapBooks:
                     self._by_key[key_id] = keep
                 else:
                     del self._by_key[key_id]
+
+    def add(self, key_id: int, period: str) -> CapBook:
+        """The pot's book, made empty when missing (shared mode: the cap lease book)."""
+        for book in self._by_key.get(key_id, ()):
+            if book.period == period:
+                return book
+        book = CapBook(key_id, period, 0)
+        self._by_key.setdefault(key_id, []).append(book)
+        return book
 
     def held(self, key_id: int) -> list[CapBook]:
         """The key's books (tests, diagnostics, the lease book)."""

@@ -41,7 +41,11 @@ The rules:
 Round trips are counted per operation (``LeaseStore.round_trips``, metric
 ``flintproxy_money_round_trips_total{op}``); ``debit`` counts the statements the
 lease rules add to a usage batch's transaction: the lock and the debit, 2 a batch
-whatever its size (staging, insert, BEGIN and COMMIT are the ledger's own).
+whatever its size (staging, insert, BEGIN and COMMIT are the ledger's own); a batch
+with rows of keys that have cap books on this node adds 3 (``store.cap_leases``: the
+pots' rows made, locked, and the cap leases' charge). Cap lease operations are
+counted as ``cap_grant``, ``cap_top_up``, ``cap_give_back``, ``cap_close``,
+``cap_extend`` and ``cap_sweep``.
 
 Times are unix milliseconds on PostgreSQL's clock only: no node's clock takes part
 in deciding that a lease expired.
@@ -51,11 +55,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from flintproxy.store import caps, postgres
+from flintproxy.store.cap_leases import CapLeaseStore, Pot
 from flintproxy.store.db import PgDatabase, converted
+from flintproxy.store.debitplan import DebitPlan, plan_debits
 
 log = logging.getLogger("flintproxy.store.leases")
 
@@ -183,20 +188,24 @@ WHERE usage.request_id = d.request_id
 """
 
 
+# A key's cap leases by period on this node; None: no cap books for the key here.
+CapLeasesOf = Callable[[int], Mapping[str, int | None] | None]
+
+
+def _pots_of(key_id: int | None, started_ms: int,
+             capped: Mapping[int, Mapping[str, int | None]]) -> list[tuple[Pot, int | None]]:
+    """A row's pots (the day and the month of its start) with its node's cap lease."""
+    if key_id is None:
+        return []
+    held = capped.get(key_id)
+    if held is None:
+        return []
+    return [((key_id, p), held.get(p)) for p in caps.periods(started_ms)]
+
+
 class Grant(NamedTuple):
     lease_id: int
     granted_nano: int
-
-
-@dataclass(slots=True)
-class DebitPlan:
-    """What one usage batch charges: per row, per account and per lease."""
-
-    costs: list[int]  # per row, in batch order: the cost actually charged
-    charges: dict[int, int] = field(default_factory=dict)  # account -> charged
-    from_leases: dict[int, int] = field(default_factory=dict)  # account -> of it, leased
-    spends: dict[int, int] = field(default_factory=dict)  # lease -> spent
-    written_off: int = 0  # nano the rows cost but no lease nor free money covered
 
 
 class LeaseStore:
@@ -215,6 +224,7 @@ class LeaseStore:
             "debit": 0}
         self.swept_leases = 0
         self.written_off_nano = 0
+        self.caps = CapLeaseStore(db, self.round_trips)  # spend caps' leases, same pool
 
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
         self.round_trips[op] += 1
@@ -307,29 +317,56 @@ class LeaseStore:
         return [(int(r[0]), int(r[1])) for r in rows]
 
     async def commit_usage(self, fields: Sequence[str], batch: Sequence[tuple[Any, ...]],
-                           lease_of: Callable[[int], int | None]) -> list[tuple[int, int]]:
+                           lease_of: Callable[[int], int | None],
+                           cap_leases_of: CapLeasesOf | None = None
+                           ) -> list[tuple[int, int]]:
         """The usage writer's batch in shared mode: ONE transaction that locks, inserts
         (idempotent by request id: a retried batch inserts and charges nothing twice),
         charges what it inserted to the node's leases (``plan_debits``), and stores a
-        written-off row at the cost actually charged. Returns (account, balance)."""
+        written-off row at the cost actually charged. Returns (account, balance).
+
+        ``cap_leases_of(key)``: None for a key without cap books on this node, else its
+        cap lease per period (``gate.capleases``). A batch with such keys also locks
+        ALL its (key, period) pots after the credit leases (``store.cap_leases``: one
+        sorted sweep, so writers never deadlock on them) and charges the cap leases.
+        """
         key = tuple(fields)
         sql = self._insert_sql.get(key)
         if sql is None:
             sql = self._insert_sql[key] = postgres.insert_staged_sql(fields)
-        account_at = key.index("account_id")
+        account_at, key_at, started_at = (key.index("account_id"), key.index("key_id"),
+                                          key.index("started_at"))
         leases = {row[account_at]: lease_of(row[account_at]) for row in batch}
+        capped: dict[int, Mapping[str, int | None]] = {}
+        if cap_leases_of is not None:
+            for key_id in {row[key_at] for row in batch}:  # one probe per key
+                if key_id is not None:
+                    held = cap_leases_of(key_id)
+                    if held is not None:
+                        capped[key_id] = held
         async with self._db.connection() as con, con.transaction():
-            free, held = await self.lock_for_debits(
+            free, held_leases = await self.lock_for_debits(
                 con, leases, [lease for lease in leases.values() if lease is not None])
+            pot_free: dict[Pot, int | None] = {}
+            pot_leases: dict[int, tuple[Pot, int]] = {}
+            if capped:
+                pots = {(row[key_at], p) for row in batch if row[key_at] is not None
+                        for p in caps.periods(row[started_at])}
+                pot_free, pot_leases = await self.caps.lock(
+                    con, pots, [x for held in capped.values() for x in held.values()
+                                if x is not None])
             await postgres.stage_usage(con, batch, fields)
             inserted = await con.fetch(sql)
+            row_pots = [_pots_of(r[3], int(r[4]), capped) for r in inserted] if capped else []
             plan = plan_debits([(int(r[1]), int(r[2]), leases.get(int(r[1])))
-                                for r in inserted], free, held)
+                                for r in inserted], free, held_leases, row_pots, pot_free,
+                               pot_leases)
             if plan.written_off:
                 cut = [(str(r[0]), c) for r, c in zip(inserted, plan.costs, strict=True)
                        if c != int(r[2])]
                 await con.execute(WRITE_OFF_SQL, [r for r, _ in cut], [c for _, c in cut])
             balances = await self.apply_debits(con, plan)
+            await self.caps.apply(con, plan.cap_from_leases, plan.cap_spends)
             # In (key, period) order: nodes' writers lock the rows they share in one
             # order, so two batches never deadlock on them.
             spends = dict(sorted(caps.spends_of(
@@ -347,34 +384,3 @@ class LeaseStore:
             self.written_off_nano += plan.written_off
             log.warning("usage rows of an expired credit lease cost %d nano-USD more than "
                         "their accounts had free; written off", plan.written_off)
-
-
-def plan_debits(rows: Sequence[tuple[int, int, int | None]], free: Mapping[int, int],
-                leases: Mapping[int, tuple[int, int]]) -> DebitPlan:
-    """Charge each ``(account, cost, lease or None)`` row; see the module docstring.
-
-    A row is charged to its lease while the lease exists and covers it; the rest
-    (a late row, or a lease that cannot cover it) only from the account's free
-    money. The total charged never exceeds what the leases and free money hold.
-    """
-    free = dict(free)
-    left = {lease: unspent for lease, (_acct, unspent) in leases.items()}
-    owner = {lease: acct for lease, (acct, _u) in leases.items()}
-    plan = DebitPlan(costs=[])
-    for account_id, cost, lease_id in rows:
-        from_lease = 0
-        if lease_id is not None and owner.get(lease_id) == account_id:
-            from_lease = min(cost, left[lease_id])
-            if from_lease:
-                left[lease_id] -= from_lease
-                plan.spends[lease_id] = plan.spends.get(lease_id, 0) + from_lease
-                plan.from_leases[account_id] = plan.from_leases.get(account_id, 0) + from_lease
-        rest = cost - from_lease
-        from_free = min(rest, max(free.get(account_id, 0), 0))
-        if from_free:
-            free[account_id] -= from_free
-        plan.written_off += rest - from_free
-        charged = from_lease + from_free
-        plan.costs.append(charged)
-        plan.charges[account_id] = plan.charges.get(account_id, 0) + charged
-    return plan

@@ -66,7 +66,8 @@ from flintproxy.config import BillingConfig
 from flintproxy.errors import ServiceUnavailable
 from flintproxy.store import caps, postgres, sqlite
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
-from flintproxy.store.leases import DebitPlan, LeaseStore, plan_debits
+from flintproxy.store.debitplan import DebitPlan, plan_debits
+from flintproxy.store.leases import CapLeasesOf, LeaseStore
 
 log = logging.getLogger("flintproxy.store.ledger")
 
@@ -165,12 +166,14 @@ class UsageWriter:
 
     def __init__(self, db: Database, billing: BalanceBook, cfg: BillingConfig, *,
                  leases: LeaseStore | None = None,
-                 lease_of: Callable[[int], int | None] | None = None) -> None:
+                 lease_of: Callable[[int], int | None] | None = None,
+                 cap_leases_of: CapLeasesOf | None = None) -> None:
         self._db = db
         # Shared mode: batches are charged to this node's credit leases (store.leases);
         # ``lease_of`` names the lease an account's rows are charged to (gate.leases).
         self._leases = leases
         self._lease_of = lease_of
+        self._cap_leases_of = cap_leases_of  # spend caps' leases (gate.capleases)
         self._pg_sql = (postgres.batch_sql(UsageRow._fields) if isinstance(db, PgDatabase)
                         else None)
         self._billing = billing
@@ -418,8 +421,8 @@ class UsageWriter:
         """Returns (account, balance) and (key, period, spent) as committed."""
         db = self._db
         if self._leases is not None and self._lease_of is not None:
-            return (await self._leases.commit_usage(UsageRow._fields, batch, self._lease_of),
-                    [])
+            return (await self._leases.commit_usage(UsageRow._fields, batch, self._lease_of,
+                                                    self._cap_leases_of), [])
         if isinstance(db, PgDatabase):
             assert self._pg_sql is not None
             return (await postgres.commit_usage(db, self._pg_sql, batch, list(debits),

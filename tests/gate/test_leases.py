@@ -18,7 +18,8 @@ from flintproxy.gate.gate import Ending, Outcome
 from flintproxy.gate.leases import TOP_UP_WAIT_S, LeaseBook
 from flintproxy.store import postgres
 from flintproxy.store.db import PgDatabase
-from flintproxy.store.leases import LeaseStore, plan_debits
+from flintproxy.store.debitplan import plan_debits
+from flintproxy.store.leases import LeaseStore
 from tests.store.test_leases import account, books
 
 pytestmark = pytest.mark.timeout(120)

@@ -317,7 +317,7 @@ async def test_admin_set_key_cap_is_audited_and_reaches_the_running_server(
                                           "day=$0.00003; runaway script")]
 
 
-async def test_shared_mode_keeps_each_keys_spend_and_refuses_a_capped_key_rather_than_risk_it(
+async def test_shared_mode_keeps_each_keys_spend_and_enforces_a_cap_set_while_it_serves(
         tmp_path: Path, mock_upstream: MockServer, gateway_factory: Factory,
         request: pytest.FixtureRequest) -> None:
     raw = priced(raw_config(tmp_path, {"local": mock_upstream.base_url}))
@@ -329,12 +329,10 @@ async def test_shared_mode_keeps_each_keys_spend_and_refuses_a_capped_key_rather
         assert await gw.components.usage.sync(10)
         day, month = caps.periods(caps.DAY_MS * await _now_day(gw))
         assert await spend_rows(gw, key_id) == {day: ONE, month: ONE}  # the lease path
-        await set_caps(gw, key_id, day=10**9)
-        for _ in range(50):
-            result = await one_call(c, False)
-            if result.startswith("402"):
-                break
-            await asyncio.sleep(0.02)
-    assert result.startswith("402 spend_cap_reached: This API key has a spend cap, and spend "
-                             "caps are not yet enforced across nodes in shared mode")
-    assert await usage_total(gw, key_id) == (await spend_rows(gw, key_id))[day]
+        await set_caps(gw, key_id, day=3 * ONE)  # two more requests' worth
+        results = [await one_call(c, i % 2 == 0) for i in range(4)]
+    assert results[:2] == ["20 stop", "20 stop"], results
+    assert all(r.startswith("402 spend_cap_reached: This API key's daily spend cap of "
+                            "$0.00006 is reached") for r in results[2:]), results
+    assert await gw.components.usage.sync(10)
+    assert await usage_total(gw, key_id) == (await spend_rows(gw, key_id))[day] == 3 * ONE

@@ -12,7 +12,8 @@ import pytest
 from flintproxy.errors import StoreUnavailable
 from flintproxy.store import postgres
 from flintproxy.store.db import PgDatabase
-from flintproxy.store.leases import LeaseStore, plan_debits
+from flintproxy.store.debitplan import plan_debits
+from flintproxy.store.leases import LeaseStore
 from flintproxy.store.ledger import UsageRow
 
 pytestmark = pytest.mark.timeout(120)
