@@ -399,8 +399,9 @@ async def test_wrong_password_and_unknown_email_look_the_same(
         assert bodies["known"] == bodies["unknown"]
         known, unknown = (statistics.median(timings[k]) for k in ("known", "unknown"))
         # One bcrypt verification (~60 ms at cost 10) either way; without the dummy
-        # hash an unknown email would answer in about a millisecond.
-        assert 0.6 < unknown / known < 1.6, timings
+        # hash an unknown email would answer in about a millisecond (a ratio near
+        # 0.02). The bounds leave room for a loaded machine (1.68 was seen there).
+        assert 0.3 < unknown / known < 3.0, timings
     finally:
         await b.http.close()
 
