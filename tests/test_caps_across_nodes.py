@@ -21,6 +21,7 @@ import pytest
 from flintproxy.gate.capleases import CapLeaseBook
 from flintproxy.store import caps, postgres
 from flintproxy.store.db import PgDatabase
+from flintproxy.store.entries import reconcile
 from tests.conftest import Gateway, MockServer, raw_config
 from tests.support import LiveGateway, LiveMock
 
@@ -114,6 +115,8 @@ async def test_64_concurrent_requests_over_three_nodes_never_pass_a_keys_daily_c
     books = await pot(pg, key_id, today())
     assert (books["leased"], books["leases"]) == (0, 0), books  # all returned at shutdown
     assert books["spent"] == books["rows_cost"] <= cap
+    report = await reconcile(pg)  # every account's books and every pot's leases
+    assert report.ok, report.mismatches
 
 
 async def test_a_lowered_cap_takes_effect_on_every_node_within_a_second(

@@ -93,25 +93,42 @@ class Reconciliation:
 
 
 async def reconcile(db: Queries) -> Reconciliation:
-    """Check every account's totals against its entries (read-only; run it while the
-    server runs: the usage writer debits a batch in the transaction that inserts it)."""
+    """Check every account's totals against its entries, and what accounts and keys'
+    cap periods record as leased against their open leases (read-only; each check is
+    one statement, one snapshot, so it can run while servers run: the usage writer
+    debits a batch in the transaction that inserts it, and every lease statement
+    moves the lease and its pot together)."""
     rows = await db.fetch(
         "SELECT a.id, a.credited_nano, a.charged_nano, a.balance_nano, "
         "(SELECT COALESCE(SUM(amount_nano), 0) FROM credits c WHERE c.account_id = a.id), "
         "(SELECT COALESCE(SUM(cost_nano), 0) FROM usage u WHERE u.account_id = a.id), "
-        "(SELECT COALESCE(SUM(cost_nano), 0) FROM usage_erased e WHERE e.account_id = a.id) "
-        "FROM accounts a ORDER BY a.id")
+        "(SELECT COALESCE(SUM(cost_nano), 0) FROM usage_erased e WHERE e.account_id = a.id), "
+        "a.leased_nano, (SELECT COALESCE(SUM(granted_nano - spent_nano), 0) "
+        "FROM credit_leases l WHERE l.account_id = a.id) FROM accounts a ORDER BY a.id")
     out = Reconciliation(accounts=len(rows))
-    for account_id, credited, charged, balance, credits, used, erased in rows:
+    for account_id, credited, charged, balance, credits, used, erased, leased, held_by in rows:
         credited, charged, balance = int(credited), int(charged), int(balance)
         checks = (("credited", credited, int(credits), "the sum of its credits"),
                   ("charged", charged, int(used) + int(erased), "the sum of its usage"),
-                  ("balance", balance, credited - charged, "credited - charged"))
+                  ("balance", balance, credited - charged, "credited - charged"),
+                  ("leased", int(leased), int(held_by), "what its open credit leases hold"))
         for name, held, entries_sum, what in checks:
             if held != entries_sum:
                 out.mismatches.append(
                     f"account {account_id}: {name} {format_usd(held)} USD != {what} "
                     f"{format_usd(entries_sum)} USD (off by {format_usd(held - entries_sum)})")
+    caps = await db.fetch(
+        "SELECT k.key_id, k.period, k.leased_nano, "
+        "COALESCE(SUM(c.granted_nano - c.spent_nano), 0) FROM key_spend k "
+        "LEFT JOIN cap_leases c ON c.key_id = k.key_id AND c.period = k.period "
+        "GROUP BY k.key_id, k.period, k.leased_nano "
+        "HAVING k.leased_nano <> COALESCE(SUM(c.granted_nano - c.spent_nano), 0) "
+        "ORDER BY k.key_id, k.period")
+    for key_id, period, leased, held_by in caps:
+        out.mismatches.append(
+            f"key {key_id} {period}: leased {format_usd(int(leased))} USD != what its open "
+            f"cap leases hold {format_usd(int(held_by))} USD (off by "
+            f"{format_usd(int(leased) - int(held_by))})")
     return out
 
 

@@ -108,3 +108,17 @@ async def test_reconcile_names_an_account_whose_balance_was_changed_without_an_e
     assert not report.ok
     assert report.mismatches == [f"account {a}: credited 1.000000001 USD != the sum of its "
                                  "credits 1.00 USD (off by 0.000000001)"]
+
+
+async def test_reconcile_names_leased_money_that_no_open_lease_holds(repo: Accounts) -> None:
+    a = await repo.create_account("a@example.com", None)
+    await repo.credit(a, USD)
+    await repo.db.execute("UPDATE accounts SET leased_nano = 5 WHERE id = ?", a)
+    await repo.db.execute("INSERT INTO key_spend (key_id, period, spent_nano, leased_nano) "
+                          "VALUES (7, 'd2026-12-03', 100, 40)")
+    report = await reconcile(repo.db)
+    assert report.mismatches == [
+        f"account {a}: leased 0.000000005 USD != what its open credit leases hold 0.00 USD "
+        "(off by 0.000000005)",
+        "key 7 d2026-12-03: leased 0.00000004 USD != what its open cap leases hold 0.00 USD "
+        "(off by 0.00000004)"]
