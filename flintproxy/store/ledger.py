@@ -108,7 +108,6 @@ _ACCOUNT = UsageRow._fields.index("account_id")
 _KEY = UsageRow._fields.index("key_id")
 _COST = UsageRow._fields.index("cost_nano")
 _STARTED = UsageRow._fields.index("started_at")
-_DAY_MS = caps.DAY_MS
 if (_ACCOUNT, _COST, _KEY, _STARTED) != (1, 10, 2, 14):  # UsageWriter.record's indexes
     raise ImportError("UsageRow's columns moved: update UsageWriter.record")
 _COLS = ", ".join(UsageRow._fields)
@@ -131,14 +130,8 @@ def _debit_sql(pairs: int) -> str:
 
 
 def spends_of(batch: Iterable[tuple[Any, ...]]) -> dict[tuple[int, str], int]:
-    """What the keys of these rows spent, per (key, UTC day or month): ``key_spend``."""
-    per_day: dict[tuple[int, int], int] = {}  # (key, UTC day) -> cost
-    for row in batch:
-        key, cost = row[_KEY], row[_COST]
-        if key is not None and cost:
-            kd = (key, row[_STARTED] // _DAY_MS)
-            per_day[kd] = per_day.get(kd, 0) + cost
-    return caps.by_period(per_day)
+    """What the keys of these usage rows spent, per (key, UTC day or month)."""
+    return caps.spends_of((row[_KEY], row[_STARTED], row[_COST]) for row in batch)
 
 
 class BalanceBook(Protocol):
