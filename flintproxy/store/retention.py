@@ -2,6 +2,11 @@
 ``billing.retention_days`` (90) after its deletion, then purged, in chunks so that no
 transaction holds the write lock for long. The composition root runs ``RetentionJob``
 at start-up and every hour; ``flintproxy admin purge`` runs it on demand.
+
+The same job prunes ``key_spend``, which gains two rows per used key per day: a UTC
+day's row is dropped ``SPEND_DAYS_KEPT`` days after it, a month's after
+``SPEND_MONTHS_KEPT`` months (caps only ever read the current day and month), never a
+row that a cap lease still draws on.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from flintproxy.store import sqlite
+from flintproxy.store.caps import periods
 from flintproxy.store.db import Database
 from flintproxy.store.entries import erase_usage
 
@@ -19,6 +25,8 @@ log = logging.getLogger("flintproxy.store.retention")
 
 PURGE_CHUNK = 5000
 DAY_MS = 86_400_000
+SPEND_DAYS_KEPT = 62
+SPEND_MONTHS_KEPT = 13
 
 
 async def purge(db: Database, retention_days: int, now_ms: int) -> int:
@@ -35,6 +43,18 @@ async def purge(db: Database, retention_days: int, now_ms: int) -> int:
         cutoff, PURGE_CHUNK)
 
 
+async def prune_spend(db: Database, now_ms: int) -> int:
+    """Delete ``key_spend`` rows of periods long over (see the module docstring)."""
+    oldest_day = periods(now_ms - SPEND_DAYS_KEPT * DAY_MS)[0]
+    t = periods(now_ms)[1]
+    year, month = int(t[1:5]), int(t[6:8]) - SPEND_MONTHS_KEPT
+    year, month = year + (month - 1) // 12, (month - 1) % 12 + 1
+    oldest_month = f"m{year:04d}-{month:02d}"
+    return await db.execute(
+        "DELETE FROM key_spend WHERE leased_nano = 0 AND ((period LIKE 'd%' AND "
+        "period < ?) OR (period LIKE 'm%' AND period < ?))", oldest_day, oldest_month)
+
+
 INTERVAL_S = 3600.0  # how often the composition root runs it
 
 
@@ -49,7 +69,9 @@ class RetentionJob:
         self.purged = 0
 
     async def run_once(self) -> int:
-        n = await purge(self.db, self.retention_days, self.clock())
+        now = self.clock()
+        n = await purge(self.db, self.retention_days, now)
+        await prune_spend(self.db, now)
         self.purged += n
         if n:
             log.info("retention: purged %d usage rows of accounts deleted more than %d days ago",

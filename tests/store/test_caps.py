@@ -17,6 +17,7 @@ from flintproxy.gate.spendcaps import period_bounds
 from flintproxy.store import caps, postgres
 from flintproxy.store.db import Database, PgDatabase, SqliteDatabase
 from flintproxy.store.ledger import Balances, UsageRow, UsageWriter, open_writer_db
+from flintproxy.store.retention import prune_spend
 from tests.conftest import migrated_dsn
 
 
@@ -154,3 +155,30 @@ async def test_the_cap_books_read_the_committed_spend_and_the_queued_rows_togeth
         assert await writer.drain(5) == 0
     finally:
         await db.close()
+
+
+async def _check_old_spend_is_pruned(db: Database) -> None:
+    now = MIDNIGHT + 3_600_000  # 2027-01-01 01:00 UTC
+    rows = [("d2026-10-30", 0), ("d2026-10-31", 0), ("d2026-11-01", 0), ("d2027-01-01", 0),
+            ("m2025-11", 0), ("m2025-12", 0), ("m2027-01", 0), ("d2026-01-01", 5)]
+    for period, leased in rows:
+        await db.execute("INSERT INTO key_spend (key_id, period, spent_nano, leased_nano) "
+                         "VALUES (1, ?, 10, ?)", period, leased)
+    assert await prune_spend(db, now) == 2
+    left = {str(r[0]) for r in await db.fetch("SELECT period FROM key_spend")}
+    # 62 days back is 2026-10-31; 13 months back is 2025-12; a leased row always stays.
+    assert left == {"d2026-10-31", "d2026-11-01", "d2027-01-01", "m2025-12", "m2027-01",
+                    "d2026-01-01"}
+
+
+async def test_spend_of_long_past_days_and_months_is_pruned_but_never_a_leased_one(
+        tmp_path: Any) -> None:
+    db = await open_writer_db(tmp_path / "prune.db")
+    try:
+        await _check_old_spend_is_pruned(db)
+    finally:
+        await db.close()
+
+
+async def test_spend_is_pruned_the_same_way_on_postgresql(pg: PgDatabase) -> None:
+    await _check_old_spend_is_pruned(pg)
