@@ -197,14 +197,25 @@ class Relay:
         out.respond(status, err.head(), body)
 
     async def models(self, exchange: Exchange, out: Responder) -> None:
+        """``GET /v1/models``: the models this key may use, in OpenAI's list shape, or
+        in Anthropic's for a client that speaks it (the anthropic SDK's ``models.list``
+        sends ``anthropic-version``): one page, ``has_more`` false."""
         principal = await self.gate.authenticate(exchange)
         allowed = self.gate.allowed_models(principal)
-        data = [_model_object(m) for m in self.router.models if allowed is None or m in allowed]
-        out.respond(200, JSON_HEAD, orjson.dumps({"object": "list", "data": data}))
+        names = [m for m in self.router.models if allowed is None or m in allowed]
+        if exchange.header(b"anthropic-version") is not None:
+            body: dict[str, Any] = {
+                "data": [_anthropic_model(m) for m in names], "has_more": False,
+                "first_id": names[0] if names else None,
+                "last_id": names[-1] if names else None}
+        else:
+            body = {"object": "list", "data": [_model_object(m) for m in names]}
+        out.respond(200, JSON_HEAD, orjson.dumps(body))
 
     async def model(self, exchange: Exchange, out: Responder) -> None:
-        """``GET /v1/models/{id}``: one model, as OpenAI answers it; 404 if this key
-        cannot use it (an unknown model and a forbidden one look alike)."""
+        """``GET /v1/models/{id}``: one model, as OpenAI answers it (as Anthropic does
+        for a client that sends ``anthropic-version``); 404 if this key cannot use it
+        (an unknown model and a forbidden one look alike)."""
         principal = await self.gate.authenticate(exchange)
         model = unquote(exchange.path[len("/v1/models/"):])
         allowed = self.gate.allowed_models(principal)
@@ -212,7 +223,9 @@ class Relay:
             raise ModelNotFound(
                 f"The model `{model[:256]}` does not exist or you do not have access to it.",
                 param="model")
-        out.respond(200, JSON_HEAD, orjson.dumps(_model_object(model)))
+        shape = (_anthropic_model if exchange.header(b"anthropic-version") is not None
+                 else _model_object)
+        out.respond(200, JSON_HEAD, orjson.dumps(shape(model)))
 
     # -- the relay ----------------------------------------------------------------
 
@@ -380,3 +393,8 @@ class Relay:
 
 def _model_object(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "flintproxy"}
+
+
+def _anthropic_model(model: str) -> dict[str, Any]:
+    return {"type": "model", "id": model, "display_name": model,
+            "created_at": "1970-01-01T00:00:00Z"}

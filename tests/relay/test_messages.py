@@ -139,6 +139,23 @@ async def test_count_tokens_is_relayed_and_not_billed(gw: Gateway) -> None:
         "messages/count_tokens", 0, 0)
 
 
+async def test_the_anthropic_sdk_lists_and_retrieves_models_in_its_own_shape(
+        gw: Gateway) -> None:
+    async with sdk(gw) as client:
+        listed = await client.models.list()
+        one = await client.models.retrieve(CLAUDE)
+        with pytest.raises(anthropic.NotFoundError):
+            await client.models.retrieve("no-such-model")
+    names = [m.id for m in listed.data]
+    assert CLAUDE in names and all(m.type == "model" for m in listed.data)
+    assert (listed.has_more, listed.first_id, listed.last_id) == (False, names[0], names[-1])
+    assert (one.id, one.type, one.display_name) == (CLAUDE, "model", CLAUDE)
+    # Without anthropic-version the same routes answer in OpenAI's shape.
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gw.key}"}) as http:
+        async with http.get(f"{gw.url}/v1/models") as r:
+            assert (await r.json())["object"] == "list"
+
+
 async def test_errors_come_in_anthropics_shape_and_raise_the_sdks_types(
         gw: Gateway, tmp_path: Path, recording: MockServer, gateway_factory: Any) -> None:
     async with sdk(gw, key="sk-wrong") as client:
