@@ -48,7 +48,8 @@ def test_a_request_belongs_to_the_utc_day_and_month_it_started_in() -> None:
 
 @pytest.mark.parametrize("value", [-1, "-0.01", "NaN", "nan", "inf", 1e400, float("inf"),
                                    "1e400", "5 dollars", "", "0.0000000001", True, [5],
-                                   {"usd": 5}, "1" * 41, 10**10, "1000000000.000000001"])
+                                   {"usd": 5}, "1" * 41, 10**10, "1000000000.000000001",
+                                   "1e999999999", "-1e999999999"])
 def test_hostile_cap_values_are_refused_naming_the_field(value: Any) -> None:
     with pytest.raises(BadRequest) as err:
         caps.parse_cap(value, "spend_cap_day_usd")

@@ -253,6 +253,7 @@ async def test_credit_and_debit_are_ledger_entries_with_a_note_and_reach_the_gat
     {"amount_usd": "-5", "note": "negative"},
     {"amount_usd": "0", "note": "zero"},
     {"amount_usd": "1e30", "note": "huge"},
+    {"amount_usd": "1e999999999", "note": "beyond decimal's exponent"},
     {"amount_usd": "0.0000000001", "note": "below a nano-dollar"},
     {"amount_usd": "NaN", "note": "nan"},
     {"amount_usd": "1" * 5000, "note": "long"},
