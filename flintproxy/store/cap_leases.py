@@ -235,10 +235,11 @@ class CapLeaseStore:
         swept = 0
         while True:
             due = await self._fetch("cap_sweep", SWEEP_DUE_SQL)
+            before = swept
             for key_id, period in due:
                 for _rest, n in await self._fetch("cap_sweep", SWEEP_SQL, key_id, period):
                     swept += int(n)
-            if len(due) < SWEEP_BATCH:
+            if len(due) < SWEEP_BATCH or swept == before:  # never spin on what won't go
                 break
         self.swept_leases += swept
         return swept

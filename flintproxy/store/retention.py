@@ -6,7 +6,8 @@ at start-up and every hour; ``flintproxy admin purge`` runs it on demand.
 The same job prunes ``key_spend``, which gains two rows per used key per day: a UTC
 day's row is dropped ``SPEND_DAYS_KEPT`` days after it, a month's after
 ``SPEND_MONTHS_KEPT`` months (caps only ever read the current day and month), never a
-row that a cap lease still draws on.
+row a cap lease still refers to (one fully spent holds nothing, but its
+row must stay until the lease is closed or swept).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ async def prune_spend(db: Database, now_ms: int) -> int:
     oldest_month = f"m{year:04d}-{month:02d}"
     return await db.execute(
         "DELETE FROM key_spend WHERE leased_nano = 0 AND ((period LIKE 'd%' AND "
-        "period < ?) OR (period LIKE 'm%' AND period < ?))", oldest_day, oldest_month)
+        "period < ?) OR (period LIKE 'm%' AND period < ?)) AND NOT EXISTS (SELECT 1 FROM "
+        "cap_leases c WHERE c.key_id = key_spend.key_id AND c.period = key_spend.period)",
+        oldest_day, oldest_month)
 
 
 INTERVAL_S = 3600.0  # how often the composition root runs it

@@ -165,11 +165,15 @@ async def _check_old_spend_is_pruned(db: Database) -> None:
     for period, leased in rows:
         await db.execute("INSERT INTO key_spend (key_id, period, spent_nano, leased_nano) "
                          "VALUES (1, ?, 10, ?)", period, leased)
-    assert await prune_spend(db, now) == 2
+    # A fully spent lease leaves leased_nano at 0 but still refers to its row.
+    await db.execute("INSERT INTO cap_leases (key_id, period, node_id, granted_nano, "
+                     "spent_nano, created_at, expires_at) VALUES (1, 'd2026-10-30', 'n', "
+                     "10, 10, 0, 0)")
+    assert await prune_spend(db, now) == 1
     left = {str(r[0]) for r in await db.fetch("SELECT period FROM key_spend")}
     # 62 days back is 2026-10-31; 13 months back is 2025-12; a leased row always stays.
-    assert left == {"d2026-10-31", "d2026-11-01", "d2027-01-01", "m2025-12", "m2027-01",
-                    "d2026-01-01"}
+    assert left == {"d2026-10-30", "d2026-10-31", "d2026-11-01", "d2027-01-01", "m2025-12",
+                    "m2027-01", "d2026-01-01"}
 
 
 async def test_spend_of_long_past_days_and_months_is_pruned_but_never_a_leased_one(
