@@ -34,7 +34,7 @@ from flintproxy.store.operators import MAX_AUDIT_PAGE, audit_note
 from flintproxy.web.api import (
     CAP_FIELDS,
     active_account,
-    cap_fields,
+    cap_changes,
     json_body,
     json_response,
     keys_json,
@@ -115,7 +115,7 @@ def _money(debit: bool) -> Any:
                 code="insufficient_balance")
         try:
             await operators.debit(operator, account_id, amount, note)
-        except BaseException:
+        except Exception:  # not made (a cancellation may come after the commit: keep it)
             billing.unhold(account_id, amount)
             raise
         billing.debited(account_id, amount)
@@ -173,7 +173,7 @@ async def set_key_caps(request: web.Request) -> web.Response:
     operator = await _operator(request, change=True)
     key_id = _id(request, "key_id", "API key")
     body = await json_body(request, frozenset({*CAP_FIELDS, "note"}))
-    limits = cap_fields(body)
+    limits = cap_changes(body)
     note = audit_note(body.get("note"), required=False)
     account_id = await request.app[OPERATORS].set_key_caps(operator, key_id, limits, note)
     return await _summary(request, account_id)

@@ -341,6 +341,16 @@ def cap_fields(body: dict[str, Any]) -> dict[str, int | None]:
             if name in body}
 
 
+def cap_changes(body: dict[str, Any]) -> dict[str, int | None]:
+    """``cap_fields`` of a body that must change at least one cap: an empty change
+    would still announce one to every node (and, for an operator, be audited)."""
+    changes = cap_fields(body)
+    if not changes:
+        raise BadRequest("Give 'spend_cap_day_usd' and/or 'spend_cap_month_usd' (a USD "
+                         "amount, or null to clear the cap).")
+    return changes
+
+
 async def list_keys(request: web.Request) -> web.Response:
     account_id = await session_account(request)
     return _json({"object": "list",
@@ -369,7 +379,7 @@ async def update_key(request: web.Request) -> web.Response:
     key_id = _key_id(request)
     body = await _body(request, frozenset(CAP_FIELDS))
     repo = request.app[ACCOUNTS]
-    await repo.set_key_caps(key_id, account_id, cap_fields(body))
+    await repo.set_key_caps(key_id, account_id, cap_changes(body))
     for key in await keys_json(repo, account_id):
         if key["id"] == key_id:
             return _json(key)

@@ -261,6 +261,11 @@ async def test_caps_are_set_listed_and_cleared_through_the_console_api(
             assert status == 400 and err["error"]["param"] == "spend_cap_day_usd", (bad, err)
         status, err, _ = await b.call("PATCH", path, {"spend_cap_weekly_usd": "1"})
         assert status == 400
+        events = await gw.components.accounts.db.fetchval("SELECT COUNT(*) FROM events")
+        status, err, _ = await b.call("PATCH", path, {})  # changes nothing: says so
+        assert status == 400 and "spend_cap_day_usd" in err["error"]["message"], err
+        assert await gw.components.accounts.db.fetchval("SELECT COUNT(*) FROM events") \
+            == events  # and announces nothing to the nodes
         status, err, _ = await b.call("PATCH", "/api/keys/999999", {"spend_cap_day_usd": "1"})
         assert status == 404
         status, patched, _ = await b.call("PATCH", path, {"spend_cap_day_usd": None})
