@@ -41,11 +41,12 @@ The rules:
 Round trips are counted per operation (``LeaseStore.round_trips``, metric
 ``flintproxy_money_round_trips_total{op}``); ``debit`` counts the statements the
 lease rules add to a usage batch's transaction: the lock and the debit, 2 a batch
-whatever its size (staging, insert, BEGIN and COMMIT are the ledger's own); a batch
-with rows of keys that have cap books on this node adds 3 (``store.cap_leases``: the
-pots' rows made, locked, and the cap leases' charge). Cap lease operations are
-counted as ``cap_grant``, ``cap_top_up``, ``cap_give_back``, ``cap_close``,
-``cap_extend`` and ``cap_sweep``.
+whatever its size (staging, insert, BEGIN and COMMIT are the ledger's own), plus the
+keys' spend (``key_spend``) when the batch has rows of API keys, which is 3 in
+practice; a batch with rows of keys that have cap books on this node adds 3 more
+(``store.cap_leases``: the pots' rows made, locked, and the cap leases' charge).
+Cap lease operations are counted as ``cap_grant``, ``cap_top_up``,
+``cap_give_back``, ``cap_close``, ``cap_extend`` and ``cap_sweep``.
 
 Times are unix milliseconds on PostgreSQL's clock only: no node's clock takes part
 in deciding that a lease expired.
@@ -373,6 +374,7 @@ class LeaseStore:
                 (r[3], int(r[4]), c) for r, c in zip(inserted, plan.costs, strict=True)
             ).items()))
             if spends:
+                self.round_trips["debit"] += 1
                 await con.execute(caps.PG_SPEND_SQL, [k for k, _ in spends],
                                   [p for _, p in spends], list(spends.values()))
         self.written_off(plan)
