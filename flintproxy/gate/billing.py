@@ -378,7 +378,8 @@ class Billing:
                 self._shortfall(account_id, exact, available, binding, price, prompt, choices)
             need = max_cost_nano(price, prompt, choices)
             if binding is not None:
-                raise cap_refusal(binding, available, max(amount, need))
+                raise cap_refusal(binding, None if self.leases is not None else available,
+                                  max(amount, need))
             raise InsufficientQuota(
                 "You exceeded your current quota: this request may cost up to "
                 f"${format_usd(max(amount, need))} but the account has "
@@ -421,7 +422,7 @@ class Billing:
                 raise LeaseShortfall(
                     "This node could not reserve the request's maximum cost from the API "
                     "key's spend cap.", need_nano=need, cap=binding,
-                    refusal=cap_refusal(binding, available, most))
+                    refusal=cap_refusal(binding, None, most))
             return
         if self.leases.may_grow(account_id):
             raise LeaseShortfall(

@@ -28,6 +28,10 @@ new cap. The window that remains: requests already admitted keep their
 reservations, so a key's spend in the period may end up to what was reserved on
 its nodes when the cap changed above a *lowered* cap (never above the cap in force
 when they were admitted); no request admitted after the give-back can pass it.
+A cap newly *set* on a key that had none has the same window from the other side:
+a node admits the key's requests uncapped until it hears the change (within a
+second; the embedded mode has it too, and the README states it), and those rows
+are charged in full.
 """
 
 from __future__ import annotations

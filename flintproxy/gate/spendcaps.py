@@ -91,18 +91,24 @@ def period_bounds(period: str) -> tuple[int, int]:
     return start, end
 
 
-def cap_refusal(book: CapBook, available: int, need: int) -> SpendCapReached:
-    """The 402 naming the cap that binds."""
-    used = max(book.limit - max(available, 0), 0)
+def cap_refusal(book: CapBook, available: int | None, need: int) -> SpendCapReached:
+    """The 402 naming the cap that binds. ``available``: what the cap still allows,
+    known exactly on one process; None in shared mode, where a node sees only its own
+    slice of the cap, so the message names the cap without a spent figure."""
     if book.kind is CapKind.DAY:
         what, when, resets = "daily", "today", "at 00:00 UTC"
     else:
         what, when, resets = "monthly", "this month", "on the 1st at 00:00 UTC"
+    if available is None:
+        state = (f"what is spent or reserved {when} (UTC) leaves too little for this "
+                 f"request, which may cost up to ${format_usd(need)}")
+    else:
+        used = max(book.limit - max(available, 0), 0)
+        state = (f"${format_usd(used)} is spent or reserved {when} (UTC) and this request "
+                 f"may cost up to ${format_usd(need)}")
     return SpendCapReached(
         f"This API key's {what} spend cap of ${format_usd(book.limit)} is reached: "
-        f"${format_usd(used)} is spent or reserved {when} (UTC) and this request may cost "
-        f"up to ${format_usd(need)}. The cap resets {resets}; raise it in the console "
-        "or wait.")
+        f"{state}. The cap resets {resets}; raise it in the console or wait.")
 
 
 class CapSupply(Protocol):

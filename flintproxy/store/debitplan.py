@@ -8,7 +8,13 @@ the row counts against. A row is charged at most what EVERY pot it touches cover
 is written off and counted: a late row (its lease swept while its node could not
 reach the database) never takes a balance below zero nor a key's spend above its
 cap, nor what other nodes' leases hold. Pure: the callers lock and read the pots
-first, in the usage writer's transaction, and apply the plan after.
+first, in the usage writer's transaction, and apply the plan after. The cap pots
+are those this node holds cap books for: a row admitted before its node heard that
+a cap was set is charged in full (the window ``gate.capleases`` names).
+
+The embedded SQLite writer uses the same rule with no leases (``store.ledger``): a
+batch is charged at most what each balance holds, should money have left an account
+where the process's ``Billing`` could not see it.
 """
 
 from __future__ import annotations
