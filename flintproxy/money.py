@@ -26,8 +26,8 @@ def usd_to_nano(text: str) -> int:
         raise ValueError("is not a decimal number") from None
     if not d.is_finite() or d < 0:
         raise ValueError("must be a finite amount >= 0")
-    if d and d.adjusted() > 18:  # beyond any amount; "1e999999999" would overflow below
-        raise ValueError("is too large")
+    if d and d.adjusted() > 100:  # no amount has 100 digits; "1e999999999" would
+        raise ValueError("is too large")  # overflow the multiplication below
     # Exact whatever the number of digits (the default context rounds at 28).
     with localcontext() as ctx:
         ctx.prec = max(28, len(d.as_tuple().digits) + 10)
