@@ -39,12 +39,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
 from flintproxy.gate.billing import Billing
-from flintproxy.gate.leases import EXHAUSTED_RETRY_S, TOP_UP_WAIT_S, LeaseBook, slice_size
+from flintproxy.gate.leases import (
+    EXHAUSTED_RETRY_S,
+    TOP_UP_WAIT_S,
+    LeaseBook,
+    LeaseWork,
+    slice_size,
+)
 from flintproxy.gate.spendcaps import CapBook
 from flintproxy.store.cap_leases import CapLeaseStore, Pot
 
@@ -91,10 +96,7 @@ class CapLeaseBook:
         self.idle_s = leases.idle_s
         self._leases: dict[Pot, _CapLease] = {}
         self._takes: dict[Pot, asyncio.Task[None]] = {}
-        self._wanted: dict[Pot, int] = {}
-        self._waiters: dict[Pot, asyncio.Future[bool]] = {}
-        self._give_back: set[Pot] = set()
-        self._wake = asyncio.Event()
+        self._work: LeaseWork[Pot] = LeaseWork(lambda pot: f"key {pot[0]}, {pot[1]}")
         self.top_ups = 0  # read by tests and the bench
 
     # --- the hot path's hooks (synchronous, O(1)) ------------------------------------
@@ -112,9 +114,9 @@ class CapLeaseBook:
 
     def low(self, book: CapBook) -> None:
         pot = (book.key_id, book.period)
-        if pot not in self._wanted:
-            self._wanted[pot] = 0
-            self._wake.set()
+        if pot not in self._work.wanted:
+            self._work.wanted[pot] = 0
+            self._work.wake.set()
 
     def may_grow(self, book: CapBook) -> bool:
         if self._billing.frozen:
@@ -167,11 +169,11 @@ class CapLeaseBook:
         if not self.may_grow(book):
             return False
         pot = (book.key_id, book.period)
-        self._wanted[pot] = max(self._wanted.get(pot, 0), need_nano)
-        fut = self._waiters.get(pot)
+        self._work.wanted[pot] = max(self._work.wanted.get(pot, 0), need_nano)
+        fut = self._work.waiters.get(pot)
         if fut is None:
-            fut = self._waiters[pot] = asyncio.get_running_loop().create_future()
-        self._wake.set()
+            fut = self._work.waiters[pot] = asyncio.get_running_loop().create_future()
+        self._work.wake.set()
         try:
             async with asyncio.timeout(TOP_UP_WAIT_S):
                 return await asyncio.shield(fut)
@@ -188,33 +190,15 @@ class CapLeaseBook:
         for pot, lease in self._leases.items():
             if key_id is None or pot[0] == key_id:
                 lease.exhausted_until = float("inf") if kind == "key_revoked" else 0.0
-                self._give_back.add(pot)
-        if self._give_back:
-            self._wake.set()
+                self._work.give_back.add(pot)
+        if self._work.give_back:
+            self._work.wake.set()
 
     # --- background work -------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve top-ups and give-backs as the hot path asks (a task of the root)."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._give_back:
-                await self._guarded(self._return_rest, self._give_back.pop())
-            while self._wanted:
-                pot, need = self._wanted.popitem()
-                grew = await self._guarded(self._grow, pot, need)
-                fut = self._waiters.pop(pot, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(grew)
-
-    @staticmethod
-    async def _guarded(job: Callable[..., Awaitable[bool]], pot: Pot, *args: int) -> bool:
-        try:
-            return await job(pot, *args)
-        except Exception as exc:
-            log.warning("cap lease operation failed (key %d, %s): %s", pot[0], pot[1], exc)
-            return False
+        await self._work.serve(self._return_rest, self._grow)
 
     async def _grow(self, pot: Pot, need: int) -> bool:
         lease = self._leases.get(pot)
@@ -322,7 +306,7 @@ class CapLeaseBook:
                     if self._leases.get(pot) is lease:
                         del self._leases[pot]
                 else:
-                    await self._guarded(self._return_rest, pot)
+                    await self._work.guarded(self._return_rest, pot)
 
     async def close(self) -> None:
         """Shutdown, after the usage writer drained: return every cap lease with
@@ -331,6 +315,6 @@ class CapLeaseBook:
             if lease.lease_id is not None:
                 with suppress(Exception):
                     await self._return_rest(pot)
-        for fut in self._waiters.values():
+        for fut in self._work.waiters.values():
             if not fut.done():
                 fut.set_result(False)

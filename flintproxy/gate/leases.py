@@ -46,7 +46,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from flintproxy.config import BillingConfig
 from flintproxy.gate.billing import Billing
@@ -96,6 +96,50 @@ class CapLeaseJobs(Protocol):
     async def close(self) -> None: ...
 
 
+PotT = TypeVar("PotT", int, tuple[int, str])  # an account id, or a key's (key, period)
+
+
+class LeaseWork(Generic[PotT]):
+    """What a lease book asks its background task to do, and the one loop doing it.
+
+    Both books (credit leases here, cap leases in ``gate.capleases``) queue give-backs
+    and top-ups from the hot path in O(1) and wake the task; it serves give-backs
+    first, then top-ups, and answers the requests waiting for one. A failed operation
+    is logged (ids only) and counts as not grown: the waiting request gets its 402
+    or 503, the next one asks again.
+    """
+
+    def __init__(self, label: Callable[[PotT], str]) -> None:
+        self.wanted: dict[PotT, int] = {}  # pot -> the extra a waiting request needs
+        self.give_back: set[PotT] = set()
+        self.waiters: dict[PotT, asyncio.Future[bool]] = {}
+        self.wake = asyncio.Event()
+        self._label: Callable[[PotT], str] = label
+
+    async def serve(self, return_rest: Callable[[PotT], Awaitable[bool]],
+                    grow: Callable[[PotT, int], Awaitable[bool]]) -> None:
+        """The book's background task: runs until cancelled."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.give_back:
+                await self.guarded(return_rest, self.give_back.pop())
+            while self.wanted:
+                pot, need = self.wanted.popitem()
+                grew = await self.guarded(grow, pot, need)
+                fut = self.waiters.pop(pot, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(grew)
+
+    async def guarded(self, job: Callable[..., Awaitable[bool]], pot: PotT, *args: int
+                      ) -> bool:
+        try:
+            return bool(await job(pot, *args))
+        except Exception as exc:
+            log.warning("lease operation failed (%s): %s", self._label(pot), exc)
+            return False
+
+
 @dataclass(slots=True)
 class _Lease:
     account_id: int
@@ -129,10 +173,7 @@ class LeaseBook:
         self._max = cfg.lease_max_nano
         self.idle_s = cfg.lease_idle_return_s
         self._leases: dict[int, _Lease] = {}
-        self._wanted: dict[int, int] = {}  # account -> the extra a waiting request needs
-        self._give_back: set[int] = set()
-        self._waiters: dict[int, asyncio.Future[bool]] = {}
-        self._wake = asyncio.Event()
+        self._work: LeaseWork[int] = LeaseWork(lambda account_id: f"account {account_id}")
         self._renewed_at: float | None = None  # the last renewal covering every lease
         self._deadline: asyncio.TimerHandle | None = None
         # Read by metrics.
@@ -150,9 +191,9 @@ class LeaseBook:
         return None if lease is None else lease.lease_id
 
     def low(self, account_id: int) -> None:
-        if account_id not in self._wanted:
-            self._wanted[account_id] = 0
-            self._wake.set()
+        if account_id not in self._work.wanted:
+            self._work.wanted[account_id] = 0
+            self._work.wake.set()
 
     def may_grow(self, account_id: int) -> bool:
         if self._billing.frozen:
@@ -191,11 +232,11 @@ class LeaseBook:
         """Wait for one top-up covering ``need_nano`` more (coalesced per account)."""
         if not self.may_grow(account_id):
             return False
-        self._wanted[account_id] = max(self._wanted.get(account_id, 0), need_nano)
-        fut = self._waiters.get(account_id)
+        self._work.wanted[account_id] = max(self._work.wanted.get(account_id, 0), need_nano)
+        fut = self._work.waiters.get(account_id)
         if fut is None:
-            fut = self._waiters[account_id] = asyncio.get_running_loop().create_future()
-        self._wake.set()
+            fut = self._work.waiters[account_id] = asyncio.get_running_loop().create_future()
+        self._work.wake.set()
         try:
             async with asyncio.timeout(TOP_UP_WAIT_S):
                 return await asyncio.shield(fut)
@@ -215,34 +256,15 @@ class LeaseBook:
         elif kind in GIVE_BACK_KINDS:
             for lease in targets:
                 lease.exhausted_until = float("inf")  # until enabled again
-                self._give_back.add(lease.account_id)
+                self._work.give_back.add(lease.account_id)
             if targets:
-                self._wake.set()
+                self._work.wake.set()
 
     # --- background work -------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve top-ups and give-backs as the hot path asks (a task of the root)."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._give_back:
-                await self._guarded(self._return_rest, self._give_back.pop())
-            while self._wanted:
-                account_id, need = self._wanted.popitem()
-                grew = await self._guarded(self._grow, account_id, need)
-                fut = self._waiters.pop(account_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(bool(grew))
-
-    @staticmethod
-    async def _guarded(job: Callable[..., Awaitable[bool]], account_id: int, *args: int
-                       ) -> bool:
-        try:
-            return await job(account_id, *args)
-        except Exception as exc:
-            log.warning("lease operation failed (account %d): %s", account_id, exc)
-            return False
+        await self._work.serve(self._return_rest, self._grow)
 
     def _slice(self, lease: _Lease | None, available: int) -> int:
         if lease is None:
@@ -393,7 +415,7 @@ class LeaseBook:
                         del self._leases[lease.account_id]
                         self._billing.lease_changed(lease.account_id, None, 0)
                 else:
-                    await self._guarded(self._return_rest, lease.account_id)
+                    await self._work.guarded(self._return_rest, lease.account_id)
         if self.caps is not None:
             await self.caps.return_idle()
 
@@ -409,6 +431,6 @@ class LeaseBook:
             if lease.lease_id is not None:
                 with suppress(Exception):
                     await self._return_rest(lease.account_id)
-        for fut in self._waiters.values():
+        for fut in self._work.waiters.values():
             if not fut.done():
                 fut.set_result(False)
