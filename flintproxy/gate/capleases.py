@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from flintproxy.gate.billing import Billing
 from flintproxy.gate.leases import (
     EXHAUSTED_RETRY_S,
-    TOP_UP_WAIT_S,
     LeaseBook,
     LeaseWork,
     slice_size,
@@ -113,10 +112,7 @@ class CapLeaseBook:
         return out
 
     def low(self, book: CapBook) -> None:
-        pot = (book.key_id, book.period)
-        if pot not in self._work.wanted:
-            self._work.wanted[pot] = 0
-            self._work.wake.set()
+        self._work.soon((book.key_id, book.period))
 
     def may_grow(self, book: CapBook) -> bool:
         if self._billing.frozen:
@@ -169,16 +165,7 @@ class CapLeaseBook:
         if not self.may_grow(book):
             return False
         pot = (book.key_id, book.period)
-        self._work.wanted[pot] = max(self._work.wanted.get(pot, 0), need_nano)
-        fut = self._work.waiters.get(pot)
-        if fut is None:
-            fut = self._work.waiters[pot] = asyncio.get_running_loop().create_future()
-        self._work.wake.set()
-        try:
-            async with asyncio.timeout(TOP_UP_WAIT_S):
-                return await asyncio.shield(fut)
-        except TimeoutError:
-            return False
+        return await self._work.top_up(pot, need_nano)
 
     # --- the change feed ---------------------------------------------------------------
 
@@ -315,6 +302,4 @@ class CapLeaseBook:
             if lease.lease_id is not None:
                 with suppress(Exception):
                     await self._return_rest(pot)
-        for fut in self._work.waiters.values():
-            if not fut.done():
-                fut.set_result(False)
+        self._work.closed()

@@ -116,6 +116,32 @@ class LeaseWork(Generic[PotT]):
         self.wake = asyncio.Event()
         self._label: Callable[[PotT], str] = label
 
+    def soon(self, pot: PotT) -> None:
+        """Top the pot's lease up in the background (its low-water mark passed; O(1))."""
+        if pot not in self.wanted:
+            self.wanted[pot] = 0
+            self.wake.set()
+
+    async def top_up(self, pot: PotT, need_nano: int) -> bool:
+        """Wait, at most ``TOP_UP_WAIT_S``, for one top-up covering ``need_nano`` more
+        (coalesced per pot); whether it grew."""
+        self.wanted[pot] = max(self.wanted.get(pot, 0), need_nano)
+        fut = self.waiters.get(pot)
+        if fut is None:
+            fut = self.waiters[pot] = asyncio.get_running_loop().create_future()
+        self.wake.set()
+        try:
+            async with asyncio.timeout(TOP_UP_WAIT_S):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            return False
+
+    def closed(self) -> None:
+        """Shutdown: every request still waiting for a top-up is told it did not grow."""
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_result(False)
+
     async def serve(self, return_rest: Callable[[PotT], Awaitable[bool]],
                     grow: Callable[[PotT, int], Awaitable[bool]]) -> None:
         """The book's background task: runs until cancelled."""
@@ -191,9 +217,7 @@ class LeaseBook:
         return None if lease is None else lease.lease_id
 
     def low(self, account_id: int) -> None:
-        if account_id not in self._work.wanted:
-            self._work.wanted[account_id] = 0
-            self._work.wake.set()
+        self._work.soon(account_id)
 
     def may_grow(self, account_id: int) -> bool:
         if self._billing.frozen:
@@ -232,16 +256,7 @@ class LeaseBook:
         """Wait for one top-up covering ``need_nano`` more (coalesced per account)."""
         if not self.may_grow(account_id):
             return False
-        self._work.wanted[account_id] = max(self._work.wanted.get(account_id, 0), need_nano)
-        fut = self._work.waiters.get(account_id)
-        if fut is None:
-            fut = self._work.waiters[account_id] = asyncio.get_running_loop().create_future()
-        self._work.wake.set()
-        try:
-            async with asyncio.timeout(TOP_UP_WAIT_S):
-                return await asyncio.shield(fut)
-        except TimeoutError:
-            return False
+        return await self._work.top_up(account_id, need_nano)
 
     # --- the change feed ---------------------------------------------------------------
 
@@ -431,6 +446,4 @@ class LeaseBook:
             if lease.lease_id is not None:
                 with suppress(Exception):
                     await self._return_rest(lease.account_id)
-        for fut in self._work.waiters.values():
-            if not fut.done():
-                fut.set_result(False)
+        self._work.closed()
