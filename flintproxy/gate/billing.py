@@ -264,10 +264,10 @@ class Billing:
             self._stale.add(account_id)
         else:
             return
-        if self.on_stale is not None:
-            self.on_stale()
+        self._wake_writer()
 
     def _wake_writer(self) -> None:
+        """Ask the usage writer's task to run ``reload_stale`` soon."""
         if self.on_stale is not None:
             self.on_stale()
 
@@ -531,8 +531,7 @@ class Billing:
             return
         self._debited[account_id] = self._debited.get(account_id, 0) + amount
         self._stale.add(account_id)
-        if self.on_stale is not None:
-            self.on_stale()
+        self._wake_writer()
 
     # --- the usage writer's side ----------------------------------------------------
 

@@ -145,7 +145,6 @@ class CapBooks:
         self._source = source
         # key -> its books; Billing reads it directly on the hot path (one dict probe).
         self.by_key: dict[int, list[CapBook]] = {}
-        self._by_key = self.by_key
         # Books asked for and not yet read: (key, period) -> the waiters' future.
         self._wanted: dict[tuple[int, str], asyncio.Future[None]] = {}
         self._day = -1
@@ -168,7 +167,7 @@ class CapBooks:
         ``limit`` set from ``caps`` (day, month); None when one is not read yet."""
         day, month = self._now_periods(started_ms)
         out = []
-        held = self._by_key.get(key_id, ())
+        held = self.by_key.get(key_id, ())
         for cap, period in ((caps[0], day), (caps[1], month)):
             if cap is None:
                 continue
@@ -185,7 +184,7 @@ class CapBooks:
                    started_ms: int) -> None:
         """Have the key's books of these periods read (on the writer's task); bounded."""
         day, month = self._now_periods(started_ms)
-        held = {b.period for b in self._by_key.get(key_id, ())}
+        held = {b.period for b in self.by_key.get(key_id, ())}
         if self.leases is not None:  # shared mode: a book is a first cap lease
             try:
                 async with asyncio.timeout(LOAD_WAIT_S):
@@ -235,11 +234,11 @@ class CapBooks:
         for (key_id, period), fut in wanted.items():
             if self._wanted.get((key_id, period)) is fut:
                 del self._wanted[(key_id, period)]
-            if not any(b.period == period for b in self._by_key.get(key_id, ())):
+            if not any(b.period == period for b in self.by_key.get(key_id, ())):
                 book = CapBook(key_id, period, spent.get((key_id, period), 0))
                 book.pending = sum(c for k, s, c in queued
                                    if k == key_id and book.start_ms <= s < book.end_ms)
-                self._by_key.setdefault(key_id, []).append(book)
+                self.by_key.setdefault(key_id, []).append(book)
             if not fut.done():
                 fut.set_result(None)
 
@@ -256,7 +255,7 @@ class CapBooks:
 
     def add_pending(self, key_id: int, started_ms: int, cost: int) -> None:
         """A queued row of a key with books (the usage writer's record)."""
-        for book in self._by_key.get(key_id, ()):
+        for book in self.by_key.get(key_id, ()):
             if book.start_ms <= started_ms < book.end_ms:
                 book.pending += cost
 
@@ -264,7 +263,7 @@ class CapBooks:
                   spent: Iterable[tuple[int, str, int]], shared: bool) -> None:
         """A batch committed: its rows left ``pending``; embedded, set ``spent`` as the
         UPSERT returned it; shared, the cap lease was spent."""
-        by_key = self._by_key
+        by_key = self.by_key
         for (key_id, period), amount in spends.items():
             for book in by_key.get(key_id, ()):
                 if book.period == period:
@@ -279,23 +278,23 @@ class CapBooks:
 
     def drop_past(self, now_ms: int) -> None:
         """Forget books of periods that ended, once nothing is reserved or pending."""
-        for key_id, books in list(self._by_key.items()):
+        for key_id, books in list(self.by_key.items()):
             keep = [b for b in books if b.end_ms > now_ms or not b.idle()]
             if len(keep) != len(books):
                 if keep:
-                    self._by_key[key_id] = keep
+                    self.by_key[key_id] = keep
                 else:
-                    del self._by_key[key_id]
+                    del self.by_key[key_id]
 
     def add(self, key_id: int, period: str) -> CapBook:
         """The pot's book, made empty when missing (shared mode: the cap lease book)."""
-        for book in self._by_key.get(key_id, ()):
+        for book in self.by_key.get(key_id, ()):
             if book.period == period:
                 return book
         book = CapBook(key_id, period, 0)
-        self._by_key.setdefault(key_id, []).append(book)
+        self.by_key.setdefault(key_id, []).append(book)
         return book
 
     def held(self, key_id: int) -> list[CapBook]:
         """The key's books (tests, diagnostics, the lease book)."""
-        return list(self._by_key.get(key_id, ()))
+        return list(self.by_key.get(key_id, ()))
